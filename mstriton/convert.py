@@ -1,0 +1,100 @@
+"""Checkpoint -> MindIR engines and Triton model folders, replaced atomically.
+
+Everything is built in a staging folder inside the repository; only when the whole model is built do its
+folders move into place (a rename each), replacing any previous conversion of the same name. A failed or
+interrupted run leaves the repository as it was, apart from a hidden staging folder that the next run removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, WEIGHTS, export_engine
+from .model.weights import load_checkpoint
+from .repository import VERSION, engine_configs, model_name, owned_model_dirs, write_config
+
+STAGING_PREFIX = ".staging-"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _split_engine(full: Path, prefill_dir: Path, decode_dir: Path) -> None:
+    """Give each model only the graphs it runs; both share the manifest and one weights file."""
+    prefill_dir.mkdir(parents=True)
+    decode_dir.mkdir(parents=True)
+    for shared in (MANIFEST, WEIGHTS):
+        _link_or_copy(full / shared, prefill_dir / shared)
+        _link_or_copy(full / shared, decode_dir / shared)
+    _link_or_copy(full / PREFILL, prefill_dir / PREFILL)
+    for graph in full.glob("decode_*.mindir"):
+        _link_or_copy(graph, decode_dir / graph.name)
+
+
+def tokenizer_config(config_bos, config_eos) -> dict:
+    """What transformers' AutoTokenizer needs beside tokenizer.model (genai-perf loads the folder with it)."""
+    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}
+
+
+def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
+            max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
+            progress: Callable[[str], None] = print) -> list[Path]:
+    """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written."""
+    if not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
+    if device not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    checkpoint, repository = Path(checkpoint), Path(repository)
+    tokenizer_file = checkpoint / "tokenizer.model"
+    if not tokenizer_file.exists():
+        raise FileNotFoundError(f"{checkpoint} has no tokenizer.model (a sentencepiece model is required)")
+    started = time.monotonic()
+    progress(f"reading checkpoint {checkpoint}")
+    config, weights = load_checkpoint(checkpoint)
+    max_seq_len = max_seq_len or config.max_position_embeddings
+
+    repository.mkdir(parents=True, exist_ok=True)
+    for stale in repository.glob(f"{STAGING_PREFIX}{name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = repository / f"{STAGING_PREFIX}{name}-{os.getpid()}"
+    try:
+        engine = staging / "engine"
+        export_engine(config, weights, engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
+                      max_seq_len=max_seq_len, progress=progress)
+        models = staging / "models"
+        _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
+                      models / model_name(name, "decode") / VERSION / "engine")
+        tok_dir = models / model_name(name, "tokenizer") / VERSION
+        tok_dir.mkdir(parents=True)
+        shutil.copy2(tokenizer_file, tok_dir / "tokenizer.model")
+        (tok_dir / "tokenizer_config.json").write_text(
+            json.dumps(tokenizer_config(config.bos_token_id, config.eos_token_id), indent=1))
+        for component, model_config in engine_configs(name, max_batch_size=max_batch_size, device=device,
+                                                      device_id=device_id).items():
+            write_config(models / model_name(name, component), model_config)
+
+        progress("moving the new model folders into the repository")
+        old = staging / "replaced"
+        old.mkdir()
+        for previous in owned_model_dirs(repository, name):
+            previous.rename(old / previous.name)
+        written = []
+        for folder in sorted(models.iterdir()):
+            folder.rename(repository / folder.name)
+            written.append(repository / folder.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    progress(f"converted {name} in {time.monotonic() - started:.0f}s: {', '.join(p.name for p in written)}")
+    return written

@@ -1,0 +1,114 @@
+"""Prefill and batched decode over the KV-cache pool: the loop the decode model and the benchmarks run.
+
+The engine knows sequences, slots and tokens; which token comes next (sampling) and when a sequence ends (stop
+conditions) belong to its callers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from .buckets import smallest_fitting
+from .graphs import EngineGraphs
+from .kv_cache import KVCachePool
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """A running sequence: its slot in the pool and how many tokens its cache holds."""
+    slot: int
+    prompt_len: int
+
+
+class Engine:
+    def __init__(self, graphs: EngineGraphs, max_slots: int | None = None):
+        self.graphs = graphs
+        c = graphs.config
+        self.max_slots = max_slots or graphs.max_batch_size
+        if self.max_slots > graphs.max_batch_size:
+            raise ValueError(f"max_slots {self.max_slots} exceeds the exported max_batch_size "
+                             f"{graphs.max_batch_size}")
+        self.pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.max_slots,
+                                graphs.seq_buckets, graphs.np_dtype)
+        self.running: list[Sequence] = []  # index = slot
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_slots - len(self.running)
+
+    def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], np.ndarray]:
+        """Run the prompts as one padded batch and give each a slot. Returns the sequences and the logits of
+        each prompt's last token [N, V]. The caller checks lengths and free slots first."""
+        if len(prompts) > self.free_slots:
+            raise ValueError(f"{len(prompts)} prompts but only {self.free_slots} free slots")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = prompt
+        logits, keys, values = self.graphs.prefill(tokens, lengths)
+        sequences = []
+        for row, length in enumerate(lengths):
+            slot = self.pool.add([k[row] for k in keys], [v[row] for v in values], int(length))
+            sequence = Sequence(slot=slot, prompt_len=int(length))
+            self.running.append(sequence)
+            sequences.append(sequence)
+        return sequences, logits
+
+    def decode(self, next_tokens: dict[Sequence, int] | list[int]) -> np.ndarray:
+        """One decode step for every running sequence. `next_tokens` gives each sequence's newest token (by
+        sequence, or as a list in slot order). Returns logits [n_running, V] in slot order."""
+        n = len(self.running)
+        batch = smallest_fitting(self.graphs.batch_buckets, n)
+        tokens = np.zeros(batch, np.int32)
+        if isinstance(next_tokens, dict):
+            for sequence, token in next_tokens.items():
+                tokens[sequence.slot] = token
+        else:
+            tokens[:n] = next_tokens
+        self.pool.reserve(self.pool.required())
+        positions = np.zeros(batch, np.int32)
+        positions[:n] = self.pool.lengths[:n]
+        logits, new_keys, new_values = self.graphs.decode(tokens, positions, self.pool.views(batch))
+        self.pool.append(new_keys, new_values)
+        return logits[:n]
+
+    def length(self, sequence: Sequence) -> int:
+        return int(self.pool.lengths[sequence.slot])
+
+    def release(self, sequence: Sequence) -> None:
+        """Free the sequence's slot at once; the last running sequence moves into it."""
+        moved = self.pool.remove(sequence.slot)
+        last = self.running.pop()
+        if moved is not None:
+            last.slot = sequence.slot
+            self.running[sequence.slot] = last
+
+
+def greedy_generate(engine: Engine, prompts: list[list[int]], max_new_tokens: list[int] | int) -> list[list[int]]:
+    """Greedy continuation of every prompt with continuous batching: prompts join as slots free up, and each
+    sequence leaves after its own number of new tokens. Returns the new tokens of each prompt."""
+    if isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    waiting = list(range(len(prompts)))
+    owner: dict[Sequence, int] = {}
+    while waiting or owner:
+        if waiting and engine.free_slots:
+            joining = waiting[:engine.free_slots]
+            del waiting[:len(joining)]
+            sequences, logits = engine.prefill([prompts[i] for i in joining])
+            for sequence, i, row in zip(sequences, joining, logits):
+                owner[sequence] = i
+                outputs[i].append(int(row.argmax()))
+        for sequence, i in list(owner.items()):
+            if len(outputs[i]) >= max_new_tokens[i]:
+                engine.release(sequence)
+                del owner[sequence]
+        if not owner:
+            continue
+        logits = engine.decode({s: outputs[i][-1] for s, i in owner.items()})
+        for sequence, i in owner.items():
+            outputs[i].append(int(logits[sequence.slot].argmax()))
+    return outputs

@@ -1,0 +1,152 @@
+"""Export the prefill and decode graphs to MindIR, and load them back for serving.
+
+An engine directory holds:
+    manifest.json          the model config, dtype, device, limits and buckets, and the file of every graph
+    weights.ckpt           the weights, in the network's layout, as a MindSpore checkpoint
+    prefill.mindir         one prefill graph, dynamic in batch and prompt length
+    decode_b{B}_s{S}.mindir  one decode graph per static (batch, cache length) bucket
+Graphs take the weights as inputs, so one copy in memory serves every graph.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ..config import LlamaConfig
+from ..model.llama import LlamaDecode, LlamaPrefill, weight_names
+from .buckets import batch_buckets, seq_buckets
+from .memory import aligned_copy
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.ckpt"
+PREFILL = "prefill.mindir"
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+DEVICES = ("CPU", "Ascend", "GPU")
+
+
+def decode_file(batch: int, seq: int) -> str:
+    return f"decode_b{batch}_s{seq}.mindir"
+
+
+def set_device(device: str, device_id: int = 0) -> None:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    ms.set_context(mode=ms.GRAPH_MODE)
+    ms.set_device(device, device_id)
+
+
+def _export(net: nn.Cell, inputs: list, path: Path) -> None:
+    ms.export(net, *inputs, file_name=str(path.with_suffix("")), file_format="MINDIR")
+    if not path.exists():  # MindSpore names the file itself; make sure it is where the manifest says
+        raise RuntimeError(f"MindSpore did not write {path}")
+
+
+def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: Path, *, dtype: str,
+                  device: str, max_batch_size: int, max_seq_len: int,
+                  progress: Callable[[str], None] = print) -> dict:
+    """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if not 1 <= max_seq_len <= config.max_position_embeddings:
+        raise ValueError(f"max_seq_len must be in [1, {config.max_position_embeddings}] (the model's "
+                         f"max_position_embeddings), got {max_seq_len}")
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ms_dtype = DTYPES[dtype]
+    names = weight_names(config)
+    weight_specs = [Tensor(shape=weights[n].shape, dtype=ms_dtype) for n in names]
+
+    progress(f"saving {len(names)} weight tensors ({sum(w.size for w in weights.values()) / 1e6:.1f}M "
+             f"parameters, {dtype})")
+    ms.save_checkpoint([{"name": n, "data": Tensor(weights[n]).astype(ms_dtype)} for n in names],
+                       str(out_dir / WEIGHTS))
+
+    progress("exporting the prefill graph")
+    _export(LlamaPrefill(config, ms_dtype),
+            [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
+            out_dir / PREFILL)
+
+    batches, seqs = batch_buckets(max_batch_size), seq_buckets(max_seq_len)
+    decode = LlamaDecode(config, ms_dtype)
+    layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    decode_files = {}
+    total, started = len(batches) * len(seqs), time.monotonic()
+    for b in batches:
+        for s in seqs:
+            inputs = [Tensor(shape=[b], dtype=ms.int32), Tensor(shape=[b], dtype=ms.int32)]
+            inputs += [Tensor(shape=[b, kv, hd, s], dtype=ms_dtype)] * layers
+            inputs += [Tensor(shape=[b, kv, s, hd], dtype=ms_dtype)] * layers
+            _export(decode, inputs + weight_specs, out_dir / decode_file(b, s))
+            decode_files[f"{b}x{s}"] = decode_file(b, s)
+            done = len(decode_files)
+            eta = (time.monotonic() - started) / done * (total - done)
+            progress(f"exported decode graph {done}/{total} (batch {b}, cache {s}), about {eta:.0f}s left")
+
+    manifest = {"format": 1, "config": config.to_hf_dict(), "dtype": dtype, "device": device,
+                "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
+                "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
+                "prefill": PREFILL, "decode": decode_files}
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+class EngineGraphs:
+    """An engine directory loaded for serving: weights in memory once, graphs compiled on first use."""
+
+    def __init__(self, engine_dir: str | Path, device: str | None = None, device_id: int = 0):
+        self.dir = Path(engine_dir)
+        self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        self.config = LlamaConfig.from_hf_dict(self.manifest["config"])
+        self.device = device or self.manifest["device"]
+        set_device(self.device, device_id)
+        self.dtype = DTYPES[self.manifest["dtype"]]
+        self.np_dtype = Tensor(np.zeros(1), self.dtype).asnumpy().dtype
+        self.max_batch_size, self.max_seq_len = self.manifest["max_batch_size"], self.manifest["max_seq_len"]
+        self.batch_buckets, self.seq_buckets = self.manifest["batch_buckets"], self.manifest["seq_buckets"]
+        params = ms.load_checkpoint(str(self.dir / WEIGHTS))
+        missing = [n for n in self.manifest["weight_names"] if n not in params]
+        if missing:
+            raise ValueError(f"{self.dir / WEIGHTS} lacks weight tensors {missing[:5]}")
+        self.weight_arrays = [aligned_copy(params[n].asnumpy()) for n in self.manifest["weight_names"]]
+        self.weights = [Tensor.from_numpy(a) for a in self.weight_arrays]
+        if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
+            self.weights = [w.move_to(self.device) for w in self.weights]
+        self._graphs: dict[str, nn.GraphCell] = {}
+
+    def weight_bytes_per_step(self) -> int:
+        """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered)."""
+        names = self.manifest["weight_names"]
+        return sum(a.nbytes for n, a in zip(names, self.weight_arrays) if n != "embed_tokens")
+
+    def _graph(self, file: str) -> nn.GraphCell:
+        if file not in self._graphs:
+            self._graphs[file] = nn.GraphCell(ms.load(str(self.dir / file)))
+        return self._graphs[file]
+
+    def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
+        """tokens [B, T] int32 right-padded; returns logits [B, V], keys [L][B, Hkv, D, T], values [L][B, Hkv, T, D]
+        as numpy arrays."""
+        outputs = self._graph(self.manifest["prefill"])(Tensor(tokens.astype(np.int32)),
+                                                         Tensor(lengths.astype(np.int32)), *self.weights)
+        layers = self.config.num_hidden_layers
+        arrays = [o.asnumpy() for o in outputs]
+        return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]
+
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]):
+        """Run the decode graph of the bucket given by the caches' shape ([B, Hkv, D, S] views).
+        Returns logits [B, V], new keys [L][B, Hkv, D], new values [L][B, Hkv, D]."""
+        batch, seq = caches[0].shape[0], caches[0].shape[-1]
+        graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
+        outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
+                        *[Tensor.from_numpy(c) for c in caches], *self.weights)
+        layers = self.config.num_hidden_layers
+        arrays = [o.asnumpy() for o in outputs]
+        return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]

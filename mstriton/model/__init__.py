@@ -1,0 +1,1 @@
+"""The MindSpore LLaMA network and its weights."""

@@ -1,0 +1,243 @@
+"""A LLaMA network in MindSpore, written as functions of its weights.
+
+The weights are arguments, not Parameters captured by a graph: every exported graph (one per static shape
+bucket, see ``engine/buckets.py``) takes the same weight tensors as inputs, so one copy in memory serves all of
+them. Static shapes matter on the CPU: a decode graph with dynamic dimensions ran 2-3x slower than the same graph
+with static ones (measured; see ``benchmarks/engine.md``).
+
+Entry points:
+- ``LlamaPrefill``: right-padded prompts -> each prompt's last-position logits and its KV cache.
+- ``LlamaDecode``: one new token for each sequence of a batch, each at its own position, against a KV cache the
+  caller owns and passes in as zero-copy numpy views (``engine/kv_cache.py``).
+- ``LlamaLM``: the same network holding Parameters, for training the demo model.
+
+Layout choices, each measured on a 2-core CPU:
+- q/k/v and gate/up projections are fused into one matmul each, and weights are stored [in, out].
+- The K cache is stored transposed, [batch, kv_heads, head_dim, seq], so scores are one batched matmul with no
+  transpose inside the graph (MindSpore materializes every transpose).
+- Grouped-query attention never repeats K/V: the query heads sharing a KV head become rows of one matmul.
+- The decode graph does not write the cache; it returns the new token's K/V and attends to it separately
+  (a two-part softmax), so the caller stores B*layers small rows and the graph copies no cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+from ..config import LlamaConfig
+
+# A large negative instead of -inf: exp() gives exactly 0 and no NaN appears for a fully masked row.
+MASK_VALUE = -1e9
+LAYER_WEIGHTS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
+GLOBAL_WEIGHTS = ("embed_tokens", "norm", "lm_head")
+
+
+def weight_names(config: LlamaConfig) -> list[str]:
+    """The order in which graphs take their weight inputs."""
+    return list(weight_shapes(config))
+
+
+def weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shapes of the weights as this network stores them (matrices [in, out])."""
+    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    per_layer = {"attention_norm": (c.hidden_size,), "wqkv": (c.hidden_size, qkv),
+                 "wo": (c.num_attention_heads * c.head_dim, c.hidden_size), "ffn_norm": (c.hidden_size,),
+                 "w_gate_up": (c.hidden_size, 2 * c.intermediate_size), "w_down": (c.intermediate_size, c.hidden_size)}
+    assert tuple(per_layer) == LAYER_WEIGHTS
+    shapes = {f"layers.{i}.{k}": v for i in range(c.num_hidden_layers) for k, v in per_layer.items()}
+    shapes.update(embed_tokens=(c.vocab_size, c.hidden_size), norm=(c.hidden_size,),
+                  lm_head=(c.hidden_size, c.vocab_size))
+    return shapes
+
+
+def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of shape [max_positions, head_dim], laid out for the rotate-half convention of HF LLaMA."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    freqs = np.outer(np.arange(config.max_position_embeddings, dtype=np.float64), inv_freq)
+    angles = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return ops.concat((-x[..., half:], x[..., :half]), -1)
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(ms.float32)
+    x32 = x32 * ops.rsqrt(ops.mean(x32 * x32, -1, keep_dims=True) + eps)
+    return x32.astype(x.dtype) * weight
+
+
+def last_axis_slice(x, start: int, end: int):
+    """x[..., start:end] spelled per rank: a loaded dynamic-shape MindIR inferred the wrong width for the
+    ellipsis form (and ops.split would not export with dynamic shapes)."""
+    if x.ndim == 2:
+        return x[:, start:end]
+    return x[:, :, start:end]
+
+
+def linear(x, weight):
+    """x [..., in] @ weight [in, out]."""
+    if x.ndim == 2:
+        return ops.matmul(x, weight)
+    b, e = x.shape[0], x.shape[2]
+    return ops.matmul(x.reshape(-1, e), weight).reshape(b, -1, weight.shape[1])
+
+
+class Network(nn.Cell):
+    """The LLaMA math. ``weights`` is the tuple ordered as ``weight_names``."""
+
+    def __init__(self, c: LlamaConfig, dtype=ms.float32):
+        super().__init__()
+        self.config = c
+        self.n_layers, self.n_heads, self.n_kv = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
+        self.head_dim, self.groups, self.ffn_dim, self.eps = c.head_dim, c.num_query_groups, c.intermediate_size, \
+            c.rms_norm_eps
+        self.scale = 1.0 / float(np.sqrt(c.head_dim))
+        self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
+        cos, sin = rope_tables(c)
+        self.cos, self.sin = Tensor(cos, dtype), Tensor(sin, dtype)
+        self.n_per_layer = len(LAYER_WEIGHTS)
+
+    def layer(self, weights, i):
+        start = i * self.n_per_layer
+        return weights[start:start + self.n_per_layer]
+
+    def embed(self, weights, tokens):
+        return ops.gather(weights[-3], tokens, 0)
+
+    def head(self, weights, h):
+        """[N, E] hidden states -> [N, V] float32 logits."""
+        return linear(rms_norm(h, weights[-2], self.eps), weights[-1]).astype(ms.float32)
+
+    def mlp(self, w, x):
+        gate_up = linear(rms_norm(x, w[3], self.eps), w[4])
+        gate, up = last_axis_slice(gate_up, 0, self.ffn_dim), last_axis_slice(gate_up, self.ffn_dim, 2 * self.ffn_dim)
+        return x + linear(ops.silu(gate) * up, w[5])
+
+    def qkv(self, w, x):
+        qkv = linear(rms_norm(x, w[0], self.eps), w[1])
+        q_end, k_end = self.qkv_sizes[0], self.qkv_sizes[0] + self.qkv_sizes[1]
+        return last_axis_slice(qkv, 0, q_end), last_axis_slice(qkv, q_end, k_end), \
+            last_axis_slice(qkv, k_end, k_end + self.qkv_sizes[2])
+
+    def prefill_block(self, w, x, cos, sin, causal_mask):
+        """x [B, T, E]; cos/sin [T, D]; causal_mask [G*T, T] -> x, K^T [B, Hkv, D, T], V [B, Hkv, T, D].
+
+        Reshapes leave the dynamic dimensions as -1: a loaded dynamic-shape MindIR mis-inferred reshapes whose
+        target multiplied two of them.
+        """
+        b = x.shape[0]
+        q, k, v = self.qkv(w, x)
+        q = q.reshape(b, -1, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = k.reshape(b, -1, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        v = v.reshape(b, -1, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
+        q = (q * cos + rotate_half(q) * sin) * self.scale
+        k_t = (k * cos + rotate_half(k) * sin).transpose(0, 1, 3, 2)
+        # The query heads of one KV group become rows: [B, Hkv, G*T, D] @ [B, Hkv, D, T].
+        scores = ops.matmul(q.reshape(b, self.n_kv, -1, self.head_dim), k_t).astype(ms.float32) + causal_mask
+        probs = ops.softmax(scores, -1).astype(v.dtype)
+        out = ops.matmul(probs, v).reshape(b, self.n_heads, -1, self.head_dim)
+        out = out.transpose(0, 2, 1, 3).reshape(b, -1, self.n_heads * self.head_dim)
+        return self.mlp(w, x + linear(out, w[2])), k_t, v
+
+    def decode_block(self, w, x, cos, sin, key_mask, k_cache, v_cache):
+        """x [B, E]; cos/sin [B, 1, D]; key_mask [B, 1, 1, S]; k_cache [B, Hkv, D, S]; v_cache [B, Hkv, S, D]."""
+        b = x.shape[0]
+        q, k, v = self.qkv(w, x)
+        q = q.reshape(b, self.n_heads, self.head_dim)
+        k = k.reshape(b, self.n_kv, self.head_dim)
+        q = (q * cos + rotate_half(q) * sin) * self.scale
+        k = k * cos + rotate_half(k) * sin
+        q = q.reshape(b, self.n_kv, self.groups, self.head_dim)
+        # Scores against the cache and against the token itself, merged by one softmax without a concat.
+        s_cache = ops.matmul(q, k_cache).astype(ms.float32) + key_mask            # [B, Hkv, G, S]
+        s_self = (q * k.reshape(b, self.n_kv, 1, self.head_dim)).sum(-1, keepdims=True).astype(ms.float32)
+        top = ops.maximum(s_cache.max(-1, keepdims=True), s_self)
+        e_cache, e_self = ops.exp(s_cache - top), ops.exp(s_self - top)
+        denom = e_cache.sum(-1, keepdims=True) + e_self
+        out = ops.matmul(e_cache.astype(v_cache.dtype), v_cache) + \
+            e_self.astype(v.dtype) * v.reshape(b, self.n_kv, 1, self.head_dim)
+        out = (out / denom.astype(out.dtype)).reshape(b, self.n_heads * self.head_dim)
+        return self.mlp(w, x + linear(out, w[2])), k, v.reshape(b, self.n_kv, self.head_dim)
+
+    def causal_mask(self, t: int):
+        """[G*T, T]: the mask of T queries, repeated for the G query heads that share a KV head."""
+        mask = ops.triu(ops.ones((t, t), ms.float32), 1) * MASK_VALUE
+        return ops.tile(mask, (self.groups, 1)) if self.groups > 1 else mask
+
+    def run_prompt(self, weights, tokens):
+        t = tokens.shape[1]
+        x = self.embed(weights, tokens)
+        cos, sin, mask = self.cos[:t], self.sin[:t], self.causal_mask(t)
+        keys, values = (), ()
+        for i in range(self.n_layers):
+            x, k_t, v = self.prefill_block(self.layer(weights, i), x, cos, sin, mask)
+            keys += (k_t,)
+            values += (v,)
+        return x, keys, values
+
+    def prefill(self, weights, tokens, lengths):
+        x, keys, values = self.run_prompt(weights, tokens)
+        b, t, e = x.shape
+        last = ops.arange(0, b, dtype=ms.int32) * t + lengths - 1
+        logits = self.head(weights, ops.gather(x.reshape(b * t, e), last, 0))
+        return (logits,) + keys + values
+
+    def decode(self, weights, tokens, positions, caches):
+        b = tokens.shape[0]
+        x = self.embed(weights, tokens)
+        cos = ops.gather(self.cos, positions, 0).reshape(b, 1, self.head_dim)
+        sin = ops.gather(self.sin, positions, 0).reshape(b, 1, self.head_dim)
+        seq = caches[0].shape[-1]
+        visible = ops.arange(0, seq, dtype=ms.int32).reshape(1, -1) < positions.reshape(-1, 1)
+        key_mask = ((1.0 - visible.astype(ms.float32)) * MASK_VALUE).reshape(b, 1, 1, seq)
+        new_k, new_v = (), ()
+        for i in range(self.n_layers):
+            x, k, v = self.decode_block(self.layer(weights, i), x, cos, sin, key_mask, caches[i],
+                                        caches[self.n_layers + i])
+            new_k += (k,)
+            new_v += (v,)
+        return (self.head(weights, x),) + new_k + new_v
+
+
+class LlamaPrefill(Network):
+    """Graph inputs: tokens [B, T] int32 right-padded, lengths [B] int32, then the weights.
+    Outputs: logits [B, V] at each prompt's last token, K^T [B, Hkv, D, T] per layer, V [B, Hkv, T, D] per layer.
+
+    Right padding needs no extra mask: padded keys come after every real query, so the causal mask hides them.
+    """
+
+    def construct(self, tokens, lengths, *weights):
+        return self.prefill(weights, tokens, lengths)
+
+
+class LlamaDecode(Network):
+    """Graph inputs: tokens [B] int32, positions [B] int32 (where each token goes; the cache holds the positions
+    below it), K^T caches [B, Hkv, D, S] per layer, V caches [B, Hkv, S, D] per layer, then the weights.
+    Outputs: logits [B, V] float32, the new token's K [B, Hkv, D] per layer and V [B, Hkv, D] per layer, for the
+    caller to store at ``positions``.
+    """
+
+    def construct(self, tokens, positions, *rest):
+        n_cache = 2 * self.n_layers
+        return self.decode(rest[n_cache:], tokens, positions, rest[:n_cache])
+
+
+class LlamaLM(Network):
+    """The network with its weights as Parameters: what the demo model trains."""
+
+    def __init__(self, config: LlamaConfig, dtype=ms.float32):
+        super().__init__(config, dtype)
+        self.weights = ParameterTuple([Parameter(Tensor(np.zeros(shape), dtype), name=name)
+                                       for name, shape in weight_shapes(config).items()])
+
+    def construct(self, tokens):
+        """All-position logits [B, T, V]; no padding (every row is a full training window)."""
+        x, _, _ = self.run_prompt(self.weights, tokens)
+        b, t, e = x.shape
+        return self.head(self.weights, x.reshape(b * t, e)).reshape(b, t, -1)

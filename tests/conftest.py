@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random LLaMA checkpoints saved by Hugging Face transformers, converted by our converter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_random_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random LlamaForCausalLM saved as a Hugging Face folder (config.json, model.safetensors), with weights
+    scaled up from transformers' 0.02 init so that logits differ clearly between tokens."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def copy_test_tokenizer(folder: Path) -> None:
+    """Any sentencepiece model serves the engine tests; train a tiny one on fixed text."""
+    import io
+    import sentencepiece as spm
+
+    text = ("MindSpore graphs served by Triton stream tokens to every client. " * 4 +
+            "The quick brown fox jumps over the lazy dog while the cache grows. " * 4).split(". ")
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_writer=buffer, vocab_size=60,
+                                   model_type="bpe", character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0,
+                                   minloglevel=2)
+    (folder / "tokenizer.model").write_bytes(buffer.getvalue())
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_factory(tmp_path_factory):
+    """Build (once per config) a random HF checkpoint folder with a tokenizer."""
+    cache = {}
+
+    def make(key: str, **overrides) -> Path:
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{key}")
+            save_random_hf_llama(folder, **overrides)
+            copy_test_tokenizer(folder)
+            cache[key] = folder
+        return cache[key]
+
+    return make
+
+
+def greedy_reference(model, prompt: list[int], steps: int):
+    """transformers' own greedy tokens and the logits of every step (full forward, no cache involved)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    model.generation_config.eos_token_id = None  # random weights: never stop early, compare every step
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
+                                   do_sample=False, pad_token_id=0)
+        sequence = generated[0].tolist()
+        logits = model(generated).logits[0].numpy()
+    # logits[t] predicts token t+1: the ones of the prompt's last token and of each generated token.
+    return sequence[len(prompt):], logits[len(prompt) - 1:len(sequence) - 1]
+
+
+def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
