@@ -40,10 +40,31 @@ def _split_engine(full: Path, prefill_dir: Path, decode_dir: Path) -> None:
         _link_or_copy(graph, decode_dir / graph.name)
 
 
-def tokenizer_config(config_bos, config_eos) -> dict:
+def tokenizer_config() -> dict:
     """What transformers' AutoTokenizer needs beside tokenizer.model (genai-perf loads the folder with it)."""
     return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}
+
+
+def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Path]:
+    """Replace the repository's folders of `name` by those built in `models`: renames only, undone on failure."""
+    trash.mkdir()
+    previous = owned_model_dirs(repository, name)
+    moved_out, moved_in = [], []
+    try:
+        for folder in previous:
+            folder.rename(trash / folder.name)
+            moved_out.append(folder)
+        for folder in sorted(models.iterdir()):
+            folder.rename(repository / folder.name)
+            moved_in.append(repository / folder.name)
+    except OSError:
+        for folder in moved_in:
+            shutil.rmtree(folder, ignore_errors=True)
+        for folder in moved_out:
+            (trash / folder.name).rename(folder)
+        raise
+    return moved_in
 
 
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
@@ -80,20 +101,13 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         tok_dir.mkdir(parents=True)
         shutil.copy2(tokenizer_file, tok_dir / "tokenizer.model")
         (tok_dir / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(config.bos_token_id, config.eos_token_id), indent=1))
+            json.dumps(tokenizer_config(), indent=1))
         for component, model_config in engine_configs(name, max_batch_size=max_batch_size, device=device,
                                                       device_id=device_id).items():
             write_config(models / model_name(name, component), model_config)
 
         progress("moving the new model folders into the repository")
-        old = staging / "replaced"
-        old.mkdir()
-        for previous in owned_model_dirs(repository, name):
-            previous.rename(old / previous.name)
-        written = []
-        for folder in sorted(models.iterdir()):
-            folder.rename(repository / folder.name)
-            written.append(repository / folder.name)
+        written = _swap_in(models, repository, name, staging / "replaced")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     progress(f"converted {name} in {time.monotonic() - started:.0f}s: {', '.join(p.name for p in written)}")

@@ -50,6 +50,7 @@ def _export(net: nn.Cell, inputs: list, path: Path) -> None:
 
 def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: Path, *, dtype: str,
                   device: str, max_batch_size: int, max_seq_len: int,
+                  batches: list[int] | None = None, seqs: list[int] | None = None,
                   progress: Callable[[str], None] = print) -> dict:
     """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``)."""
     if dtype not in DTYPES:
@@ -74,7 +75,8 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
             [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
             out_dir / PREFILL)
 
-    batches, seqs = batch_buckets(max_batch_size), seq_buckets(max_seq_len)
+    # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
+    batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
     decode = LlamaDecode(config, ms_dtype)
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}

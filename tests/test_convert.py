@@ -1,0 +1,89 @@
+"""The converter: command line, repository layout, protobuf configs, atomic replacement, float16 export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from mstriton.convert import convert
+from mstriton.repository import read_config
+
+QUIET = dict(progress=lambda _: None)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_checkpoint_factory):
+    checkpoint = hf_checkpoint_factory("mha")
+    result = run_cli("--checkpoint", checkpoint, "--name", "tiny", "--model-repository", tmp_path,
+                     "--max-batch-size", "2", "--max-seq-len", "128")
+    assert result.returncode == 0, result.stderr
+    assert "exported decode graph 4/4" in result.stdout and "converted tiny" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_decode", "tiny_prefill", "tiny_tokenizer"]
+    for component in ("tokenizer", "prefill", "decode"):
+        config = read_config(tmp_path / f"tiny_{component}")
+        assert config.name == f"tiny_{component}" and config.backend == "python"
+    assert read_config(tmp_path / "tiny_decode").model_transaction_policy.decoupled
+    prefill_engine, decode_engine = tmp_path / "tiny_prefill/1/engine", tmp_path / "tiny_decode/1/engine"
+    assert sorted(p.name for p in decode_engine.glob("decode_*.mindir")) == [
+        "decode_b1_s128.mindir", "decode_b1_s64.mindir", "decode_b2_s128.mindir", "decode_b2_s64.mindir"]
+    assert (prefill_engine / "prefill.mindir").exists() and not list(prefill_engine.glob("decode_*"))
+    # One weights file on disk, linked into both engines.
+    assert os.stat(prefill_engine / "weights.ckpt").st_ino == os.stat(decode_engine / "weights.ckpt").st_ino
+    assert (tmp_path / "tiny_tokenizer/1/tokenizer.model").exists()
+    manifest = json.loads((decode_engine / "manifest.json").read_text())
+    assert manifest["max_seq_len"] == 128 and manifest["batch_buckets"] == [1, 2]
+
+
+def test_cli_reports_bad_arguments_by_name(tmp_path, hf_checkpoint_factory):
+    checkpoint = hf_checkpoint_factory("mha")
+    result = run_cli("--checkpoint", checkpoint, "--name", "tiny", "--model-repository", tmp_path,
+                     "--max-seq-len", "100000")
+    assert result.returncode == 2 and "max_seq_len must be in [1, 256]" in result.stderr
+    assert not any(p.name.startswith("tiny") for p in tmp_path.iterdir())
+    result = run_cli("--checkpoint", tmp_path / "nowhere", "--name", "tiny", "--model-repository", tmp_path)
+    assert result.returncode == 2 and "nowhere" in result.stderr
+
+
+def test_rerun_replaces_the_model_and_a_failed_run_leaves_it_untouched(tmp_path, hf_checkpoint_factory):
+    checkpoint = hf_checkpoint_factory("mha")
+    convert(checkpoint, "m", tmp_path, max_batch_size=1, max_seq_len=64, **QUIET)
+    (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").write_text("from the previous conversion")
+    (tmp_path / "other_model").mkdir()
+    convert(checkpoint, "m", tmp_path, max_batch_size=2, max_seq_len=64, **QUIET)
+    assert not (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").exists()
+    assert json.loads((tmp_path / "m_decode/1/engine/manifest.json").read_text())["max_batch_size"] == 2
+    assert (tmp_path / "other_model").exists()
+
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
+        convert(checkpoint, "m", tmp_path, max_batch_size=0, max_seq_len=64, **QUIET)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_float16_engine_runs_close_to_float32(tmp_path, hf_checkpoint_factory):
+    from mstriton.engine.engine import Engine
+    from mstriton.engine.graphs import EngineGraphs
+
+    checkpoint = hf_checkpoint_factory("mha")
+    logits = {}
+    for dtype in ("float32", "float16"):
+        convert(checkpoint, dtype, tmp_path, max_batch_size=1, max_seq_len=64, dtype=dtype, **QUIET)
+        graphs = EngineGraphs(tmp_path / f"{dtype}_decode/1/engine")
+        graphs.manifest["prefill"] = str(tmp_path / f"{dtype}_prefill/1/engine/prefill.mindir")
+        engine = Engine(graphs)
+        _, first = engine.prefill([[1, 5, 9, 22]])
+        second = engine.decode([int(first[0].argmax())])
+        logits[dtype] = np.concatenate([first, second])
+    assert logits["float16"].dtype == np.float32
+    scale = np.abs(logits["float32"]).max()
+    assert np.abs(logits["float16"] - logits["float32"]).max() / scale < 2e-2

@@ -1,0 +1,94 @@
+"""The engine's parts without a server: buckets, the KV-cache pool, config and weight checks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mstriton.config import ConfigError, LlamaConfig
+from mstriton.engine.buckets import batch_buckets, seq_buckets, smallest_fitting
+from mstriton.engine.kv_cache import KVCachePool, PoolFull
+
+
+def test_buckets_cover_the_limits():
+    assert batch_buckets(16) == [1, 2, 4, 8, 16]
+    assert batch_buckets(12) == [1, 2, 4, 8, 12]
+    assert seq_buckets(1024) == [64, 128, 256, 512, 1024]
+    assert seq_buckets(40) == [40]
+    assert smallest_fitting([1, 2, 4], 3) == 4
+    with pytest.raises(ValueError, match="exceeds the largest bucket 4"):
+        smallest_fitting([1, 2, 4], 5)
+
+
+def prompt_cache(pool: KVCachePool, length: int, fill: float):
+    keys = [np.full((pool.n_kv_heads, pool.head_dim, length), fill + layer, np.float32)
+            for layer in range(pool.n_layers)]
+    values = [np.full((pool.n_kv_heads, length, pool.head_dim), -fill - layer, np.float32)
+              for layer in range(pool.n_layers)]
+    return keys, values
+
+
+def test_pool_keeps_running_sequences_in_a_prefix_and_moves_the_last_into_a_freed_slot():
+    pool = KVCachePool(n_layers=2, n_kv_heads=2, head_dim=4, max_slots=3, seq_buckets=[8, 16, 32])
+    slots = [pool.add(*prompt_cache(pool, n, fill), n) for n, fill in [(3, 10.0), (5, 20.0), (2, 30.0)]]
+    assert slots == [0, 1, 2] and pool.capacity == 8
+    with pytest.raises(PoolFull):
+        pool.add(*prompt_cache(pool, 1, 0.0), 1)
+    assert pool.remove(0) == 2  # slot 2's sequence now lives in slot 0
+    assert pool.n_active == 2 and list(pool.lengths[:2]) == [2, 5]
+    assert np.all(pool.keys[1][0, :, :, :2] == 31.0) and np.all(pool.values[0][0, :, :2] == -30.0)
+    assert pool.remove(1) is None and pool.n_active == 1
+
+
+def test_pool_append_writes_each_sequence_at_its_own_position_and_grows_the_capacity():
+    pool = KVCachePool(n_layers=1, n_kv_heads=1, head_dim=2, max_slots=2, seq_buckets=[4, 8])
+    pool.add(*prompt_cache(pool, 3, 1.0), 3)
+    pool.add(*prompt_cache(pool, 1, 5.0), 1)
+    new_k = [np.array([[[7.0, 7.5]], [[8.0, 8.5]]], np.float32)]
+    pool.append(new_k, [-new_k[0]])
+    assert list(pool.lengths[:2]) == [4, 2]
+    assert list(pool.keys[0][0, 0, :, 3]) == [7.0, 7.5] and list(pool.keys[0][1, 0, :, 1]) == [8.0, 8.5]
+    assert list(pool.values[0][1, 0, 1]) == [-8.0, -8.5]
+    pool.reserve(pool.required())  # the longest now holds 4 positions, its next token needs a fifth
+    assert pool.capacity == 8
+    assert np.all(pool.keys[0][0, 0, :, :3] == 1.0) and list(pool.keys[0][0, 0, :, 3]) == [7.0, 7.5]
+    views = pool.views(2)
+    assert all(v.flags.c_contiguous for v in views) and views[0].shape == (2, 1, 2, 8)
+    pool.remove(0)
+    pool.reserve(pool.required())  # the long sequence left: back to the small bucket
+    assert pool.capacity == 4 and list(pool.keys[0][0, 0, :, 1]) == [8.0, 8.5]
+
+
+def test_pool_refuses_a_prompt_that_leaves_no_room_to_generate():
+    pool = KVCachePool(n_layers=1, n_kv_heads=1, head_dim=2, max_slots=1, seq_buckets=[4, 8])
+    with pytest.raises(ValueError, match="max_seq_len 8"):
+        pool.add(*prompt_cache(pool, 8, 0.0), 8)
+
+
+BASE = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=10, hidden_size=8,
+            intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "architectures"),
+    (dict(num_key_value_heads=3, num_attention_heads=4, hidden_size=16), "num_key_value_heads"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+    (dict(hidden_size=9), "hidden_size"),
+    (dict(vocab_size=0), "vocab_size"),
+])
+def test_config_errors_name_the_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        LlamaConfig.from_hf_dict({**BASE, **change})
+
+
+def test_config_reads_list_eos_and_rope_parameters():
+    config = LlamaConfig.from_hf_dict({**BASE, "eos_token_id": [2, 7], "rope_parameters": {"rope_theta": 5e5}})
+    assert config.eos_token_id == 2 and config.rope_theta == 5e5
+
+
+def test_config_round_trips_through_hf_dict():
+    config = LlamaConfig.from_hf_dict({**BASE, "num_key_value_heads": 1, "tie_word_embeddings": True})
+    assert LlamaConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config

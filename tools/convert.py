@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Convert a LLaMA checkpoint into MindIR graphs inside a Triton model repository.
+
+    python tools/convert.py --checkpoint DIR --name NAME --model-repository DIR \
+        [--device CPU|Ascend|GPU] [--max-batch-size N] [--max-seq-len N] [--dtype float32|float16|bfloat16]
+
+DIR holds config.json, tokenizer.model and either *.safetensors (Hugging Face, sharded or not) or one
+MindSpore *.ckpt. Running it again replaces the model; a failed run leaves the repository as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only; our own progress lines say what happens
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="folder with config.json, tokenizer.model, weights")
+    parser.add_argument("--name", required=True, help="model name; folders NAME_* are written")
+    parser.add_argument("--model-repository", required=True, help="Triton model repository folder")
+    parser.add_argument("--device", default="CPU", choices=["CPU", "Ascend", "GPU"])
+    parser.add_argument("--device-id", type=int, default=0)
+    parser.add_argument("--max-batch-size", type=int, default=16, help="KV-cache slots and largest decode batch")
+    parser.add_argument("--max-seq-len", type=int, default=None,
+                        help="prompt plus output tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+
+    from mstriton.config import ConfigError
+    from mstriton.convert import convert
+    from mstriton.model.weights import WeightError
+
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[convert {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    try:
+        convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
+                max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
+                progress=progress)
+    except (ConfigError, WeightError, ValueError, FileNotFoundError) as exc:
+        print(f"convert: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
