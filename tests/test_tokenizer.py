@@ -1,0 +1,68 @@
+"""Incremental detokenization: the pieces of a stream join to the whole text, spaces and UTF-8 intact."""
+
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+import sentencepiece as spm
+
+from mstriton.tokenizer import TemplateError, Tokenizer, apply_template, stream_window
+
+TEXT = [
+    "Streaming keeps every space, and every word arrives whole.",
+    "MindSpore 图模式 在 Triton 上 流式 输出 中文 文本。",
+    "Emoji too: 🚀 launches, 🎉 celebrates, 👍🏽 agrees.",
+    "  leading spaces, double  spaces and a tab\there.",
+    "Numbers 3.14159 and symbols #@!& stay put.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    buffer = io.BytesIO()
+    # Trained on the ASCII lines only: Chinese and emoji then go through byte fallback, the hard case.
+    ascii_lines = [t for t in TEXT if t.isascii()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(ascii_lines * 3), model_writer=buffer, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    path.write_bytes(buffer.getvalue())
+    return Tokenizer(path)
+
+
+def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    return [tokenizer.piece(stream_window(ids[:n]), final=(n == len(ids))) for n in range(1, len(ids) + 1)]
+
+
+@pytest.mark.parametrize("text", TEXT)
+def test_stream_of_a_text_joins_to_the_text(tokenizer, text):
+    ids = tokenizer.encode(text, add_bos=False)
+    assert any(tokenizer.sp.is_byte(i) for i in ids) or text.isascii()
+    pieces = stream(tokenizer, ids)
+    assert "".join(pieces) == tokenizer.decode(ids)
+    assert not any("\ufffd" in p for p in pieces), pieces
+
+
+def test_random_token_streams_join_to_the_whole_decode(tokenizer):
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(3, tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
+        assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
+
+
+def test_multibyte_character_is_held_back_until_complete(tokenizer):
+    ids = tokenizer.encode("🚀", add_bos=False)
+    byte_ids = [i for i in ids if tokenizer.sp.is_byte(i)]
+    assert len(byte_ids) == 4
+    pieces = stream(tokenizer, ids)
+    assert pieces[-1].endswith("🚀") and all(p in ("", " ", "▁") or "🚀" in p for p in pieces)
+
+
+def test_templates():
+    assert apply_template("llama2", "hi") == "[INST] hi [/INST]"
+    assert apply_template("none", "hi") == "hi"
+    assert "<|User|>:hi" in apply_template("internlm", "hi")
+    with pytest.raises(TemplateError, match="llama2"):
+        apply_template("chatml", "hi")
