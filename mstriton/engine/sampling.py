@@ -1,0 +1,109 @@
+"""Choosing the next token, per request: greedy or sampling with its own temperature, top-k, top-p, penalties,
+seed, minimum length and banned words. The sampler model and the decode model run this same code.
+
+Nothing is shared between the rows of a batch: each request carries its settings and its own random generator,
+so a seeded request gives the same tokens whatever runs beside it. Log-probabilities are true log-softmax values
+of the model's distribution (before temperature and cuts), for the chosen token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ..params import GenerationParams
+
+# Top-p looks at this many best tokens first; only when their mass is below top_p does it sort the vocabulary.
+NUCLEUS_CANDIDATES = 64
+
+
+@dataclasses.dataclass(eq=False)
+class SamplingState:
+    """What sampling remembers about one sequence between steps."""
+    params: GenerationParams
+    end_ids: tuple[int, ...]
+    prompt_ids: list[int]
+    bad_words: list[list[int]] = dataclasses.field(default_factory=list)
+    generated: list[int] = dataclasses.field(default_factory=list)
+    counts: dict[int, int] = dataclasses.field(default_factory=dict)
+    rng: np.random.Generator | None = None
+
+    def __post_init__(self):
+        if not self.params.greedy:
+            self.rng = np.random.default_rng(self.params.seed)
+
+    def record(self, token: int) -> None:
+        self.generated.append(token)
+        self.counts[token] = self.counts.get(token, 0) + 1
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _apply_penalties(row: np.ndarray, state: SamplingState) -> None:
+    p = state.params
+    if p.repetition_penalty != 1.0:  # as in transformers: over prompt and output, divide positive, scale negative
+        seen = np.fromiter(set(state.prompt_ids) | set(state.counts), np.int64)
+        seen = seen[(seen >= 0) & (seen < row.size)]
+        values = row[seen]
+        row[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and state.counts:  # as in OpenAI's API: output tokens only
+        tokens = np.fromiter(state.counts, np.int64)
+        counts = np.fromiter(state.counts.values(), np.float32)
+        row[tokens] -= p.presence_penalty + p.frequency_penalty * counts
+
+
+def _apply_bans(row: np.ndarray, state: SamplingState) -> None:
+    if len(state.generated) < state.params.min_tokens:
+        row[list(state.end_ids)] = -np.inf
+    for word in state.bad_words:  # ban the word's last token where the output ends with the rest of the word
+        head = word[:-1]
+        if not head or state.generated[-len(head):] == head:
+            row[word[-1]] = -np.inf
+
+
+def _sample_row(row: np.ndarray, state: SamplingState) -> int:
+    p = state.params
+    scaled = row / p.temperature
+    if p.top_k and p.top_k < scaled.size:
+        candidates = np.argpartition(-scaled, p.top_k - 1)[:p.top_k]
+    else:
+        candidates = None
+    if p.top_p < 1.0:
+        pool = candidates if candidates is not None else np.argpartition(
+            -scaled, min(NUCLEUS_CANDIDATES, scaled.size) - 1)[:NUCLEUS_CANDIDATES]
+        full_mass = np.exp(scaled - scaled.max())
+        total = full_mass.sum() if candidates is None else full_mass[candidates].sum()
+        order = pool[np.argsort(-scaled[pool], kind="stable")]
+        cumulative = np.cumsum(full_mass[order]) / total
+        if cumulative[-1] < p.top_p and candidates is None:  # nucleus wider than the first candidates: sort all
+            order = np.argsort(-scaled, kind="stable")
+            cumulative = np.cumsum(full_mass[order]) / total
+        keep = int(np.searchsorted(cumulative, p.top_p)) + 1
+        candidates = order[:keep]
+    if candidates is None:
+        candidates = np.arange(scaled.size)
+    weights = np.exp(scaled[candidates] - scaled[candidates].max())
+    weights = weights / weights.sum()
+    choice = int(np.searchsorted(np.cumsum(weights), state.rng.random() * weights.sum() * (1 - 1e-12)))
+    return int(candidates[min(choice, candidates.size - 1)])
+
+
+def choose_tokens(logits: np.ndarray, states: list[SamplingState]) -> tuple[np.ndarray, np.ndarray]:
+    """Next token and its log-probability for each row of logits [n, V] (float32)."""
+    logprobs = log_softmax(logits.astype(np.float32))
+    tokens = np.empty(len(states), np.int64)
+    for i, state in enumerate(states):
+        p = state.params
+        needs_processing = (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                            or state.bad_words or len(state.generated) < p.min_tokens)
+        row = logits[i].astype(np.float32, copy=True) if needs_processing else logits[i]
+        if needs_processing:
+            _apply_penalties(row, state)
+            _apply_bans(row, state)
+        tokens[i] = int(row.argmax()) if p.greedy else _sample_row(row, state)
+    chosen = logprobs[np.arange(len(states)), tokens]
+    return tokens, chosen

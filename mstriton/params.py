@@ -1,0 +1,61 @@
+"""Per-request generation parameters: names, defaults, allowed ranges, and their validation.
+
+Names follow tensorrtllm_backend's ensemble inputs (so its clients and genai-perf work unchanged), with the older
+and the MindSpore Serving / TGI spellings accepted as aliases. Every error names the field and its allowed range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class ParameterError(ValueError):
+    """A request parameter outside its allowed range; the message names the field."""
+
+
+@dataclasses.dataclass
+class GenerationParams:
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0              # 0 = no top-k cut
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    do_sample: bool | None = None  # None: sample when temperature > 0 and (top_k != 1); False: greedy
+    end_id: int | None = None
+    pad_id: int | None = None
+    stop_words: list[str] = dataclasses.field(default_factory=list)
+    bad_words: list[str] = dataclasses.field(default_factory=list)
+    return_log_probs: bool = False
+    exclude_input_in_output: bool = True
+    stream: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        if self.do_sample is False:
+            return True
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, max_new_tokens_limit: int, vocab_size: int) -> "GenerationParams":
+        def check(ok: bool, field: str, allowed: str, value) -> None:
+            if not ok:
+                raise ParameterError(f"'{field}' must be {allowed}, got {value!r}")
+
+        check(1 <= self.max_tokens <= max_new_tokens_limit, "max_tokens",
+              f"in [1, {max_new_tokens_limit}] for this prompt", self.max_tokens)
+        check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"in [0, max_tokens={self.max_tokens}]",
+              self.min_tokens)
+        check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
+        check(self.top_k >= 0, "top_k", ">= 0 (0 disables it)", self.top_k)
+        check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
+        check(self.repetition_penalty > 0.0, "repetition_penalty", "> 0", self.repetition_penalty)
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
+        check(self.seed is None or 0 <= self.seed < 2 ** 64, "seed", "in [0, 2^64)", self.seed)
+        for field in ("end_id", "pad_id"):
+            value = getattr(self, field)
+            check(value is None or 0 <= value < vocab_size, field, f"in [0, {vocab_size})", value)
+        return self
