@@ -31,7 +31,8 @@ class Engine:
             raise ValueError(f"max_slots {self.max_slots} exceeds the exported max_batch_size "
                              f"{graphs.max_batch_size}")
         self.pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.max_slots,
-                                graphs.seq_buckets, graphs.np_dtype)
+                                graphs.seq_buckets, graphs.np_dtype,
+                                rows=smallest_fitting(graphs.batch_buckets, self.max_slots))
         self.running: list[Sequence] = []  # index = slot
 
     @property
@@ -48,13 +49,16 @@ class Engine:
         for row, prompt in enumerate(prompts):
             tokens[row, :len(prompt)] = prompt
         logits, keys, values = self.graphs.prefill(tokens, lengths)
-        sequences = []
-        for row, length in enumerate(lengths):
-            slot = self.pool.add([k[row] for k in keys], [v[row] for v in values], int(length))
-            sequence = Sequence(slot=slot, prompt_len=int(length))
-            self.running.append(sequence)
-            sequences.append(sequence)
+        sequences = [self.admit([k[row] for k in keys], [v[row] for v in values], int(length))
+                     for row, length in enumerate(lengths)]
         return sequences, logits
+
+    def admit(self, keys: list[np.ndarray], values: list[np.ndarray], length: int) -> Sequence:
+        """Give a prompt whose cache was computed elsewhere (the prefill model) a slot: per layer K^T
+        [Hkv, D, >=length] and V [Hkv, >=length, D]."""
+        sequence = Sequence(slot=self.pool.add(keys, values, length), prompt_len=length)
+        self.running.append(sequence)
+        return sequence
 
     def decode(self, next_tokens: dict[Sequence, int] | list[int]) -> np.ndarray:
         """One decode step for every running sequence. `next_tokens` gives each sequence's newest token (by

@@ -23,10 +23,13 @@ class PoolFull(RuntimeError):
 
 class KVCachePool:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_slots: int, seq_buckets: list[int],
-                 dtype=np.float32):
+                 dtype=np.float32, rows: int | None = None):
+        """`rows` (>= max_slots) is the first dimension of the arrays: the largest batch bucket a step may run,
+        whose padding rows must exist even when fewer slots may be used."""
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.max_slots, self.seq_buckets, self.dtype = max_slots, list(seq_buckets), np.dtype(dtype)
-        self.lengths = np.zeros(max_slots, np.int32)  # tokens stored per slot
+        self.rows = max(rows or max_slots, max_slots)
+        self.lengths = np.zeros(self.rows, np.int32)  # tokens stored per slot
         self.n_active = 0
         self.capacity = 0
         self.keys: list[np.ndarray] = []
@@ -44,9 +47,9 @@ class KVCachePool:
 
     def _relayout(self, capacity: int) -> None:
         n, keep = self.n_active, min(self.capacity, capacity)
-        keys = [aligned_zeros((self.max_slots, self.n_kv_heads, self.head_dim, capacity), self.dtype)
+        keys = [aligned_zeros((self.rows, self.n_kv_heads, self.head_dim, capacity), self.dtype)
                 for _ in range(self.n_layers)]
-        values = [aligned_zeros((self.max_slots, self.n_kv_heads, capacity, self.head_dim), self.dtype)
+        values = [aligned_zeros((self.rows, self.n_kv_heads, capacity, self.head_dim), self.dtype)
                   for _ in range(self.n_layers)]
         for old, new in zip(self.keys, keys):
             new[:n, :, :, :keep] = old[:n, :, :, :keep]

@@ -1,0 +1,1 @@
+"""Serving logic shared by the Triton models: scheduling, request parsing, metrics."""

@@ -1,0 +1,133 @@
+"""Continuous batching in the decode loop, without a server: joins between steps, per-request results equal
+single runs, cancellation frees the slot, a full queue refuses with "server busy"."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mstriton.engine.engine import Engine, greedy_generate
+from mstriton.engine.graphs import EngineGraphs
+from mstriton.params import GenerationParams
+from mstriton.serving.scheduler import DecodeRequest, Scheduler, ServerBusy
+
+PROMPTS = [[1, 5, 9, 22, 7], [1, 40, 3], [1] + list(range(10, 30)), [1, 17], [1, 8, 8, 8, 8, 8]]
+
+
+@pytest.fixture(scope="module")
+def graphs(hf_checkpoint_factory, tmp_path_factory):
+    from mstriton.convert import convert
+
+    repo = tmp_path_factory.mktemp("repo-sched")
+    convert(hf_checkpoint_factory("mha"), "tiny", repo, max_batch_size=4, max_seq_len=128,
+            progress=lambda _: None)
+    graphs = EngineGraphs(repo / "tiny_decode/1/engine")
+    graphs.manifest["prefill"] = str(repo / "tiny_prefill/1/engine/prefill.mindir")
+    return graphs
+
+
+def make_request(graphs, key, prompt, events, **params):
+    """What the prefill and sampler models hand the decode model: the prompt cache and the first token."""
+    logits, keys, values = graphs.prefill(np.array([prompt], np.int32), np.array([len(prompt)], np.int32))
+    params.setdefault("temperature", 0.0)
+    return DecodeRequest(key=key, prompt_ids=prompt, first_token=int(logits[0].argmax()), first_logprob=0.0,
+                         keys=[k[0] for k in keys], values=[v[0] for v in values],
+                         params=GenerationParams(**params), emit=events.setdefault(key, []).append)
+
+
+def run_until_idle(scheduler, limit=500):
+    for _ in range(limit):
+        if not scheduler.running and not scheduler.waiting:
+            return
+        scheduler.step()
+    raise AssertionError("scheduler did not finish")
+
+
+def tokens_of(events):
+    return [e.token for e in events if e.token >= 0]
+
+
+def test_requests_joining_between_steps_each_get_their_single_run_result(graphs):
+    expected = [greedy_generate(Engine(graphs, max_slots=1), [p], n)[0] for p, n in zip(PROMPTS, [12, 5, 9, 12, 3])]
+    scheduler = Scheduler(Engine(graphs, max_slots=3), max_waiting=8)
+    events = {}
+    for i in range(2):
+        scheduler.submit(make_request(graphs, f"r{i}", PROMPTS[i], events, max_tokens=[12, 5][i]))
+    scheduler.step()
+    scheduler.step()
+    for i in range(2, 5):  # arrive while the first two generate; one must wait for a free slot
+        scheduler.submit(make_request(graphs, f"r{i}", PROMPTS[i], events, max_tokens=[12, 5, 9, 12, 3][i]))
+    scheduler.step()
+    assert len(scheduler.running) == 3 and len(scheduler.waiting) == 2
+    run_until_idle(scheduler)
+    for i in range(5):
+        assert tokens_of(events[f"r{i}"]) == expected[i], i
+        assert events[f"r{i}"][-1].finish_reason == "length"
+    assert scheduler.engine.pool.n_active == 0
+
+
+def test_cancel_frees_the_slot_for_the_next_request(graphs):
+    scheduler = Scheduler(Engine(graphs, max_slots=1), max_waiting=4)
+    events = {}
+    scheduler.submit(make_request(graphs, "long", PROMPTS[0], events, max_tokens=100))
+    scheduler.submit(make_request(graphs, "next", PROMPTS[1], events, max_tokens=3))
+    scheduler.step()
+    scheduler.step()
+    assert [r.request.key for r in scheduler.running] == ["long"] and len(scheduler.waiting) == 1
+    assert scheduler.cancel("long")
+    scheduler.step()
+    assert events["long"][-1].finish_reason == "cancelled" and len(tokens_of(events["long"])) < 5
+    assert [r.request.key for r in scheduler.running] == ["next"]
+    run_until_idle(scheduler)
+    assert len(tokens_of(events["next"])) == 3
+    assert not scheduler.cancel("unknown")
+
+
+def test_full_queue_refuses_with_server_busy(graphs):
+    scheduler = Scheduler(Engine(graphs, max_slots=1), max_waiting=1)
+    events = {}
+    scheduler.submit(make_request(graphs, "a", PROMPTS[0], events, max_tokens=4))
+    with pytest.raises(ServerBusy, match="server busy"):
+        scheduler.submit(make_request(graphs, "b", PROMPTS[1], events, max_tokens=4))
+
+
+def test_end_id_and_stop_words_finish_early(graphs):
+    greedy = greedy_generate(Engine(graphs, max_slots=1), [PROMPTS[0]], 10)[0]
+    scheduler = Scheduler(Engine(graphs, max_slots=2))
+    events = {}
+    end_request = make_request(graphs, "end", PROMPTS[0], events, max_tokens=10)
+    end_request.end_ids = (greedy[3],)
+    stop_request = make_request(graphs, "stop", PROMPTS[0], events, max_tokens=10)
+    stop_request.stop_words = [greedy[4:6]]
+    scheduler.submit(end_request)
+    scheduler.submit(stop_request)
+    run_until_idle(scheduler)
+    first_end = greedy.index(greedy[3])
+    assert tokens_of(events["end"]) == greedy[:first_end + 1] and events["end"][-1].finish_reason == "end_id"
+    assert tokens_of(events["stop"]) == greedy[:6] and events["stop"][-1].finish_reason == "stop"
+
+
+def test_background_loop_and_shutdown(graphs):
+    import threading
+
+    scheduler = Scheduler(Engine(graphs, max_slots=2))
+    done = threading.Event()
+    events = []
+
+    def emit(event):
+        events.append(event)
+        if event.finish_reason:
+            done.set()
+
+    request = make_request(graphs, "bg", PROMPTS[1], {}, max_tokens=6)
+    request.emit = emit
+    scheduler.start()
+    scheduler.submit(request)
+    assert done.wait(30)
+    assert len(tokens_of(events)) == 6
+    long = make_request(graphs, "long", PROMPTS[0], {}, max_tokens=120)
+    got = []
+    long.emit = got.append
+    scheduler.submit(long)
+    scheduler.shutdown()
+    assert got[-1].finish_reason == "cancelled" and "shutting down" in got[-1].error
