@@ -16,7 +16,8 @@ from typing import Callable
 
 from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, WEIGHTS, export_engine
 from .model.weights import load_checkpoint
-from .repository import VERSION, engine_configs, model_name, owned_model_dirs, write_config
+from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
+from .tokenizer import TEMPLATES
 
 STAGING_PREFIX = ".staging-"
 
@@ -69,7 +70,7 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
-            progress: Callable[[str], None] = print) -> list[Path]:
+            template: str = "none", progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
@@ -77,6 +78,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if template not in TEMPLATES:
+        raise ValueError(f"--template must be one of {sorted(TEMPLATES)}, got {template!r}")
     checkpoint, repository = Path(checkpoint), Path(repository)
     tokenizer_file = checkpoint / "tokenizer.model"
     if not tokenizer_file.exists():
@@ -97,14 +100,25 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         models = staging / "models"
         _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
                       models / model_name(name, "decode") / VERSION / "engine")
-        tok_dir = models / model_name(name, "tokenizer") / VERSION
-        tok_dir.mkdir(parents=True)
-        shutil.copy2(tokenizer_file, tok_dir / "tokenizer.model")
-        (tok_dir / "tokenizer_config.json").write_text(
+        tokenizer_copy = models / model_name(name, "tokenizer") / VERSION / "tokenizer.model"
+        tokenizer_copy.parent.mkdir(parents=True)
+        shutil.copy2(tokenizer_file, tokenizer_copy)
+        detokenizer_dir = models / model_name(name, "detokenizer") / VERSION
+        detokenizer_dir.mkdir(parents=True)
+        _link_or_copy(tokenizer_copy, detokenizer_dir / "tokenizer.model")
+        (models / model_name(name, "tokenizer") / VERSION / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(), indent=1))
-        for component, model_config in engine_configs(name, max_batch_size=max_batch_size, device=device,
-                                                      device_id=device_id).items():
-            write_config(models / model_name(name, component), model_config)
+        engine_params = {"max_seq_len": str(max_seq_len), "vocab_size": str(config.vocab_size),
+                         "eos_id": "" if config.eos_token_id is None else str(config.eos_token_id),
+                         "template": template}
+        configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
+                                engine_params=engine_params)
+        for component, model_config in configs.items():
+            folder = models / model_name(name, component)
+            write_config(folder, model_config)
+            (folder / VERSION).mkdir(exist_ok=True)
+            if model_config.backend == "python":
+                (folder / VERSION / "model.py").write_text(model_py(component))
 
         progress("moving the new model folders into the repository")
         written = _swap_in(models, repository, name, staging / "replaced")

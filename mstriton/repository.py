@@ -3,12 +3,16 @@
 Configs are built as ``ModelConfig`` protobuf messages (Triton's own schema, shipped in tritonclient) and
 written with ``text_format``, never by string templates: a misspelt field fails here, not at server start.
 
-Layout for a model called NAME:
-    NAME_tokenizer/  config.pbtxt, 1/tokenizer.model, 1/tokenizer_config.json
-    NAME_prefill/    config.pbtxt, 1/engine/{manifest.json, weights.ckpt, prefill.mindir}
-    NAME_decode/     config.pbtxt, 1/engine/{manifest.json, weights.ckpt, decode_b*_s*.mindir}
-(weights.ckpt is one file on disk, hard-linked into both engines). The serving models (ensemble, sampler,
-detokenizer, unary entry point) are added by the serving layer to this same layout.
+Layout for a model called NAME (every Python model's 1/model.py re-exports its adapter from the package):
+    NAME/              the front model clients call (decoupled): validation, streaming, cancellation
+    NAME_unary/        one response per request, for KServe v2 /infer and /generate
+    NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode -> detokenizer
+    NAME_tokenizer/    1/tokenizer.model, 1/tokenizer_config.json
+    NAME_prefill/      1/engine/{manifest.json, weights.ckpt, prefill.mindir}
+    NAME_sampler/
+    NAME_decode/       1/engine/{manifest.json, weights.ckpt, decode_b*_s*.mindir}
+    NAME_detokenizer/  1/tokenizer.model
+(weights.ckpt and tokenizer.model are each one file on disk, hard-linked where they appear twice).
 """
 
 from __future__ import annotations
@@ -19,19 +23,18 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 VERSION = "1"
-COMPONENTS = ("tokenizer", "prefill", "decode")
+COMPONENTS = ("", "unary", "pipeline", "tokenizer", "prefill", "sampler", "decode", "detokenizer")
 
 
 def model_name(name: str, component: str) -> str:
-    return f"{name}_{component}"
+    return f"{name}_{component}" if component else name
 
 
 def owned_model_dirs(repository: Path, name: str) -> list[Path]:
     """The folders of `repository` that belong to the LLM `name` (what a re-conversion replaces)."""
     if not repository.exists():
         return []
-    candidates = {name, f"{name}_unary"} | {model_name(name, c) for c in
-                                            COMPONENTS + ("sampler", "detokenizer")}
+    candidates = {model_name(name, c) for c in COMPONENTS}
     return sorted(p for p in repository.iterdir() if p.is_dir() and p.name in candidates)
 
 
@@ -60,26 +63,134 @@ def python_model(name: str, *, max_batch_size: int, parameters: dict[str, str], 
     return config
 
 
-def engine_configs(name: str, *, max_batch_size: int, device: str, device_id: int) -> dict[str, pb.ModelConfig]:
-    """Configs of the tokenizer, prefill and decode models."""
-    common = {"device": device, "device_id": str(device_id)}
+# The client-facing inputs (tensorrtllm_backend's names, their older spellings, MindSpore Serving's and TGI's),
+# all optional but text_input. Defaults are GenerationParams' (mstriton/params.py).
+CLIENT_INPUTS = [
+    ("text_input", pb.TYPE_STRING, [1]), ("max_tokens", pb.TYPE_INT32, [1]), ("max_new_tokens", pb.TYPE_INT32, [1]),
+    ("min_tokens", pb.TYPE_INT32, [1]), ("min_length", pb.TYPE_INT32, [1]), ("stream", pb.TYPE_BOOL, [1]),
+    ("exclude_input_in_output", pb.TYPE_BOOL, [1]), ("return_full_text", pb.TYPE_BOOL, [1]),
+    ("end_id", pb.TYPE_INT32, [1]), ("pad_id", pb.TYPE_INT32, [1]), ("stop_words", pb.TYPE_STRING, [-1]),
+    ("bad_words", pb.TYPE_STRING, [-1]), ("top_k", pb.TYPE_INT32, [1]), ("top_p", pb.TYPE_FP32, [1]),
+    ("temperature", pb.TYPE_FP32, [1]), ("repetition_penalty", pb.TYPE_FP32, [1]),
+    ("presence_penalty", pb.TYPE_FP32, [1]), ("frequency_penalty", pb.TYPE_FP32, [1]),
+    ("seed", pb.TYPE_UINT64, [1]), ("random_seed", pb.TYPE_UINT64, [1]), ("do_sample", pb.TYPE_BOOL, [1]),
+    ("return_log_probs", pb.TYPE_BOOL, [1]), ("stop", pb.TYPE_BOOL, [1]),
+]
+CLIENT_OUTPUTS = [
+    ("text_output", pb.TYPE_STRING, [-1]), ("output_log_probs", pb.TYPE_FP32, [-1]),
+    ("cum_log_probs", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
+    ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
+]
+# Tensors between the pipeline's steps.
+KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
+STEP_OUTPUTS = [
+    ("output_ids", pb.TYPE_INT32, [-1]), ("token", pb.TYPE_INT32, [1]), ("logprob", pb.TYPE_FP32, [1]),
+    ("cum_logprob", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
+    ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
+    ("is_final", pb.TYPE_BOOL, [1]),
+]
+PIPELINE_OUTPUTS = [("text_output", pb.TYPE_STRING, [1])] + [o for o in STEP_OUTPUTS if o[0] != "output_ids"]
+
+
+def add_tensors(message, specs, optional: bool = False) -> None:
+    for name, dtype, dims in specs:
+        tensor(message, name, dtype, dims, optional=optional)
+
+
+def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict) -> dict:
+    """Every model of the LLM `name`: component -> ModelConfig ("" is the front model NAME itself).
+    `engine_params` (max_seq_len, vocab_size, eos_id, template) go to the tokenizer."""
+    dev = {"device": device, "device_id": str(device_id)}
+    configs = {}
+
+    front = python_model(name, max_batch_size=max_batch_size, decoupled=True, parameters={"llm_name": name})
+    add_tensors(front.input, CLIENT_INPUTS, optional=True)
+    front.input[0].optional = False  # text_input
+    add_tensors(front.output, CLIENT_OUTPUTS)
+    configs[""] = front
+
+    unary = python_model(model_name(name, "unary"), max_batch_size=max_batch_size, dynamic_batching=True,
+                         parameters={"llm_name": name})
+    add_tensors(unary.input, [i for i in CLIENT_INPUTS if i[0] != "stop"], optional=True)
+    unary.input[0].optional = False
+    add_tensors(unary.output, CLIENT_OUTPUTS)
+    configs["unary"] = unary
+
+    request_in = [("text_input", pb.TYPE_STRING, [1]), ("params_json", pb.TYPE_STRING, [1]),
+                  ("request_key", pb.TYPE_STRING, [1])]
     tokenizer = python_model(model_name(name, "tokenizer"), max_batch_size=max_batch_size, dynamic_batching=True,
-                             parameters={"tokenizer": "tokenizer.model"})
-    tensor(tokenizer.input, "text_input", pb.TYPE_STRING, [1])
-    tensor(tokenizer.output, "input_ids", pb.TYPE_INT32, [-1])
-    tensor(tokenizer.output, "input_lengths", pb.TYPE_INT32, [1])
+                             parameters={"tokenizer": "tokenizer.model", **engine_params})
+    add_tensors(tokenizer.input, request_in[:2])
+    add_tensors(tokenizer.output, [("input_ids", pb.TYPE_INT32, [-1]), ("params_json", pb.TYPE_STRING, [1]),
+                                   ("word_ids", pb.TYPE_STRING, [1])])
+    configs["tokenizer"] = tokenizer
 
     prefill = python_model(model_name(name, "prefill"), max_batch_size=max_batch_size, dynamic_batching=True,
-                           device=device, parameters={"engine": "engine", **common})
-    tensor(prefill.input, "input_ids", pb.TYPE_INT32, [-1])
-    tensor(prefill.input, "input_lengths", pb.TYPE_INT32, [1])
-    tensor(prefill.output, "logits", pb.TYPE_FP32, [-1])
+                           device=device, parameters={"engine": "engine", **dev})
+    add_tensors(prefill.input, [("input_ids", pb.TYPE_INT32, [-1])])
+    add_tensors(prefill.output, [("logits", pb.TYPE_FP32, [-1])] + KV)
+    configs["prefill"] = prefill
 
-    decode = python_model(model_name(name, "decode"), max_batch_size=0, decoupled=True, device=device,
-                          parameters={"engine": "engine", **common})
-    tensor(decode.input, "input_ids", pb.TYPE_INT32, [-1])
-    tensor(decode.output, "output_ids", pb.TYPE_INT32, [-1])
-    return {"tokenizer": tokenizer, "prefill": prefill, "decode": decode}
+    sampler = python_model(model_name(name, "sampler"), max_batch_size=max_batch_size, dynamic_batching=True,
+                           parameters={})
+    add_tensors(sampler.input, [("logits", pb.TYPE_FP32, [-1]), ("input_ids", pb.TYPE_INT32, [-1]),
+                                ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1])])
+    add_tensors(sampler.output, [("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1])])
+    configs["sampler"] = sampler
+
+    decode = python_model(model_name(name, "decode"), max_batch_size=max_batch_size, decoupled=True,
+                          device=device, parameters={"engine": "engine", "max_waiting": "64", **dev})
+    add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1])] + KV + [
+        ("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1]),
+        ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
+        ("request_key", pb.TYPE_STRING, [1])], optional=True)
+    add_tensors(decode.input, [("stop_key", pb.TYPE_STRING, [1])], optional=True)
+    add_tensors(decode.output, STEP_OUTPUTS)
+    configs["decode"] = decode
+
+    detokenizer = python_model(model_name(name, "detokenizer"), max_batch_size=max_batch_size,
+                               dynamic_batching=True, parameters={"tokenizer": "tokenizer.model"})
+    add_tensors(detokenizer.input, STEP_OUTPUTS)
+    add_tensors(detokenizer.output, PIPELINE_OUTPUTS)
+    configs["detokenizer"] = detokenizer
+
+    configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in)
+    return configs
+
+
+def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelConfig:
+    """tokenizer -> prefill -> sampler -> decode (decoupled) -> detokenizer, as a Triton ensemble."""
+    config = pb.ModelConfig(name=model_name(name, "pipeline"), platform="ensemble", max_batch_size=max_batch_size)
+    add_tensors(config.input, request_in)
+    add_tensors(config.output, PIPELINE_OUTPUTS)
+
+    def step(component: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
+        s = config.ensemble_scheduling.step.add()
+        s.model_name, s.model_version = model_name(name, component), -1
+        for model_input, tensor_name in inputs.items():
+            s.input_map[model_input] = tensor_name
+        for model_output, tensor_name in outputs.items():
+            s.output_map[model_output] = tensor_name
+
+    step("tokenizer", {"text_input": "text_input", "params_json": "params_json"},
+         {"input_ids": "_ids", "params_json": "_params", "word_ids": "_words"})
+    step("prefill", {"input_ids": "_ids"}, {"logits": "_logits", "kv_keys": "_kv_keys", "kv_values": "_kv_values"})
+    step("sampler", {"logits": "_logits", "input_ids": "_ids", "params_json": "_params", "word_ids": "_words"},
+         {"first_token": "_first_token", "first_logprob": "_first_logprob"})
+    step("decode", {"input_ids": "_ids", "kv_keys": "_kv_keys", "kv_values": "_kv_values",
+                    "first_token": "_first_token", "first_logprob": "_first_logprob", "params_json": "_params",
+                    "word_ids": "_words", "request_key": "request_key"},
+         {o[0]: f"_{o[0]}" for o in STEP_OUTPUTS})
+    step("detokenizer", {o[0]: f"_{o[0]}" for o in STEP_OUTPUTS},
+         {o[0]: o[0] for o in PIPELINE_OUTPUTS})
+    return config
+
+
+def model_py(component: str) -> str:
+    """The model.py of a Python model: a re-export of the adapter class in the package."""
+    module = component or "front"
+    return (f'"""Triton Python-backend entry point; the adapter lives in the mstriton package."""\n\n'
+            f"from mstriton.triton_models.{module} import TritonPythonModel  # noqa: F401\n")
 
 
 def write_config(model_dir: Path, config: pb.ModelConfig) -> None:

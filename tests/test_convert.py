@@ -28,11 +28,17 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
                      "--max-batch-size", "2", "--max-seq-len", "128")
     assert result.returncode == 0, result.stderr
     assert "exported decode graph 4/4" in result.stdout and "converted tiny" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_decode", "tiny_prefill", "tiny_tokenizer"]
-    for component in ("tokenizer", "prefill", "decode"):
-        config = read_config(tmp_path / f"tiny_{component}")
-        assert config.name == f"tiny_{component}" and config.backend == "python"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny", "tiny_decode", "tiny_detokenizer", "tiny_pipeline", "tiny_prefill", "tiny_sampler",
+        "tiny_tokenizer", "tiny_unary"]
+    for folder in tmp_path.iterdir():
+        config = read_config(folder)
+        assert config.name == folder.name
+        if config.platform != "ensemble":
+            assert config.backend == "python" and (folder / "1" / "model.py").exists()
+    assert read_config(tmp_path / "tiny_pipeline").platform == "ensemble"
     assert read_config(tmp_path / "tiny_decode").model_transaction_policy.decoupled
+    assert read_config(tmp_path / "tiny").model_transaction_policy.decoupled
     prefill_engine, decode_engine = tmp_path / "tiny_prefill/1/engine", tmp_path / "tiny_decode/1/engine"
     assert sorted(p.name for p in decode_engine.glob("decode_*.mindir")) == [
         "decode_b1_s128.mindir", "decode_b1_s64.mindir", "decode_b2_s128.mindir", "decode_b2_s64.mindir"]

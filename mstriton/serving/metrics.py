@@ -1,0 +1,90 @@
+"""Prometheus metrics of our models, exported on Triton's metrics port through the Python backend's
+MetricFamily API (the module is passed in: it exists only inside the backend's stub)."""
+
+from __future__ import annotations
+
+# Seconds; wide enough for a CPU (tens of ms per token) and for an NPU (a few ms).
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+class DecodeMetrics:
+    """What MindSpore Serving's get_bs / get_request_numbers answered: running and waiting requests and
+    KV-cache use, as gauges, plus the decode step's batch size and duration."""
+
+    def __init__(self, pb_utils, model: str):
+        labels = {"model": model}
+        gauge = pb_utils.MetricFamily.GAUGE
+
+        def family(name, description, kind=gauge):
+            return pb_utils.MetricFamily(name=name, description=description, kind=kind)
+
+        self.running = family("mstriton_requests_running", "Requests generating in the decode batch").Metric(labels)
+        self.waiting = family("mstriton_requests_waiting", "Requests queued for a free KV-cache slot").Metric(labels)
+        self.slots_used = family("mstriton_kv_cache_slots_used", "KV-cache slots in use").Metric(labels)
+        self.slots_total = family("mstriton_kv_cache_slots_total", "KV-cache slots in the pool").Metric(labels)
+        self.tokens_used = family("mstriton_kv_cache_tokens_used", "Tokens held in the KV cache").Metric(labels)
+        self.usage = family("mstriton_kv_cache_usage_ratio", "Tokens held / token capacity of the KV cache") \
+            .Metric(labels)
+        self.batch = family("mstriton_decode_batch_size", "Sequences in the last decode step").Metric(labels)
+        self.step_time = family("mstriton_decode_step_seconds", "Duration of decode steps",
+                                pb_utils.MetricFamily.HISTOGRAM).Metric(labels, buckets=LATENCY_BUCKETS)
+
+    def on_queue(self, scheduler) -> None:
+        stats = scheduler.stats()
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.slots_used.set(stats["kv_slots_used"])
+        self.slots_total.set(stats["kv_slots_total"])
+        self.tokens_used.set(stats["kv_tokens_used"])
+        self.usage.set(stats["kv_tokens_used"] / max(stats["kv_tokens_capacity"], 1))
+
+    def on_step(self, scheduler, batch: int, seconds: float) -> None:
+        self.batch.set(batch)
+        self.step_time.observe(seconds)
+        self.on_queue(scheduler)
+
+
+class RequestMetrics:
+    """Per-request latencies and token counts, seen where the client's stream is: the front model."""
+
+    def __init__(self, pb_utils, model: str):
+        labels = {"model": model}
+
+        def histogram(name, description):
+            return pb_utils.MetricFamily(name=name, description=description,
+                                         kind=pb_utils.MetricFamily.HISTOGRAM).Metric(labels,
+                                                                                      buckets=LATENCY_BUCKETS)
+
+        def counter(name, description):
+            return pb_utils.MetricFamily(name=name, description=description,
+                                         kind=pb_utils.MetricFamily.COUNTER).Metric(labels)
+
+        self.ttft = histogram("mstriton_time_to_first_token_seconds", "Request arrival to first token")
+        self.tpot = histogram("mstriton_time_per_output_token_seconds", "Time between tokens after the first")
+        self.e2e = histogram("mstriton_request_latency_seconds", "Request arrival to its last response")
+        self.prompt_tokens = counter("mstriton_prompt_tokens_total", "Prompt tokens processed")
+        self.generated_tokens = counter("mstriton_generation_tokens_total", "Tokens generated")
+        self.requests = {reason: counter_with(pb_utils, model, reason)
+                         for reason in ("length", "stop", "end_id", "cancelled", "error")}
+
+    def finished(self, arrival: float, first: float | None, last: float, prompt: int, generated: int,
+                 reason: str) -> None:
+        if first is not None:
+            self.ttft.observe(first - arrival)
+            if generated > 1:
+                self.tpot.observe((last - first) / (generated - 1))
+        self.e2e.observe(last - arrival)
+        self.prompt_tokens.increment(prompt)
+        self.generated_tokens.increment(generated)
+        self.requests.get(reason, self.requests["error"]).increment(1)
+
+
+_FINISHED_FAMILY = {}
+
+
+def counter_with(pb_utils, model: str, reason: str):
+    if "family" not in _FINISHED_FAMILY:
+        _FINISHED_FAMILY["family"] = pb_utils.MetricFamily(
+            name="mstriton_requests_finished_total", description="Finished requests by finish reason",
+            kind=pb_utils.MetricFamily.COUNTER)
+    return _FINISHED_FAMILY["family"].Metric({"model": model, "finish_reason": reason})

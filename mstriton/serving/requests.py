@@ -1,0 +1,108 @@
+"""Client request -> validated GenerationParams, independent of Triton.
+
+Inputs are read by name through a `get(name)` callable returning a numpy array or None, so this module is
+tested without a server. The names are tensorrtllm_backend's; aliases cover its older names and what MindSpore
+Serving and TGI users send. Request parameters (HTTP generate's "parameters" object, KServe request
+parameters) are read as well; an input tensor wins over a parameter of the same name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from ..params import GenerationParams, ParameterError
+
+# name -> (GenerationParams field, kind)
+INPUTS = {
+    "max_tokens": ("max_tokens", int), "max_new_tokens": ("max_tokens", int),
+    "min_tokens": ("min_tokens", int), "min_length": ("min_tokens", int),
+    "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
+    "repetition_penalty": ("repetition_penalty", float), "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int), "random_seed": ("seed", int),
+    "end_id": ("end_id", int), "pad_id": ("pad_id", int), "do_sample": ("do_sample", bool),
+    "return_log_probs": ("return_log_probs", bool), "exclude_input_in_output": ("exclude_input_in_output", bool),
+    "stream": ("stream", bool), "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
+}
+# Inputs whose meaning is the negation of a field.
+NEGATED = {"return_full_text": "exclude_input_in_output"}
+TRITON_TYPES = {int: "TYPE_INT32", float: "TYPE_FP32", bool: "TYPE_BOOL", list: "TYPE_STRING"}
+SEED_INPUTS = ("seed", "random_seed")  # UINT64, as tensorrtllm_backend declares random_seed
+
+
+@dataclasses.dataclass
+class ParsedRequest:
+    text: str
+    params: GenerationParams
+    stop: bool = False
+
+
+def _scalar(name: str, array: np.ndarray):
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise ParameterError(f"'{name}' must hold one value, got shape {list(np.shape(array))}")
+    return flat[0]
+
+
+def _as_text(name: str, value) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ParameterError(f"'{name}' is not valid UTF-8 text (byte {exc.start})") from None
+    if isinstance(value, str):
+        return value
+    raise ParameterError(f"'{name}' must be a string (BYTES), got {type(value).__name__}")
+
+
+def _convert(name: str, kind, value):
+    if kind is list:
+        values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+        words = []
+        for item in np.asarray(values, dtype=object).reshape(-1):
+            words += [w for w in _as_text(name, item).split(",") if w] if isinstance(item, (bytes, str)) else []
+        return words
+    if isinstance(value, np.ndarray):
+        value = _scalar(name, value)
+    if isinstance(value, (bytes, str)):
+        raise ParameterError(f"'{name}' must be a {kind.__name__}, got text {value!r}")
+    if kind is bool:
+        if not isinstance(value, (bool, np.bool_, int, np.integer)) or value not in (0, 1):
+            raise ParameterError(f"'{name}' must be a boolean, got {value!r}")
+        return bool(value)
+    if kind is int:
+        if isinstance(value, (bool, np.bool_)) or not float(value).is_integer():
+            raise ParameterError(f"'{name}' must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | None = None) -> ParsedRequest:
+    """Read and validate types; ranges are checked by GenerationParams.validate once the prompt is tokenized."""
+    parameters = dict(parameters or {})
+    stop_input = get("stop")
+    stop = bool(_convert("stop", bool, stop_input)) if stop_input is not None else bool(parameters.get("stop"))
+    text_array = get("text_input")
+    if text_array is None:
+        text = parameters.get("text_input") or parameters.get("inputs")
+        if text is None and not stop:
+            raise ParameterError("'text_input' is required (a BYTES tensor holding the prompt)")
+        text = _as_text("text_input", text or "")
+    else:
+        text = _as_text("text_input", _scalar("text_input", text_array))
+    if not text.strip() and not stop:
+        raise ParameterError("'text_input' must not be empty")
+    fields = {}
+    for name, (field, kind) in INPUTS.items():
+        array = get(name)
+        value = array if array is not None else parameters.get(name)
+        if value is not None and field not in fields:
+            fields[field] = _convert(name, kind, value)
+    for name, field in NEGATED.items():
+        array = get(name)
+        value = array if array is not None else parameters.get(name)
+        if value is not None:
+            fields[field] = not _convert(name, bool, value)
+    return ParsedRequest(text=text, params=GenerationParams(**fields), stop=stop)

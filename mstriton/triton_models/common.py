@@ -1,0 +1,67 @@
+"""Helpers every model adapter shares: reading config parameters, tensors in and out, error responses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..params import ParameterError
+
+
+def model_config(args) -> dict:
+    return json.loads(args["model_config"])
+
+
+def parameter(config: dict, key: str, default: str | None = None) -> str | None:
+    return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+
+def version_dir(args) -> Path:
+    return Path(args["model_repository"]) / args["model_version"]
+
+
+def get(request, name: str):
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def text(request, name: str) -> str:
+    array = get(request, name)
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def json_input(request, name: str):
+    return json.loads(text(request, name))
+
+
+def request_parameters(request) -> dict:
+    try:
+        return json.loads(request.parameters() or "{}")
+    except (ValueError, AttributeError):
+        return {}
+
+
+def bytes_tensor(name: str, values: list[str]) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([[v.encode("utf-8") for v in values]], dtype=np.object_))
+
+
+def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
+    return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
+
+
+def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, (ParameterError, ValueError)) \
+        else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+
+
+def error_of(response) -> "pb_utils.TritonError | None":
+    return response.error() if response.has_error() else None
+
+
+def outputs_by_name(response) -> dict[str, np.ndarray]:
+    return {t.name(): t.as_numpy() for t in response.output_tensors()}

@@ -1,0 +1,149 @@
+"""NAME (decoupled): what clients call. Validates the request, runs the NAME_pipeline ensemble through BLS,
+and streams its responses to the client.
+
+Why a front model instead of exposing the ensemble: tritonserver 2.51 does not pass a client's cancellation
+into the steps of an ensemble. This model sees it (`is_cancelled()`), and tells the decode model to stop the
+sequence, which frees its KV-cache slot at the next step. It also serves tensorrtllm_backend's explicit stop:
+a request with `stop` true and the request id of a running request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..params import ParameterError
+from ..serving.metrics import RequestMetrics
+from ..serving.requests import parse_request
+from . import common
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+PIPELINE_OUTPUTS = ["text_output", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
+                    "num_output_tokens", "is_final"]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = common.model_config(args)
+        self.llm = common.parameter(config, "llm_name")
+        self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
+        self.active: dict[str, str] = {}  # client request id -> key of its running generation
+        self.lock = threading.Lock()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                parsed = parse_request(lambda name: common.get(request, name), common.request_parameters(request))
+            except ParameterError as exc:
+                sender.send(common.error_response(exc), flags=FINAL)
+                continue
+            if parsed.stop:
+                self.explicit_stop(request, sender)
+                continue
+            threading.Thread(target=self.generate, args=(request, sender, parsed), daemon=True).start()
+        return None
+
+    def explicit_stop(self, request, sender) -> None:
+        with self.lock:
+            key = self.active.get(request.request_id())
+        if key is not None:
+            self.stop_decode(key)
+        sender.send(pb_utils.InferenceResponse(output_tensors=[
+            common.bytes_tensor("finish_reason", ["cancelled" if key else ""])]), flags=FINAL)
+
+    def stop_decode(self, key: str) -> None:
+        stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["is_final"],
+                                         inputs=[common.bytes_tensor("stop_key", [key])])
+        for _ in stop.exec(decoupled=True):
+            pass
+
+    def generate(self, request, sender, parsed) -> None:
+        arrival, first, last = time.monotonic(), None, None
+        client_id = request.request_id()
+        key = f"{client_id or 'request'}-{uuid.uuid4().hex[:12]}"
+        if client_id:
+            with self.lock:
+                self.active[client_id] = key
+        params = parsed.params
+        pipeline = pb_utils.InferenceRequest(
+            model_name=f"{self.llm}_pipeline", requested_output_names=PIPELINE_OUTPUTS,
+            inputs=[common.bytes_tensor("text_input", [parsed.text]),
+                    common.bytes_tensor("params_json", [json.dumps(dataclasses.asdict(params))]),
+                    common.bytes_tensor("request_key", [key])])
+        prefix = "" if params.exclude_input_in_output else parsed.text
+        pieces, logprobs = [], []
+        prompt_tokens = generated = 0
+        reason, cancelled = "error", False
+        try:
+            for response in pipeline.exec(decoupled=True):
+                if response.has_error():
+                    error = response.error()
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
+                    return
+                out = common.outputs_by_name(response)
+                if not out:
+                    continue
+                if not cancelled and sender.is_cancelled():
+                    cancelled = True
+                    self.stop_decode(key)
+                if cancelled:
+                    reason = "cancelled"
+                    if bool(out["is_final"].reshape(-1)[0]):
+                        break
+                    continue
+                now = time.monotonic()
+                first = first or now
+                last = now
+                piece = out["text_output"].reshape(-1)[0].decode("utf-8")
+                token_logprob = float(out["logprob"].reshape(-1)[0])
+                finish = out["finish_reason"].reshape(-1)[0].decode("utf-8")
+                prompt_tokens = int(out["num_input_tokens"].reshape(-1)[0])
+                generated = int(out["num_output_tokens"].reshape(-1)[0])
+                cum = float(out["cum_logprob"].reshape(-1)[0])
+                final = bool(out["is_final"].reshape(-1)[0])
+                if prefix:
+                    piece, prefix = prefix + piece, ""
+                if params.stream:
+                    sender.send(client_response([piece], [token_logprob], cum, finish, prompt_tokens, generated),
+                                flags=FINAL if final else 0)
+                else:
+                    pieces.append(piece)
+                    logprobs.append(token_logprob)
+                    if final:
+                        sender.send(client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens,
+                                                    generated), flags=FINAL)
+                if final:
+                    reason = finish or "length"
+                    break
+            if cancelled:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+        except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
+            try:
+                sender.send(common.error_response(exc), flags=FINAL)
+            except Exception:  # noqa: BLE001 - the client is gone
+                pass
+        finally:
+            if client_id:
+                with self.lock:
+                    if self.active.get(client_id) == key:
+                        del self.active[client_id]
+            self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
+
+
+def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated) -> "pb_utils.InferenceResponse":
+    return pb_utils.InferenceResponse(output_tensors=[
+        common.bytes_tensor("text_output", pieces),
+        pb_utils.Tensor("output_log_probs", np.array([logprobs], np.float32)),
+        common.scalar_tensor("cum_log_probs", cum, np.float32),
+        common.bytes_tensor("finish_reason", [finish]),
+        common.scalar_tensor("num_input_tokens", prompt_tokens, np.int32),
+        common.scalar_tensor("num_output_tokens", generated, np.int32),
+    ])

@@ -1,0 +1,39 @@
+"""NAME_prefill: the prompts of a dynamic batch as one padded MindIR prefill; each gets its last-position
+logits and its KV cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..engine.graphs import EngineGraphs
+from . import common
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = common.model_config(args)
+        self.graphs = EngineGraphs(common.version_dir(args) / common.parameter(config, "engine", "engine"),
+                                   device=common.parameter(config, "device"),
+                                   device_id=int(common.parameter(config, "device_id", "0")))
+        # Warm-up: compile the graph now, so the first request is not the slow one.
+        self.graphs.prefill(np.array([[1, 2, 3, 4]], np.int32), np.array([4], np.int32))
+
+    def execute(self, requests):
+        prompts = [common.get(r, "input_ids").reshape(-1) for r in requests]
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = prompt
+        try:
+            logits, keys, values = self.graphs.prefill(tokens, lengths)
+        except Exception as exc:  # noqa: BLE001
+            return [common.error_response(exc) for _ in requests]
+        responses = []
+        for row, length in enumerate(lengths):
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("logits", logits[row:row + 1]),
+                pb_utils.Tensor("kv_keys", np.stack([k[row, :, :, :length] for k in keys])[None]),
+                pb_utils.Tensor("kv_values", np.stack([v[row, :, :length] for v in values])[None]),
+            ]))
+        return responses
