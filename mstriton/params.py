@@ -17,14 +17,14 @@ class ParameterError(ValueError):
 class GenerationParams:
     max_tokens: int = 16
     min_tokens: int = 0
-    temperature: float = 1.0
+    temperature: float | None = None  # None: 1.0 when sampling
     top_k: int = 0              # 0 = no top-k cut
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    do_sample: bool | None = None  # None: sample when temperature > 0 and (top_k != 1); False: greedy
+    do_sample: bool | None = None  # None: sample only when temperature, top_k > 1 or top_p < 1 asks for it
     end_id: int | None = None
     pad_id: int | None = None
     stop_words: list[str] = dataclasses.field(default_factory=list)
@@ -35,9 +35,15 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        if self.do_sample is False:
+        """Greedy unless sampling is asked for: as transformers' do_sample=False and tensorrtllm_backend's
+        top_k/top_p defaults, a request with no sampling settings gets the most likely tokens."""
+        if self.do_sample is False or self.temperature == 0.0 or self.top_k == 1:
             return True
-        return self.temperature == 0.0 or self.top_k == 1
+        return not (self.do_sample or self.temperature is not None or self.top_k > 1 or self.top_p < 1.0)
+
+    @property
+    def sampling_temperature(self) -> float:
+        return 1.0 if self.temperature is None else self.temperature
 
     def validate(self, max_new_tokens_limit: int, vocab_size: int) -> "GenerationParams":
         def check(ok: bool, field: str, allowed: str, value) -> None:
@@ -48,7 +54,7 @@ class GenerationParams:
               f"in [1, {max_new_tokens_limit}] for this prompt", self.max_tokens)
         check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"in [0, max_tokens={self.max_tokens}]",
               self.min_tokens)
-        check(self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
+        check(self.temperature is None or self.temperature >= 0.0, "temperature", ">= 0", self.temperature)
         check(self.top_k >= 0, "top_k", ">= 0 (0 disables it)", self.top_k)
         check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
         check(self.repetition_penalty > 0.0, "repetition_penalty", "> 0", self.repetition_penalty)

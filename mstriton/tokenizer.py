@@ -48,7 +48,9 @@ class Tokenizer:
         return [self.bos_id] + ids if add_bos and self.bos_id >= 0 else ids
 
     def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
+        # Models often pad their vocabulary past the tokenizer's (e.g. to a multiple of 64): such ids have no
+        # text, and must not fail the stream.
+        return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
     def encode_words(self, words: list[str]) -> list[list[int]]:
         """Stop/bad words to token sequences, tokenized as they appear after other text (no BOS)."""

@@ -49,6 +49,30 @@ def copy_test_tokenizer(folder: Path) -> None:
     (folder / "tokenizer.model").write_bytes(buffer.getvalue())
 
 
+STREAM_TEXT = [
+    "Streaming keeps every space, and every word arrives whole.",
+    "MindSpore 图模式 在 Triton 上 流式 输出 中文 文本。",
+    "Emoji too: 🚀 launches, 🎉 celebrates, 👍🏽 agrees.",
+    "  leading spaces, double  spaces and a tab\there.",
+    "Numbers 3.14159 and symbols #@!& stay put.",
+]
+
+
+def train_byte_fallback_tokenizer(path: Path) -> Path:
+    """A sentencepiece model trained on the ASCII lines only, so Chinese and emoji go through byte fallback
+    (the hard case for streaming detokenization)."""
+    import io
+    import sentencepiece as spm
+
+    buffer = io.BytesIO()
+    ascii_lines = [t for t in STREAM_TEXT if t.isascii()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(ascii_lines * 3), model_writer=buffer, vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint_factory(tmp_path_factory):
     """Build (once per config) a random HF checkpoint folder with a tokenizer."""

@@ -2,34 +2,20 @@
 
 from __future__ import annotations
 
-import io
 import random
 
 import pytest
-import sentencepiece as spm
+
+from conftest import STREAM_TEXT, train_byte_fallback_tokenizer
 
 from mstriton.tokenizer import TemplateError, Tokenizer, apply_template, stream_window
 
-TEXT = [
-    "Streaming keeps every space, and every word arrives whole.",
-    "MindSpore 图模式 在 Triton 上 流式 输出 中文 文本。",
-    "Emoji too: 🚀 launches, 🎉 celebrates, 👍🏽 agrees.",
-    "  leading spaces, double  spaces and a tab\there.",
-    "Numbers 3.14159 and symbols #@!& stay put.",
-]
+TEXT = STREAM_TEXT
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    buffer = io.BytesIO()
-    # Trained on the ASCII lines only: Chinese and emoji then go through byte fallback, the hard case.
-    ascii_lines = [t for t in TEXT if t.isascii()]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(ascii_lines * 3), model_writer=buffer, vocab_size=400,
-                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    path.write_bytes(buffer.getvalue())
-    return Tokenizer(path)
+    return Tokenizer(train_byte_fallback_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
 
 
 def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:

@@ -67,7 +67,7 @@ def _apply_bans(row: np.ndarray, state: SamplingState) -> None:
 
 def _sample_row(row: np.ndarray, state: SamplingState) -> int:
     p = state.params
-    scaled = row / p.temperature
+    scaled = row / p.sampling_temperature
     if p.top_k and p.top_k < scaled.size:
         candidates = np.argpartition(-scaled, p.top_k - 1)[:p.top_k]
     else:

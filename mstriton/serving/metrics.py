@@ -14,9 +14,11 @@ class DecodeMetrics:
     def __init__(self, pb_utils, model: str):
         labels = {"model": model}
         gauge = pb_utils.MetricFamily.GAUGE
+        self.families = []  # a MetricFamily must outlive its metrics
 
         def family(name, description, kind=gauge):
-            return pb_utils.MetricFamily(name=name, description=description, kind=kind)
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1]
 
         self.running = family("mstriton_requests_running", "Requests generating in the decode batch").Metric(labels)
         self.waiting = family("mstriton_requests_waiting", "Requests queued for a free KV-cache slot").Metric(labels)
@@ -49,22 +51,26 @@ class RequestMetrics:
 
     def __init__(self, pb_utils, model: str):
         labels = {"model": model}
+        self.families = []  # a MetricFamily must outlive its metrics
+
+        def family(name, description, kind):
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1]
 
         def histogram(name, description):
-            return pb_utils.MetricFamily(name=name, description=description,
-                                         kind=pb_utils.MetricFamily.HISTOGRAM).Metric(labels,
-                                                                                      buckets=LATENCY_BUCKETS)
+            return family(name, description, pb_utils.MetricFamily.HISTOGRAM).Metric(labels, buckets=LATENCY_BUCKETS)
 
         def counter(name, description):
-            return pb_utils.MetricFamily(name=name, description=description,
-                                         kind=pb_utils.MetricFamily.COUNTER).Metric(labels)
+            return family(name, description, pb_utils.MetricFamily.COUNTER).Metric(labels)
 
         self.ttft = histogram("mstriton_time_to_first_token_seconds", "Request arrival to first token")
         self.tpot = histogram("mstriton_time_per_output_token_seconds", "Time between tokens after the first")
         self.e2e = histogram("mstriton_request_latency_seconds", "Request arrival to its last response")
         self.prompt_tokens = counter("mstriton_prompt_tokens_total", "Prompt tokens processed")
         self.generated_tokens = counter("mstriton_generation_tokens_total", "Tokens generated")
-        self.requests = {reason: counter_with(pb_utils, model, reason)
+        finished = family("mstriton_requests_finished_total", "Finished requests by finish reason",
+                          pb_utils.MetricFamily.COUNTER)
+        self.requests = {reason: finished.Metric({"model": model, "finish_reason": reason})
                          for reason in ("length", "stop", "end_id", "cancelled", "error")}
 
     def finished(self, arrival: float, first: float | None, last: float, prompt: int, generated: int,
@@ -77,14 +83,3 @@ class RequestMetrics:
         self.prompt_tokens.increment(prompt)
         self.generated_tokens.increment(generated)
         self.requests.get(reason, self.requests["error"]).increment(1)
-
-
-_FINISHED_FAMILY = {}
-
-
-def counter_with(pb_utils, model: str, reason: str):
-    if "family" not in _FINISHED_FAMILY:
-        _FINISHED_FAMILY["family"] = pb_utils.MetricFamily(
-            name="mstriton_requests_finished_total", description="Finished requests by finish reason",
-            kind=pb_utils.MetricFamily.COUNTER)
-    return _FINISHED_FAMILY["family"].Metric({"model": model, "finish_reason": reason})

@@ -1,0 +1,82 @@
+"""Start the real tritonserver (the `.venv/bin/tritonserver` that `make install` writes) on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TritonServer:
+    def __init__(self, repository: Path, log: Path):
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        binary = Path(sys.prefix) / "bin" / "tritonserver"
+        if not binary.exists():
+            raise RuntimeError(f"{binary} is missing: run `make install`")
+        self.log = log
+        self.process = subprocess.Popen(
+            [str(binary), "--model-repository", str(repository), "--http-port", str(self.http_port),
+             "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+             "--exit-timeout-secs", "20"],
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def http(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"tritonserver not ready after {timeout}s:\n{self.tail()}")
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total

@@ -1,0 +1,323 @@
+"""The real tritonserver with converted test models, driven through tritonclient (gRPC streaming, KServe v2
+HTTP) and plain HTTP (generate, generate_stream SSE). Results are checked against transformers' greedy text."""
+
+from __future__ import annotations
+
+import json
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import save_random_hf_llama, train_byte_fallback_tokenizer
+from server_fixture import TritonServer, metric_value
+
+PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图模式 🚀", "Numbers 3.14159 and",
+           "a", "  leading spaces, double  spaces and a tab\there and a longer prompt to vary the length"]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from mstriton.convert import convert
+
+    root = tmp_path_factory.mktemp("server")
+    tokenizer_file = train_byte_fallback_tokenizer(root / "tokenizer.model")
+    import sentencepiece as spm
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
+    checkpoint = save_random_hf_llama(root / "ckpt", vocab_size=vocab, num_key_value_heads=2,
+                                      max_position_embeddings=256)
+    shutil.copy(tokenizer_file, checkpoint / "tokenizer.model")
+    repository = root / "repo"
+    convert(checkpoint, "tiny", repository, max_batch_size=16, max_seq_len=128, progress=lambda _: None)
+    convert(checkpoint, "tiny1", repository, max_batch_size=1, max_seq_len=128, progress=lambda _: None)
+    triton = TritonServer(repository, root / "server.log")
+    try:
+        triton.wait_ready()
+        triton.checkpoint = checkpoint
+        yield triton
+    finally:
+        code = triton.stop()
+        print(triton.tail(30))
+        assert code == 0, f"tritonserver exited with {code} on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def expected(server):
+    """transformers' greedy continuation of each prompt, as text."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from mstriton.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(server.checkpoint / "tokenizer.model")
+    model = LlamaForCausalLM.from_pretrained(server.checkpoint).eval()
+    model.generation_config.eos_token_id = None
+
+    def greedy(prompt: str, n: int) -> str:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=0)
+        return tokenizer.decode(out[0, ids.shape[1]:].tolist())
+
+    return greedy
+
+
+# ---- clients ------------------------------------------------------------------------------------------
+
+def grpc_stream(server, model: str, prompt: str, max_tokens: int, cancel_after: int | None = None, **inputs):
+    """Pieces streamed by tritonclient gRPC; with cancel_after, cancel the stream after that many."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(server.grpc)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    tensors = {"text_input": np.array([[prompt.encode()]], np.object_),
+               "max_tokens": np.array([[max_tokens]], np.int32), "stream": np.array([[True]])}
+    tensors.update(inputs)
+    infer_inputs = []
+    for name, array in tensors.items():
+        dtype = {np.dtype(np.int32): "INT32", np.dtype(np.bool_): "BOOL", np.dtype(np.float32): "FP32",
+                 np.dtype(np.uint64): "UINT64"}.get(array.dtype, "BYTES")
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        infer_inputs.append(tensor)
+    client.async_stream_infer(model, infer_inputs, request_id="grpc-1", enable_empty_final_response=True)
+    pieces, reasons, error = [], [], None
+    while True:
+        result, err = results.get(timeout=120)
+        if err is not None:
+            error = err
+            break
+        response = result.get_response()
+        if result.as_numpy("text_output") is not None:
+            pieces.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+            reasons.append(result.as_numpy("finish_reason").reshape(-1)[0].decode())
+        if cancel_after is not None and len(pieces) >= cancel_after:
+            client.stop_stream(cancel_requests=True)
+            return pieces, reasons, "cancelled"
+        if response.parameters.get("triton_final_response") and response.parameters[
+                "triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    return pieces, reasons, error
+
+
+def http_post(server, path: str, body: dict, timeout: float = 120):
+    request = urllib.request.Request(f"http://{server.http}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sse_pieces(server, body: dict) -> list[dict]:
+    status, text = http_post(server, "/v2/models/tiny/generate_stream", body)
+    assert status == 200, text
+    return [json.loads(line[len("data: "):]) for line in text.splitlines() if line.startswith("data: ")]
+
+
+def kserve_infer(server, prompt: str, max_tokens: int) -> str:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http)
+    text = httpclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode()]], np.object_))
+    limit = httpclient.InferInput("max_tokens", [1, 1], "INT32")
+    limit.set_data_from_numpy(np.array([[max_tokens]], np.int32))
+    result = client.infer("tiny_unary", [text, limit])
+    return result.as_numpy("text_output").reshape(-1)[0].decode()
+
+
+# ---- tests ---------------------------------------------------------------------------------------------
+
+def test_all_models_load(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http)
+    for suffix in ("", "_unary", "_pipeline", "_tokenizer", "_prefill", "_sampler", "_decode", "_detokenizer"):
+        assert client.is_model_ready(f"tiny{suffix}")
+
+
+def test_grpc_stream_sse_and_kserve_infer_return_the_transformers_greedy_text(server, expected):
+    for prompt in PROMPTS[:3]:
+        want = expected(prompt, 12)
+        pieces, reasons, error = grpc_stream(server, "tiny", prompt, 12)
+        assert error is None and len(pieces) == 12
+        assert "".join(pieces) == want
+        assert reasons[-1] == "length" and all(r == "" for r in reasons[:-1])
+        events = sse_pieces(server, {"text_input": prompt, "max_tokens": 12, "stream": True})
+        assert len(events) == 12 and "".join(e["text_output"] for e in events) == want
+        assert kserve_infer(server, prompt, 12) == want
+        status, body = http_post(server, "/v2/models/tiny_unary/generate", {"text_input": prompt, "max_tokens": 12})
+        assert status == 200 and json.loads(body)["text_output"] == want
+
+
+def test_streamed_pieces_never_hold_broken_utf8(server):
+    events = sse_pieces(server, {"text_input": PROMPTS[2], "max_tokens": 40, "stream": True})
+    pieces = [e["text_output"] for e in events]
+    status, body = http_post(server, "/v2/models/tiny_unary/generate", {"text_input": PROMPTS[2], "max_tokens": 40})
+    whole = json.loads(body)["text_output"]
+    assert "".join(pieces) == whole
+    # A character split between pieces would show as U+FFFD in a piece; random weights may also emit byte
+    # tokens that never form a character, which the whole text shows as U+FFFD too. Only those may appear.
+    assert sum(p.count("\ufffd") for p in pieces) == whole.count("\ufffd")
+
+
+def test_sampling_parameters_per_request_and_mindspore_serving_spelling(server):
+    body = {"text_input": PROMPTS[0], "max_tokens": 10, "temperature": 0.9, "top_k": 20, "top_p": 0.95,
+            "seed": 1234, "repetition_penalty": 1.1, "return_log_probs": True}
+    first = json.loads(http_post(server, "/v2/models/tiny_unary/generate", body)[1])
+    again = json.loads(http_post(server, "/v2/models/tiny_unary/generate", body)[1])
+    other = json.loads(http_post(server, "/v2/models/tiny_unary/generate", {**body, "seed": 99})[1])
+    assert first["text_output"] == again["text_output"] and first["text_output"] != other["text_output"]
+    assert len(first["output_log_probs"]) == 10 and all(lp <= 0 for lp in first["output_log_probs"])
+    assert abs(sum(first["output_log_probs"]) - first["cum_log_probs"]) < 1e-3
+    streamed = sse_pieces(server, {**body, "stream": True})
+    assert "".join(e["text_output"] for e in streamed) == first["text_output"]
+    # MindSpore Serving / TGI spelling: parameters.max_new_tokens, do_sample=false
+    status, text = http_post(server, "/v2/models/tiny_unary/generate",
+                             {"text_input": PROMPTS[0], "parameters": {"max_new_tokens": 5, "do_sample": False,
+                                                                       "return_full_text": True}})
+    result = json.loads(text)
+    assert status == 200 and result["num_output_tokens"] == 5 and result["text_output"].startswith(PROMPTS[0])
+
+
+def test_sixteen_concurrent_streams_each_equal_their_single_result(server):
+    cases = [(PROMPTS[i % len(PROMPTS)], 4 + (i * 5) % 23) for i in range(16)]
+    singles = [json.loads(http_post(server, "/v2/models/tiny_unary/generate",
+                                    {"text_input": p, "max_tokens": n})[1])["text_output"] for p, n in cases]
+    with ThreadPoolExecutor(16) as pool:
+        streamed = list(pool.map(lambda case: grpc_stream(server, "tiny", *case), cases))
+    for (pieces, reasons, error), single, (_, n) in zip(streamed, singles, cases):
+        assert error is None and len(pieces) == n and "".join(pieces) == single
+
+
+BAD_INPUTS = [
+    ({"text_input": ""}, "text_input"),
+    ({"text_input": "word " * 200}, "max_seq_len=128"),
+    ({"text_input": "hi", "max_tokens": 0}, "'max_tokens' must be in [1,"),
+    ({"text_input": "hi", "max_tokens": -3}, "'max_tokens' must be in [1,"),
+    ({"text_input": "hi", "max_tokens": 5000}, "'max_tokens' must be in [1,"),
+    ({"text_input": "hi", "top_p": 0.0}, "'top_p' must be in (0, 1]"),
+    ({"text_input": "hi", "top_p": 1.5}, "'top_p' must be in (0, 1]"),
+    ({"text_input": "hi", "temperature": -1.0}, "'temperature' must be >= 0"),
+    ({"text_input": "hi", "top_k": -1}, "'top_k' must be >= 0"),
+]
+
+
+def test_bad_inputs_are_refused_by_name_while_another_stream_continues(server, expected):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(
+        stream=grpc_stream(server, "tiny", PROMPTS[1], 60)))
+    runner.start()
+    for body, message in BAD_INPUTS:
+        for path in ("/v2/models/tiny_unary/generate", "/v2/models/tiny/generate_stream"):
+            status, text = http_post(server, path, body)
+            assert status == 400 or "error" in text, (body, status, text)
+            assert message in text, (body, text)
+    client = grpcclient.InferenceServerClient(server.grpc)
+    wrong = grpcclient.InferInput("text_input", [1, 1], "INT32")  # wrong dtype
+    wrong.set_data_from_numpy(np.array([[7]], np.int32))
+    with pytest.raises(InferenceServerException, match="text_input"):
+        client.infer("tiny_unary", [wrong])
+    not_utf8 = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    not_utf8.set_data_from_numpy(np.array([[b"\xff\xfe bad"]], np.object_))
+    with pytest.raises(InferenceServerException, match="'text_input' is not valid UTF-8"):
+        client.infer("tiny_unary", [not_utf8])
+    runner.join(300)
+    pieces, _, error = result["stream"]
+    assert error is None and "".join(pieces) == expected(PROMPTS[1], 60)
+
+
+def test_cancelled_stream_frees_the_only_slot_for_the_next_request(server):
+    before = server.metrics()
+    generated_before = metric_value(before, "mstriton_generation_tokens_total", model="tiny1")
+    pieces, _, status = grpc_stream(server, "tiny1", PROMPTS[0], 100, cancel_after=3)
+    assert status == "cancelled" and len(pieces) == 3, (str(status), status.message() if hasattr(status, "message") else "")
+    pieces, reasons, error = grpc_stream(server, "tiny1", PROMPTS[1], 5)
+    assert error is None and len(pieces) == 5
+    time.sleep(1)
+    after = server.metrics()
+    assert metric_value(after, "mstriton_requests_finished_total", model="tiny1", finish_reason="cancelled") >= 1
+    # The cancelled request stopped early: far fewer than its 100 tokens were generated in all.
+    generated = metric_value(after, "mstriton_generation_tokens_total", model="tiny1") - generated_before
+    assert generated < 60, generated
+
+
+def test_explicit_stop_with_the_request_id(server):
+    import tritonclient.grpc as grpcclient
+
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+
+    def send(request_id, **arrays):
+        inputs = []
+        for name, (array, dtype) in arrays.items():
+            t = grpcclient.InferInput(name, list(array.shape), dtype)
+            t.set_data_from_numpy(array)
+            inputs.append(t)
+        client.async_stream_infer("tiny1", inputs, request_id=request_id)
+
+    send("long-one", text_input=(np.array([[b"The quick"]], np.object_), "BYTES"),
+         max_tokens=(np.array([[100]], np.int32), "INT32"), stream=(np.array([[True]]), "BOOL"))
+    first, error = results.get(timeout=60)
+    assert error is None
+    send("long-one", text_input=(np.array([[b""]], np.object_), "BYTES"), stop=(np.array([[True]]), "BOOL"))
+    streamed = 1
+    try:
+        while True:
+            result, error = results.get(timeout=60)
+            assert error is None, error
+            if result.as_numpy("text_output") is None:
+                continue  # the answer to the stop request itself
+            streamed += 1
+            reason = result.as_numpy("finish_reason").reshape(-1)[0].decode()
+            if reason:
+                break
+    finally:
+        client.stop_stream()
+    assert reason == "cancelled" and streamed < 50
+
+
+def test_metrics_move(server):
+    grpc_stream(server, "tiny", PROMPTS[0], 4)
+    time.sleep(1)
+    text = server.metrics()
+    for name in ("mstriton_time_to_first_token_seconds_count", "mstriton_time_per_output_token_seconds_count",
+                 "mstriton_request_latency_seconds_count", "mstriton_prompt_tokens_total",
+                 "mstriton_generation_tokens_total"):
+        assert metric_value(text, name, model="tiny") > 0, name
+    assert metric_value(text, "mstriton_kv_cache_slots_total", model="tiny_decode") == 16
+    assert "mstriton_requests_running" in text and "mstriton_requests_waiting" in text
+    assert "mstriton_kv_cache_usage_ratio" in text
+
+
+def test_perf_analyzer_streaming_reports(server, tmp_path):
+    binary = Path(sys.prefix) / "bin" / "perf_analyzer"
+    data = tmp_path / "input.json"
+    data.write_text(json.dumps({"data": [{"text_input": ["The quick brown fox"], "max_tokens": [8],
+                                          "stream": [True]}]}))
+    result = subprocess.run([str(binary), "-m", "tiny", "-i", "grpc", "--streaming", "-u", server.grpc,
+                             "--input-data", str(data), "--concurrency-range", "2", "--measurement-interval",
+                             "3000", "--profile-export-file", str(tmp_path / "profile.json")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Throughput" in result.stdout
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    requests = profile["experiments"][0]["requests"]
+    assert requests and all(len(r["response_timestamps"]) == 8 for r in requests)
