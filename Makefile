@@ -1,7 +1,7 @@
 # mstriton: install, serve, test and benchmark. Everything runs from the virtual environment VENV.
 #   make install        Debian packages, .venv with requirements.txt, tritonserver and perf_analyzer wrappers
 #   make test           the whole pytest suite (PYTEST_ARGS="-k tokenizer -x" to narrow it)
-#   make demo           a small random LLaMA in build/demo_model, converted into model_repository/
+#   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
 #   make run            serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001, metrics 8002)
 #   make bench-engine   benchmark the MindSpore engine alone
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -24,15 +24,16 @@ install:
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+DEMO_CONVERT_ARGS ?= --max-batch-size 16 --max-seq-len 512
+
 demo: install
-	@if [ ! -f build/demo_model/config.json ]; then \
-		echo "make demo: writing a small random LLaMA checkpoint to build/demo_model"; \
-		$(PY) tools/make_demo_model.py --out build/demo_model; \
-	else echo "make demo: build/demo_model exists"; fi
-	@if [ ! -d model_repository/demo_decode ]; then \
-		echo "make demo: converting it into model_repository/ as 'demo'"; \
-		$(PY) tools/convert.py --checkpoint build/demo_model --name demo --model-repository model_repository; \
-	else echo "make demo: model_repository/demo_decode exists"; fi
+	$(PY) tools/make_demo_model.py --out build/demo_model --if-stale
+	@if [ ! -f model_repository/demo_decode/1/engine/manifest.json ] || \
+	    [ build/demo_model/training.json -nt model_repository/demo_decode/1/engine/manifest.json ]; then \
+		echo "make demo: converting build/demo_model into model_repository/ as 'demo'"; \
+		$(PY) tools/convert.py --checkpoint build/demo_model --name demo --model-repository model_repository \
+			$(DEMO_CONVERT_ARGS); \
+	else echo "make demo: model_repository/demo is up to date"; fi
 
 run: install
 	$(MAKE) demo

@@ -81,11 +81,12 @@ class TritonPythonModel:
         pieces, logprobs = [], []
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
+        responses = pipeline.exec(decoupled=True)
         try:
-            for response in pipeline.exec(decoupled=True):
+            for response in responses:
                 if response.has_error():
-                    error = response.error()
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=response.error()), flags=FINAL)
+                    drain(responses)
                     return
                 out = common.outputs_by_name(response)
                 if not out:
@@ -95,8 +96,6 @@ class TritonPythonModel:
                     self.stop_decode(key)
                 if cancelled:
                     reason = "cancelled"
-                    if bool(out["is_final"].reshape(-1)[0]):
-                        break
                     continue
                 now = time.monotonic()
                 first = first or now
@@ -122,6 +121,7 @@ class TritonPythonModel:
                 if final:
                     reason = finish or "length"
                     break
+            drain(responses)
             if cancelled:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
@@ -136,6 +136,13 @@ class TritonPythonModel:
                     if self.active.get(client_id) == key:
                         del self.active[client_id]
             self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
+
+
+def drain(responses) -> None:
+    """Read a BLS response stream to its end: an abandoned stream crashed tritonserver 2.51's Python backend
+    (SIGSEGV in libtriton_python.so) some time later."""
+    for _ in responses:
+        pass
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated) -> "pb_utils.InferenceResponse":

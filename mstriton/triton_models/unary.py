@@ -30,12 +30,14 @@ class TritonPythonModel:
         inputs.append(pb_utils.Tensor("stream", np.array([[False]])))
         call = pb_utils.InferenceRequest(model_name=self.llm, requested_output_names=OUTPUTS, inputs=inputs,
                                          parameters=common.request_parameters(request))
-        result = None
-        for response in call.exec(decoupled=True):
+        result = error = None
+        for response in call.exec(decoupled=True):  # read to the end: see front.drain
             if response.has_error():
-                return pb_utils.InferenceResponse(output_tensors=[], error=response.error())
-            if response.output_tensors():
+                error = error or response.error()
+            elif response.output_tensors():
                 result = response
+        if error is not None:
+            return pb_utils.InferenceResponse(output_tensors=[], error=error)
         if result is None:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                 "the generation ended without output", pb_utils.TritonError.INTERNAL))
