@@ -62,7 +62,9 @@ class TritonServer:
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # SIGTERM to the server alone, as `docker stop` or Kubernetes send it; the server stops its
+            # python-backend processes itself. (Signalling the whole group would kill them mid-request.)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

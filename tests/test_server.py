@@ -47,7 +47,8 @@ def server(tmp_path_factory):
     finally:
         code = triton.stop()
         print(triton.tail(30))
-        assert code == 0, f"tritonserver exited with {code} on SIGTERM"
+        if not getattr(triton, "stopped_by_test", False):
+            assert code == 0, f"tritonserver exited with {code} on SIGTERM"
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +235,10 @@ def test_bad_inputs_are_refused_by_name_while_another_stream_continues(server, e
     wrong.set_data_from_numpy(np.array([[7]], np.int32))
     with pytest.raises(InferenceServerException, match="text_input"):
         client.infer("tiny_unary", [wrong])
+    wrong_shape = grpcclient.InferInput("text_input", [1, 2], "BYTES")
+    wrong_shape.set_data_from_numpy(np.array([[b"a", b"b"]], np.object_))
+    with pytest.raises(InferenceServerException, match="text_input"):
+        client.infer("tiny_unary", [wrong_shape])
     not_utf8 = grpcclient.InferInput("text_input", [1, 1], "BYTES")
     not_utf8.set_data_from_numpy(np.array([[b"\xff\xfe bad"]], np.object_))
     with pytest.raises(InferenceServerException, match="'text_input' is not valid UTF-8"):
@@ -321,3 +326,21 @@ def test_perf_analyzer_streaming_reports(server, tmp_path):
     profile = json.loads((tmp_path / "profile.json").read_text())
     requests = profile["experiments"][0]["requests"]
     assert requests and all(len(r["response_timestamps"]) == 8 for r in requests)
+
+
+@pytest.mark.xfail(reason="known: at SIGTERM tritonserver 2.51 keeps the ensemble's in-flight stream waiting until "
+                          "its exit timeout, then exits without unloading (issue 3 notes)", strict=False)
+def test_sigterm_lets_running_streams_end_and_the_server_exit_cleanly(server):
+    """Last in this file: it stops the server. A stream running at SIGTERM ends (finished, or with an error
+    saying the server is shutting down) and tritonserver exits with 0 within its exit timeout."""
+    server.stopped_by_test = True
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(stream=grpc_stream(server, "tiny", PROMPTS[0], 100)))
+    runner.start()
+    time.sleep(0.3)  # the stream is running (about a second for 100 tokens of this model)
+    code = server.stop(timeout=60)
+    runner.join(60)
+    assert not runner.is_alive()
+    assert code == 0, server.tail()
+    pieces, reasons, error = result["stream"]
+    assert (error is None and reasons[-1] == "length") or "shutting down" in str(error), (reasons[-1:], error)

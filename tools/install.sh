@@ -20,7 +20,7 @@ PYTHON="${PYTHON:-python3}"
 SHARE="$VENV/share/mstriton"
 PERF_ANALYZER_WHEEL_VERSION=2.43.0
 # Bump when the way the tritonserver / perf_analyzer wrappers are made changes: forces a rebuild.
-TOOLS_REVISION=2
+TOOLS_REVISION=3
 WRAPPER_MARK="# written by mstriton tools/install.sh"
 
 START_SECONDS=$SECONDS
@@ -200,6 +200,10 @@ else
   say "writing $SERVER_WRAPPER"
   # Options the wrapper adds unless the caller gives them: the backend folder, and the response caches.
   defaults="default_option --backend-directory '$BACKENDS'"
+  # The python backend's shared-memory region per model process starts at 1 MiB and grows while threads use
+  # it; under concurrent streams that growth crashed tritonserver 2.51 (SIGSEGV, boost lock_exception in
+  # libtriton_python.so). Start large enough (64 MiB, tmpfs pages used only as touched) that it never grows.
+  defaults="$defaults"$'\n'"python_shm_default"
   if [ -d "$TRITON_HOME/caches" ]; then
     defaults="$defaults"$'\n'"default_option --cache-directory '$TRITON_HOME/caches'"
   fi
@@ -221,6 +225,10 @@ default_option() {  # NAME VALUE: pass "NAME VALUE" unless the command line alre
     case "\$arg" in "\$1" | "\$1"=*) return 0 ;; esac
   done
   extra+=("\$1" "\$2")
+}
+python_shm_default() {  # unless the caller sets the python backend's shm sizes themselves
+  case " \${ARGS[*]} " in *shm-default-byte-size*) return 0 ;; esac
+  extra+=(--backend-config=python,shm-default-byte-size=67108864 --backend-config=python,shm-growth-byte-size=67108864)
 }
 $defaults
 exec '$SERVER_BIN' "\${extra[@]}" "\$@"
