@@ -263,6 +263,26 @@ def test_cancelled_stream_frees_the_only_slot_for_the_next_request(server):
     assert generated < 60, generated
 
 
+def test_sse_client_hanging_up_frees_the_only_slot(server):
+    import http.client
+
+    generated_before = metric_value(server.metrics(), "mstriton_generation_tokens_total", model="tiny1")
+    connection = http.client.HTTPConnection(server.http, timeout=60)
+    connection.request("POST", "/v2/models/tiny1/generate_stream",
+                       body=json.dumps({"text_input": PROMPTS[0], "max_tokens": 100, "stream": True}))
+    response = connection.getresponse()
+    events = 0
+    while events < 2:
+        if response.readline().startswith(b"data: "):
+            events += 1
+    connection.close()  # hang up mid-stream
+    status, body = http_post(server, "/v2/models/tiny1_unary/generate", {"text_input": PROMPTS[1], "max_tokens": 5})
+    assert status == 200 and json.loads(body)["num_output_tokens"] == 5
+    time.sleep(1)
+    generated = metric_value(server.metrics(), "mstriton_generation_tokens_total", model="tiny1") - generated_before
+    assert generated < 60, generated
+
+
 def test_explicit_stop_with_the_request_id(server):
     import tritonclient.grpc as grpcclient
 
