@@ -133,7 +133,9 @@ def main() -> int:
         finish_reason, status = "cancelled (Ctrl-C)", 130
     except (InferenceServerException, TimeoutError) as exc:
         client.stop_stream(cancel_requests=True)
-        sys.stdout.write("\n")
+        if pieces:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -57,7 +57,8 @@ def show(body: dict) -> str:
     """The request JSON with one tensor per line."""
     def items(values):
         return ",\n".join("    " + json.dumps(v, ensure_ascii=False) for v in values)
-    return '{\n  "inputs": [\n' + items(body["inputs"]) + '\n  ],\n  "outputs": [\n' + items(body["outputs"]) + "\n  ]\n}"
+    return ('{\n  "inputs": [\n' + items(body["inputs"]) + '\n  ],\n'
+            '  "outputs": [\n' + items(body["outputs"]) + "\n  ]\n}")
 
 
 def with_urllib(url: str, model: str, body: dict) -> dict:
@@ -80,7 +81,13 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens to generate (default %(default)s)")
     args = parser.parse_args()
 
-    client_result = with_tritonclient(args.url, args.model, args.prompt, args.max_tokens)
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        client_result = with_tritonclient(args.url, args.model, args.prompt, args.max_tokens)
+    except InferenceServerException as exc:  # e.g. a refused parameter: the server names it
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"tritonclient.http: {client_result['text_output']!r}")
     print(f"  finish_reason={client_result['finish_reason']} num_input_tokens={client_result['num_input_tokens']} "
           f"num_output_tokens={client_result['num_output_tokens']}")

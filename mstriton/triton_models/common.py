@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,24 @@ def error_of(response) -> "pb_utils.TritonError | None":
 
 def outputs_by_name(response) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
+
+
+# One waiting thread per open stream; idle ones cost nothing. Sized above any sensible concurrency so that a
+# stream never waits for another stream's wait to end.
+RESPONSE_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstriton-bls-wait")
+
+
+async def stream_responses(infer_request):
+    """The responses of a decoupled BLS call, as an async generator read to its end.
+
+    The request is sent from the event loop's thread; only the wait for each next response (the backend's
+    iterator is blocking) runs in a worker thread, so streams never block each other and no two threads
+    talk to the server at once.
+    """
+    iterator = await infer_request.async_exec(decoupled=True)
+    loop = asyncio.get_running_loop()
+    while True:
+        response = await loop.run_in_executor(RESPONSE_WAITERS, next, iterator, None)
+        if response is None:
+            return
+        yield response

@@ -5,13 +5,17 @@ Why a front model instead of exposing the ensemble: tritonserver 2.51 does not p
 into the steps of an ensemble. This model sees it (`is_cancelled()`), and tells the decode model to stop the
 sequence, which frees its KV-cache slot at the next step. It also serves tensorrtllm_backend's explicit stop:
 a request with `stop` true and the request id of a running request.
+
+Every stream is a coroutine on the stub's event loop, never a thread of its own: decoupled BLS calls made from
+several threads at once crashed tritonserver 2.51 (SIGSEGV, boost lock_exception in libtriton_python.so)
+within seconds at four concurrent streams, while the same load on the ensemble alone ran clean.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
-import threading
 import time
 import uuid
 
@@ -34,9 +38,9 @@ class TritonPythonModel:
         self.llm = common.parameter(config, "llm_name")
         self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
-        self.lock = threading.Lock()
+        self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
 
-    def execute(self, requests):
+    async def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -45,32 +49,32 @@ class TritonPythonModel:
                 sender.send(common.error_response(exc), flags=FINAL)
                 continue
             if parsed.stop:
-                self.explicit_stop(request, sender)
+                await self.explicit_stop(request, sender)
                 continue
-            threading.Thread(target=self.generate, args=(request, sender, parsed), daemon=True).start()
+            task = asyncio.ensure_future(self.generate(request, sender, parsed))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
         return None
 
-    def explicit_stop(self, request, sender) -> None:
-        with self.lock:
-            key = self.active.get(request.request_id())
+    async def explicit_stop(self, request, sender) -> None:
+        key = self.active.get(request.request_id())
         if key is not None:
-            self.stop_decode(key)
+            await self.stop_decode(key)
         sender.send(pb_utils.InferenceResponse(output_tensors=[
             common.bytes_tensor("finish_reason", ["cancelled" if key else ""])]), flags=FINAL)
 
-    def stop_decode(self, key: str) -> None:
+    async def stop_decode(self, key: str) -> None:
         stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["is_final"],
                                          inputs=[common.bytes_tensor("stop_key", [key])])
-        for _ in stop.exec(decoupled=True):
+        async for _ in common.stream_responses(stop):
             pass
 
-    def generate(self, request, sender, parsed) -> None:
+    async def generate(self, request, sender, parsed) -> None:
         arrival, first, last = time.monotonic(), None, None
         client_id = request.request_id()
         key = f"{client_id or 'request'}-{uuid.uuid4().hex[:12]}"
         if client_id:
-            with self.lock:
-                self.active[client_id] = key
+            self.active[client_id] = key
         params = parsed.params
         pipeline = pb_utils.InferenceRequest(
             model_name=f"{self.llm}_pipeline", requested_output_names=PIPELINE_OUTPUTS,
@@ -81,19 +85,21 @@ class TritonPythonModel:
         pieces, logprobs = [], []
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
-        responses = pipeline.exec(decoupled=True)
+        error_sent = False
         try:
-            for response in responses:
+            async for response in common.stream_responses(pipeline):  # read to its end, whatever happens
+                if error_sent:
+                    continue
                 if response.has_error():
                     sender.send(pb_utils.InferenceResponse(output_tensors=[], error=response.error()), flags=FINAL)
-                    drain(responses)
-                    return
+                    error_sent = True
+                    continue
                 out = common.outputs_by_name(response)
                 if not out:
                     continue
                 if not cancelled and sender.is_cancelled():
                     cancelled = True
-                    self.stop_decode(key)
+                    await self.stop_decode(key)
                 if cancelled:
                     reason = "cancelled"
                     continue
@@ -120,8 +126,8 @@ class TritonPythonModel:
                                                     generated), flags=FINAL)
                 if final:
                     reason = finish or "length"
-                    break
-            drain(responses)
+            if error_sent:
+                return
             if cancelled:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
@@ -131,18 +137,9 @@ class TritonPythonModel:
             except Exception:  # noqa: BLE001 - the client is gone
                 pass
         finally:
-            if client_id:
-                with self.lock:
-                    if self.active.get(client_id) == key:
-                        del self.active[client_id]
+            if client_id and self.active.get(client_id) == key:
+                del self.active[client_id]
             self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
-
-
-def drain(responses) -> None:
-    """Read a BLS response stream to its end: an abandoned stream crashed tritonserver 2.51's Python backend
-    (SIGSEGV in libtriton_python.so) some time later."""
-    for _ in responses:
-        pass
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated) -> "pb_utils.InferenceResponse":

@@ -1,9 +1,10 @@
 """NAME_unary (not decoupled): one response per request, for KServe v2 /infer and HTTP /generate. Runs the NAME
-front model through BLS with stream=false: the same path as streaming, joined there."""
+front model through BLS with stream=false: the same path as streaming, joined there. The requests of one
+execute() run concurrently as coroutines (see front.py for why not threads)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import asyncio
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,19 +20,18 @@ class TritonPythonModel:
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
         self.input_names = [i["name"] for i in config["input"]]
-        self.pool = ThreadPoolExecutor(max_workers=max(1, config.get("max_batch_size", 1)))
 
-    def execute(self, requests):
-        return list(self.pool.map(self.complete, requests))
+    async def execute(self, requests):
+        return list(await asyncio.gather(*[self.complete(r) for r in requests]))
 
-    def complete(self, request):
+    async def complete(self, request):
         inputs = [pb_utils.Tensor(name, common.get(request, name)) for name in self.input_names
                   if name != "stream" and common.get(request, name) is not None]
         inputs.append(pb_utils.Tensor("stream", np.array([[False]])))
         call = pb_utils.InferenceRequest(model_name=self.llm, requested_output_names=OUTPUTS, inputs=inputs,
                                          parameters=common.request_parameters(request))
         result = error = None
-        for response in call.exec(decoupled=True):  # read to the end: see front.drain
+        async for response in common.stream_responses(call):
             if response.has_error():
                 error = error or response.error()
             elif response.output_tensors():
