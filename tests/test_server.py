@@ -63,11 +63,12 @@ def expected(server):
     model.generation_config.eos_token_id = None
 
     def greedy(prompt: str, n: int) -> str:
+        """The new text: the whole sequence's text past the prompt's, so the joining space is kept."""
         ids = torch.tensor([tokenizer.encode(prompt)])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
                                  pad_token_id=0)
-        return tokenizer.decode(out[0, ids.shape[1]:].tolist())
+        return tokenizer.decode(out[0].tolist())[len(tokenizer.decode(ids[0].tolist())):]
 
     return greedy
 
@@ -230,6 +231,12 @@ def test_bad_inputs_are_refused_by_name_while_another_stream_continues(server, e
             status, text = http_post(server, path, body)
             assert status == 400 or "error" in text, (body, status, text)
             assert message in text, (body, text)
+    status, text = http_post(server, "/v2/models/tiny_unary/infer", {"inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["hi"]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1, 1], "data": [0]}]})
+    # The message names the field; the HTTP status is 500, not 400: the error's INVALID_ARG code is lost on its
+    # way out of the ensemble (issue 3 notes).
+    assert status >= 400 and "'max_tokens' must be in [1," in text, (status, text)
     client = grpcclient.InferenceServerClient(server.grpc)
     wrong = grpcclient.InferInput("text_input", [1, 1], "INT32")  # wrong dtype
     wrong.set_data_from_numpy(np.array([[7]], np.int32))

@@ -17,7 +17,7 @@ from ..engine.graphs import EngineGraphs
 from ..params import GenerationParams
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, ServerBusy, TokenEvent
-from ..tokenizer import stream_window
+from ..tokenizer import DETOKENIZE_WINDOW, stream_window
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -27,8 +27,9 @@ class ClientGone(RuntimeError):
     pass
 
 
-def event_response(event: TokenEvent) -> "pb_utils.InferenceResponse":
-    window = stream_window(event.output_ids) if event.token >= 0 else []
+def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
+    # The window reaches back into the prompt, so the first piece keeps the space that joins it to the prompt.
+    window = stream_window(prompt_tail + event.output_ids) if event.token >= 0 else []
     final = event.finish_reason is not None
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
@@ -78,6 +79,8 @@ class TritonPythonModel:
 
     def decode_request(self, request, sender) -> DecodeRequest:
         words = common.json_input(request, "word_ids")
+        prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
+        prompt_tail = prompt_ids[-(DETOKENIZE_WINDOW + 1):]
 
         def emit(event: TokenEvent) -> None:
             if sender.is_cancelled():  # a direct client cancelled: end its stream, free the slot
@@ -88,12 +91,12 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     event.error, pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
                 return
-            sender.send(event_response(event), flags=FINAL if event.finish_reason else 0)
+            sender.send(event_response(event, prompt_tail), flags=FINAL if event.finish_reason else 0)
 
         kv_keys, kv_values = common.get(request, "kv_keys")[0], common.get(request, "kv_values")[0]
         return DecodeRequest(
             key=common.text(request, "request_key"),
-            prompt_ids=common.get(request, "input_ids").reshape(-1).tolist(),
+            prompt_ids=prompt_ids,
             first_token=int(common.get(request, "first_token").reshape(-1)[0]),
             first_logprob=float(common.get(request, "first_logprob").reshape(-1)[0]),
             keys=list(kv_keys), values=list(kv_values),
