@@ -73,6 +73,20 @@ def train_byte_fallback_tokenizer(path: Path) -> Path:
     return path
 
 
+def save_streaming_checkpoint(root: Path) -> Path:
+    """A random checkpoint whose vocabulary is exactly the byte-fallback tokenizer's, for the server tests: every
+    generated id has text, including byte tokens that must be joined into whole characters."""
+    import shutil
+    import sentencepiece as spm
+
+    tokenizer_file = train_byte_fallback_tokenizer(root / "tokenizer.model")
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
+    checkpoint = save_random_hf_llama(root / "ckpt", vocab_size=vocab, num_key_value_heads=2,
+                                      max_position_embeddings=256)
+    shutil.copy(tokenizer_file, checkpoint / "tokenizer.model")
+    return checkpoint
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint_factory(tmp_path_factory):
     """Build (once per config) a random HF checkpoint folder with a tokenizer."""

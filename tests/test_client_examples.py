@@ -10,7 +10,6 @@ import os
 import random
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, save_random_hf_llama, train_byte_fallback_tokenizer
+from conftest import REPO_ROOT, save_streaming_checkpoint
 from server_fixture import TritonServer, metric_value
 
 EXAMPLES = REPO_ROOT / "client_examples"
@@ -32,12 +31,7 @@ def server(tmp_path_factory):
     from mstriton.convert import convert
 
     root = tmp_path_factory.mktemp("examples")
-    tokenizer_file = train_byte_fallback_tokenizer(root / "tokenizer.model")
-    import sentencepiece as spm
-    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
-    checkpoint = save_random_hf_llama(root / "ckpt", vocab_size=vocab, num_key_value_heads=2,
-                                      max_position_embeddings=256)
-    shutil.copy(tokenizer_file, checkpoint / "tokenizer.model")
+    checkpoint = save_streaming_checkpoint(root)
     repository = root / "repo"
     convert(checkpoint, "demo", repository, max_batch_size=4, max_seq_len=128, progress=lambda _: None)
     triton = TritonServer(repository, root / "server.log")

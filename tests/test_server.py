@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import queue
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_random_hf_llama, train_byte_fallback_tokenizer
+from conftest import save_streaming_checkpoint
 from server_fixture import TritonServer, metric_value
 
 PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图模式 🚀", "Numbers 3.14159 and",
@@ -30,12 +29,7 @@ def server(tmp_path_factory):
     from mstriton.convert import convert
 
     root = tmp_path_factory.mktemp("server")
-    tokenizer_file = train_byte_fallback_tokenizer(root / "tokenizer.model")
-    import sentencepiece as spm
-    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
-    checkpoint = save_random_hf_llama(root / "ckpt", vocab_size=vocab, num_key_value_heads=2,
-                                      max_position_embeddings=256)
-    shutil.copy(tokenizer_file, checkpoint / "tokenizer.model")
+    checkpoint = save_streaming_checkpoint(root)
     repository = root / "repo"
     convert(checkpoint, "tiny", repository, max_batch_size=16, max_seq_len=128, progress=lambda _: None)
     convert(checkpoint, "tiny1", repository, max_batch_size=1, max_seq_len=128, progress=lambda _: None)
