@@ -340,7 +340,9 @@ def test_perf_analyzer_streaming_reports(server, tmp_path):
                                           "stream": [True]}]}))
     result = subprocess.run([str(binary), "-m", "tiny", "-i", "grpc", "--streaming", "-u", server.grpc,
                              "--input-data", str(data), "--concurrency-range", "2", "--measurement-interval",
-                             "3000", "--profile-export-file", str(tmp_path / "profile.json")],
+                             "3000", "--profile-export-file", str(tmp_path / "profile.json"),
+                             # this test checks that it runs and reports, not that a shared CPU is steady
+                             "--stability-percentage", "999"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Throughput" in result.stdout

@@ -7,8 +7,6 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -55,7 +53,6 @@ class TritonPythonModel:
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
                                    on_step=self.metrics.on_step)
         self.scheduler.start()
-        self.lock = threading.Lock()
 
     def execute(self, requests):
         for request in requests:
