@@ -54,6 +54,13 @@ class DecodeRequest:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
 
 
+def final_event(request: DecodeRequest, reason: str, error: str | None = None, cum_logprob: float = 0.0,
+                output_ids: list[int] | None = None) -> TokenEvent:
+    """The last event of a request that ends without a new token (cancelled, refused, shut down)."""
+    return TokenEvent(token=-1, logprob=0.0, cum_logprob=cum_logprob, output_ids=output_ids or [],
+                      num_input_tokens=len(request.prompt_ids), finish_reason=reason, error=error)
+
+
 @dataclasses.dataclass(eq=False)
 class Running:
     request: DecodeRequest
@@ -120,9 +127,7 @@ class Scheduler:
             self._finish(item, "cancelled", error=reason)
         while self.waiting:
             request = self.waiting.popleft()
-            request.emit(TokenEvent(token=-1, logprob=0.0, cum_logprob=0.0, output_ids=[],
-                                    num_input_tokens=len(request.prompt_ids), finish_reason="cancelled",
-                                    error=reason))
+            request.emit(final_event(request, "cancelled", error=reason))
 
     def _loop(self) -> None:
         while True:
@@ -159,15 +164,12 @@ class Scheduler:
                 request = self.waiting.popleft()
                 if request.key in self.cancelled_keys:
                     self.cancelled_keys.discard(request.key)
-                    request.emit(TokenEvent(token=-1, logprob=0.0, cum_logprob=0.0, output_ids=[],
-                                            num_input_tokens=len(request.prompt_ids), finish_reason="cancelled"))
+                    request.emit(final_event(request, "cancelled"))
                     continue
             try:
                 sequence = self.engine.admit(request.keys, request.values, len(request.prompt_ids))
             except ValueError as exc:  # the prompt leaves no room: refuse this one, keep serving others
-                request.emit(TokenEvent(token=-1, logprob=0.0, cum_logprob=0.0, output_ids=[],
-                                        num_input_tokens=len(request.prompt_ids), finish_reason="length",
-                                        error=str(exc)))
+                request.emit(final_event(request, "length", error=str(exc)))
                 continue
             request.keys = request.values = []  # the pool holds its own copy now
             sampling = SamplingState(params=request.params, end_ids=request.end_ids,
@@ -213,10 +215,8 @@ class Scheduler:
         return None
 
     def _finish(self, item: Running, reason: str, error: str | None = None) -> None:
-        generated = item.sampling.generated
-        item.request.emit(TokenEvent(token=-1, logprob=0.0, cum_logprob=item.cum_logprob,
-                                     output_ids=generated, num_input_tokens=len(item.request.prompt_ids),
-                                     finish_reason=reason, error=error))
+        item.request.emit(final_event(item.request, reason, error=error, cum_logprob=item.cum_logprob,
+                                      output_ids=item.sampling.generated))
         self._release(item)
 
     def _release(self, item: Running) -> None:
