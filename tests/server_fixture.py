@@ -12,6 +12,9 @@ import urllib.request
 from pathlib import Path
 
 
+SHM, SHM_PATTERN = Path("/dev/shm"), "triton_python_backend_shm_region_*"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -25,6 +28,7 @@ class TritonServer:
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make install`")
         self.log = log
+        self.shm_before = set(SHM.glob(SHM_PATTERN))
         self.process = subprocess.Popen(
             [str(binary), "--model-repository", str(repository), "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
@@ -70,7 +74,22 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        self.remove_orphaned_shared_memory()
         return self.process.returncode
+
+    def remove_orphaned_shared_memory(self) -> None:
+        """A killed tritonserver leaves its python-backend regions in /dev/shm (64 MiB each, about 14 per
+        server here): remove those this server made that no live process still maps."""
+        mapped = set()
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                mapped.update(line.rsplit(" ", 1)[-1].strip() for line in maps.read_text().splitlines()
+                              if "/dev/shm/" in line)
+            except OSError:
+                pass
+        for region in set(SHM.glob(SHM_PATTERN)) - self.shm_before:
+            if str(region) not in mapped:
+                region.unlink(missing_ok=True)
 
 
 def metric_value(text: str, name: str, **labels) -> float:

@@ -83,6 +83,21 @@ def test_cancel_frees_the_slot_for_the_next_request(graphs):
     assert not scheduler.cancel("unknown")
 
 
+def test_state_hook_sees_a_cancel_that_empties_the_batch_at_once(graphs):
+    """The gauges follow the state hook: a cancel of the only running request runs no decode step, and the
+    hook must still report zero running at that pass (not at some later step)."""
+    seen = []
+    scheduler = Scheduler(Engine(graphs, max_slots=1), on_state=lambda s: seen.append(s.stats()))
+    events = {}
+    scheduler.submit(make_request(graphs, "only", PROMPTS[0], events, max_tokens=100))
+    scheduler.step()
+    assert seen[-1]["running"] == 1 and seen[-1]["kv_slots_used"] == 1
+    assert scheduler.cancel("only")
+    scheduler.step()
+    assert events["only"][-1].finish_reason == "cancelled"
+    assert seen[-1]["running"] == 0 and seen[-1]["kv_slots_used"] == 0 and seen[-1]["kv_tokens_used"] == 0
+
+
 def test_full_queue_refuses_with_server_busy(graphs):
     scheduler = Scheduler(Engine(graphs, max_slots=1), max_waiting=1)
     events = {}

@@ -43,7 +43,6 @@ class DecodeMetrics:
     def on_step(self, scheduler, batch: int, seconds: float) -> None:
         self.batch.set(batch)
         self.step_time.observe(seconds)
-        self.on_queue(scheduler)
 
 
 class RequestMetrics:

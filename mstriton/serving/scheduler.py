@@ -72,10 +72,14 @@ class Running:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_waiting: int = 64,
-                 on_step: Callable[["Scheduler", int, float], None] | None = None):
+                 on_step: Callable[["Scheduler", int, float], None] | None = None,
+                 on_state: Callable[["Scheduler"], None] | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
-        self.on_step = on_step  # metrics hook: (scheduler, batch size, seconds)
+        self.on_step = on_step  # metrics hook after each decode step: (scheduler, batch size, seconds)
+        # metrics hook after every pass of the loop, decode or not: a cancel that empties the batch runs no
+        # decode step, and the gauges must still drop at once
+        self.on_state = on_state
         self.waiting: collections.deque[DecodeRequest] = collections.deque()
         self.running: list[Running] = []
         self.cancelled_keys: set[str] = set()
@@ -142,8 +146,12 @@ class Scheduler:
         """Admit, drop the cancelled, run one decode step, emit. Called by the loop (or by tests directly)."""
         self._drop_cancelled()  # first, so a cancelled sequence's slot serves a waiting request in this step
         self._admit()
-        if not self.running:
-            return
+        if self.running:
+            self._decode()
+        if self.on_state:
+            self.on_state(self)
+
+    def _decode(self) -> None:
         started = time.monotonic()
         last_tokens = [0] * len(self.running)
         for item in self.running:

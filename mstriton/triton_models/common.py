@@ -55,10 +55,26 @@ def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
+# Marks the message of a refused request. An error's code does not survive the way out of an ensemble (2.51
+# turns INVALID_ARG from a step into INTERNAL, and KServe /infer into HTTP 500); the message does, so the front
+# and unary models give the code back by this mark (`with_code_restored`).
+INVALID_REQUEST = "invalid request: "
+
+
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
-    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, (ParameterError, ValueError)) \
-        else pb_utils.TritonError.INTERNAL
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(exc), code))
+    if isinstance(exc, (ParameterError, ValueError)):
+        error = pb_utils.TritonError(INVALID_REQUEST + str(exc), pb_utils.TritonError.INVALID_ARG)
+    else:
+        error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+
+
+def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":
+    """The error of a BLS call, with INVALID_ARG back if its message carries the refused-request mark."""
+    message = error.message()
+    if INVALID_REQUEST in message and error.code() != pb_utils.TritonError.INVALID_ARG:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    return error
 
 
 def error_of(response) -> "pb_utils.TritonError | None":

@@ -51,7 +51,7 @@ class TritonPythonModel:
         warm_up(engine)
         self.metrics = DecodeMetrics(pb_utils, model=args["model_name"])
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
-                                   on_step=self.metrics.on_step)
+                                   on_step=self.metrics.on_step, on_state=self.metrics.on_queue)
         self.scheduler.start()
 
     def execute(self, requests):

@@ -91,7 +91,8 @@ class TritonPythonModel:
                 if error_sent:
                     continue
                 if response.has_error():
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=response.error()), flags=FINAL)
+                    sender.send(pb_utils.InferenceResponse(
+                        output_tensors=[], error=common.with_code_restored(response.error())), flags=FINAL)
                     error_sent = True
                     continue
                 out = common.outputs_by_name(response)

@@ -37,7 +37,7 @@ class TritonPythonModel:
             elif response.output_tensors():
                 result = response
         if error is not None:
-            return pb_utils.InferenceResponse(output_tensors=[], error=error)
+            return pb_utils.InferenceResponse(output_tensors=[], error=common.with_code_restored(error))
         if result is None:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                 "the generation ended without output", pb_utils.TritonError.INTERNAL))
