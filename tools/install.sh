@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Install everything mstriton needs to build, serve and test, from nothing:
 #   1. Debian packages the tools link against (libb64-0d for perf_analyzer, ...), when missing
-#   2. a virtual environment (.venv, or $VENV) with the pinned requirements.txt (+ this package, editable)
+#   2. a virtual environment (.venv, or $VENV) with the pinned requirements.txt and requirements-test.txt
+#      (+ this package, editable)
 #   3. tritonserver: a wrapper .venv/bin/tritonserver around the server that nvidia-pytriton ships,
 #      with a backend folder holding the python backend and the stub for this Python
 #   4. perf_analyzer: .venv/bin/perf_analyzer, from the tritonclient 2.43.0 wheel unless the PyPI
 #      perf-analyzer package already gave a working one
 # Each step is skipped when its result is present and up to date, so a second run takes about a second.
 #
-# Environment: VENV (default .venv, relative to the repository root), PYTHON (default python3).
+# Environment: VENV (default .venv, relative to the repository root), PYTHON (default python3),
+# MSTRITON_TEST_DEPS (default 1; 0 leaves out requirements-test.txt: torch, transformers, pytest, ...,
+# which serving does not need; the container images in docker/ set it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +20,8 @@ cd "$ROOT"
 VENV="${VENV:-.venv}"
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PYTHON="${PYTHON:-python3}"
+MSTRITON_TEST_DEPS="${MSTRITON_TEST_DEPS:-1}"
+case "$MSTRITON_TEST_DEPS" in 0 | 1) ;; *) echo "install.sh: MSTRITON_TEST_DEPS must be 0 or 1" >&2; exit 1 ;; esac
 SHARE="$VENV/share/mstriton"
 PERF_ANALYZER_WHEEL_VERSION=2.43.0
 # Bump when the way the tritonserver / perf_analyzer wrappers are made changes: forces a rebuild.
@@ -50,6 +55,7 @@ APT_WANTED=(libb64-0d)      # perf_analyzer links libb64.so.0d
 LIB_WANTED=(
   "libssl.so.3:libssl3t64 libssl3"   # perf_analyzer (Debian 13 renamed the package)
   "libz.so.1:zlib1g"                 # perf_analyzer
+  "libgomp.so.1:libgomp1"            # mindspore (OpenMP); minimal Debian systems lack it
 )
 # The python backend stub embeds Python: it needs libpython as a shared library.
 PY_LIBDIR="$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR") or "")')"
@@ -126,14 +132,21 @@ VENV_XY="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:
 mkdir -p "$SHARE"
 
 [ -f requirements.txt ] || die "requirements.txt is missing at $ROOT"
-req_files=(requirements.txt)
+req_lists=(requirements.txt)
+if [ "$MSTRITON_TEST_DEPS" = 1 ]; then
+  [ -f requirements-test.txt ] || die "requirements-test.txt is missing at $ROOT"
+  req_lists+=(requirements-test.txt)
+else
+  say "MSTRITON_TEST_DEPS=0: leaving out requirements-test.txt (what the tests need, not serving)"
+fi
+req_files=("${req_lists[@]}")
 [ -f pyproject.toml ] && req_files+=(pyproject.toml)
 req_stamp="$(sha_of "${req_files[@]}") python=$VENV_XY"
 if [ "$(cat "$SHARE/requirements.stamp" 2>/dev/null)" = "$req_stamp" ]; then
   say "requirements up to date (${req_files[*]} unchanged since the last install)"
 else
-  say "installing requirements.txt with pip (first time: several minutes, mindspore alone is ~800 MB)"
-  "$VENV/bin/python" -m pip install --progress-bar off -r requirements.txt
+  say "installing ${req_lists[*]} with pip (first time: several minutes, mindspore alone is ~800 MB)"
+  "$VENV/bin/python" -m pip install --progress-bar off "${req_lists[@]/#/-r}"
   if [ -f pyproject.toml ]; then
     say "installing this repository as an editable package (pip install -e . --no-deps)"
     "$VENV/bin/python" -m pip install --quiet --no-deps -e .
