@@ -127,7 +127,10 @@ def test_demo_model_device_target(dockerfile):
              if k == "ARG" and rest.startswith("DEMO_CONVERT_ARGS="))
     device = option(convert_args.split(), "--device") or "CPU"
     assert device == {"cpu": "CPU", "ascend": "Ascend"}[flavour], f"{path.name}: demo converted for {device}"
-    assert any(k == "RUN" and 'make demo DEMO_CONVERT_ARGS="${DEMO_CONVERT_ARGS}"' in rest for k, rest in steps)
+    demo_runs = [rest for k, rest in steps if k == "RUN" and 'make demo DEMO_CONVERT_ARGS="${DEMO_CONVERT_ARGS}"' in rest]
+    assert demo_runs, f"{path.name}: no `make demo` stage"
+    # MindSpore saves weights and graphs as 0400 root files: the non-root user must be able to read them
+    assert "chmod -R a+rX model_repository" in demo_runs[0]
     # the converter has that option (the package is not changed for the image)
     assert re.search(r'"--device".*choices=\[[^]]*"Ascend"', (ROOT / "tools" / "convert.py").read_text())
 
