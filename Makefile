@@ -5,6 +5,7 @@
 #   make run            serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001, metrics 8002)
 #   make bench-engine   benchmark the MindSpore engine alone
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
+#   make docker-lint    hadolint + KServe manifests; docker-test: build the CPU image, serve the demo from it (root)
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +15,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export VENV
 
-.PHONY: all install test demo run bench-engine clean
+.PHONY: all install test demo run bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -47,3 +48,10 @@ clean:
 	rm -rf build .pytest_cache kernel_meta rank_*
 	rm -rf model_repository/demo model_repository/demo_*
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+docker-lint: install
+	$(VENV)/bin/hadolint docker/Dockerfile docker/Dockerfile.ascend
+	$(PY) -m pytest -q tests/test_deploy_manifests.py
+
+docker-test: install
+	bash tools/docker_test.sh $(DOCKER_TEST_ARGS)
