@@ -108,6 +108,7 @@ port_free() {
   "$PY" - "$1" <<'PY'
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: only a listener makes it busy
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:
