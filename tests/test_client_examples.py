@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, save_streaming_checkpoint
-from server_fixture import TritonServer, metric_value
+from mstriton.server_process import TritonServer, metric_value
 
 EXAMPLES = REPO_ROOT / "client_examples"
 PROMPTS = ["Streaming keeps every space", 'A "quoted" word,\ta tab and a back\\slash']

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import save_streaming_checkpoint
-from server_fixture import TritonServer, metric_value
+from mstriton.server_process import TritonServer, metric_value
 
 PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图模式 🚀", "Numbers 3.14159 and",
            "a", "  leading spaces, double  spaces and a tab\there and a longer prompt to vary the length"]

@@ -22,6 +22,15 @@ class Sequence:
     prompt_len: int
 
 
+def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one right-padded batch: tokens [B, T] and lengths [B], int32."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    return tokens, lengths
+
+
 class Engine:
     def __init__(self, graphs: EngineGraphs, max_slots: int | None = None):
         self.graphs = graphs
@@ -44,10 +53,7 @@ class Engine:
         each prompt's last token [N, V]. The caller checks lengths and free slots first."""
         if len(prompts) > self.free_slots:
             raise ValueError(f"{len(prompts)} prompts but only {self.free_slots} free slots")
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = prompt
+        tokens, lengths = pad_prompts(prompts)
         logits, keys, values = self.graphs.prefill(tokens, lengths)
         sequences = [self.admit([k[row] for k in keys], [v[row] for v in values], int(length))
                      for row, length in enumerate(lengths)]
@@ -116,3 +122,18 @@ def greedy_generate(engine: Engine, prompts: list[list[int]], max_new_tokens: li
         for sequence, i in owner.items():
             outputs[i].append(int(logits[sequence.slot].argmax()))
     return outputs
+
+
+def warm_up(engine: Engine) -> None:
+    """Compile every decode graph now (a few hundred ms each), so no request waits for a compile."""
+    graphs = engine.graphs
+    c = graphs.config
+    for batch in graphs.batch_buckets:
+        if batch > engine.pool.rows:
+            continue
+        for seq in graphs.seq_buckets:
+            caches = [np.zeros((batch, c.num_key_value_heads, c.head_dim, seq), graphs.np_dtype)
+                      for _ in range(c.num_hidden_layers)]
+            caches += [np.zeros((batch, c.num_key_value_heads, seq, c.head_dim), graphs.np_dtype)
+                       for _ in range(c.num_hidden_layers)]
+            graphs.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32), caches)

@@ -11,6 +11,7 @@ Graphs take the weights as inputs, so one copy in memory serves every graph.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -100,6 +101,12 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     return manifest
 
 
+# MindSpore refuses to compile or run a graph while another thread runs one ("Nested execution during JIT
+# execution"): in a process that prefills and decodes from two threads, graph calls take turns. (Each Triton
+# model is a process of its own with one calling thread, so there the lock is never contended.)
+GRAPH_LOCK = threading.Lock()
+
+
 class EngineGraphs:
     """An engine directory loaded for serving: weights in memory once, graphs compiled on first use."""
 
@@ -136,8 +143,9 @@ class EngineGraphs:
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
         """tokens [B, T] int32 right-padded; returns logits [B, V], keys [L][B, Hkv, D, T], values [L][B, Hkv, T, D]
         as numpy arrays."""
-        outputs = self._graph(self.manifest["prefill"])(Tensor(tokens.astype(np.int32)),
-                                                         Tensor(lengths.astype(np.int32)), *self.weights)
+        with GRAPH_LOCK:
+            outputs = self._graph(self.manifest["prefill"])(Tensor(tokens.astype(np.int32)),
+                                                             Tensor(lengths.astype(np.int32)), *self.weights)
         layers = self.config.num_hidden_layers
         arrays = [o.asnumpy() for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]
@@ -146,9 +154,10 @@ class EngineGraphs:
         """Run the decode graph of the bucket given by the caches' shape ([B, Hkv, D, S] views).
         Returns logits [B, V], new keys [L][B, Hkv, D], new values [L][B, Hkv, D]."""
         batch, seq = caches[0].shape[0], caches[0].shape[-1]
-        graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
-        outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
-                        *[Tensor.from_numpy(c) for c in caches], *self.weights)
+        with GRAPH_LOCK:
+            graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
+            outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
+                            *[Tensor.from_numpy(c) for c in caches], *self.weights)
         layers = self.config.num_hidden_layers
         arrays = [o.asnumpy() for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..engine.engine import Engine
+from ..engine.engine import Engine, warm_up
 from ..engine.graphs import EngineGraphs
 from ..params import GenerationParams
 from ..serving.metrics import DecodeMetrics
@@ -103,17 +103,3 @@ class TritonPythonModel:
     def finalize(self):
         self.scheduler.shutdown("the server is shutting down; generation stopped")
 
-
-def warm_up(engine: Engine) -> None:
-    """Compile every decode graph now (a few hundred ms each), so no request waits for a compile."""
-    graphs = engine.graphs
-    c = graphs.config
-    for batch in graphs.batch_buckets:
-        if batch > engine.pool.rows:
-            continue
-        for seq in graphs.seq_buckets:
-            caches = [np.zeros((batch, c.num_key_value_heads, c.head_dim, seq), graphs.np_dtype)
-                      for _ in range(c.num_hidden_layers)]
-            caches += [np.zeros((batch, c.num_key_value_heads, seq, c.head_dim), graphs.np_dtype)
-                       for _ in range(c.num_hidden_layers)]
-            graphs.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32), caches)

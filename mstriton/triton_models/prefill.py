@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..engine.engine import pad_prompts
 from ..engine.graphs import EngineGraphs
 from . import common
 
@@ -21,10 +22,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         prompts = [common.get(r, "input_ids").reshape(-1) for r in requests]
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
-        for row, prompt in enumerate(prompts):
-            tokens[row, :len(prompt)] = prompt
+        tokens, lengths = pad_prompts(prompts)
         try:
             logits, keys, values = self.graphs.prefill(tokens, lengths)
         except Exception as exc:  # noqa: BLE001

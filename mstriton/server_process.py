@@ -1,4 +1,5 @@
-"""Start the real tritonserver (the `.venv/bin/tritonserver` that `make install` writes) on free ports."""
+"""Start and stop the real tritonserver (the `.venv/bin/tritonserver` that `make install` writes) on free ports:
+used by the integration tests and the serving benchmark."""
 
 from __future__ import annotations
 

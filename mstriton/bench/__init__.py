@@ -1,0 +1,1 @@
+"""Serving benchmarks (tools/bench_serving.py, `make bench`): workloads, the systems compared, and their metrics."""

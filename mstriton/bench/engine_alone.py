@@ -1,0 +1,108 @@
+"""The engine alone: the same prefill and continuous-batching decode loop that the Triton models run, in one
+process with no server, driven by closed-loop clients. Served tokens/s over these tokens/s is the serving
+efficiency (what Triton, the ensemble and the Python steps cost).
+
+As in the model repository: a prefill worker runs every prompt that has arrived as one padded batch (the
+prefill model's dynamic batcher) and picks each first token (the sampler model); the Scheduler (the decode
+model's loop) admits them and decodes every running sequence in one batched step.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.engine import Engine, pad_prompts, warm_up
+from ..engine.graphs import EngineGraphs
+from ..engine.sampling import SamplingState, choose_tokens
+from ..params import GenerationParams
+from ..serving.scheduler import DecodeRequest, Scheduler, final_event
+from .timing import RequestTiming
+
+
+class EngineAlone:
+    def __init__(self, repository: Path, name: str, max_slots: int):
+        """Loads the engine folders of the converted models NAME_prefill and NAME_decode in `repository`."""
+        self.prefill_graphs = EngineGraphs(Path(repository) / f"{name}_prefill" / "1" / "engine")
+        self.graphs = EngineGraphs(Path(repository) / f"{name}_decode" / "1" / "engine")  # as two models do
+        self.engine = Engine(self.graphs, max_slots=max_slots)
+        warm_up(self.engine)
+        self.prefill_graphs.prefill(*pad_prompts([[1, 2, 3, 4]]))
+        self.scheduler = Scheduler(self.engine, max_waiting=1 << 20)
+        self.scheduler.start()
+        self.arrivals: queue.Queue = queue.Queue()
+        threading.Thread(target=self._prefill_loop, name="bench-prefill", daemon=True).start()
+
+    def close(self) -> None:
+        self.arrivals.put(None)
+        self.scheduler.shutdown()
+
+    def _prefill_loop(self) -> None:
+        while True:
+            batch = [self.arrivals.get()]
+            while len(batch) < self.graphs.max_batch_size:
+                try:
+                    batch.append(self.arrivals.get_nowait())
+                except queue.Empty:
+                    break
+            if None in batch:
+                return
+            try:
+                logits, keys, values = self.prefill_graphs.prefill(*pad_prompts([r.prompt_ids for r in batch]))
+                states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
+                tokens, logprobs = choose_tokens(logits, states)
+            except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
+                for request in batch:
+                    request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
+                continue
+            for row, request in enumerate(batch):
+                request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
+                request.keys, request.values = [k[row] for k in keys], [v[row] for v in values]
+                self.scheduler.submit(request)
+
+    def run(self, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[RequestTiming]:
+        """Closed loop: `concurrency` clients, each sending its next prompt when its previous one has ended."""
+        params = GenerationParams(max_tokens=output_tokens, min_tokens=output_tokens)
+        todo = list(enumerate(prompts))
+        lock = threading.Lock()
+        timings: list[RequestTiming] = []
+        errors: list[str] = []
+
+        def client() -> None:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    index, prompt = todo.pop(0)
+                timing = RequestTiming(start=time.perf_counter(), token_times=[], prompt_tokens=len(prompt))
+                done = threading.Event()
+
+                def emit(event, timing=timing, done=done):
+                    if event.error:
+                        errors.append(event.error)
+                    if event.token >= 0:
+                        timing.token_times.append(time.perf_counter())
+                    if event.finish_reason:
+                        done.set()
+
+                self.arrivals.put(DecodeRequest(key=f"bench-{index}", prompt_ids=prompt, first_token=-1,
+                                                first_logprob=0.0, keys=[], values=[], params=params, emit=emit))
+                done.wait()
+                if errors:
+                    raise RuntimeError(errors[0])
+                if len(timing.token_times) != output_tokens:
+                    raise RuntimeError(f"request {index} gave {len(timing.token_times)} tokens, "
+                                       f"not {output_tokens}")
+                with lock:
+                    timings.append(timing)
+
+        threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return timings
