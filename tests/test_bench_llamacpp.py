@@ -1,0 +1,101 @@
+"""The llama.cpp peer of the benchmark: its streaming driver against a scripted stand-in server, and (when the
+llama.cpp source and server are already in build/llamacpp/, as after a benchmark run) a tiny model converted to
+GGUF and served, tokenizing exactly as our tokenizer does."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+
+import pytest
+
+from conftest import copy_test_tokenizer, save_random_hf_llama
+from mstriton.bench import llamacpp
+from mstriton.bench.timing import summarize
+
+
+class _Scripted(http.server.BaseHTTPRequestHandler):
+    """Answers /completion with the events of `script` (a list of tokens_predicted values, the last one
+    final); remembers the request bodies."""
+    protocol_version = "HTTP/1.1"
+    script: list[int] = []
+    bodies: list[dict] = []
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        events = [{"content": "", "stop": False, "tokens_predicted": 0, "tokens_evaluated": 7}]  # slot begins
+        events += [{"content": "x", "stop": False, "tokens_predicted": n, "tokens_evaluated": 7}
+                   for n in self.script[:-1]]
+        events.append({"content": "", "stop": True, "stop_type": "limit", "tokens_predicted": self.script[-1],
+                       "tokens_evaluated": 7})
+        for event in events:
+            data = f"data: {json.dumps(event)}\n\n".encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def scripted():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+
+    class Stub:
+        port = httpd.server_address[1]
+
+    _Scripted.bodies = []
+    yield Stub()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_driver_times_every_token_including_held_back_ones(scripted):
+    # tokens 3 and 4 arrive in one event (token 3 ended inside a UTF-8 character); the final event adds none
+    _Scripted.script = [1, 2, 4, 5, 6, 6]
+    timings = llamacpp.run(scripted, ["a", "b", "c"], output_tokens=6, concurrency=2)
+    assert len(timings) == 3
+    for t in timings:
+        assert len(t.token_times) == 6 and t.prompt_tokens == 7
+        assert t.token_times[2] == t.token_times[3]
+        assert t.start <= t.token_times[0] and t.token_times == sorted(t.token_times)
+    assert sorted(b["prompt"] for b in _Scripted.bodies) == ["a", "b", "c"]
+    body = _Scripted.bodies[0]
+    assert body["n_predict"] == 6 and body["ignore_eos"] is True and body["cache_prompt"] is False
+    assert body["stream"] is True and body["temperature"] == 0
+    assert summarize(timings).output_tokens == 18
+
+
+def test_driver_refuses_a_short_answer(scripted):
+    _Scripted.script = [1, 2, 3, 3]
+    with pytest.raises(AssertionError, match="expected 4"):
+        llamacpp.run(scripted, ["a"], output_tokens=4, concurrency=1)
+
+
+def test_convert_serve_and_tokenize_like_ours(tmp_path):
+    tree = llamacpp.DEFAULT_CACHE_DIR / f"llama_cpp_python-{llamacpp.LLAMA_CPP_PYTHON_VERSION}" / "vendor" / \
+        "llama.cpp"
+    binary = llamacpp.DEFAULT_CACHE_DIR / "bin" / f"llama-server-{llamacpp.LLAMA_CPP_PYTHON_VERSION}"
+    if not (tree / "convert_hf_to_gguf.py").is_file() or not binary.is_file():
+        pytest.skip("llama.cpp is not built in build/llamacpp/ (the benchmark builds it)")
+    hf = tmp_path / "hf"
+    save_random_hf_llama(hf, vocab_size=60)
+    copy_test_tokenizer(hf)
+    gguf = llamacpp.convert_to_gguf(hf, tmp_path / "tiny-f16.gguf", "f16")
+    # (the test tokenizer has no byte fallback: llama.cpp's /tokenize fails on characters it lacks)
+    texts = ["The quick brown fox jumps over the lazy dog", "MindSpore graphs served by Triton", "fox",
+             "the cache grows while every client streams"]
+    with llamacpp.LlamaCppServer(binary, gguf, parallel=2, ctx_per_slot=128, threads=1) as server:
+        llamacpp.check_tokenizer(server, texts, hf / "tokenizer.model")
+        timings = llamacpp.run(server, texts, output_tokens=8, concurrency=2)
+    assert [len(t.token_times) for t in timings] == [8] * 4
+    assert server.proc is None
