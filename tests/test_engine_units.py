@@ -92,3 +92,14 @@ def test_config_reads_list_eos_and_rope_parameters():
 def test_config_round_trips_through_hf_dict():
     config = LlamaConfig.from_hf_dict({**BASE, "num_key_value_heads": 1, "tie_word_embeddings": True})
     assert LlamaConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
+
+
+def test_prefill_chunks_keep_padded_size_within_the_budget():
+    from mstriton.engine.engine import prefill_chunks
+
+    lengths = [1024] * 20
+    chunks = prefill_chunks(lengths, budget=8192)
+    assert [len(c) for c in chunks] == [8, 8, 4] and [i for c in chunks for i in c] == list(range(20))
+    # a prompt longer than the budget still runs, alone; short ones are not put with it
+    assert prefill_chunks([10, 20, 9000, 30], budget=8192) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert prefill_chunks([], budget=100) == []

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.engine import Engine, pad_prompts, warm_up
+from ..engine.engine import Engine, pad_prompts, prefill_chunks, warm_up
 from ..engine.graphs import EngineGraphs
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
 from ..serving.scheduler import DecodeRequest, Scheduler, final_event
-from .timing import RequestTiming
+from .timing import RequestTiming, closed_loop
 
 
 class EngineAlone:
@@ -51,58 +51,45 @@ class EngineAlone:
                     break
             if None in batch:
                 return
-            try:
-                logits, keys, values = self.prefill_graphs.prefill(*pad_prompts([r.prompt_ids for r in batch]))
-                states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
-                tokens, logprobs = choose_tokens(logits, states)
-            except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
-                for request in batch:
-                    request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
-                continue
-            for row, request in enumerate(batch):
-                request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
-                request.keys, request.values = [k[row] for k in keys], [v[row] for v in values]
-                self.scheduler.submit(request)
+            for chunk in prefill_chunks([len(r.prompt_ids) for r in batch]):
+                self._prefill([batch[i] for i in chunk])
+
+    def _prefill(self, batch: list[DecodeRequest]) -> None:
+        try:
+            logits, keys, values = self.prefill_graphs.prefill(*pad_prompts([r.prompt_ids for r in batch]))
+            states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
+            tokens, logprobs = choose_tokens(logits, states)
+        except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
+            for request in batch:
+                request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
+            return
+        for row, request in enumerate(batch):
+            request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
+            request.keys, request.values = [k[row] for k in keys], [v[row] for v in values]
+            self.scheduler.submit(request)
 
     def run(self, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[RequestTiming]:
-        """Closed loop: `concurrency` clients, each sending its next prompt when its previous one has ended."""
         params = GenerationParams(max_tokens=output_tokens, min_tokens=output_tokens)
-        todo = list(enumerate(prompts))
-        lock = threading.Lock()
-        timings: list[RequestTiming] = []
-        errors: list[str] = []
 
-        def client() -> None:
-            while True:
-                with lock:
-                    if not todo:
-                        return
-                    index, prompt = todo.pop(0)
-                timing = RequestTiming(start=time.perf_counter(), token_times=[], prompt_tokens=len(prompt))
-                done = threading.Event()
+        def send(index: int, prompt: list[int]) -> RequestTiming:
+            timing = RequestTiming(start=time.perf_counter(), token_times=[], prompt_tokens=len(prompt))
+            done, errors = threading.Event(), []
 
-                def emit(event, timing=timing, done=done):
-                    if event.error:
-                        errors.append(event.error)
-                    if event.token >= 0:
-                        timing.token_times.append(time.perf_counter())
-                    if event.finish_reason:
-                        done.set()
+            def emit(event):
+                if event.error:
+                    errors.append(event.error)
+                if event.token >= 0:
+                    timing.token_times.append(time.perf_counter())
+                if event.finish_reason:
+                    done.set()
 
-                self.arrivals.put(DecodeRequest(key=f"bench-{index}", prompt_ids=prompt, first_token=-1,
-                                                first_logprob=0.0, keys=[], values=[], params=params, emit=emit))
-                done.wait()
-                if errors:
-                    raise RuntimeError(errors[0])
-                if len(timing.token_times) != output_tokens:
-                    raise RuntimeError(f"request {index} gave {len(timing.token_times)} tokens, "
-                                       f"not {output_tokens}")
-                with lock:
-                    timings.append(timing)
+            self.arrivals.put(DecodeRequest(key=f"bench-{index}", prompt_ids=prompt, first_token=-1,
+                                            first_logprob=0.0, keys=[], values=[], params=params, emit=emit))
+            done.wait()
+            if errors:
+                raise RuntimeError(errors[0])
+            if len(timing.token_times) != output_tokens:
+                raise RuntimeError(f"request {index} gave {len(timing.token_times)} tokens, not {output_tokens}")
+            return timing
 
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        return timings
+        return closed_loop(prompts, concurrency, send)

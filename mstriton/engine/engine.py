@@ -31,6 +31,25 @@ def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
+# Padded prompt tokens one prefill graph call may take. Attention builds a [heads, T, T] score matrix per prompt,
+# so 64 prompts of 1024 tokens in one call would need gigabytes; larger dynamic batches run as several calls.
+PREFILL_TOKEN_BUDGET = 8192
+
+
+def prefill_chunks(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> list[range]:
+    """Consecutive index ranges whose padded size (count x longest) stays within `budget` (one prompt at least)."""
+    chunks, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest_with = max(longest, length)
+        if i > start and longest_with * (i - start + 1) > budget:
+            chunks.append(range(start, i))
+            start, longest_with = i, length
+        longest = longest_with
+    if lengths:
+        chunks.append(range(start, len(lengths)))
+    return chunks
+
+
 class Engine:
     def __init__(self, graphs: EngineGraphs, max_slots: int | None = None):
         self.graphs = graphs

@@ -1,0 +1,157 @@
+"""The benchmark's output: a markdown table with the ratios the issue asks for, the raw results as JSON, and two
+PNG plots (throughput and time to first token against concurrency)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+OURS, ENGINE = "mstriton (tritonserver)", "engine alone"
+HF_SEQUENTIAL, HF_BATCHED = "transformers, one at a time", "transformers, static batch"
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        cores = "?"
+    memory = "?"
+    try:
+        kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")))
+        memory = f"{kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {cores} cores, {memory} RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+@dataclasses.dataclass
+class Results:
+    """results[model][shape][system][concurrency] = PointResult as a dict, or {"error": "..."}."""
+    date: str
+    machine: str
+    versions: dict
+    tools: dict                                     # system -> what measured it
+    prefill_ms: dict                                # model -> shape -> single-request prefill time
+    points: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
+
+    def put(self, model: str, shape: str, system: str, concurrency: int, value: dict) -> None:
+        self.points.setdefault(model, {}).setdefault(shape, {}).setdefault(system, {})[str(concurrency)] = value
+
+    def get(self, model, shape, system, concurrency) -> dict | None:
+        value = self.points.get(model, {}).get(shape, {}).get(system, {}).get(str(concurrency))
+        return value if value and "error" not in value else None
+
+    def save_json(self, path: Path) -> None:
+        write_atomically(path, json.dumps(dataclasses.asdict(self), indent=1))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def ratio(a: dict | None, b: dict | None, key: str = "tokens_per_s") -> str:
+    if not a or not b or not b[key]:
+        return "n/a"
+    return f"{a[key] / b[key]:.2f}"
+
+
+def markdown(results: Results, concurrencies: list[int]) -> str:
+    lines = [f"# Serving benchmark, {results.date}", "",
+             f"Machine: {results.machine}.", "",
+             "Versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items()) + ".", "",
+             "Who measured what:", ""]
+    lines += [f"- **{system}**: {tool}" for system, tool in results.tools.items()]
+    lines += ["", "Throughput is output tokens over the span from the first request sent to the last token "
+              "received; time to first token (TTFT) and inter-token latency (ITL, every gap between two tokens "
+              "of one request) are percentiles over every request of the point. Clients are closed-loop: each "
+              "of the `concurrency` clients sends its next request when its previous one has ended.", ""]
+    for model, shapes in results.points.items():
+        for shape, systems in shapes.items():
+            lines += [f"## {model}, {shape}", ""]
+            lines += summary_lines(results, model, shape, concurrencies)
+            lines += ["", "| system | concurrency | requests | tokens/s | requests/s | TTFT p50 ms | TTFT p99 ms | "
+                      "ITL p50 ms | ITL p99 ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for system, by_concurrency in systems.items():
+                for concurrency in concurrencies:
+                    point = by_concurrency.get(str(concurrency))
+                    if point is None:
+                        continue
+                    if "error" in point:
+                        lines.append(f"| {system} | {concurrency} | {point['error']} |||||||")
+                        continue
+                    lines.append(f"| {system} | {concurrency} | {point['requests']} | {point['tokens_per_s']:.1f} | "
+                                 f"{point['requests_per_s']:.2f} | {point['ttft_p50_ms']:.0f} | "
+                                 f"{point['ttft_p99_ms']:.0f} | {point['itl_p50_ms']:.1f} | {point['itl_p99_ms']:.1f} |")
+            lines.append("")
+    if results.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in results.notes] + [""]
+    return "\n".join(lines)
+
+
+def summary_lines(results: Results, model: str, shape: str, concurrencies: list[int]) -> list[str]:
+    get = lambda system, c: results.get(model, shape, system, c)  # noqa: E731
+    peers = [s for s in results.points[model][shape] if s not in (OURS, ENGINE)]
+    header = "| ratio (floor) | " + " | ".join(f"c={c}" for c in concurrencies) + " |"
+    rows = [header, "|---|" + "---:|" * len(concurrencies),
+            "| serving efficiency = ours / engine alone (>= 0.9) | "
+            + " | ".join(ratio(get(OURS, c), get(ENGINE, c)) for c in concurrencies) + " |"]
+    for peer in peers:
+        rows.append(f"| ours / {peer} tokens/s | " + " | ".join(ratio(get(OURS, c), get(peer, c))
+                                                               for c in concurrencies) + " |")
+    lines = rows + [""]
+    one, sixteen = get(OURS, 1), get(OURS, 16)
+    if one and sixteen:
+        lines.append(f"- Throughput at concurrency 16 / concurrency 1: **{sixteen['tokens_per_s'] / one['tokens_per_s']:.2f}x** "
+                     "(target >= 8x).")
+    prefill = results.prefill_ms.get(model, {}).get(shape)
+    if sixteen and prefill:
+        lines.append(f"- TTFT p50 at concurrency 16 / single-request prefill time ({prefill:.0f} ms, the prefill graph "
+                     f"alone): **{sixteen['ttft_p50_ms'] / prefill:.2f}x** (target <= 2x).")
+    return lines
+
+
+def plots(results: Results, concurrencies: list[int], out_dir: Path, stem: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    panels = [(model, shape) for model, shapes in results.points.items() for shape in shapes]
+    for key, label, name in (("tokens_per_s", "output tokens/s", "throughput"),
+                             ("ttft_p50_ms", "time to first token p50 (ms)", "ttft")):
+        figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+        for axis, (model, shape) in zip(axes[0], panels):
+            for system, by_concurrency in results.points[model][shape].items():
+                xs = [c for c in concurrencies if results.get(model, shape, system, c)]
+                if xs:
+                    axis.plot(xs, [results.get(model, shape, system, c)[key] for c in xs], marker="o", label=system)
+            axis.set_xscale("log", base=2)
+            axis.set_yscale("log")
+            axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+            axis.set_xlabel("concurrency")
+            axis.set_ylabel(label)
+            axis.set_title(f"{model}, {shape}", fontsize=9)
+            axis.grid(True, which="both", alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        figure.suptitle(f"{label} vs concurrency ({results.date})", fontsize=10)
+        figure.tight_layout()
+        path = out_dir / f"{stem}_{name}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written

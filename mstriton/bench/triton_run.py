@@ -1,0 +1,54 @@
+"""Our server measured the way its users measure it: perf_analyzer --streaming against the decoupled front
+model over gRPC, its requests' send and response times read from --profile-export-file (genai-perf computes its
+figures from the same export, but cannot run here: see tools/bench_serving.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .timing import RequestTiming
+
+PERF_ANALYZER = Path(sys.prefix) / "bin" / "perf_analyzer"
+
+
+def input_data(prompts: list[str], output_tokens: int) -> dict:
+    """perf_analyzer's --input-data: one entry per prompt, used in turn; min_tokens = max_tokens, so that every
+    request streams exactly `output_tokens` tokens (no early end-of-sequence)."""
+    return {"data": [{"text_input": [p], "max_tokens": [output_tokens], "min_tokens": [output_tokens],
+                      "stream": [True]} for p in prompts]}
+
+
+def timings_from_profile(profile: dict) -> list[RequestTiming]:
+    """Every request of every experiment: send time and each response's arrival (nanoseconds -> seconds)."""
+    timings = []
+    for experiment in profile["experiments"]:
+        for request in experiment["requests"]:
+            timings.append(RequestTiming(start=request["timestamp"] / 1e9,
+                                         token_times=[t / 1e9 for t in request["response_timestamps"]]))
+    return timings
+
+
+def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_tokens: int, concurrency: int,
+                      workdir: Path, requests_per_window: int) -> tuple[list[RequestTiming], str]:
+    """Three count windows of `requests_per_window` requests at `concurrency`, stability check off (-s 999: on a
+    shared CPU the check only decides how long to run; we report percentiles of every request). Returns the
+    timings and perf_analyzer's own summary text."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    data, export = workdir / "input.json", workdir / "profile.json"
+    data.write_text(json.dumps(input_data(prompts, output_tokens)))
+    export.unlink(missing_ok=True)  # perf_analyzer refuses an existing export file
+    command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "--streaming", "-u", grpc_url,
+               "--input-data", str(data), "--concurrency-range", str(concurrency),
+               "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
+               "--stability-percentage", "999", "--max-trials", "3", "--profile-export-file", str(export)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    timings = timings_from_profile(json.loads(export.read_text()))
+    short = [t for t in timings if len(t.token_times) != output_tokens]
+    if short:
+        raise RuntimeError(f"{len(short)} of {len(timings)} requests streamed other than {output_tokens} tokens")
+    return timings, result.stdout

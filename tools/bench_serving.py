@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Serving benchmark (`make bench`): mstriton under tritonserver against the engine alone, transformers and
+llama.cpp, on the same weights and prompts, in one run.
+
+    python tools/bench_serving.py [--models demo,r100m] [--concurrency 1,4,16,64] [--systems ...] [--out STEM]
+
+For each model (the demo model of `make demo`, and a random LLaMA of about 100M parameters with the same
+tokenizer) and each shape (128 prompt tokens / 128 output tokens; 1024 / 64), every system runs the same
+prompts at each concurrency with closed-loop clients. Writes STEM.md (table and ratios), STEM.json and
+STEM_throughput.png / STEM_ttft.png (default STEM: benchmarks/serving). Takes about an hour on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+
+from mstriton.bench import report  # noqa: E402
+from mstriton.bench.timing import PeerUnavailable, summarize  # noqa: E402
+from mstriton.bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
+
+SYSTEMS = ["ours", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
+BUILD = ROOT / "build" / "bench"
+STARTED = time.monotonic()
+
+
+def say(message: str) -> None:
+    print(f"[bench {time.monotonic() - STARTED:6.0f}s] {message}", flush=True)
+
+
+def requests_for(shape: Shape, concurrency: int) -> int:
+    """Enough requests for percentiles without an hour per point: two rounds of the clients for short prompts,
+    one round for long ones (a 1024-token prefill of the 100M model takes seconds here)."""
+    rounds = 2 if shape.prompt_tokens <= 128 else 1
+    return max(rounds * concurrency, 6)
+
+
+# ---- models ---------------------------------------------------------------------------------------------
+
+def prepare_model(name: str) -> Path:
+    """The model's Hugging Face folder, made if missing."""
+    demo = ROOT / "build" / "demo_model"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "make_demo_model.py"), "--out", str(demo), "--if-stale"],
+                   check=True)
+    if name == "demo":
+        return demo
+    if name == "r100m":
+        from mstriton.bench.models import random_llama
+        return random_llama(BUILD / "random100m", demo, progress=say)
+    raise SystemExit(f"unknown model {name!r} (demo, r100m)")
+
+
+def convert_for_bench(name: str, checkpoint: Path, max_batch: int, max_seq_len: int) -> Path:
+    """A model repository of its own per model, converted once for these limits."""
+    from mstriton.convert import convert
+
+    repository = BUILD / f"repo_{name}"
+    stamp = repository / "bench_stamp.txt"
+    wanted = f"{checkpoint.resolve()} {(checkpoint / 'model.safetensors').stat().st_mtime_ns} {max_batch} {max_seq_len}"
+    if stamp.exists() and stamp.read_text() == wanted:
+        return repository
+    say(f"converting {name} (max batch {max_batch}, max_seq_len {max_seq_len}) into {repository}")
+    convert(checkpoint, name, repository, max_batch_size=max_batch, max_seq_len=max_seq_len,
+            progress=lambda line: say("  " + line))
+    stamp.write_text(wanted)
+    return repository
+
+
+# ---- the systems ----------------------------------------------------------------------------------------
+
+def run_ours_and_engine(results, name, repository, workload, concurrencies, max_slots, systems):
+    """tritonserver and the engine alone take turns point by point (the server idles while the engine runs),
+    so that a slow spell of this shared machine falls on both rather than on one."""
+    from mstriton.bench.engine_alone import EngineAlone
+    from mstriton.bench.triton_run import run_perf_analyzer
+    from mstriton.engine.engine import pad_prompts
+    from mstriton.server_process import TritonServer
+
+    server = engine = None
+    try:
+        if "ours" in systems:
+            log = BUILD / f"tritonserver_{name}.log"
+            say(f"{name}: starting tritonserver (log {log})")
+            server = TritonServer(repository, log)
+            server.wait_ready()
+        if "engine" in systems:
+            say(f"{name}: loading the engine alone")
+            engine = EngineAlone(repository, name, max_slots=max_slots)
+        for shape, prompts_by_c in workload.items():
+            texts, ids = prompts_by_c[concurrencies[0]]
+            if server:  # compile this prompt length's graphs before measuring
+                run_perf_analyzer(server.grpc, name, texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 1)
+            if engine:
+                engine.run(ids[:2], shape.output_tokens, 2)
+                times = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    engine.prefill_graphs.prefill(*pad_prompts([ids[0]]))
+                    times.append((time.perf_counter() - started) * 1e3)
+                results.prefill_ms.setdefault(name, {})[shape.name] = sorted(times)[1]
+                say(f"{name}, {shape.name}: single-request prefill {sorted(times)[1]:.0f} ms (median of 3)")
+            for c in concurrencies:
+                texts, ids = prompts_by_c[c]
+                if server:
+                    point(results, name, shape, report.OURS, c, lambda: run_perf_analyzer(
+                        server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
+                        max(1, -(-len(texts) // 3)))[0])
+                if engine:
+                    point(results, name, shape, report.ENGINE, c, lambda: engine.run(ids, shape.output_tokens, c))
+    finally:
+        if engine:
+            engine.close()
+        if server:
+            say(f"{name}: tritonserver stopped ({server.stop()})")
+
+
+def run_transformers(results, name, checkpoint, workload, concurrencies, batched, max_sequential):
+    from mstriton.bench.transformers_peer import TransformersPeer
+
+    system = report.HF_BATCHED if batched else report.HF_SEQUENTIAL
+    peer = TransformersPeer(checkpoint, batched=batched)
+    try:
+        for shape, prompts_by_c in workload.items():
+            peer.run(prompts_by_c[concurrencies[0]][1][:1], 4, 1)  # warm-up
+            for c in concurrencies:
+                if not batched and c > max_sequential:
+                    results.put(name, shape.name, system, c, {"error": f"not run: one request at a time, so its "
+                                f"throughput is that of concurrency 1 (limit --hf-sequential-max {max_sequential})"})
+                    continue
+                point(results, name, shape, system, c, lambda: peer.run(prompts_by_c[c][1], shape.output_tokens, c))
+    finally:
+        peer.close()
+
+
+def run_llamacpp(results, name, checkpoint, workload, concurrencies, dtype):
+    from mstriton.bench import llamacpp
+
+    system = f"llama.cpp server {dtype}"
+    try:
+        binary = llamacpp.build_server(ROOT / "build" / "llamacpp", say)
+        gguf = llamacpp.convert_to_gguf(checkpoint, BUILD / f"{name}-{dtype}.gguf", dtype)
+    except PeerUnavailable as exc:
+        for shape in workload:
+            for c in concurrencies:
+                results.put(name, shape.name, system, c, {"error": f"not built: {exc}"})
+        say(f"{system}: not built: {exc}")
+        return
+    longest = max(s.prompt_tokens + s.output_tokens for s in workload) + 16
+    with llamacpp.LlamaCppServer(binary, gguf, parallel=max(concurrencies), ctx_per_slot=longest,
+                                 threads=os.cpu_count() or 2) as server:
+        for shape, prompts_by_c in workload.items():
+            llamacpp.run(server, prompts_by_c[concurrencies[0]][0][:2], 4, 2)  # warm-up
+            for c in concurrencies:
+                point(results, name, shape, system, c,
+                      lambda: llamacpp.run(server, prompts_by_c[c][0], shape.output_tokens, c))
+
+
+def point(results, name, shape, system, concurrency, measure) -> None:
+    started = time.monotonic()
+    try:
+        value = summarize(measure()).__dict__
+    except Exception as exc:  # noqa: BLE001 - a failed point is reported, and the run goes on
+        value = {"error": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
+        say(f"{name}, {shape.name}, {system}, c={concurrency}: {value['error']}")
+    else:
+        say(f"{name}, {shape.name}, {system}, c={concurrency}: {value['requests']} requests, "
+            f"{value['tokens_per_s']:.1f} tok/s, TTFT p50 {value['ttft_p50_ms']:.0f} ms, "
+            f"ITL p50 {value['itl_p50_ms']:.1f} ms ({time.monotonic() - started:.0f}s)")
+    results.put(name, shape.name, system, concurrency, value)
+    results.save_json(BUILD / "results.json")  # a run that stops half-way keeps what it measured
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+
+    found = {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}
+    for package in ("mindspore", "tritonclient", "torch", "transformers"):
+        try:
+            found[package] = version(package)
+        except Exception:  # noqa: BLE001
+            found[package] = "not installed"
+    return found
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="demo,r100m")
+    parser.add_argument("--shapes", default=",".join(str(s.prompt_tokens) for s in SHAPES),
+                        help="prompt lengths of the shapes to run (128, 1024)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)))
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    parser.add_argument("--hf-sequential-max", type=int, default=4,
+                        help="highest concurrency at which transformers runs one request at a time")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "serving"), help="output path stem")
+    args = parser.parse_args(argv)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    shapes = [s for s in SHAPES if str(s.prompt_tokens) in args.shapes.split(",")]
+    systems = args.systems.split(",")
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
+    BUILD.mkdir(parents=True, exist_ok=True)
+    max_batch = max(concurrencies)
+    max_seq_len = max(s.prompt_tokens + s.output_tokens for s in shapes) + 64
+    tools = {report.OURS: "perf_analyzer 2.43 --streaming over gRPC against the decoupled front model; figures "
+                          "from its --profile-export-file (genai-perf cannot run here: 0.0.16 needs a perf_analyzer "
+                          "that writes service_kind and responses into the export, and the PyPI perf-analyzer "
+                          "wheel needs glibc 2.38)",
+             report.ENGINE: "in-process clock around the same prefill + Scheduler loop, no server",
+             report.HF_SEQUENTIAL: "in-process clock; a streamer stamps each generate() step",
+             report.HF_BATCHED: "in-process clock; a streamer stamps each generate() step",
+             "llama.cpp server f32/f16": "HTTP streaming client, a timestamp per streamed token"}
+    results = report.Results(date=datetime.date.today().isoformat(), machine=report.machine_description(),
+                             versions=versions(), tools=tools, prefill_ms={})
+    for name in args.models.split(","):
+        checkpoint = prepare_model(name)
+        repository = convert_for_bench(name, checkpoint, max_batch, max_seq_len)
+        from mstriton.tokenizer import Tokenizer
+        tokenizer = Tokenizer(checkpoint / "tokenizer.model")
+        workload = {}
+        for shape in shapes:
+            workload[shape] = {}
+            for c in concurrencies:
+                texts = make_prompts(checkpoint / "tokenizer.model", requests_for(shape, c), shape.prompt_tokens,
+                                     seed=c)
+                workload[shape][c] = (texts, [tokenizer.encode(t) for t in texts])
+        say(f"{name}: prompts ready ({', '.join(s.name for s in shapes)}; concurrency {concurrencies})")
+        if "ours" in systems or "engine" in systems:
+            run_ours_and_engine(results, name, repository, workload, concurrencies, max_batch, systems)
+        if "hf-sequential" in systems:
+            run_transformers(results, name, checkpoint, workload, concurrencies, False, args.hf_sequential_max)
+        if "hf-batched" in systems:
+            run_transformers(results, name, checkpoint, workload, concurrencies, True, args.hf_sequential_max)
+        for dtype in ("f32", "f16"):
+            if f"llamacpp-{dtype}" in systems:
+                run_llamacpp(results, name, checkpoint, workload, concurrencies, dtype)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results.save_json(out.with_suffix(".json"))
+    report.write_atomically(out.with_suffix(".md"), report.markdown(results, concurrencies))
+    for path in report.plots(results, concurrencies, out.parent, out.name):
+        say(f"wrote {path}")
+    say(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} in {time.monotonic() - STARTED:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
