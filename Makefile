@@ -3,6 +3,7 @@
 #   make test           the whole pytest suite (PYTEST_ARGS="-k tokenizer -x" to narrow it)
 #   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
 #   make run            serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001, metrics 8002)
+#   make bench          serving benchmark: tritonserver vs the engine alone, transformers, llama.cpp (about an hour)
 #   make bench-engine   benchmark the MindSpore engine alone
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
 #   make docker-lint    hadolint + KServe manifests; docker-test: build the CPU image, serve the demo from it (root)
@@ -15,7 +16,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export VENV
 
-.PHONY: all install test demo run bench-engine clean docker-lint docker-test
+.PHONY: all install test demo run bench bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -40,6 +41,11 @@ run: install
 	$(MAKE) demo
 	$(VENV)/bin/tritonserver --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+BENCH_ARGS ?=
+
+bench: install
+	$(PY) tools/bench_serving.py $(BENCH_ARGS)
 
 bench-engine: install
 	$(PY) tools/bench_engine.py
