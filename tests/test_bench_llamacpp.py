@@ -91,6 +91,8 @@ def test_convert_serve_and_tokenize_like_ours(tmp_path):
     save_random_hf_llama(hf, vocab_size=60)
     copy_test_tokenizer(hf)
     gguf = llamacpp.convert_to_gguf(hf, tmp_path / "tiny-f16.gguf", "f16")
+    made = gguf.stat().st_mtime_ns
+    assert llamacpp.convert_to_gguf(hf, gguf, "f16").stat().st_mtime_ns == made  # reused, not converted again
     # (the test tokenizer has no byte fallback: llama.cpp's /tokenize fails on characters it lacks)
     texts = ["The quick brown fox jumps over the lazy dog", "MindSpore graphs served by Triton", "fox",
              "the cache grows while every client streams"]

@@ -162,15 +162,19 @@ def convert_to_gguf(hf_dir: Path, out: Path, dtype: str, cache_dir: Path = DEFAU
                     progress: Progress = _quiet) -> Path:
     """A Hugging Face LLaMA folder (config.json, model.safetensors, sentencepiece tokenizer.model) to one GGUF
     file of f32 or f16 weights (norms stay f32, as the converter does), with llama.cpp's own converter and the
-    gguf-py it ships. The file is kept while it is newer than the folder's files."""
+    gguf-py it ships. A converted file is reused while the folder's files (names, sizes, modification times) are
+    those it was made from, as recorded next to it in <out>.source.json."""
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     hf_dir, out = Path(hf_dir), Path(out)
-    sources = [p for p in hf_dir.iterdir() if p.is_file()]
     if not (hf_dir / "tokenizer.model").is_file():
         raise PeerUnavailable(f"{hf_dir} has no tokenizer.model; the GGUF needs the sentencepiece vocabulary")
-    if out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in sources):
-        return out
+    stamp = {"dtype": dtype, "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "files": {
+        p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(hf_dir.iterdir()) if p.is_file()}}
+    stamp_path = out.with_name(out.name + ".source.json")
+    with contextlib.suppress(OSError, ValueError):
+        if out.is_file() and json.loads(stamp_path.read_text()) == stamp:
+            return out
     tree = fetch_source(cache_dir, progress)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
@@ -185,6 +189,7 @@ def convert_to_gguf(hf_dir: Path, out: Path, dtype: str, cache_dir: Path = DEFAU
         raise PeerUnavailable(f"convert_hf_to_gguf.py failed on {hf_dir} ({dtype}):\n"
                               f"{_tail(done.stdout + done.stderr)}")
     partial.replace(out)
+    stamp_path.write_text(json.dumps(stamp))
     return out
 
 
