@@ -15,6 +15,7 @@ class DecodeMetrics:
         labels = {"model": model}
         gauge = pb_utils.MetricFamily.GAUGE
         self.families = []  # a MetricFamily must outlive its metrics
+        self.last: dict[int, float] = {}  # id(gauge) -> the value last set
 
         def family(name, description, kind=gauge):
             self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
@@ -33,16 +34,23 @@ class DecodeMetrics:
 
     def on_queue(self, scheduler) -> None:
         stats = scheduler.stats()
-        self.running.set(stats["running"])
-        self.waiting.set(stats["waiting"])
-        self.slots_used.set(stats["kv_slots_used"])
-        self.slots_total.set(stats["kv_slots_total"])
-        self.tokens_used.set(stats["kv_tokens_used"])
-        self.usage.set(stats["kv_tokens_used"] / max(stats["kv_tokens_capacity"], 1))
+        self._set(self.running, stats["running"])
+        self._set(self.waiting, stats["waiting"])
+        self._set(self.slots_used, stats["kv_slots_used"])
+        self._set(self.slots_total, stats["kv_slots_total"])
+        self._set(self.tokens_used, stats["kv_tokens_used"])
+        self._set(self.usage, stats["kv_tokens_used"] / max(stats["kv_tokens_capacity"], 1))
 
     def on_step(self, scheduler, batch: int, seconds: float) -> None:
-        self.batch.set(batch)
+        self._set(self.batch, batch)
         self.step_time.observe(seconds)
+
+    def _set(self, gauge, value) -> None:
+        # Every set is a message to the server process, and this runs after every decode step: a gauge is set
+        # only when its value changed (it still changes at once, e.g. when a cancel frees a slot).
+        if self.last.get(id(gauge)) != value:
+            self.last[id(gauge)] = value
+            gauge.set(value)
 
 
 class RequestMetrics:
