@@ -28,6 +28,7 @@ from mstriton.bench import report  # noqa: E402
 from mstriton.bench.timing import PeerUnavailable, summarize  # noqa: E402
 from mstriton.bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
 
+LLAMACPP_THREADS = os.cpu_count() or 2  # as many as MindSpore uses: every core
 SYSTEMS = ["ours", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
 BUILD = ROOT / "build" / "bench"
 STARTED = time.monotonic()
@@ -156,8 +157,10 @@ def run_llamacpp(results, name, checkpoint, workload, concurrencies, dtype):
         return
     longest = max(s.prompt_tokens + s.output_tokens for s in workload) + 16
     with llamacpp.LlamaCppServer(binary, gguf, parallel=max(concurrencies), ctx_per_slot=longest,
-                                 threads=os.cpu_count() or 2) as server:
+                                 threads=LLAMACPP_THREADS, log_path=BUILD / f"llamacpp_{name}_{dtype}.log") as server:
         for shape, prompts_by_c in workload.items():
+            # the same prompts must be the same token ids there as here (BOS included)
+            llamacpp.check_tokenizer(server, prompts_by_c[concurrencies[0]][0][:4], checkpoint / "tokenizer.model")
             llamacpp.run(server, prompts_by_c[concurrencies[0]][0][:2], 4, 2)  # warm-up
             for c in concurrencies:
                 point(results, name, shape, system, c,
@@ -182,7 +185,10 @@ def point(results, name, shape, system, concurrency, measure) -> None:
 def versions() -> dict:
     from importlib.metadata import version
 
-    found = {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)"}
+    from mstriton.bench.llamacpp import LLAMA_CPP_PYTHON_VERSION
+
+    found = {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)",
+             "llama.cpp": f"as vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"}
     for package in ("mindspore", "tritonclient", "torch", "transformers"):
         try:
             found[package] = version(package)
@@ -218,7 +224,9 @@ def main(argv=None) -> int:
              report.ENGINE: "in-process clock around the same prefill + Scheduler loop, no server",
              report.HF_SEQUENTIAL: "in-process clock; a streamer stamps each generate() step",
              report.HF_BATCHED: "in-process clock; a streamer stamps each generate() step",
-             "llama.cpp server f32/f16": "HTTP streaming client, a timestamp per streamed token"}
+             "llama.cpp server f32/f16": f"llama-server of llama-cpp-python's sdist, {LLAMACPP_THREADS} threads, "
+                                         "one parallel slot per client; HTTP /completion streaming client, a "
+                                         "timestamp per streamed token"}
     results = report.Results(date=datetime.date.today().isoformat(), machine=report.machine_description(),
                              versions=versions(), tools=tools, prefill_ms={})
     for name in args.models.split(","):

@@ -24,13 +24,12 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .timing import PeerUnavailable, RequestTiming
+from .timing import PeerUnavailable, RequestTiming, closed_loop
 
 # The sdist this peer is built from; its vendored llama.cpp has tools/server and convert_hf_to_gguf.py.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -399,35 +398,13 @@ def _stream(conn: http.client.HTTPConnection, body: str, output_tokens: int) -> 
 
 
 def run(server: LlamaCppServer, prompts: list[str], output_tokens: int, concurrency: int) -> list[RequestTiming]:
-    """Closed loop: `concurrency` clients, each sending its next prompt as soon as its previous request has
-    finished, until every prompt has been sent once. Returns the timings in the order of `prompts`; the
-    server's own per-request timings (llama.cpp's prompt_ms, predicted_per_token_ms, ...) are appended to
-    `server.timings` when the server has that list."""
+    """Closed-loop clients (timing.closed_loop). The server's own per-request timings (llama.cpp's prompt_ms,
+    predicted_per_token_ms, ...) are appended to `server.timings` when the server has that list."""
     server_timings = getattr(server, "timings", [])
-    results: list[RequestTiming | None] = [None] * len(prompts)
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-    next_index = iter(range(len(prompts)))
 
-    def client() -> None:
-        try:
-            while not errors:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
-                results[i], own = _one_request(server.port, prompts[i], output_tokens)
-                with lock:
-                    server_timings.append(own)
-        except BaseException as e:  # noqa: BLE001 - reported to the caller below
-            errors.append(e)
+    def send(_index: int, prompt: str) -> RequestTiming:
+        timing, own = _one_request(server.port, prompt, output_tokens)
+        server_timings.append(own)  # list.append is atomic under the GIL
+        return timing
 
-    threads = [threading.Thread(target=client, name=f"llamacpp-client-{k}", daemon=True)
-               for k in range(max(1, min(concurrency, len(prompts))))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return [r for r in results if r is not None]
+    return closed_loop(prompts, concurrency, send)
