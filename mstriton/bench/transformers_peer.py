@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..engine.engine import PREFILL_TOKEN_BUDGET
 from .timing import RequestTiming, closed_loop
 
 
@@ -53,7 +54,10 @@ class TransformersPeer:
     def _serve(self) -> None:
         while True:
             batch = [self.arrivals.get()]
-            while self.batched:
+            # as large a batch as has arrived, within the padded-token budget our prefill keeps too (attention's
+            # score matrices of 64 long prompts at once would need gigabytes)
+            while self.batched and batch[0] is not None and \
+                    (len(batch) + 1) * len(batch[0][0]) <= max(PREFILL_TOKEN_BUDGET, len(batch[0][0])):
                 try:
                     batch.append(self.arrivals.get_nowait())
                 except queue.Empty:
