@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ os.environ.setdefault("GLOG_v", "3")
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn  # noqa: E402
 
+from mstriton.bench import report  # noqa: E402
 from mstriton.config import LlamaConfig  # noqa: E402
 from mstriton.engine.engine import Engine  # noqa: E402
 from mstriton.engine.graphs import EngineGraphs, export_engine  # noqa: E402
@@ -178,15 +178,7 @@ def time_unaligned_weights(engine: Engine, batch: int, kv: int, repeats: int) ->
 
 
 def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, MindSpore {ms.__version__}"
+    return f"{report.machine_description()}, MindSpore {ms.__version__}"
 
 
 def main() -> None:

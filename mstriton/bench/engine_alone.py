@@ -14,13 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 
 from ..engine.engine import Engine, pad_prompts, prefill_chunks, warm_up
 from ..engine.graphs import EngineGraphs
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
 from ..serving.scheduler import DecodeRequest, Scheduler, final_event
+from .arrivals import next_batch
 from .timing import RequestTiming, closed_loop
 
 
@@ -43,13 +43,8 @@ class EngineAlone:
 
     def _prefill_loop(self) -> None:
         while True:
-            batch = [self.arrivals.get()]
-            while len(batch) < self.graphs.max_batch_size:
-                try:
-                    batch.append(self.arrivals.get_nowait())
-                except queue.Empty:
-                    break
-            if None in batch:
+            batch = next_batch(self.arrivals, lambda _: self.graphs.max_batch_size)
+            if batch[0] is None:
                 return
             for chunk in prefill_chunks([len(r.prompt_ids) for r in batch]):
                 self._prefill([batch[i] for i in chunk])

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from ..engine.engine import PREFILL_TOKEN_BUDGET
+from .arrivals import next_batch
 from .timing import RequestTiming, closed_loop
 
 
@@ -53,16 +54,11 @@ class TransformersPeer:
 
     def _serve(self) -> None:
         while True:
-            batch = [self.arrivals.get()]
             # as large a batch as has arrived, within the padded-token budget our prefill keeps too (attention's
             # score matrices of 64 long prompts at once would need gigabytes)
-            while self.batched and batch[0] is not None and \
-                    (len(batch) + 1) * len(batch[0][0]) <= max(PREFILL_TOKEN_BUDGET, len(batch[0][0])):
-                try:
-                    batch.append(self.arrivals.get_nowait())
-                except queue.Empty:
-                    break
-            if None in batch:
+            batch = next_batch(self.arrivals, lambda first: max(1, PREFILL_TOKEN_BUDGET // len(first[0]))
+                               if self.batched else 1)
+            if batch[0] is None:
                 return
             try:
                 self._generate(batch)
