@@ -251,14 +251,18 @@ def main(argv=None) -> int:
         for dtype in ("f32", "f16"):
             if f"llamacpp-{dtype}" in systems:
                 run_llamacpp(results, name, checkpoint, workload, concurrencies, dtype)
-    out = Path(args.out)
+        write_report(results, concurrencies, Path(args.out))  # after each model: a cut-short run keeps its part
+    say(f"done in {time.monotonic() - STARTED:.0f}s")
+    return 0
+
+
+def write_report(results, concurrencies, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     results.save_json(out.with_suffix(".json"))
     report.write_atomically(out.with_suffix(".md"), report.markdown(results, concurrencies))
     for path in report.plots(results, concurrencies, out.parent, out.name):
         say(f"wrote {path}")
-    say(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')} in {time.monotonic() - STARTED:.0f}s")
-    return 0
+    say(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":
