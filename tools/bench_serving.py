@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,15 @@ STARTED = time.monotonic()
 
 def say(message: str) -> None:
     print(f"[bench {time.monotonic() - STARTED:6.0f}s] {message}", flush=True)
+
+
+def fit_shape(shape: Shape, max_positions: int) -> Shape:
+    """The shape, with a shorter prompt where prompt + output would pass the model's max_position_embeddings
+    (the demo model's is 1024: its long shape is 960 in / 64 out)."""
+    if shape.prompt_tokens + shape.output_tokens <= max_positions:
+        return shape
+    prompt = max_positions - shape.output_tokens
+    return Shape(f"{prompt} in / {shape.output_tokens} out", prompt, shape.output_tokens)
 
 
 def requests_for(shape: Shape, concurrency: int) -> int:
@@ -216,7 +226,6 @@ def main(argv=None) -> int:
         parser.error(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
     BUILD.mkdir(parents=True, exist_ok=True)
     max_batch = max(concurrencies)
-    max_seq_len = max(s.prompt_tokens + s.output_tokens for s in shapes) + 64
     tools = {report.OURS: "perf_analyzer 2.43 --streaming over gRPC against the decoupled front model; figures "
                           "from its --profile-export-file (genai-perf cannot run here: 0.0.16 needs a perf_analyzer "
                           "that writes service_kind and responses into the export, and the PyPI perf-analyzer "
@@ -231,11 +240,14 @@ def main(argv=None) -> int:
                              versions=versions(), tools=tools, prefill_ms={})
     for name in args.models.split(","):
         checkpoint = prepare_model(name)
+        limit = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+        model_shapes = [fit_shape(s, limit) for s in shapes]
+        max_seq_len = min(limit, max(s.prompt_tokens + s.output_tokens for s in model_shapes) + 64)
         repository = convert_for_bench(name, checkpoint, max_batch, max_seq_len)
         from mstriton.tokenizer import Tokenizer
         tokenizer = Tokenizer(checkpoint / "tokenizer.model")
         workload = {}
-        for shape in shapes:
+        for shape in model_shapes:
             workload[shape] = {}
             for c in concurrencies:
                 texts = make_prompts(checkpoint / "tokenizer.model", requests_for(shape, c), shape.prompt_tokens,
