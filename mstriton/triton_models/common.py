@@ -107,32 +107,16 @@ RESPONSE_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstri
 
 
 async def stream_responses(infer_request):
-    """The responses of a decoupled BLS call, as an async generator; the call is read to its end even if the
-    caller stops early.
+    """The responses of a decoupled BLS call, as an async generator read to its end.
 
-    The request is sent from the event loop's thread; one waiting thread per call runs the backend's blocking
-    iterator and hands each response to the loop (call_soon_threadsafe), so streams never block each other,
-    no two threads talk to the server at once but for those waits, and a response costs one thread wake-up
-    (a hop through the executor per response cost two, and the executor's bookkeeping).
+    The request is sent from the event loop's thread; only the wait for each next response (the backend's
+    iterator is blocking) runs in a worker thread, so streams never block each other and no two threads
+    talk to the server at once.
     """
     iterator = await infer_request.async_exec(decoupled=True)
     loop = asyncio.get_running_loop()
-    arrived: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    def read() -> None:
-        try:
-            for response in iterator:
-                loop.call_soon_threadsafe(arrived.put_nowait, response)
-            loop.call_soon_threadsafe(arrived.put_nowait, end)
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller
-            loop.call_soon_threadsafe(arrived.put_nowait, exc)
-
-    RESPONSE_WAITERS.submit(read)
     while True:
-        response = await arrived.get()
-        if response is end:
+        response = await loop.run_in_executor(RESPONSE_WAITERS, next, iterator, None)
+        if response is None:
             return
-        if isinstance(response, BaseException):
-            raise response
         yield response

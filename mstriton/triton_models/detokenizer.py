@@ -3,6 +3,7 @@ other outputs (step_ints, step_floats) through so that every ensemble response c
 
 from __future__ import annotations
 
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import Tokenizer
