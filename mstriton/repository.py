@@ -83,11 +83,11 @@ CLIENT_OUTPUTS = [
 ]
 # Tensors between the pipeline's steps.
 KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
-# One response per token passes decode -> detokenizer -> front: its fields are packed into two tensors
-# (mstriton/triton_models/common.py: STEP_INTS = token, num_input_tokens, num_output_tokens, is_final,
-# finish_reason code; STEP_FLOATS = logprob, cum_logprob), since every tensor costs per response in each process.
 STEP_OUTPUTS = [
-    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [5]), ("step_floats", pb.TYPE_FP32, [2]),
+    ("output_ids", pb.TYPE_INT32, [-1]), ("token", pb.TYPE_INT32, [1]), ("logprob", pb.TYPE_FP32, [1]),
+    ("cum_logprob", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
+    ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
+    ("is_final", pb.TYPE_BOOL, [1]),
 ]
 PIPELINE_OUTPUTS = [("text_output", pb.TYPE_STRING, [1])] + [o for o in STEP_OUTPUTS if o[0] != "output_ids"]
 

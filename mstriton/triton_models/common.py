@@ -55,22 +55,6 @@ def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
-# What a streamed token carries from the decode model through the detokenizer to the front model, packed in two
-# tensors (every tensor of a response costs its own shared-memory block and bookkeeping in each process it
-# passes, and there is one response per token): step_ints = STEP_INTS, step_floats = STEP_FLOATS.
-STEP_INTS = ("token", "num_input_tokens", "num_output_tokens", "is_final", "finish_reason")
-STEP_FLOATS = ("logprob", "cum_logprob")
-FINISH_REASONS = ("", "length", "stop", "end_id", "cancelled")  # finish_reason in step_ints: an index here
-FINISH_CODES = {reason: code for code, reason in enumerate(FINISH_REASONS)}
-
-
-def step_tensors(token: int, num_input_tokens: int, num_output_tokens: int, final: bool, finish_reason: str | None,
-                 logprob: float, cum_logprob: float) -> list["pb_utils.Tensor"]:
-    return [pb_utils.Tensor("step_ints", np.array([[token, num_input_tokens, num_output_tokens, final,
-                                                    FINISH_CODES[finish_reason or ""]]], np.int32)),
-            pb_utils.Tensor("step_floats", np.array([[logprob, cum_logprob]], np.float32))]
-
-
 # Marks the message of a refused request. An error's code does not survive the way out of an ensemble (2.51
 # turns INVALID_ARG from a step into INTERNAL, and KServe /infer into HTTP 500); the message does, so the front
 # and unary models give the code back by this mark (`with_code_restored`).

@@ -7,8 +7,6 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -21,9 +19,6 @@ from ..tokenizer import DETOKENIZE_WINDOW, stream_window
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# `is_cancelled()` is a round trip to the server process; asking it for every token cost about as much as
-# sending the token. A direct client's cancel is seen within this many seconds (or at its next token, if later).
-CANCEL_CHECK_SECONDS = 0.05
 
 
 class ClientGone(RuntimeError):
@@ -32,12 +27,18 @@ class ClientGone(RuntimeError):
 
 def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
     # The window reaches back into the prompt, so the first piece keeps the space that joins it to the prompt.
-    window = stream_window(prompt_tail + event.output_ids[-(DETOKENIZE_WINDOW + 1):]) if event.token >= 0 else []
+    window = stream_window(prompt_tail + event.output_ids) if event.token >= 0 else []
+    final = event.finish_reason is not None
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
-        *common.step_tensors(event.token, event.num_input_tokens, len(event.output_ids),
-                             event.finish_reason is not None, event.finish_reason, event.logprob,
-                             event.cum_logprob)])
+        common.scalar_tensor("token", event.token, np.int32),
+        common.scalar_tensor("logprob", event.logprob, np.float32),
+        common.scalar_tensor("cum_logprob", event.cum_logprob, np.float32),
+        common.bytes_tensor("finish_reason", [event.finish_reason or ""]),
+        common.scalar_tensor("num_input_tokens", event.num_input_tokens, np.int32),
+        common.scalar_tensor("num_output_tokens", len(event.output_ids), np.int32),
+        common.scalar_tensor("is_final", final, np.bool_),
+    ])
 
 
 class TritonPythonModel:
@@ -59,9 +60,8 @@ class TritonPythonModel:
             stop_key = common.get(request, "stop_key")
             if stop_key is not None:
                 found = self.scheduler.cancel(common.text(request, "stop_key"))
-                # is_final in step_ints answers whether the key was running
-                sender.send(pb_utils.InferenceResponse(output_tensors=common.step_tensors(
-                    -1, 0, 0, found, None, 0.0, 0.0)), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(output_tensors=[
+                    common.scalar_tensor("is_final", found, np.bool_)]), flags=FINAL)
                 continue
             try:
                 self.scheduler.submit(self.decode_request(request, sender))
@@ -79,16 +79,8 @@ class TritonPythonModel:
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
         prompt_tail = prompt_ids[-(DETOKENIZE_WINDOW + 1):]
 
-        next_check = [0.0]
-
         def emit(event: TokenEvent) -> None:
-            now = time.monotonic()
-            if now >= next_check[0]:
-                next_check[0] = now + CANCEL_CHECK_SECONDS
-                cancelled = sender.is_cancelled()
-            else:
-                cancelled = False
-            if cancelled:  # a direct client cancelled: end its stream, free the slot
+            if sender.is_cancelled():  # a direct client cancelled: end its stream, free the slot
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
                 raise ClientGone()

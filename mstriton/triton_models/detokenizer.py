@@ -1,5 +1,5 @@
 """NAME_detokenizer: stateless incremental detokenization of one streamed token; passes the decode model's
-other outputs (step_ints, step_floats) through so that every ensemble response comes whole from this last step."""
+other outputs through so that every ensemble response comes whole from this last step."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import triton_python_backend_utils as pb_utils
 from ..tokenizer import Tokenizer
 from . import common
 
-PASS_THROUGH = ("step_ints", "step_floats")
-IS_FINAL = common.STEP_INTS.index("is_final")
+PASS_THROUGH = ("token", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
+                "num_output_tokens", "is_final")
 
 
 class TritonPythonModel:
@@ -24,11 +24,10 @@ class TritonPythonModel:
         for request in requests:
             try:
                 window = common.get(request, "output_ids").reshape(-1).tolist()
-                ints = common.get(request, "step_ints")
-                final = bool(ints.reshape(-1)[IS_FINAL])
+                final = bool(common.get(request, "is_final").reshape(-1)[0])
                 piece = self.tokenizer.piece(window, final=final) if window else ""
-                outputs = [common.bytes_tensor("text_output", [piece]), pb_utils.Tensor("step_ints", ints),
-                           pb_utils.Tensor("step_floats", common.get(request, "step_floats"))]
+                outputs = [common.bytes_tensor("text_output", [piece])]
+                outputs += [pb_utils.Tensor(name, common.get(request, name)) for name in PASS_THROUGH]
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001
                 responses.append(common.error_response(exc))

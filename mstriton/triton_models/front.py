@@ -6,11 +6,9 @@ into the steps of an ensemble. This model sees it (`is_cancelled()`), and tells 
 sequence, which frees its KV-cache slot at the next step. It also serves tensorrtllm_backend's explicit stop:
 a request with `stop` true and the request id of a running request.
 
-Every BLS call is made from the stub's event loop, never from a thread of its own: decoupled BLS calls made from
+Every stream is a coroutine on the stub's event loop, never a thread of its own: decoupled BLS calls made from
 several threads at once crashed tritonserver 2.51 (SIGSEGV, boost lock_exception in libtriton_python.so)
-within seconds at four concurrent streams, while the same load on the ensemble alone ran clean. Once the
-pipeline call is made, one waiting thread per stream reads its responses and sends the client's (the Python
-backend's documented decoupled pattern), so a token costs no hop through the event loop.
+within seconds at four concurrent streams, while the same load on the ensemble alone ran clean.
 """
 
 from __future__ import annotations
@@ -30,9 +28,8 @@ from ..serving.requests import parse_request
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# A client's cancel is seen within this many seconds (is_cancelled() is a round trip to the server process).
-CANCEL_CHECK_SECONDS = 0.05
-PIPELINE_OUTPUTS = ["text_output", "step_ints", "step_floats"]
+PIPELINE_OUTPUTS = ["text_output", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
+                    "num_output_tokens", "is_final"]
 
 
 class TritonPythonModel:
@@ -67,13 +64,13 @@ class TritonPythonModel:
             common.bytes_tensor("finish_reason", ["cancelled" if key else ""])]), flags=FINAL)
 
     async def stop_decode(self, key: str) -> None:
-        stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["step_ints"],
+        stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["is_final"],
                                          inputs=[common.bytes_tensor("stop_key", [key])])
         async for _ in common.stream_responses(stop):
             pass
 
     async def generate(self, request, sender, parsed) -> None:
-        arrival = time.monotonic()
+        arrival, first, last = time.monotonic(), None, None
         client_id = request.request_id()
         key = f"{client_id or 'request'}-{uuid.uuid4().hex[:12]}"
         if client_id:
@@ -84,15 +81,57 @@ class TritonPythonModel:
             inputs=[common.bytes_tensor("text_input", [parsed.text]),
                     common.bytes_tensor("params_json", [json.dumps(dataclasses.asdict(params))]),
                     common.bytes_tensor("request_key", [key])])
-        stream = Stream(arrival=arrival)
+        prefix = "" if params.exclude_input_in_output else parsed.text
+        pieces, logprobs = [], []
+        prompt_tokens = generated = 0
+        reason, cancelled = "error", False
+        error_sent = False
         try:
-            iterator = await pipeline.async_exec(decoupled=True)
-            # The whole stream is relayed by one waiting thread: each response goes from the pipeline to the
-            # client there, with no hop through the event loop per token. Only the stop request (a BLS call)
-            # is made from the event loop.
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(common.RESPONSE_WAITERS, self.relay, iterator, sender, parsed, key, loop,
-                                       stream)
+            async for response in common.stream_responses(pipeline):  # read to its end, whatever happens
+                if error_sent:
+                    continue
+                if response.has_error():
+                    sender.send(pb_utils.InferenceResponse(
+                        output_tensors=[], error=common.with_code_restored(response.error())), flags=FINAL)
+                    error_sent = True
+                    continue
+                out = common.outputs_by_name(response)
+                if not out:
+                    continue
+                if not cancelled and sender.is_cancelled():
+                    cancelled = True
+                    await self.stop_decode(key)
+                if cancelled:
+                    reason = "cancelled"
+                    continue
+                now = time.monotonic()
+                first = first or now
+                last = now
+                piece = out["text_output"].reshape(-1)[0].decode("utf-8")
+                token_logprob = float(out["logprob"].reshape(-1)[0])
+                finish = out["finish_reason"].reshape(-1)[0].decode("utf-8")
+                prompt_tokens = int(out["num_input_tokens"].reshape(-1)[0])
+                generated = int(out["num_output_tokens"].reshape(-1)[0])
+                cum = float(out["cum_logprob"].reshape(-1)[0])
+                final = bool(out["is_final"].reshape(-1)[0])
+                if prefix:
+                    piece, prefix = prefix + piece, ""
+                if params.stream:
+                    sender.send(client_response([piece], [token_logprob], cum, finish, prompt_tokens, generated),
+                                flags=FINAL if final else 0)
+                else:
+                    pieces.append(piece)
+                    logprobs.append(token_logprob)
+                    if final:
+                        sender.send(client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens,
+                                                    generated), flags=FINAL)
+                if final:
+                    reason = finish or "length"
+            if error_sent:
+                return
+            if cancelled:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
             try:
                 sender.send(common.error_response(exc), flags=FINAL)
@@ -101,70 +140,7 @@ class TritonPythonModel:
         finally:
             if client_id and self.active.get(client_id) == key:
                 del self.active[client_id]
-            self.metrics.finished(stream.arrival, stream.first, stream.last or time.monotonic(),
-                                  stream.prompt_tokens, stream.generated, stream.reason)
-
-    def relay(self, iterator, sender, parsed, key: str, loop, stream: "Stream") -> None:
-        """Runs in a waiting thread: reads the pipeline's responses to their end and sends the client's."""
-        params = parsed.params
-        prefix = "" if params.exclude_input_in_output else parsed.text
-        pieces, logprobs = [], []
-        cancelled = error_sent = False
-        next_check = 0.0
-        for response in iterator:  # read to its end, whatever happens
-            if error_sent:
-                continue
-            if response.has_error():
-                sender.send(pb_utils.InferenceResponse(
-                    output_tensors=[], error=common.with_code_restored(response.error())), flags=FINAL)
-                error_sent = True
-                continue
-            if cancelled:
-                continue
-            out = common.outputs_by_name(response)
-            if not out:
-                continue
-            now = time.monotonic()
-            if now >= next_check:  # is_cancelled() is a round trip to the server: not for every token
-                next_check = now + CANCEL_CHECK_SECONDS
-                if sender.is_cancelled():
-                    cancelled = True
-                    stream.reason = "cancelled"
-                    asyncio.run_coroutine_threadsafe(self.stop_decode(key), loop)
-                    continue
-            stream.first = stream.first or now
-            stream.last = now
-            piece = out["text_output"].reshape(-1)[0].decode("utf-8")
-            _, stream.prompt_tokens, stream.generated, final, finish = out["step_ints"].reshape(-1).tolist()
-            finish, final = common.FINISH_REASONS[finish], bool(final)
-            token_logprob, cum = out["step_floats"].reshape(-1).tolist()
-            if prefix:
-                piece, prefix = prefix + piece, ""
-            if params.stream:
-                sender.send(client_response([piece], [token_logprob], cum, finish, stream.prompt_tokens,
-                                            stream.generated), flags=FINAL if final else 0)
-            else:
-                pieces.append(piece)
-                logprobs.append(token_logprob)
-                if final:
-                    sender.send(client_response(["".join(pieces)], logprobs, cum, finish, stream.prompt_tokens,
-                                                stream.generated), flags=FINAL)
-            if final:
-                stream.reason = finish or "length"
-        if cancelled and not error_sent:
-            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
-
-
-@dataclasses.dataclass
-class Stream:
-    """What the metrics need of one relayed stream."""
-    arrival: float
-    first: float | None = None
-    last: float | None = None
-    prompt_tokens: int = 0
-    generated: int = 0
-    reason: str = "error"
+            self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated) -> "pb_utils.InferenceResponse":
