@@ -1,0 +1,100 @@
+"""The serving benchmark's own logic, without servers: the figures from request timings, the closed loop, the
+exact-length prompts, perf_analyzer's export, and the report."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+from mstriton.bench import report
+from mstriton.bench.timing import RequestTiming, closed_loop, summarize
+from mstriton.bench.triton_run import input_data, timings_from_profile
+
+
+def test_summarize_computes_throughput_ttft_and_inter_token_gaps():
+    timings = [RequestTiming(start=0.0, token_times=[0.1, 0.2, 0.4]),
+               RequestTiming(start=1.0, token_times=[1.3, 1.4, 1.5])]
+    point = summarize(timings)
+    assert point.output_tokens == 6 and point.requests == 2
+    assert point.seconds == pytest.approx(1.5) and point.tokens_per_s == pytest.approx(4.0)
+    assert point.ttft_p50_ms == pytest.approx(200.0)          # 100 ms and 300 ms
+    assert point.itl_p50_ms == pytest.approx(100.0)           # gaps 100, 200, 100, 100
+    assert point.itl_p99_ms == pytest.approx(197.0)
+
+
+def test_closed_loop_keeps_at_most_concurrency_requests_in_flight_and_sends_each_once():
+    in_flight, peak, sent, lock = [0], [0], [], threading.Lock()
+
+    def send(index, prompt):
+        with lock:
+            in_flight[0] += 1
+            peak[0] = max(peak[0], in_flight[0])
+            sent.append(prompt)
+        time.sleep(0.01)
+        with lock:
+            in_flight[0] -= 1
+        return RequestTiming(start=0.0, token_times=[1.0])
+
+    timings = closed_loop(list(range(20)), 3, send)
+    assert len(timings) == 20 and sorted(sent) == list(range(20)) and peak[0] == 3
+
+
+def test_closed_loop_raises_the_first_error():
+    def send(index, prompt):
+        raise RuntimeError(f"refused {prompt}")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        closed_loop(["a", "b"], 2, send)
+
+
+def test_prompts_have_exactly_the_asked_token_count(tmp_path):
+    from conftest import train_byte_fallback_tokenizer
+    from mstriton.bench.workload import make_prompts
+    from mstriton.tokenizer import Tokenizer
+
+    tokenizer_file = train_byte_fallback_tokenizer(tmp_path / "tokenizer.model")
+    prompts = make_prompts(tokenizer_file, 5, 40, seed=1)
+    assert len(set(prompts)) == 5
+    assert [len(Tokenizer(tokenizer_file).encode(p)) for p in prompts] == [40] * 5
+
+
+def test_perf_analyzer_input_and_profile_export():
+    data = input_data(["hello"], 8)["data"][0]
+    assert data == {"text_input": ["hello"], "max_tokens": [8], "min_tokens": [8], "stream": [True]}
+    profile = {"experiments": [{"requests": [{"timestamp": 1_000_000_000,
+                                              "response_timestamps": [1_100_000_000, 1_150_000_000]}]}]}
+    [timing] = timings_from_profile(profile)
+    assert timing.start == pytest.approx(1.0) and timing.token_times == pytest.approx([1.1, 1.15])
+
+
+def test_long_shape_is_shortened_to_the_models_position_limit():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serving", REPO_ROOT / "tools" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    long = bench.SHAPES[1]
+    assert bench.fit_shape(long, 2048) is long
+    fitted = bench.fit_shape(long, 1024)
+    assert (fitted.prompt_tokens, fitted.output_tokens, fitted.name) == (960, 64, "960 in / 64 out")
+
+
+def test_report_states_the_ratios_and_marks_failed_points(tmp_path):
+    results = report.Results(date="2026-11-24", machine="test machine", versions={"x": "1"},
+                             tools={report.OURS: "perf_analyzer"}, prefill_ms={"m": {"s": 10.0}})
+    point = dict(requests=4, output_tokens=400, seconds=1.0, tokens_per_s=400.0, requests_per_s=4.0,
+                 ttft_p50_ms=15.0, ttft_p99_ms=20.0, itl_p50_ms=2.0, itl_p99_ms=3.0)
+    for c, scale in ((1, 1.0), (16, 9.0)):
+        results.put("m", "s", report.OURS, c, {**point, "tokens_per_s": 400.0 * scale})
+        results.put("m", "s", report.ENGINE, c, {**point, "tokens_per_s": 500.0 * scale})
+    results.put("m", "s", report.HF_SEQUENTIAL, 16, {"error": "not run: one request at a time"})
+    text = report.markdown(results, [1, 16])
+    assert "| serving efficiency = ours / engine alone (>= 0.9) | 0.80 | 0.80 |" in text
+    assert "**9.00x** (target >= 8x)" in text and "**1.50x** (target <= 2x)" in text
+    assert "not run: one request at a time" in text
+    results.save_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text())["points"]["m"]["s"][report.OURS]["16"]["tokens_per_s"] == 3600.0
