@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ from mstriton.bench import report  # noqa: E402
 from mstriton.bench.timing import PeerUnavailable, summarize  # noqa: E402
 from mstriton.bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
 
+CONVERTER_CODE = ["repository.py", "convert.py", "engine/graphs.py", "model/llama.py"]
 LLAMACPP_THREADS = os.cpu_count() or 2  # as many as MindSpore uses: every core
 SYSTEMS = ["ours", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
 BUILD = ROOT / "build" / "bench"
@@ -76,7 +78,10 @@ def convert_for_bench(name: str, checkpoint: Path, max_batch: int, max_seq_len: 
 
     repository = BUILD / f"repo_{name}"
     stamp = repository / "bench_stamp.txt"
-    wanted = f"{checkpoint.resolve()} {(checkpoint / 'model.safetensors').stat().st_mtime_ns} {max_batch} {max_seq_len}"
+    # the code that writes the configs and graphs is part of the stamp: a repository from other code is redone
+    code = hashlib.sha256(b"".join((ROOT / "mstriton" / f).read_bytes() for f in CONVERTER_CODE)).hexdigest()[:16]
+    wanted = (f"{checkpoint.resolve()} {(checkpoint / 'model.safetensors').stat().st_mtime_ns} {max_batch} "
+              f"{max_seq_len} {code}")
     if stamp.exists() and stamp.read_text() == wanted:
         return repository
     say(f"converting {name} (max batch {max_batch}, max_seq_len {max_seq_len}) into {repository}")
