@@ -3,6 +3,7 @@ used by the integration tests and the serving benchmark."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -91,6 +92,21 @@ class TritonServer:
         for region in set(SHM.glob(SHM_PATTERN)) - self.shm_before:
             if str(region) not in mapped:
                 region.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def running_server(repository: Path, log: Path):
+    """A ready TritonServer, stopped at the end with SIGTERM; fails if it did not exit with 0 then (unless a
+    test stopped it itself and set `stopped_by_test`). The log's tail is printed for the test report."""
+    server = TritonServer(repository, log)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        code = server.stop()
+        print(server.tail(30))
+        if not getattr(server, "stopped_by_test", False):
+            assert code == 0, f"tritonserver exited with {code} on SIGTERM"
 
 
 def metric_value(text: str, name: str, **labels) -> float:

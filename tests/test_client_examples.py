@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT, save_streaming_checkpoint
-from mstriton.server_process import TritonServer, metric_value
+from mstriton.server_process import metric_value, running_server
 
 EXAMPLES = REPO_ROOT / "client_examples"
 PROMPTS = ["Streaming keeps every space", 'A "quoted" word,\ta tab and a back\\slash']
@@ -34,14 +34,8 @@ def server(tmp_path_factory):
     checkpoint = save_streaming_checkpoint(root)
     repository = root / "repo"
     convert(checkpoint, "demo", repository, max_batch_size=4, max_seq_len=128, progress=lambda _: None)
-    triton = TritonServer(repository, root / "server.log")
-    try:
-        triton.wait_ready()
+    with running_server(repository, root / "server.log") as triton:
         yield triton
-    finally:
-        code = triton.stop()
-        print(triton.tail(30))
-        assert code == 0, f"tritonserver exited with {code} on SIGTERM"
 
 
 def environment(server) -> dict:

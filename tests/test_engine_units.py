@@ -103,3 +103,15 @@ def test_prefill_chunks_keep_padded_size_within_the_budget():
     # a prompt longer than the budget still runs, alone; short ones are not put with it
     assert prefill_chunks([10, 20, 9000, 30], budget=8192) == [range(0, 2), range(2, 3), range(3, 4)]
     assert prefill_chunks([], budget=100) == []
+
+
+def test_prefill_shapes_round_up_to_few_buckets():
+    from mstriton.engine.buckets import prefill_lengths, prefill_shape
+
+    assert prefill_shape(1, 5, 512) == (1, 64)
+    assert prefill_shape(3, 64, 512) == (4, 64)
+    assert prefill_shape(5, 65, 512) == (8, 128)
+    assert prefill_shape(1, 500, 500) == (1, 500)       # never past max_seq_len
+    assert prefill_lengths(200) == [64, 128, 192, 200]
+    shapes = {prefill_shape(b, t, 1152) for b in range(1, 65) for t in range(1, 1153)}
+    assert len(shapes) == 7 * 18

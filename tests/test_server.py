@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import save_streaming_checkpoint
-from mstriton.server_process import TritonServer, metric_value
+from mstriton.server_process import metric_value, running_server
 
 PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图模式 🚀", "Numbers 3.14159 and",
            "a", "  leading spaces, double  spaces and a tab\there and a longer prompt to vary the length"]
@@ -33,16 +33,9 @@ def server(tmp_path_factory):
     repository = root / "repo"
     convert(checkpoint, "tiny", repository, max_batch_size=16, max_seq_len=128, progress=lambda _: None)
     convert(checkpoint, "tiny1", repository, max_batch_size=1, max_seq_len=128, progress=lambda _: None)
-    triton = TritonServer(repository, root / "server.log")
-    try:
-        triton.wait_ready()
+    with running_server(repository, root / "server.log") as triton:
         triton.checkpoint = checkpoint
         yield triton
-    finally:
-        code = triton.stop()
-        print(triton.tail(30))
-        if not getattr(triton, "stopped_by_test", False):
-            assert code == 0, f"tritonserver exited with {code} on SIGTERM"
 
 
 @pytest.fixture(scope="module")

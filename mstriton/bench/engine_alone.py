@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 
-from ..engine.engine import Engine, pad_prompts, prefill_chunks, warm_up
+from ..engine.engine import Engine, pad_prompts, prefill_chunks, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
@@ -31,7 +31,7 @@ class EngineAlone:
         self.graphs = EngineGraphs(Path(repository) / f"{name}_decode" / "1" / "engine")  # as two models do
         self.engine = Engine(self.graphs, max_slots=max_slots)
         warm_up(self.engine)
-        self.prefill_graphs.prefill(*pad_prompts([[1, 2, 3, 4]]))
+        warm_up_prefill(self.prefill_graphs)
         self.scheduler = Scheduler(self.engine, max_waiting=1 << 20)
         self.scheduler.start()
         self.arrivals: queue.Queue = queue.Queue()

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .buckets import smallest_fitting
+from .buckets import prefill_lengths, smallest_fitting
 from .graphs import EngineGraphs
 from .kv_cache import KVCachePool
 
@@ -156,3 +156,10 @@ def warm_up(engine: Engine) -> None:
             caches += [np.zeros((batch, c.num_key_value_heads, seq, c.head_dim), graphs.np_dtype)
                        for _ in range(c.num_hidden_layers)]
             graphs.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32), caches)
+
+
+def warm_up_prefill(graphs: EngineGraphs) -> None:
+    """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), so
+    that the first prompts are not slow; other batch sizes compile once, when first used."""
+    for length in prefill_lengths(graphs.max_seq_len):
+        graphs.prefill(np.ones((1, length), np.int32), np.array([length], np.int32))

@@ -22,7 +22,7 @@ from mindspore import Tensor, nn
 
 from ..config import LlamaConfig
 from ..model.llama import LlamaDecode, LlamaPrefill, weight_names
-from .buckets import batch_buckets, seq_buckets
+from .buckets import batch_buckets, prefill_shape, seq_buckets
 from .memory import aligned_copy
 
 MANIFEST = "manifest.json"
@@ -141,13 +141,20 @@ class EngineGraphs:
         return self._graphs[file]
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
-        """tokens [B, T] int32 right-padded; returns logits [B, V], keys [L][B, Hkv, D, T], values [L][B, Hkv, T, D]
-        as numpy arrays."""
+        """tokens [B, T] int32 right-padded; returns logits [B, V], keys [L][B, Hkv, D, T'], values
+        [L][B, Hkv, T', D] as numpy arrays, where T' >= T is the length bucket the graph ran at (see buckets.py);
+        positions past a prompt's length hold nothing the caller may use."""
+        batch, length = tokens.shape
+        padded_batch, padded_length = prefill_shape(batch, length, self.max_seq_len)
+        padded_tokens = np.zeros((padded_batch, padded_length), np.int32)
+        padded_tokens[:batch, :length] = tokens
+        padded_lengths = np.ones(padded_batch, np.int32)  # rows added by the bucket: one token, results dropped
+        padded_lengths[:batch] = lengths
         with GRAPH_LOCK:
-            outputs = self._graph(self.manifest["prefill"])(Tensor(tokens.astype(np.int32)),
-                                                             Tensor(lengths.astype(np.int32)), *self.weights)
+            outputs = self._graph(self.manifest["prefill"])(Tensor(padded_tokens), Tensor(padded_lengths),
+                                                             *self.weights)
         layers = self.config.num_hidden_layers
-        arrays = [o.asnumpy() for o in outputs]
+        arrays = [o.asnumpy()[:batch] for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]):

@@ -3,7 +3,6 @@ other outputs through so that every ensemble response comes whole from this last
 
 from __future__ import annotations
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..tokenizer import Tokenizer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..engine.engine import pad_prompts
+from ..engine.engine import pad_prompts, warm_up_prefill
 from ..engine.graphs import EngineGraphs
 from . import common
 
@@ -17,8 +17,7 @@ class TritonPythonModel:
         self.graphs = EngineGraphs(common.version_dir(args) / common.parameter(config, "engine", "engine"),
                                    device=common.parameter(config, "device"),
                                    device_id=int(common.parameter(config, "device_id", "0")))
-        # Warm-up: compile the graph now, so the first request is not the slow one.
-        self.graphs.prefill(np.array([[1, 2, 3, 4]], np.int32), np.array([4], np.int32))
+        warm_up_prefill(self.graphs)  # compile now, so the first requests are not the slow ones
 
     def execute(self, requests):
         prompts = [common.get(r, "input_ids").reshape(-1) for r in requests]
