@@ -114,7 +114,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
         for shape, prompts_by_c in workload.items():
             texts, ids = prompts_by_c[concurrencies[0]]
             if server:  # compile this prompt length's graphs before measuring
-                run_perf_analyzer(server.grpc, name, texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 1)
+                run_perf_analyzer(server.grpc, name, texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 2)
             if engine:
                 engine.run(ids[:2], shape.output_tokens, 2)
                 times = []
@@ -129,7 +129,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
                 if server:
                     point(results, name, shape, report.OURS, c, lambda: run_perf_analyzer(
                         server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
-                        max(1, -(-len(texts) // 3)))[0])
+                        max(2, -(-len(texts) // 3)))[0])
                 if engine:
                     point(results, name, shape, report.ENGINE, c, lambda: engine.run(ids, shape.output_tokens, c))
     finally:

@@ -33,8 +33,10 @@ def timings_from_profile(profile: dict) -> list[RequestTiming]:
 
 def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_tokens: int, concurrency: int,
                       workdir: Path, requests_per_window: int) -> tuple[list[RequestTiming], str]:
-    """Three count windows of `requests_per_window` requests at `concurrency`, stability check off (-s 999: on a
-    shared CPU the check only decides how long to run; we report percentiles of every request). Returns the
+    """Count windows of `requests_per_window` (at least 2: a one-request window has an infinite latency
+    deviation, which perf_analyzer calls unstable) requests at `concurrency`, three at least, stability check all
+    but off (-s 999: on a shared CPU the check only decides how long to run; we report percentiles of every
+    request). Returns the
     timings and perf_analyzer's own summary text."""
     workdir.mkdir(parents=True, exist_ok=True)
     data, export = workdir / "input.json", workdir / "profile.json"
@@ -43,7 +45,7 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "--streaming", "-u", grpc_url,
                "--input-data", str(data), "--concurrency-range", str(concurrency),
                "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
-               "--stability-percentage", "999", "--max-trials", "3", "--profile-export-file", str(export)]
+               "--stability-percentage", "999", "--max-trials", "6", "--profile-export-file", str(export)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
