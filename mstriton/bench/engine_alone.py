@@ -14,8 +14,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 
-from ..engine.engine import Engine, pad_prompts, prefill_chunks, warm_up, warm_up_prefill
+from ..engine.engine import Engine, prefill_each, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
@@ -46,21 +47,20 @@ class EngineAlone:
             batch = next_batch(self.arrivals, lambda _: self.graphs.max_batch_size)
             if batch[0] is None:
                 return
-            for chunk in prefill_chunks([len(r.prompt_ids) for r in batch]):
-                self._prefill([batch[i] for i in chunk])
+            self._prefill(batch)
 
     def _prefill(self, batch: list[DecodeRequest]) -> None:
         try:
-            logits, keys, values = self.prefill_graphs.prefill(*pad_prompts([r.prompt_ids for r in batch]))
+            results = prefill_each(self.prefill_graphs, [r.prompt_ids for r in batch])
             states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
-            tokens, logprobs = choose_tokens(logits, states)
+            tokens, logprobs = choose_tokens(np.stack([logits for logits, _, _ in results]), states)
         except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
             for request in batch:
                 request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
             return
-        for row, request in enumerate(batch):
+        for row, (request, (_, keys, values)) in enumerate(zip(batch, results)):
             request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
-            request.keys, request.values = [k[row] for k in keys], [v[row] for v in values]
+            request.keys, request.values = keys, values
             self.scheduler.submit(request)
 
     def run(self, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[RequestTiming]:

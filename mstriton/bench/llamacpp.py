@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..server_process import free_port
 from .timing import PeerUnavailable, RequestTiming, closed_loop
 
 # The sdist this peer is built from; its vendored llama.cpp has tools/server and convert_hf_to_gguf.py.
@@ -195,12 +195,6 @@ def convert_to_gguf(hf_dir: Path, out: Path, dtype: str, cache_dir: Path = DEFAU
 # ---------------------------------------------------------------------------------------------------------------
 # The server
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LlamaCppServer:
     """`llama-server` on a free loopback port, with `parallel` slots of `ctx_per_slot` tokens each (separate KV
     per slot), continuous batching, `threads` threads for decoding and prompts, no prompt cache in RAM and no web
@@ -239,7 +233,7 @@ class LlamaCppServer:
     def __enter__(self) -> "LlamaCppServer":
         last_error = ""
         for _ in range(3):  # another process may take the port between choosing it and binding it
-            self.port = _free_port()
+            self.port = free_port()
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "w")
             try:

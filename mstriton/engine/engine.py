@@ -50,6 +50,16 @@ def prefill_chunks(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> li
     return chunks
 
 
+def prefill_each(graphs: EngineGraphs, prompts) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
+    """Prefill any number of prompts, as padded batches within PREFILL_TOKEN_BUDGET. Returns, per prompt, its
+    last-position logits [V], keys [L][Hkv, D, >=len] and values [L][Hkv, >=len, D]."""
+    results = []
+    for chunk in prefill_chunks([len(p) for p in prompts]):
+        logits, keys, values = graphs.prefill(*pad_prompts([prompts[i] for i in chunk]))
+        results += [(logits[row], [k[row] for k in keys], [v[row] for v in values]) for row in range(len(chunk))]
+    return results
+
+
 class Engine:
     def __init__(self, graphs: EngineGraphs, max_slots: int | None = None):
         self.graphs = graphs

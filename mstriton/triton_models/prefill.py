@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..engine.engine import pad_prompts, warm_up_prefill
+from ..engine.engine import prefill_each, warm_up_prefill
 from ..engine.graphs import EngineGraphs
 from . import common
 
@@ -21,16 +21,12 @@ class TritonPythonModel:
 
     def execute(self, requests):
         prompts = [common.get(r, "input_ids").reshape(-1) for r in requests]
-        tokens, lengths = pad_prompts(prompts)
         try:
-            logits, keys, values = self.graphs.prefill(tokens, lengths)
+            results = prefill_each(self.graphs, prompts)
         except Exception as exc:  # noqa: BLE001
             return [common.error_response(exc) for _ in requests]
-        responses = []
-        for row, length in enumerate(lengths):
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("logits", logits[row:row + 1]),
-                pb_utils.Tensor("kv_keys", np.stack([k[row, :, :, :length] for k in keys])[None]),
-                pb_utils.Tensor("kv_values", np.stack([v[row, :, :length] for v in values])[None]),
-            ]))
-        return responses
+        return [pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("logits", logits[None]),
+            pb_utils.Tensor("kv_keys", np.stack([k[:, :, :len(prompt)] for k in keys])[None]),
+            pb_utils.Tensor("kv_values", np.stack([v[:, :len(prompt)] for v in values])[None]),
+        ]) for prompt, (logits, keys, values) in zip(prompts, results)]
