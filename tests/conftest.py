@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -120,3 +121,20 @@ def greedy_reference(model, prompt: list[int], steps: int):
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+@contextlib.contextmanager
+def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int]):
+    """The real tritonserver serving the streaming test checkpoint, converted once per name in
+    `max_batch_sizes` (128 tokens per sequence); `server.checkpoint` is the checkpoint folder."""
+    from mstriton.convert import convert
+    from mstriton.server_process import running_server
+
+    checkpoint = save_streaming_checkpoint(root)
+    repository = root / "repo"
+    for name, max_batch_size in max_batch_sizes.items():
+        convert(checkpoint, name, repository, max_batch_size=max_batch_size, max_seq_len=128,
+                progress=lambda _: None)
+    with running_server(repository, root / "server.log") as server:
+        server.checkpoint = checkpoint
+        yield server

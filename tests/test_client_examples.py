@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, save_streaming_checkpoint
-from mstriton.server_process import metric_value, running_server
+from conftest import REPO_ROOT, serving_streaming_checkpoint
+from mstriton.server_process import metric_value
 
 EXAMPLES = REPO_ROOT / "client_examples"
 PROMPTS = ["Streaming keeps every space", 'A "quoted" word,\ta tab and a back\\slash']
@@ -28,13 +28,7 @@ PROMPTS = ["Streaming keeps every space", 'A "quoted" word,\ta tab and a back\\s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from mstriton.convert import convert
-
-    root = tmp_path_factory.mktemp("examples")
-    checkpoint = save_streaming_checkpoint(root)
-    repository = root / "repo"
-    convert(checkpoint, "demo", repository, max_batch_size=4, max_seq_len=128, progress=lambda _: None)
-    with running_server(repository, root / "server.log") as triton:
+    with serving_streaming_checkpoint(tmp_path_factory.mktemp("examples"), {"demo": 4}) as triton:
         yield triton
 
 

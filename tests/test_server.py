@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import save_streaming_checkpoint
-from mstriton.server_process import metric_value, running_server
+from conftest import serving_streaming_checkpoint
+from mstriton.server_process import metric_value
 
 PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图模式 🚀", "Numbers 3.14159 and",
            "a", "  leading spaces, double  spaces and a tab\there and a longer prompt to vary the length"]
@@ -26,15 +26,7 @@ PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore 图�
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from mstriton.convert import convert
-
-    root = tmp_path_factory.mktemp("server")
-    checkpoint = save_streaming_checkpoint(root)
-    repository = root / "repo"
-    convert(checkpoint, "tiny", repository, max_batch_size=16, max_seq_len=128, progress=lambda _: None)
-    convert(checkpoint, "tiny1", repository, max_batch_size=1, max_seq_len=128, progress=lambda _: None)
-    with running_server(repository, root / "server.log") as triton:
-        triton.checkpoint = checkpoint
+    with serving_streaming_checkpoint(tmp_path_factory.mktemp("server"), {"tiny": 16, "tiny1": 1}) as triton:
         yield triton
 
 
