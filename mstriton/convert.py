@@ -103,9 +103,9 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         tokenizer_copy = models / model_name(name, "tokenizer") / VERSION / "tokenizer.model"
         tokenizer_copy.parent.mkdir(parents=True)
         shutil.copy2(tokenizer_file, tokenizer_copy)
-        detokenizer_dir = models / model_name(name, "detokenizer") / VERSION
-        detokenizer_dir.mkdir(parents=True)
-        _link_or_copy(tokenizer_copy, detokenizer_dir / "tokenizer.model")
+        front_dir = models / model_name(name, "") / VERSION  # the front model detokenizes
+        front_dir.mkdir(parents=True)
+        _link_or_copy(tokenizer_copy, front_dir / "tokenizer.model")
         (models / model_name(name, "tokenizer") / VERSION / "tokenizer_config.json").write_text(
             json.dumps(tokenizer_config(), indent=1))
         engine_params = {"max_seq_len": str(max_seq_len), "vocab_size": str(config.vocab_size),

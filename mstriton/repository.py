@@ -4,14 +4,14 @@ Configs are built as ``ModelConfig`` protobuf messages (Triton's own schema, shi
 written with ``text_format``, never by string templates: a misspelt field fails here, not at server start.
 
 Layout for a model called NAME (every Python model's 1/model.py re-exports its adapter from the package):
-    NAME/              the front model clients call (decoupled): validation, streaming, cancellation
+    NAME/              the front model clients call (decoupled): validation, streaming, cancellation,
+                       detokenization; 1/tokenizer.model
     NAME_unary/        one response per request, for KServe v2 /infer and /generate
-    NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode -> detokenizer
+    NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode (token ids out)
     NAME_tokenizer/    1/tokenizer.model, 1/tokenizer_config.json
     NAME_prefill/      1/engine/{manifest.json, weights.ckpt, prefill.mindir}
     NAME_sampler/
     NAME_decode/       1/engine/{manifest.json, weights.ckpt, decode_b*_s*.mindir}
-    NAME_detokenizer/  1/tokenizer.model
 (weights.ckpt and tokenizer.model are each one file on disk, hard-linked where they appear twice).
 """
 
@@ -23,7 +23,10 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 VERSION = "1"
-COMPONENTS = ("", "unary", "pipeline", "tokenizer", "prefill", "sampler", "decode", "detokenizer")
+COMPONENTS = ("", "unary", "pipeline", "tokenizer", "prefill", "sampler", "decode")
+# Components earlier versions wrote: a re-conversion removes them too. (The detokenizer step moved into the
+# front model: a step after decode inside the ensemble kept tritonserver 2.51 from exiting on SIGTERM.)
+RETIRED_COMPONENTS = ("detokenizer",)
 
 
 def model_name(name: str, component: str) -> str:
@@ -34,7 +37,7 @@ def owned_model_dirs(repository: Path, name: str) -> list[Path]:
     """The folders of `repository` that belong to the LLM `name` (what a re-conversion replaces)."""
     if not repository.exists():
         return []
-    candidates = {model_name(name, c) for c in COMPONENTS}
+    candidates = {model_name(name, c) for c in COMPONENTS + RETIRED_COMPONENTS}
     return sorted(p for p in repository.iterdir() if p.is_dir() and p.name in candidates)
 
 
@@ -81,15 +84,14 @@ CLIENT_OUTPUTS = [
     ("cum_log_probs", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
     ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
 ]
-# Tensors between the pipeline's steps.
+# Tensors between the pipeline's steps; the decode model's are the pipeline's outputs.
 KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
 STEP_OUTPUTS = [
-    ("output_ids", pb.TYPE_INT32, [-1]), ("token", pb.TYPE_INT32, [1]), ("logprob", pb.TYPE_FP32, [1]),
+    ("output_ids", pb.TYPE_INT32, [-1]), ("logprob", pb.TYPE_FP32, [1]),
     ("cum_logprob", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
     ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
     ("is_final", pb.TYPE_BOOL, [1]),
 ]
-PIPELINE_OUTPUTS = [("text_output", pb.TYPE_STRING, [1])] + [o for o in STEP_OUTPUTS if o[0] != "output_ids"]
 
 
 def add_tensors(message, specs, optional: bool = False) -> None:
@@ -103,7 +105,8 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     dev = {"device": device, "device_id": str(device_id)}
     configs = {}
 
-    front = python_model(name, max_batch_size=max_batch_size, decoupled=True, parameters={"llm_name": name})
+    front = python_model(name, max_batch_size=max_batch_size, decoupled=True,
+                         parameters={"llm_name": name, "tokenizer": "tokenizer.model"})
     add_tensors(front.input, CLIENT_INPUTS, optional=True)
     front.input[0].optional = False  # text_input
     add_tensors(front.output, CLIENT_OUTPUTS)
@@ -139,7 +142,9 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     configs["sampler"] = sampler
 
     decode = python_model(model_name(name, "decode"), max_batch_size=max_batch_size, decoupled=True,
-                          device=device, parameters={"engine": "engine", "max_waiting": "64", **dev})
+                          device=device, parameters={"engine": "engine", "max_waiting": "64",
+                                      # below tritonserver's default --exit-timeout-secs (30): see scheduler.drain
+                                      "shutdown_grace_seconds": "20", **dev})
     add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1])] + KV + [
         ("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
@@ -148,21 +153,19 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     add_tensors(decode.output, STEP_OUTPUTS)
     configs["decode"] = decode
 
-    detokenizer = python_model(model_name(name, "detokenizer"), max_batch_size=max_batch_size,
-                               dynamic_batching=True, parameters={"tokenizer": "tokenizer.model"})
-    add_tensors(detokenizer.input, STEP_OUTPUTS)
-    add_tensors(detokenizer.output, PIPELINE_OUTPUTS)
-    configs["detokenizer"] = detokenizer
-
     configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in)
     return configs
 
 
 def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelConfig:
-    """tokenizer -> prefill -> sampler -> decode (decoupled) -> detokenizer, as a Triton ensemble."""
+    """tokenizer -> prefill -> sampler -> decode (decoupled), as a Triton ensemble.
+
+    Decode is the last step on purpose: its token responses leave the ensemble without another internal
+    request. On SIGTERM tritonserver 2.51 stops every model's scheduler at once; an ensemble whose next step is
+    refused then never completes, and the server waits out its exit timeout and is killed."""
     config = pb.ModelConfig(name=model_name(name, "pipeline"), platform="ensemble", max_batch_size=max_batch_size)
     add_tensors(config.input, request_in)
-    add_tensors(config.output, PIPELINE_OUTPUTS)
+    add_tensors(config.output, STEP_OUTPUTS)
 
     def step(component: str, inputs: dict[str, str], outputs: dict[str, str]) -> None:
         s = config.ensemble_scheduling.step.add()
@@ -180,9 +183,7 @@ def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelCon
     step("decode", {"input_ids": "_ids", "kv_keys": "_kv_keys", "kv_values": "_kv_values",
                     "first_token": "_first_token", "first_logprob": "_first_logprob", "params_json": "_params",
                     "word_ids": "_words", "request_key": "request_key"},
-         {o[0]: f"_{o[0]}" for o in STEP_OUTPUTS})
-    step("detokenizer", {o[0]: f"_{o[0]}" for o in STEP_OUTPUTS},
-         {o[0]: o[0] for o in PIPELINE_OUTPUTS})
+         {o[0]: o[0] for o in STEP_OUTPUTS})
     return config
 
 

@@ -34,7 +34,8 @@ class TritonServer:
         self.process = subprocess.Popen(
             [str(binary), "--model-repository", str(repository), "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
-             "--exit-timeout-secs", "20"],
+             # tritonserver's default, above the decode model's default shutdown_grace_seconds (20)
+             "--exit-timeout-secs", "30"],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
 
     @property

@@ -124,10 +124,13 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 @contextlib.contextmanager
-def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int]):
+def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
+                                 decode_parameters: dict[str, dict[str, str]] | None = None):
     """The real tritonserver serving the streaming test checkpoint, converted once per name in
-    `max_batch_sizes` (128 tokens per sequence); `server.checkpoint` is the checkpoint folder."""
+    `max_batch_sizes` (128 tokens per sequence); `server.checkpoint` is the checkpoint folder.
+    `decode_parameters` {name: {key: value}} edits a decode model's config.pbtxt parameters, as a user would."""
     from mstriton.convert import convert
+    from mstriton.repository import read_config, write_config
     from mstriton.server_process import running_server
 
     checkpoint = save_streaming_checkpoint(root)
@@ -135,6 +138,12 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int]):
     for name, max_batch_size in max_batch_sizes.items():
         convert(checkpoint, name, repository, max_batch_size=max_batch_size, max_seq_len=128,
                 progress=lambda _: None)
+    for name, parameters in (decode_parameters or {}).items():
+        folder = repository / f"{name}_decode"
+        config = read_config(folder)
+        for key, value in parameters.items():
+            config.parameters[key].string_value = value
+        write_config(folder, config)
     with running_server(repository, root / "server.log") as server:
         server.checkpoint = checkpoint
         yield server

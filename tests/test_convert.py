@@ -29,7 +29,7 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert result.returncode == 0, result.stderr
     assert "exported decode graph 4/4" in result.stdout and "converted tiny" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "tiny", "tiny_decode", "tiny_detokenizer", "tiny_pipeline", "tiny_prefill", "tiny_sampler",
+        "tiny", "tiny_decode", "tiny_pipeline", "tiny_prefill", "tiny_sampler",
         "tiny_tokenizer", "tiny_unary"]
     for folder in tmp_path.iterdir():
         config = read_config(folder)
@@ -65,8 +65,10 @@ def test_rerun_replaces_the_model_and_a_failed_run_leaves_it_untouched(tmp_path,
     convert(checkpoint, "m", tmp_path, max_batch_size=1, max_seq_len=64, **QUIET)
     (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").write_text("from the previous conversion")
     (tmp_path / "other_model").mkdir()
+    (tmp_path / "m_detokenizer" / "1").mkdir(parents=True)  # a step earlier versions wrote
     convert(checkpoint, "m", tmp_path, max_batch_size=2, max_seq_len=64, **QUIET)
     assert not (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").exists()
+    assert not (tmp_path / "m_detokenizer").exists()
     assert json.loads((tmp_path / "m_decode/1/engine/manifest.json").read_text())["max_batch_size"] == 2
     assert (tmp_path / "other_model").exists()
 

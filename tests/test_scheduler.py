@@ -146,3 +146,25 @@ def test_background_loop_and_shutdown(graphs):
     scheduler.submit(long)
     scheduler.shutdown()
     assert got[-1].finish_reason == "cancelled" and "shutting down" in got[-1].error
+
+
+def test_drain_lets_accepted_requests_run_for_the_grace_then_ends_the_rest_with_an_error(graphs):
+    import time
+
+    scheduler = Scheduler(Engine(graphs, max_slots=1), max_waiting=4)
+    events = {}
+    for key, prompt in [("short", PROMPTS[1]), ("long", PROMPTS[0]), ("waiting", PROMPTS[3])]:
+        scheduler.submit(make_request(graphs, key, prompt, events, max_tokens=4 if key == "short" else 100))
+    scheduler.drain(60.0, "the server is shutting down")
+    while "long" not in events or len(tokens_of(events["long"])) < 3:  # inside the grace: generation goes on
+        scheduler.step()
+    assert tokens_of(events["short"]) == greedy_generate(Engine(graphs, max_slots=1), [PROMPTS[1]], 4)[0]
+    assert events["short"][-1].finish_reason == "length" and events["short"][-1].error is None
+    scheduler.drain(0.0, "the server is shutting down")  # the grace is over
+    time.sleep(0.01)
+    scheduler.step()
+    assert not scheduler.running and not scheduler.waiting
+    assert scheduler.engine.free_slots == 1
+    for key in ("long", "waiting"):
+        assert events[key][-1].finish_reason == "cancelled" and "shutting down" in events[key][-1].error
+    assert 3 <= len(tokens_of(events["long"])) < 100 and tokens_of(events["waiting"]) == []

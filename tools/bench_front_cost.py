@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the front model costs per token: the same greedy stream through NAME (front model -> ensemble) and
-through NAME_pipeline (the ensemble called directly, which cannot see cancellations), interleaved, one request
-at a time. Prints a table and saves it to benchmarks/front_cost.md.
+through NAME_pipeline (the ensemble called directly, which cannot see cancellations and streams token ids, not
+text: detokenization is the front model's too), interleaved, one request at a time. Prints a table and saves it to benchmarks/front_cost.md.
 
     python tools/bench_front_cost.py [--url localhost:8001] [--name demo] [--prompt TEXT] [--tokens 64]
 """
@@ -44,7 +44,7 @@ def stream_once(url: str, model: str, inputs: dict) -> tuple[float, list[float]]
         if error is not None:
             raise RuntimeError(f"{model}: {error}")
         response = result.get_response()
-        if result.as_numpy("text_output") is not None:
+        if response.outputs:  # a token (text from NAME, ids from NAME_pipeline), not the empty final response
             times.append(when)
         final = response.parameters.get("triton_final_response")
         if final is not None and final.bool_param:

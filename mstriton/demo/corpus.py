@@ -46,7 +46,7 @@ A request travels through an ensemble. An ensemble is a Triton model that contai
 says which model feeds which. The text of the prompt goes to the tokenizer model, which turns it into token ids. \
 The prefill model reads the whole prompt at once and produces the logits of the last position together with the \
 key and value cache of every layer. The sampler model picks the first new token. The decode model then produces \
-every later token, and the detokenizer model turns each token id back into a piece of text for the client.
+every later token, and the front model turns each token id back into a piece of text for the client.
 
 The tokenizer is a sentencepiece model. Before encoding, the tokenizer model can wrap the prompt in a chat \
 template, such as the one used by LLaMA 2 chat, and it turns stop words and bad words into sequences of token \
@@ -88,7 +88,7 @@ stream. Over HTTP the generate_stream endpoint answers with server sent events, 
 
 Detokenization must never break the text. A token may end in the middle of a Chinese character or an emoji, whose \
 bytes are spread over several tokens, and sentencepiece marks spaces with a special symbol that belongs to the \
-following word. The detokenizer decodes a short window of the latest token ids twice, with and without the \
+following word. The front model decodes a short window of the latest token ids twice, with and without the \
 newest token, and sends the difference. It holds back a trailing replacement character until the bytes of the \
 character are complete. The pieces of a stream therefore join to exactly the text of the whole output.
 

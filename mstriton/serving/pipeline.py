@@ -1,5 +1,5 @@
-"""The request path's steps as plain functions over numpy and Python values: what the tokenizer, sampler and
-detokenizer models run, and what the unit tests call directly."""
+"""The request path's steps as plain functions over numpy and Python values: what the tokenizer and sampler
+models run, and what the unit tests call directly."""
 
 from __future__ import annotations
 

@@ -85,6 +85,8 @@ class Scheduler:
         self.cancelled_keys: set[str] = set()
         self.lock = threading.Condition()
         self.stopping = False
+        self.drain_deadline: float | None = None  # set by drain(): when still unfinished requests are ended
+        self.drain_reason = ""
         self.thread: threading.Thread | None = None
 
     # ---- called from request threads -------------------------------------------------------------------
@@ -120,6 +122,14 @@ class Scheduler:
         self.thread = threading.Thread(target=self._loop, name="mstriton-decode", daemon=True)
         self.thread.start()
 
+    def drain(self, grace_seconds: float, reason: str) -> None:
+        """The server is shutting down: requests already accepted, running or waiting, go on for
+        `grace_seconds`; whatever is unfinished then ends with an error saying `reason`."""
+        with self.lock:
+            self.drain_deadline = time.monotonic() + grace_seconds
+            self.drain_reason = reason
+            self.lock.notify()
+
     def shutdown(self, reason: str = "the server is shutting down") -> None:
         """Stop the loop; every unfinished request gets a final event with an error."""
         with self.lock:
@@ -127,10 +137,16 @@ class Scheduler:
             self.lock.notify()
         if self.thread:
             self.thread.join()
+        self._end_all(reason)
+
+    def _end_all(self, reason: str) -> None:
         for item in list(self.running):
             self._finish(item, "cancelled", error=reason)
-        while self.waiting:
-            request = self.waiting.popleft()
+        while True:
+            with self.lock:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
             request.emit(final_event(request, "cancelled", error=reason))
 
     def _loop(self) -> None:
@@ -144,6 +160,8 @@ class Scheduler:
 
     def step(self) -> None:
         """Admit, drop the cancelled, run one decode step, emit. Called by the loop (or by tests directly)."""
+        if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+            self._end_all(self.drain_reason)
         self._drop_cancelled()  # first, so a cancelled sequence's slot serves a waiting request in this step
         self._admit()
         if self.running:

@@ -61,6 +61,12 @@ def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
 INVALID_REQUEST = "invalid request: "
 
 
+# The decode model reports errors as data: a final response whose finish_reason is STEP_ERROR + the message.
+# An error response from a decoupled step never left tritonserver 2.51's ensemble once its stream had begun (the
+# caller's stream just never ended), so the front model turns this mark back into an UNAVAILABLE error.
+STEP_ERROR = "error: "
+
+
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
     if isinstance(exc, (ParameterError, ValueError)):
         error = pb_utils.TritonError(INVALID_REQUEST + str(exc), pb_utils.TritonError.INVALID_ARG)

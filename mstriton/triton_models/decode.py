@@ -14,7 +14,8 @@ from ..engine.engine import Engine, warm_up
 from ..engine.graphs import EngineGraphs
 from ..params import GenerationParams
 from ..serving.metrics import DecodeMetrics
-from ..serving.scheduler import DecodeRequest, Scheduler, ServerBusy, TokenEvent
+from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
+from ..serving.shutdown import ShutdownWatch
 from ..tokenizer import DETOKENIZE_WINDOW, stream_window
 from . import common
 
@@ -26,12 +27,12 @@ class ClientGone(RuntimeError):
 
 
 def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
-    # The window reaches back into the prompt, so the first piece keeps the space that joins it to the prompt.
+    # The front model detokenizes the newest token from this window of ids (its last). The window reaches back
+    # into the prompt, so the first piece keeps the space that joins it to the prompt.
     window = stream_window(prompt_tail + event.output_ids) if event.token >= 0 else []
     final = event.finish_reason is not None
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
-        common.scalar_tensor("token", event.token, np.int32),
         common.scalar_tensor("logprob", event.logprob, np.float32),
         common.scalar_tensor("cum_logprob", event.cum_logprob, np.float32),
         common.bytes_tensor("finish_reason", [event.finish_reason or ""]),
@@ -39,6 +40,13 @@ def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.Infer
         common.scalar_tensor("num_output_tokens", len(event.output_ids), np.int32),
         common.scalar_tensor("is_final", final, np.bool_),
     ])
+
+
+def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.InferenceResponse":
+    """A final response carrying an error in finish_reason (see common.STEP_ERROR for why not an error)."""
+    return event_response(TokenEvent(token=-1, logprob=0.0, cum_logprob=0.0, output_ids=[],
+                                     num_input_tokens=num_input_tokens,
+                                     finish_reason=common.STEP_ERROR + message), [])
 
 
 class TritonPythonModel:
@@ -53,6 +61,27 @@ class TritonPythonModel:
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
                                    on_step=self.metrics.on_step, on_state=self.metrics.on_queue)
         self.scheduler.start()
+        self.name = args["model_name"]
+        grace = float(common.parameter(config, "shutdown_grace_seconds", "20"))
+        self.watch = ShutdownWatch(
+            probe=self.server_accepts_requests, busy=lambda: bool(self.scheduler.running or self.scheduler.waiting),
+            on_stopping=lambda: self.scheduler.drain(grace, f"the server is shutting down: generation stopped "
+                                                            f"{grace:g} s after it began to (shutdown_grace_seconds)"),
+        ).start()
+
+    def server_accepts_requests(self) -> bool:
+        """Whether tritonserver still accepts requests: a stop request for no sequence, sent to this model."""
+        probe = pb_utils.InferenceRequest(model_name=self.name, requested_output_names=["is_final"],
+                                          inputs=[common.bytes_tensor("stop_key", [""])])
+        try:
+            responses = list(probe.exec(decoupled=True))
+        except pb_utils.TritonModelException as exc:
+            pb_utils.Logger.log_info(f"{self.name}: the shutdown probe was refused ({exc}); draining")
+            return False
+        errors = [r.error().message() for r in responses if r.has_error()]
+        if errors:
+            pb_utils.Logger.log_info(f"{self.name}: the shutdown probe was refused ({errors[0]}); draining")
+        return not errors
 
     def execute(self, requests):
         for request in requests:
@@ -65,12 +94,8 @@ class TritonPythonModel:
                 continue
             try:
                 self.scheduler.submit(self.decode_request(request, sender))
-            except ServerBusy as exc:
-                sender.send(pb_utils.InferenceResponse(
-                    output_tensors=[], error=pb_utils.TritonError(str(exc), pb_utils.TritonError.UNAVAILABLE)),
-                    flags=FINAL)
-            except Exception as exc:  # noqa: BLE001
-                sender.send(common.error_response(exc), flags=FINAL)
+            except Exception as exc:  # noqa: BLE001 - ServerBusy, or a malformed step input
+                sender.send(error_as_data(str(exc)), flags=FINAL)
             self.metrics.on_queue(self.scheduler)
         return None
 
@@ -85,8 +110,7 @@ class TritonPythonModel:
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
                 raise ClientGone()
             if event.error:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                    event.error, pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
+                sender.send(error_as_data(event.error, event.num_input_tokens), flags=FINAL)
                 return
             sender.send(event_response(event, prompt_tail), flags=FINAL if event.finish_reason else 0)
 
@@ -101,5 +125,6 @@ class TritonPythonModel:
             emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"])
 
     def finalize(self):
+        self.watch.close()
         self.scheduler.shutdown("the server is shutting down; generation stopped")
 

@@ -1,5 +1,5 @@
 """NAME (decoupled): what clients call. Validates the request, runs the NAME_pipeline ensemble through BLS,
-and streams its responses to the client.
+detokenizes each token it streams back, and streams the text to the client.
 
 Why a front model instead of exposing the ensemble: tritonserver 2.51 does not pass a client's cancellation
 into the steps of an ensemble. This model sees it (`is_cancelled()`), and tells the decode model to stop the
@@ -9,6 +9,11 @@ a request with `stop` true and the request id of a running request.
 Every stream is a coroutine on the stub's event loop, never a thread of its own: decoupled BLS calls made from
 several threads at once crashed tritonserver 2.51 (SIGSEGV, boost lock_exception in libtriton_python.so)
 within seconds at four concurrent streams, while the same load on the ensemble alone ran clean.
+
+Why detokenization is here and not a step after decode in the ensemble: on SIGTERM, tritonserver 2.51 stops
+the schedulers of all models at once; an ensemble whose next step is then refused never completes, so the
+server waited out its exit timeout and was killed. With decode as the last step, running streams finish.
+It also saves every token one trip through a Triton model.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import triton_python_backend_utils as pb_utils
 from ..params import ParameterError
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
+from ..tokenizer import Tokenizer
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PIPELINE_OUTPUTS = ["text_output", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
+PIPELINE_OUTPUTS = ["output_ids", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
                     "num_output_tokens", "is_final"]
 
 
@@ -36,6 +42,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
+        self.tokenizer = Tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
+                                                                               "tokenizer.model"))
         self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
@@ -85,7 +93,7 @@ class TritonPythonModel:
         pieces, logprobs = [], []
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
-        error_sent = False
+        error_sent = final_sent = False
         try:
             async for response in common.stream_responses(pipeline):  # read to its end, whatever happens
                 if error_sent:
@@ -104,16 +112,22 @@ class TritonPythonModel:
                 if cancelled:
                     reason = "cancelled"
                     continue
+                finish = out["finish_reason"].reshape(-1)[0].decode("utf-8")
+                if finish.startswith(common.STEP_ERROR):
+                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                        finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
+                    error_sent = True
+                    continue
                 now = time.monotonic()
                 first = first or now
                 last = now
-                piece = out["text_output"].reshape(-1)[0].decode("utf-8")
+                final = bool(out["is_final"].reshape(-1)[0])
+                window = out["output_ids"].reshape(-1).tolist()
+                piece = self.tokenizer.piece(window, final=final) if window else ""
                 token_logprob = float(out["logprob"].reshape(-1)[0])
-                finish = out["finish_reason"].reshape(-1)[0].decode("utf-8")
                 prompt_tokens = int(out["num_input_tokens"].reshape(-1)[0])
                 generated = int(out["num_output_tokens"].reshape(-1)[0])
                 cum = float(out["cum_logprob"].reshape(-1)[0])
-                final = bool(out["is_final"].reshape(-1)[0])
                 if prefix:
                     piece, prefix = prefix + piece, ""
                 if params.stream:
@@ -127,11 +141,18 @@ class TritonPythonModel:
                                                     generated), flags=FINAL)
                 if final:
                     reason = finish or "length"
-            if error_sent:
+                    final_sent = True
+            if error_sent or final_sent:
                 return
             if cancelled:
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+            else:
+                # The pipeline's stream can end with no response at all: tritonserver 2.51 does so for a
+                # request it refuses while shutting down. The client's stream must still end.
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                    "the generation ended before its last token (is the server shutting down?)",
+                    pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
             try:
                 sender.send(common.error_response(exc), flags=FINAL)

@@ -1,0 +1,49 @@
+"""Noticing that tritonserver is shutting down, from inside a model.
+
+On SIGTERM, tritonserver 2.51 stops accepting new requests for every model, waits up to its exit timeout for
+the requests in flight, and then exits without unloading the models (killing the stubs). A model is not told.
+The decode model has to know, because a long generation would outlast the exit timeout and its client would see
+the connection drop instead of an error. The one visible sign is that every model's scheduler now refuses
+requests, so the watch asks a `probe` (a request the model sends to itself) while there is work, and calls
+`on_stopping` once the probe is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class ShutdownWatch:
+    def __init__(self, *, probe: Callable[[], bool], busy: Callable[[], bool], on_stopping: Callable[[], None],
+                 interval: float = 0.5):
+        """`probe()` returns True while the server accepts requests; `busy()` whether there is work to
+        protect (the probe costs a request, so an idle model does not send it)."""
+        self.probe, self.busy, self.on_stopping, self.interval = probe, busy, on_stopping, interval
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="mstriton-shutdown-watch", daemon=True)
+
+    def start(self) -> "ShutdownWatch":
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.closed.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def _watch(self) -> None:
+        while not self.closed.wait(self.interval):
+            if not self.busy():
+                continue
+            try:
+                accepted = self.probe()
+            except Exception:  # noqa: BLE001 - a failing probe must not end the watch
+                log.exception("shutdown probe failed")
+                continue
+            if not accepted:
+                self.on_stopping()
+                return
