@@ -87,10 +87,9 @@ CLIENT_OUTPUTS = [
 # Tensors between the pipeline's steps; the decode model's are the pipeline's outputs.
 KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
 STEP_OUTPUTS = [
-    ("output_ids", pb.TYPE_INT32, [-1]), ("logprob", pb.TYPE_FP32, [1]),
-    ("cum_logprob", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
-    ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
-    ("is_final", pb.TYPE_BOOL, [1]),
+    # step_ints and step_floats: the fields named in triton_models/common.py (STEP_INTS, STEP_FLOATS)
+    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [3]), ("step_floats", pb.TYPE_FP32, [2]),
+    ("finish_reason", pb.TYPE_STRING, [1]),
 ]
 
 

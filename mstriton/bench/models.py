@@ -4,6 +4,7 @@ system under test (our converter, transformers, llama.cpp's converter) reads the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -31,7 +32,9 @@ def random_llama(folder: Path, tokenizer_dir: Path, seed: int = 0, progress=prin
     """Save a randomly initialised LLaMA (transformers' own init) with the tokenizer of `tokenizer_dir`,
     unless `folder` already holds one made with the same settings."""
     stamp = folder / "bench_model.json"
-    wanted = {"settings": RANDOM_100M, "seed": seed}
+    # the tokenizer too: the demo model's is retrained with its corpus, and prompts are cut with the model's own
+    wanted = {"settings": RANDOM_100M, "seed": seed,
+              "tokenizer_sha256": hashlib.sha256((tokenizer_dir / "tokenizer.model").read_bytes()).hexdigest()}
     if stamp.exists() and json.loads(stamp.read_text()) == wanted:
         return folder
     import torch

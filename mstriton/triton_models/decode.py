@@ -7,6 +7,8 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -20,6 +22,11 @@ from ..tokenizer import DETOKENIZE_WINDOW, stream_window
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+# is_cancelled() is a round trip to the server process, which cost as much as a tenth of the decode model's CPU
+# when asked for every token. Through the ensemble it never answers true (tritonserver 2.51 does not pass a
+# cancellation into ensemble steps; the front model stops the sequence instead), so only a client calling this
+# model directly relies on it, and sees its cancel within this many seconds.
+CANCEL_CHECK_SECONDS = 0.05
 
 
 class ClientGone(RuntimeError):
@@ -29,17 +36,12 @@ class ClientGone(RuntimeError):
 def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
     # The front model detokenizes the newest token from this window of ids (its last). The window reaches back
     # into the prompt, so the first piece keeps the space that joins it to the prompt.
-    window = stream_window(prompt_tail + event.output_ids) if event.token >= 0 else []
-    final = event.finish_reason is not None
+    window = stream_window(prompt_tail + event.output_ids[-(DETOKENIZE_WINDOW + 1):]) if event.token >= 0 else []
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
-        common.scalar_tensor("logprob", event.logprob, np.float32),
-        common.scalar_tensor("cum_logprob", event.cum_logprob, np.float32),
-        common.bytes_tensor("finish_reason", [event.finish_reason or ""]),
-        common.scalar_tensor("num_input_tokens", event.num_input_tokens, np.int32),
-        common.scalar_tensor("num_output_tokens", len(event.output_ids), np.int32),
-        common.scalar_tensor("is_final", final, np.bool_),
-    ])
+        *common.step_tensors(num_input_tokens=event.num_input_tokens, num_output_tokens=len(event.output_ids),
+                             final=event.finish_reason is not None, logprob=event.logprob,
+                             cum_logprob=event.cum_logprob, finish_reason=event.finish_reason or "")])
 
 
 def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.InferenceResponse":
@@ -71,7 +73,7 @@ class TritonPythonModel:
 
     def server_accepts_requests(self) -> bool:
         """Whether tritonserver still accepts requests: a stop request for no sequence, sent to this model."""
-        probe = pb_utils.InferenceRequest(model_name=self.name, requested_output_names=["is_final"],
+        probe = pb_utils.InferenceRequest(model_name=self.name, requested_output_names=["step_ints"],
                                           inputs=[common.bytes_tensor("stop_key", [""])])
         try:
             responses = list(probe.exec(decoupled=True))
@@ -89,8 +91,9 @@ class TritonPythonModel:
             stop_key = common.get(request, "stop_key")
             if stop_key is not None:
                 found = self.scheduler.cancel(common.text(request, "stop_key"))
-                sender.send(pb_utils.InferenceResponse(output_tensors=[
-                    common.scalar_tensor("is_final", found, np.bool_)]), flags=FINAL)
+                sender.send(pb_utils.InferenceResponse(output_tensors=common.step_tensors(  # is_final: found
+                    num_input_tokens=0, num_output_tokens=0, final=found, logprob=0.0, cum_logprob=0.0,
+                    finish_reason="")), flags=FINAL)
                 continue
             try:
                 self.scheduler.submit(self.decode_request(request, sender))
@@ -104,8 +107,16 @@ class TritonPythonModel:
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
         prompt_tail = prompt_ids[-(DETOKENIZE_WINDOW + 1):]
 
+        next_cancel_check = [0.0]
+
         def emit(event: TokenEvent) -> None:
-            if sender.is_cancelled():  # a direct client cancelled: end its stream, free the slot
+            now = time.monotonic()
+            if now >= next_cancel_check[0]:  # a direct client (not through the ensemble) may have cancelled
+                next_cancel_check[0] = now + CANCEL_CHECK_SECONDS
+                cancelled = sender.is_cancelled()
+            else:
+                cancelled = False
+            if cancelled:  # end its stream, free the slot
                 sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                     "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
                 raise ClientGone()

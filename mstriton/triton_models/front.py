@@ -34,8 +34,7 @@ from ..tokenizer import Tokenizer
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-PIPELINE_OUTPUTS = ["output_ids", "logprob", "cum_logprob", "finish_reason", "num_input_tokens",
-                    "num_output_tokens", "is_final"]
+PIPELINE_OUTPUTS = ["output_ids", "step_ints", "step_floats", "finish_reason"]
 
 
 class TritonPythonModel:
@@ -72,7 +71,7 @@ class TritonPythonModel:
             common.bytes_tensor("finish_reason", ["cancelled" if key else ""])]), flags=FINAL)
 
     async def stop_decode(self, key: str) -> None:
-        stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["is_final"],
+        stop = pb_utils.InferenceRequest(model_name=f"{self.llm}_decode", requested_output_names=["step_ints"],
                                          inputs=[common.bytes_tensor("stop_key", [key])])
         async for _ in common.stream_responses(stop):
             pass
@@ -112,7 +111,8 @@ class TritonPythonModel:
                 if cancelled:
                     reason = "cancelled"
                     continue
-                finish = out["finish_reason"].reshape(-1)[0].decode("utf-8")
+                step = common.read_step(out)
+                finish = step["finish_reason"]
                 if finish.startswith(common.STEP_ERROR):
                     sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
                         finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
@@ -121,13 +121,11 @@ class TritonPythonModel:
                 now = time.monotonic()
                 first = first or now
                 last = now
-                final = bool(out["is_final"].reshape(-1)[0])
+                final = step["is_final"]
                 window = out["output_ids"].reshape(-1).tolist()
                 piece = self.tokenizer.piece(window, final=final) if window else ""
-                token_logprob = float(out["logprob"].reshape(-1)[0])
-                prompt_tokens = int(out["num_input_tokens"].reshape(-1)[0])
-                generated = int(out["num_output_tokens"].reshape(-1)[0])
-                cum = float(out["cum_logprob"].reshape(-1)[0])
+                token_logprob, cum = step["logprob"], step["cum_logprob"]
+                prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:
                     piece, prefix = prefix + piece, ""
                 if params.stream:
