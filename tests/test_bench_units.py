@@ -98,3 +98,29 @@ def test_report_states_the_ratios_and_marks_failed_points(tmp_path):
     assert "not run: one request at a time" in text
     results.save_json(tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["points"]["m"]["s"][report.OURS]["16"]["tokens_per_s"] == 3600.0
+
+
+def test_runs_merge_into_one_report(tmp_path):
+    point = dict(requests=4, output_tokens=400, seconds=1.0, tokens_per_s=400.0, requests_per_s=4.0,
+                 ttft_p50_ms=15.0, ttft_p99_ms=20.0, itl_p50_ms=2.0, itl_p99_ms=3.0)
+    runs = []
+    for i, (shape, concurrency) in enumerate((("short", 1), ("long", 4))):
+        run = report.Results(date="2026-11-24", machine="m", versions={}, tools={},
+                             prefill_ms={"m": {shape: 10.0 * (i + 1)}}, notes=[f"note {i}"])
+        run.put("m", shape, report.OURS, concurrency, {**point, "tokens_per_s": 100.0 * (i + 1)})
+        run.save_json(tmp_path / f"run{i}.json")
+        runs.append(tmp_path / f"run{i}.json")
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "bench_report.py"), "--out",
+                             str(tmp_path / "merged"), *map(str, runs)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    merged = report.Results.load(tmp_path / "merged.json")
+    assert merged.get("m", "short", report.OURS, 1)["tokens_per_s"] == 100.0
+    assert merged.get("m", "long", report.OURS, 4)["tokens_per_s"] == 200.0
+    assert merged.prefill_ms == {"m": {"short": 10.0, "long": 20.0}} and merged.notes == ["note 0", "note 1"]
+    assert merged.concurrencies() == [1, 4]
+    text = (tmp_path / "merged.md").read_text()
+    assert "## m, short" in text and "## m, long" in text
+    assert (tmp_path / "merged_throughput.png").exists() and (tmp_path / "merged_ttft.png").exists()

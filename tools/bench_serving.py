@@ -274,12 +274,8 @@ def main(argv=None) -> int:
 
 
 def write_report(results, concurrencies, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results.save_json(out.with_suffix(".json"))
-    report.write_atomically(out.with_suffix(".md"), report.markdown(results, concurrencies))
-    for path in report.plots(results, concurrencies, out.parent, out.name):
+    for path in report.write_report(results, concurrencies, out):
         say(f"wrote {path}")
-    say(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,26 @@ class Results:
     def save_json(self, path: Path) -> None:
         write_atomically(path, json.dumps(dataclasses.asdict(self), indent=1))
 
+    @classmethod
+    def load(cls, path: Path) -> "Results":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def merge(self, other: "Results") -> None:
+        """Take in the points, prefill times and notes of another run (one `make bench` split into parts to fit
+        the time at hand); a point both runs measured keeps `other`'s."""
+        for model, shapes in other.points.items():
+            for shape, systems in shapes.items():
+                for system, by_concurrency in systems.items():
+                    for concurrency, value in by_concurrency.items():
+                        self.put(model, shape, system, int(concurrency), value)
+        for model, by_shape in other.prefill_ms.items():
+            self.prefill_ms.setdefault(model, {}).update(by_shape)
+        self.notes += [note for note in other.notes if note not in self.notes]
+
+    def concurrencies(self) -> list[int]:
+        return sorted({int(c) for shapes in self.points.values() for systems in shapes.values()
+                       for by_concurrency in systems.values() for c in by_concurrency})
+
 
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
@@ -123,6 +143,14 @@ def summary_lines(results: Results, model: str, shape: str, concurrencies: list[
         lines.append(f"- TTFT p50 at concurrency 16 / single-request prefill time ({prefill:.0f} ms, the prefill graph "
                      f"alone): **{sixteen['ttft_p50_ms'] / prefill:.2f}x** (target <= 2x).")
     return lines
+
+
+def write_report(results: Results, concurrencies: list[int], out: Path) -> list[Path]:
+    """OUT.json, OUT.md and the two plots beside them; returns the paths written."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results.save_json(out.with_suffix(".json"))
+    write_atomically(out.with_suffix(".md"), markdown(results, concurrencies))
+    return [out.with_suffix(".json"), out.with_suffix(".md")] + plots(results, concurrencies, out.parent, out.name)
 
 
 def plots(results: Results, concurrencies: list[int], out_dir: Path, stem: str) -> list[Path]:
