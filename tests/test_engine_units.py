@@ -113,5 +113,8 @@ def test_prefill_shapes_round_up_to_few_buckets():
     assert prefill_shape(5, 65, 512) == (8, 128)
     assert prefill_shape(1, 500, 500) == (1, 500)       # never past max_seq_len
     assert prefill_lengths(200) == [64, 128, 192, 200]
+    assert prefill_lengths(1152) == [64, 128, 192, 256, 384, 512, 768, 1024, 1152]
+    assert prefill_shape(1, 300, 1152) == (1, 384) and prefill_shape(2, 1100, 1152) == (2, 1152)
+    assert all(prefill_shape(1, t, 1152)[1] - t < 64 or prefill_shape(1, t, 1152)[1] <= 1.5 * t for t in range(1, 1153))
     shapes = {prefill_shape(b, t, 1152) for b in range(1, 65) for t in range(1, 1153)}
-    assert len(shapes) == 7 * 18
+    assert len(shapes) == 7 * 9

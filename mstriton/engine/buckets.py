@@ -41,8 +41,24 @@ def smallest_fitting(buckets: list[int], size: int) -> int:
 # Prefill: the graph takes any (batch, length), but MindSpore compiles it anew for each shape it has not seen
 # (about 0.3 s for the demo model, 2 s for a 4 x 960 batch, measured here): under serving, dynamic batches of
 # every size and prompts of every length would compile again and again. Rounding the shape up to a bucket keeps
-# the set of shapes small (batch: powers of two; length: multiples of 64), so each compiles once.
+# the set of shapes small, so each compiles once. Each compiled shape also keeps memory of its own, growing with
+# the square of the length (the 103M bench model at batch 1: 1.7 GB for 512 tokens, 4.9 GB for 1024): with a
+# bucket every 64 tokens up to 1152, warm-up grew that model's prefill process past 18.7 GB and the kernel killed
+# it. Past 256 tokens the length buckets are therefore powers of two and their midpoints (384, 512, 768, 1024,
+# ...): a prompt pads by fewer than 64 tokens or by half at most, and there are 9 buckets up to 1152, not 18
+# (peak 19.1 GB: the largest buckets dominate; prefill in chunks of the prompt is what would bound it).
 PREFILL_LENGTH_STEP = 64
+PREFILL_FINE_UP_TO = 256
+
+
+def prefill_lengths(max_seq_len: int) -> list[int]:
+    """Every length bucket up to max_seq_len, the last one max_seq_len itself (what warm-up compiles)."""
+    lengths = list(range(PREFILL_LENGTH_STEP, PREFILL_FINE_UP_TO + 1, PREFILL_LENGTH_STEP))
+    power = PREFILL_FINE_UP_TO
+    while power < max_seq_len:
+        lengths += [power * 3 // 2, power * 2]
+        power *= 2
+    return sorted({min(n, max_seq_len) for n in lengths})
 
 
 def prefill_shape(batch: int, length: int, max_seq_len: int) -> tuple[int, int]:
@@ -50,11 +66,6 @@ def prefill_shape(batch: int, length: int, max_seq_len: int) -> tuple[int, int]:
     padded_batch = 1
     while padded_batch < batch:
         padded_batch *= 2
-    padded_length = -(-length // PREFILL_LENGTH_STEP) * PREFILL_LENGTH_STEP
-    return padded_batch, max(length, min(padded_length, max_seq_len))
-
-
-def prefill_lengths(max_seq_len: int) -> list[int]:
-    """Every length bucket up to max_seq_len (what warm-up compiles)."""
-    return sorted({min(n, max_seq_len) for n in range(PREFILL_LENGTH_STEP, max_seq_len + PREFILL_LENGTH_STEP,
-                                                        PREFILL_LENGTH_STEP)})
+    if length > max_seq_len:  # refused upstream; never shrink a prompt
+        return padded_batch, length
+    return padded_batch, smallest_fitting(prefill_lengths(max_seq_len), length)
