@@ -118,3 +118,29 @@ def test_prefill_shapes_round_up_to_few_buckets():
     assert all(prefill_shape(1, t, 1152)[1] - t < 64 or prefill_shape(1, t, 1152)[1] <= 1.5 * t for t in range(1, 1153))
     shapes = {prefill_shape(b, t, 1152) for b in range(1, 65) for t in range(1, 1153)}
     assert len(shapes) == 7 * 9
+
+
+def test_graph_lock_serves_waiters_in_arrival_order():
+    """A thread that releases the lock and asks again goes behind the threads already waiting (no starvation)."""
+    import threading
+    import time
+
+    from mstriton.engine.graphs import FairLock
+
+    lock, order = FairLock(), []
+    waiter_started = threading.Event()
+
+    def waiter():
+        waiter_started.set()
+        with lock:
+            order.append("waiter")
+
+    with lock:
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        waiter_started.wait()
+        time.sleep(0.05)  # the waiter has taken its ticket
+    with lock:  # released and asked again at once, as the decode loop does
+        order.append("again")
+    thread.join(5)
+    assert order == ["waiter", "again"]
