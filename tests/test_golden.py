@@ -3,7 +3,6 @@ random weights: logits within 1e-4 relative error, identical greedy tokens, batc
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from conftest import greedy_reference, relative_error

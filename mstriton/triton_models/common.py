@@ -107,10 +107,6 @@ def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":
     return error
 
 
-def error_of(response) -> "pb_utils.TritonError | None":
-    return response.error() if response.has_error() else None
-
-
 def outputs_by_name(response) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
 
