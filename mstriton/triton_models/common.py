@@ -91,12 +91,15 @@ def read_step(outputs: dict[str, np.ndarray]) -> dict:
 STEP_ERROR = "error: "
 
 
+def failed_response(message: str, code) -> "pb_utils.InferenceResponse":
+    """A response that is only an error: `message`, with a pb_utils.TritonError code."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
+
+
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
     if isinstance(exc, (ParameterError, ValueError)):
-        error = pb_utils.TritonError(INVALID_REQUEST + str(exc), pb_utils.TritonError.INVALID_ARG)
-    else:
-        error = pb_utils.TritonError(str(exc), pb_utils.TritonError.INTERNAL)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
+        return failed_response(INVALID_REQUEST + str(exc), pb_utils.TritonError.INVALID_ARG)
+    return failed_response(str(exc), pb_utils.TritonError.INTERNAL)
 
 
 def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":

@@ -18,7 +18,7 @@ from ..params import GenerationParams
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
 from ..serving.shutdown import ShutdownWatch
-from ..tokenizer import DETOKENIZE_WINDOW, stream_window
+from ..tokenizer import stream_window
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -36,7 +36,7 @@ class ClientGone(RuntimeError):
 def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
     # The front model detokenizes the newest token from this window of ids (its last). The window reaches back
     # into the prompt, so the first piece keeps the space that joins it to the prompt.
-    window = stream_window(prompt_tail + event.output_ids[-(DETOKENIZE_WINDOW + 1):]) if event.token >= 0 else []
+    window = stream_window(prompt_tail + stream_window(event.output_ids)) if event.token >= 0 else []
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
         *common.step_tensors(num_input_tokens=event.num_input_tokens, num_output_tokens=len(event.output_ids),
@@ -105,7 +105,7 @@ class TritonPythonModel:
     def decode_request(self, request, sender) -> DecodeRequest:
         words = common.json_input(request, "word_ids")
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
-        prompt_tail = prompt_ids[-(DETOKENIZE_WINDOW + 1):]
+        prompt_tail = stream_window(prompt_ids)
 
         next_cancel_check = [0.0]
 
@@ -117,8 +117,7 @@ class TritonPythonModel:
             else:
                 cancelled = False
             if cancelled:  # end its stream, free the slot
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+                sender.send(common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
                 raise ClientGone()
             if event.error:
                 sender.send(error_as_data(event.error, event.num_input_tokens), flags=FINAL)

@@ -114,8 +114,8 @@ class TritonPythonModel:
                 step = common.read_step(out)
                 finish = step["finish_reason"]
                 if finish.startswith(common.STEP_ERROR):
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                        finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
+                    sender.send(common.failed_response(finish[len(common.STEP_ERROR):],
+                                                       pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
                     error_sent = True
                     continue
                 now = time.monotonic()
@@ -143,14 +143,13 @@ class TritonPythonModel:
             if error_sent or final_sent:
                 return
             if cancelled:
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                    "request cancelled", pb_utils.TritonError.CANCELLED)), flags=FINAL)
+                sender.send(common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
             else:
                 # The pipeline's stream can end with no response at all: tritonserver 2.51 does so for a
                 # request it refuses while shutting down. The client's stream must still end.
-                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
+                sender.send(common.failed_response(
                     "the generation ended before its last token (is the server shutting down?)",
-                    pb_utils.TritonError.UNAVAILABLE)), flags=FINAL)
+                    pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
             try:
                 sender.send(common.error_response(exc), flags=FINAL)

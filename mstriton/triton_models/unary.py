@@ -39,6 +39,5 @@ class TritonPythonModel:
         if error is not None:
             return pb_utils.InferenceResponse(output_tensors=[], error=common.with_code_restored(error))
         if result is None:
-            return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(
-                "the generation ended without output", pb_utils.TritonError.INTERNAL))
+            return common.failed_response("the generation ended without output", pb_utils.TritonError.INTERNAL)
         return pb_utils.InferenceResponse(output_tensors=result.output_tensors())
