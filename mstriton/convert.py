@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, WEIGHTS, export_engine
+from .engine.buckets import DEFAULT_PREFILL_CHUNK
+from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, PREFILL_CHUNK, WEIGHTS, export_engine
 from .model.weights import load_checkpoint
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .tokenizer import TEMPLATES
@@ -36,7 +37,9 @@ def _split_engine(full: Path, prefill_dir: Path, decode_dir: Path) -> None:
     for shared in (MANIFEST, WEIGHTS):
         _link_or_copy(full / shared, prefill_dir / shared)
         _link_or_copy(full / shared, decode_dir / shared)
-    _link_or_copy(full / PREFILL, prefill_dir / PREFILL)
+    for graph in (PREFILL, PREFILL_CHUNK):
+        if (full / graph).exists():
+            _link_or_copy(full / graph, prefill_dir / graph)
     for graph in full.glob("decode_*.mindir"):
         _link_or_copy(graph, decode_dir / graph.name)
 
@@ -70,7 +73,7 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
-            template: str = "none", progress: Callable[[str], None] = print) -> list[Path]:
+            template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
@@ -96,7 +99,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     try:
         engine = staging / "engine"
         export_engine(config, weights, engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                      max_seq_len=max_seq_len, progress=progress)
+                      max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, progress=progress)
         models = staging / "models"
         _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
                       models / model_name(name, "decode") / VERSION / "engine")

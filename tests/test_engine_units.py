@@ -94,15 +94,15 @@ def test_config_round_trips_through_hf_dict():
     assert LlamaConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
 
 
-def test_prefill_chunks_keep_padded_size_within_the_budget():
-    from mstriton.engine.engine import prefill_chunks
+def test_prefill_batches_keep_padded_size_within_the_budget():
+    from mstriton.engine.engine import prefill_batches
 
     lengths = [1024] * 20
-    chunks = prefill_chunks(lengths, budget=8192)
+    chunks = prefill_batches(lengths, budget=8192)
     assert [len(c) for c in chunks] == [8, 8, 4] and [i for c in chunks for i in c] == list(range(20))
     # a prompt longer than the budget still runs, alone; short ones are not put with it
-    assert prefill_chunks([10, 20, 9000, 30], budget=8192) == [range(0, 2), range(2, 3), range(3, 4)]
-    assert prefill_chunks([], budget=100) == []
+    assert prefill_batches([10, 20, 9000, 30], budget=8192) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert prefill_batches([], budget=100) == []
 
 
 def test_prefill_shapes_round_up_to_few_buckets():
@@ -144,3 +144,37 @@ def test_graph_lock_serves_waiters_in_arrival_order():
         order.append("again")
     thread.join(5)
     assert order == ["waiter", "again"]
+
+
+def test_chunks_start_at_each_chunk_boundary_and_attend_to_a_doubling_cache():
+    from mstriton.engine.buckets import chunk_cache_length, chunk_starts
+
+    assert chunk_starts(256, 256) == [] and chunk_starts(257, 256) == [256]
+    assert chunk_starts(1088, 256) == [256, 512, 768, 1024]
+    assert [chunk_cache_length(s, 256) for s in (256, 512, 768, 1024)] == [256, 512, 1024, 1024]
+    assert all(chunk_cache_length(s, 16) >= s for s in range(16, 2000, 16))
+
+
+@pytest.mark.parametrize("length", [17, 32, 33, 100])
+def test_chunked_prefill_equals_the_whole_prompt(tmp_path, length):
+    """The chunk graph against the whole-prompt graph on the same random weights, at chunk boundaries and past
+    them: same last logits and same cache (transformers checks both paths in test_golden)."""
+    from mstriton.config import LlamaConfig
+    from mstriton.engine.graphs import EngineGraphs, export_engine
+    from mstriton.model.llama import weight_shapes
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    rng = np.random.default_rng(length)
+    weights = {n: (rng.standard_normal(s) * 0.2).astype(np.float32) for n, s in weight_shapes(config).items()}
+    export_engine(config, weights, tmp_path, dtype="float32", device="CPU", max_batch_size=1, max_seq_len=128,
+                  prefill_chunk=16, batches=[1], seqs=[64], progress=lambda _: None)
+    graphs = EngineGraphs(tmp_path)
+    prompt = rng.integers(0, 97, length).astype(np.int32)
+    logits, keys, values = graphs.prefill_long(prompt)
+    whole_logits, whole_keys, whole_values = graphs.prefill(prompt[None], np.array([length], np.int32))
+    np.testing.assert_allclose(logits, whole_logits[0], rtol=1e-4, atol=1e-5)
+    for ours, whole in zip(keys, whole_keys):
+        np.testing.assert_allclose(ours[:, :, :length], whole[0, :, :, :length], rtol=1e-4, atol=1e-5)
+    for ours, whole in zip(values, whole_values):
+        np.testing.assert_allclose(ours[:, :length], whole[0, :, :length], rtol=1e-4, atol=1e-5)

@@ -98,7 +98,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
     so that a slow spell of this shared machine falls on both rather than on one."""
     from mstriton.bench.engine_alone import EngineAlone
     from mstriton.bench.triton_run import run_perf_analyzer
-    from mstriton.engine.engine import pad_prompts
+    from mstriton.engine.engine import prefill_each
     from mstriton.server_process import TritonServer
 
     server = engine = None
@@ -120,7 +120,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
                 times = []
                 for _ in range(3):
                     started = time.perf_counter()
-                    engine.prefill_graphs.prefill(*pad_prompts([ids[0]]))
+                    prefill_each(engine.prefill_graphs, [ids[0]])
                     times.append((time.perf_counter() - started) * 1e3)
                 results.prefill_ms.setdefault(name, {})[shape.name] = sorted(times)[1]
                 say(f"{name}, {shape.name}: single-request prefill {sorted(times)[1]:.0f} ms (median of 3)")

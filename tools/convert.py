@@ -3,7 +3,7 @@
 
     python tools/convert.py --checkpoint DIR --name NAME --model-repository DIR \
         [--device CPU|Ascend|GPU] [--max-batch-size N] [--max-seq-len N] [--dtype float32|float16|bfloat16]
-        [--template none|llama2|internlm]
+        [--template none|llama2|internlm] [--prefill-chunk N]
 
 DIR holds config.json, tokenizer.model and either *.safetensors (Hugging Face, sharded or not) or one
 MindSpore *.ckpt. Running it again replaces the model; a failed run leaves the repository as it was.
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--template", default="none", choices=["none", "llama2", "internlm"],
                         help="prompt template the tokenizer applies to every request")
+    parser.add_argument("--prefill-chunk", type=int, default=256,
+                        help="prompts longer than this prefill in chunks of this many tokens, which bounds the "
+                             "memory each compiled prefill shape keeps (0: whole prompts)")
     args = parser.parse_args(argv)
 
     from mstriton.config import ConfigError
@@ -48,8 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                template=args.template,
-                progress=progress)
+                template=args.template, prefill_chunk=args.prefill_chunk, progress=progress)
     except (ConfigError, WeightError, ValueError, FileNotFoundError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2

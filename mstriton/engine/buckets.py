@@ -46,7 +46,8 @@ def smallest_fitting(buckets: list[int], size: int) -> int:
 # bucket every 64 tokens up to 1152, warm-up grew that model's prefill process past 18.7 GB and the kernel killed
 # it. Past 256 tokens the length buckets are therefore powers of two and their midpoints (384, 512, 768, 1024,
 # ...): a prompt pads by fewer than 64 tokens or by half at most, and there are 9 buckets up to 1152, not 18
-# (peak 19.1 GB: the largest buckets dominate; prefill in chunks of the prompt is what would bound it).
+# (peak 19.1 GB: the largest buckets dominate). Prompts longer than the prefill chunk (256 tokens by default)
+# now prefill in chunks of the prompt instead (``LlamaPrefillChunk``), so these buckets only go up to the chunk.
 PREFILL_LENGTH_STEP = 64
 PREFILL_FINE_UP_TO = 256
 
@@ -69,3 +70,22 @@ def prefill_shape(batch: int, length: int, max_seq_len: int) -> tuple[int, int]:
     if length > max_seq_len:  # refused upstream; never shrink a prompt
         return padded_batch, length
     return padded_batch, smallest_fitting(prefill_lengths(max_seq_len), length)
+
+
+# Chunked prefill: a chunk starting at token `start` attends to a cache whose length is the smallest
+# chunk * 2**k >= start. Its shapes are then few (3 up to 1024 tokens for chunks of 256), and each keeps
+# memory that grows as chunk x cache, not as the square of the prompt.
+DEFAULT_PREFILL_CHUNK = 256
+
+
+def chunk_starts(length: int, chunk: int) -> list[int]:
+    """Where each chunk after the first begins, for a prompt of `length` tokens."""
+    return list(range(chunk, length, chunk))
+
+
+def chunk_cache_length(start: int, chunk: int) -> int:
+    """The cache length the chunk beginning at `start` attends to (>= start)."""
+    size = chunk
+    while size < start:
+        size *= 2
+    return size

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .buckets import prefill_lengths, smallest_fitting
+from .buckets import chunk_cache_length, chunk_starts, prefill_lengths, smallest_fitting
 from .graphs import EngineGraphs
 from .kv_cache import KVCachePool
 
@@ -36,7 +36,7 @@ def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
 PREFILL_TOKEN_BUDGET = 8192
 
 
-def prefill_chunks(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> list[range]:
+def prefill_batches(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> list[range]:
     """Consecutive index ranges whose padded size (count x longest) stays within `budget` (one prompt at least)."""
     chunks, start, longest = [], 0, 0
     for i, length in enumerate(lengths):
@@ -51,13 +51,18 @@ def prefill_chunks(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> li
 
 
 def prefill_each(graphs: EngineGraphs, prompts) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
-    """Prefill any number of prompts, as padded batches within PREFILL_TOKEN_BUDGET. Returns, per prompt, its
-    last-position logits [V], keys [L][Hkv, D, >=len] and values [L][Hkv, >=len, D]."""
-    results = []
-    for chunk in prefill_chunks([len(p) for p in prompts]):
-        logits, keys, values = graphs.prefill(*pad_prompts([prompts[i] for i in chunk]))
-        results += [(logits[row], [k[row] for k in keys], [v[row] for v in values]) for row in range(len(chunk))]
-    return results
+    """Prefill any number of prompts: those longer than the engine's prefill chunk one at a time in chunks, the
+    others as padded batches within PREFILL_TOKEN_BUDGET. Returns, per prompt in order, its last-position
+    logits [V], keys [L][Hkv, D, >=len] and values [L][Hkv, >=len, D]."""
+    limit = graphs.chunk_length or graphs.max_seq_len
+    short = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    results = {i: graphs.prefill_long(p) for i, p in enumerate(prompts) if len(p) > limit}
+    for batch in prefill_batches([len(prompts[i]) for i in short]):
+        rows = [short[j] for j in batch]
+        logits, keys, values = graphs.prefill(*pad_prompts([prompts[i] for i in rows]))
+        results.update({i: (logits[row], [k[row] for k in keys], [v[row] for v in values])
+                        for row, i in enumerate(rows)})
+    return [results[i] for i in range(len(prompts))]
 
 
 class Engine:
@@ -82,11 +87,9 @@ class Engine:
         each prompt's last token [N, V]. The caller checks lengths and free slots first."""
         if len(prompts) > self.free_slots:
             raise ValueError(f"{len(prompts)} prompts but only {self.free_slots} free slots")
-        tokens, lengths = pad_prompts(prompts)
-        logits, keys, values = self.graphs.prefill(tokens, lengths)
-        sequences = [self.admit([k[row] for k in keys], [v[row] for v in values], int(length))
-                     for row, length in enumerate(lengths)]
-        return sequences, logits
+        results = prefill_each(self.graphs, prompts)
+        sequences = [self.admit(keys, values, len(prompt)) for prompt, (_, keys, values) in zip(prompts, results)]
+        return sequences, np.stack([logits for logits, _, _ in results])
 
     def admit(self, keys: list[np.ndarray], values: list[np.ndarray], length: int) -> Sequence:
         """Give a prompt whose cache was computed elsewhere (the prefill model) a slot: per layer K^T
@@ -169,7 +172,17 @@ def warm_up(engine: Engine) -> None:
 
 
 def warm_up_prefill(graphs: EngineGraphs) -> None:
-    """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), so
-    that the first prompts are not slow; other batch sizes compile once, when first used."""
-    for length in prefill_lengths(graphs.max_seq_len):
+    """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), and
+    the chunked-prefill graph for every cache length a chunk attends to, so that the first prompts are not slow;
+    other batch sizes compile once, when first used."""
+    whole_up_to = min(graphs.chunk_length or graphs.max_seq_len, graphs.max_seq_len)
+    for length in prefill_lengths(whole_up_to):
         graphs.prefill(np.ones((1, length), np.int32), np.array([length], np.int32))
+    if graphs.chunk_length:
+        chunk = graphs.chunk_length
+        longest = graphs.max_seq_len - 1
+        seen = set()
+        for start in chunk_starts(longest, chunk):  # one prompt per cache length reaches each chunk shape
+            if chunk_cache_length(start, chunk) not in seen:
+                seen.add(chunk_cache_length(start, chunk))
+                graphs.prefill_long(np.ones(start + 1, np.int32))

@@ -4,6 +4,8 @@ An engine directory holds:
     manifest.json          the model config, dtype, device, limits and buckets, and the file of every graph
     weights.ckpt           the weights, in the network's layout, as a MindSpore checkpoint
     prefill.mindir         one prefill graph, dynamic in batch and prompt length
+    prefill_chunk.mindir   the next chunk of a long prompt against the cache before it (when prompts may be
+                           longer than the chunk)
     decode_b{B}_s{S}.mindir  one decode graph per static (batch, cache length) bucket
 Graphs take the weights as inputs, so one copy in memory serves every graph.
 """
@@ -21,13 +23,15 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..config import LlamaConfig
-from ..model.llama import LlamaDecode, LlamaPrefill, weight_names
-from .buckets import batch_buckets, prefill_shape, seq_buckets
+from ..model.llama import LlamaDecode, LlamaPrefill, LlamaPrefillChunk, weight_names
+from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, chunk_cache_length, chunk_starts, prefill_shape, \
+    seq_buckets
 from .memory import aligned_copy
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.ckpt"
 PREFILL = "prefill.mindir"
+PREFILL_CHUNK = "prefill_chunk.mindir"
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 DEVICES = ("CPU", "Ascend", "GPU")
 
@@ -52,7 +56,7 @@ def _export(net: nn.Cell, inputs: list, path: Path) -> None:
 def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: Path, *, dtype: str,
                   device: str, max_batch_size: int, max_seq_len: int,
                   batches: list[int] | None = None, seqs: list[int] | None = None,
-                  progress: Callable[[str], None] = print) -> dict:
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: Callable[[str], None] = print) -> dict:
     """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -61,6 +65,8 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                          f"max_position_embeddings), got {max_seq_len}")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    if prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 (0: prefill whole prompts), got {prefill_chunk}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ms_dtype = DTYPES[dtype]
     names = weight_names(config)
@@ -75,6 +81,16 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     _export(LlamaPrefill(config, ms_dtype),
             [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
             out_dir / PREFILL)
+    chunk = None
+    if 0 < prefill_chunk < max_seq_len - 1:  # some prompts can be longer than a chunk
+        progress(f"exporting the chunked-prefill graph (prompts over {prefill_chunk} tokens)")
+        layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+        cache_specs = [Tensor(shape=[None, kv, hd, None], dtype=ms_dtype)] * layers
+        cache_specs += [Tensor(shape=[None, kv, None, hd], dtype=ms_dtype)] * layers
+        _export(LlamaPrefillChunk(config, ms_dtype),
+                [Tensor(shape=[None, None], dtype=ms.int32)] + [Tensor(shape=[None], dtype=ms.int32)] * 2
+                + cache_specs + weight_specs, out_dir / PREFILL_CHUNK)
+        chunk = {"file": PREFILL_CHUNK, "length": prefill_chunk}
 
     # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
     batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
@@ -96,7 +112,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     manifest = {"format": 1, "config": config.to_hf_dict(), "dtype": dtype, "device": device,
                 "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
                 "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
-                "prefill": PREFILL, "decode": decode_files}
+                "prefill": PREFILL, "prefill_chunk": chunk, "decode": decode_files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -152,6 +168,9 @@ class EngineGraphs:
         if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
             self.weights = [w.move_to(self.device) for w in self.weights]
         self._graphs: dict[str, nn.GraphCell] = {}
+        chunk = self.manifest.get("prefill_chunk")  # absent in engines exported before chunked prefill
+        # prompts longer than this prefill in chunks (prefill_long); shorter ones as whole prompts (prefill)
+        self.chunk_length = chunk["length"] if chunk else None
 
     def weight_bytes_per_step(self) -> int:
         """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered)."""
@@ -179,6 +198,41 @@ class EngineGraphs:
         layers = self.config.num_hidden_layers
         arrays = [o.asnumpy()[:batch] for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]
+
+    def prefill_long(self, prompt) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """One prompt longer than chunk_length, in chunks: the first as a whole prompt, each next one against the
+        cache of those before it. Returns logits [V], keys [L][Hkv, D, T'] and values [L][Hkv, T', D], T' >= the
+        prompt's length (positions past it hold nothing the caller may use)."""
+        chunk, n = self.chunk_length, len(prompt)
+        prompt = np.asarray(prompt, np.int32)
+        starts = chunk_starts(n, chunk)
+        width = max(starts[-1] + chunk, chunk_cache_length(starts[-1], chunk))
+        logits, first_keys, first_values = self.prefill(prompt[None, :chunk], np.array([chunk], np.int32))
+        c = self.config
+        keys = [np.zeros((c.num_key_value_heads, c.head_dim, width), self.np_dtype) for _ in first_keys]
+        values = [np.zeros((c.num_key_value_heads, width, c.head_dim), self.np_dtype) for _ in first_values]
+        for cache, first in zip(keys, first_keys):
+            cache[:, :, :chunk] = first[0, :, :, :chunk]
+        for cache, first in zip(values, first_values):
+            cache[:, :chunk] = first[0, :, :chunk]
+        for start in starts:
+            seq = chunk_cache_length(start, chunk)
+            tokens = np.zeros((1, chunk), np.int32)
+            piece = prompt[start:start + chunk]
+            tokens[0, :len(piece)] = piece
+            caches = [np.ascontiguousarray(k[None, :, :, :seq]) for k in keys]
+            caches += [np.ascontiguousarray(v[None, :, :seq]) for v in values]
+            with GRAPH_LOCK:
+                outputs = self._graph(self.manifest["prefill_chunk"]["file"])(
+                    Tensor(tokens), Tensor(np.array([start], np.int32)), Tensor(np.array([len(piece)], np.int32)),
+                    *[Tensor.from_numpy(a) for a in caches], *self.weights)
+            arrays = [o.asnumpy() for o in outputs]
+            logits = arrays[0]
+            for cache, new in zip(keys, arrays[1:1 + len(keys)]):
+                cache[:, :, start:start + chunk] = new[0]
+            for cache, new in zip(values, arrays[1 + len(keys):]):
+                cache[:, start:start + chunk] = new[0]
+        return logits[0], keys, values
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]):
         """Run the decode graph of the bucket given by the caches' shape ([B, Hkv, D, S] views).
