@@ -93,35 +93,85 @@ def convert_for_bench(name: str, checkpoint: Path, max_batch: int, max_seq_len: 
 
 # ---- the systems ----------------------------------------------------------------------------------------
 
+def resident_bytes(root_pid: int) -> int:
+    """Resident memory of a process and all its descendants (tritonserver and its model processes)."""
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(status.parent.name))
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            total += int((Path(f"/proc/{pid}/statm").read_text().split()[1])) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+    return total
+
+
+def available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def run_ours_and_engine(results, name, repository, workload, concurrencies, max_slots, systems):
     """tritonserver and the engine alone take turns point by point (the server idles while the engine runs),
-    so that a slow spell of this shared machine falls on both rather than on one."""
-    from mstriton.bench.engine_alone import EngineAlone
-    from mstriton.bench.triton_run import run_perf_analyzer
-    from mstriton.engine.engine import prefill_each
+    so that a slow spell of this shared machine falls on both rather than on one. The engine alone holds the
+    same graphs and cache as the server's model processes; when the memory left beside the loaded server is less
+    than twice what the server holds (the 103M model at 64 slots: about 12 GB each, KV caches still to grow),
+    the server measures every point first and stops, then the engine alone loads and measures them."""
     from mstriton.server_process import TritonServer
 
-    server = engine = None
+    server = None
     try:
         if "ours" in systems:
             log = BUILD / f"tritonserver_{name}.log"
             say(f"{name}: starting tritonserver (log {log})")
             server = TritonServer(repository, log)
             server.wait_ready()
-        if "engine" in systems:
+        together = "engine" in systems
+        if server and together:
+            served, available = resident_bytes(server.process.pid), available_bytes()
+            together = available > 2 * served
+            say(f"{name}: the server holds {served / 1e9:.1f} GB, {available / 1e9:.1f} GB are available: "
+                + ("the engine alone loads beside it, and they take turns point by point" if together else
+                   "the engine alone runs after the server has stopped"))
+        if server:
+            measure_points(results, name, repository, workload, concurrencies, max_slots, server,
+                           with_engine=together)
+            say(f"{name}: tritonserver stopped ({server.stop()})")
+            server = None
+        if "engine" in systems and not together:
+            measure_points(results, name, repository, workload, concurrencies, max_slots, None, with_engine=True)
+    finally:
+        if server:
+            say(f"{name}: tritonserver stopped ({server.stop()})")
+
+
+def measure_points(results, name, repository, workload, concurrencies, max_slots, server, with_engine):
+    """Every shape and concurrency, on the server (if given) and the engine alone (if with_engine), taking
+    turns at each point."""
+    from mstriton.bench.engine_alone import EngineAloneProcess
+    from mstriton.bench.triton_run import run_perf_analyzer
+
+    engine = None
+    try:
+        if with_engine:
             say(f"{name}: loading the engine alone")
-            engine = EngineAlone(repository, name, max_slots=max_slots)
+            engine = EngineAloneProcess(repository, name, max_slots=max_slots)
         for shape, prompts_by_c in workload.items():
             texts, ids = prompts_by_c[concurrencies[0]]
             if server:  # compile this prompt length's graphs before measuring
                 run_perf_analyzer(server.grpc, name, texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 2)
             if engine:
                 engine.run(ids[:2], shape.output_tokens, 2)
-                times = []
-                for _ in range(3):
-                    started = time.perf_counter()
-                    prefill_each(engine.prefill_graphs, [ids[0]])
-                    times.append((time.perf_counter() - started) * 1e3)
+                times = [engine.prefill_ms(ids[0]) for _ in range(3)]
                 results.prefill_ms.setdefault(name, {})[shape.name] = sorted(times)[1]
                 say(f"{name}, {shape.name}: single-request prefill {sorted(times)[1]:.0f} ms (median of 3)")
             for c in concurrencies:
@@ -143,8 +193,6 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
     finally:
         if engine:
             engine.close()
-        if server:
-            say(f"{name}: tritonserver stopped ({server.stop()})")
 
 
 def run_transformers(results, name, checkpoint, workload, concurrencies, batched, max_sequential):

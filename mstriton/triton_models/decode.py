@@ -7,14 +7,13 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, warm_up
 from ..engine.graphs import EngineGraphs
 from ..params import GenerationParams
+from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
 from ..serving.shutdown import ShutdownWatch
@@ -22,11 +21,6 @@ from ..tokenizer import stream_window
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-# is_cancelled() is a round trip to the server process, which cost as much as a tenth of the decode model's CPU
-# when asked for every token. Through the ensemble it never answers true (tritonserver 2.51 does not pass a
-# cancellation into ensemble steps; the front model stops the sequence instead), so only a client calling this
-# model directly relies on it, and sees its cancel within this many seconds.
-CANCEL_CHECK_SECONDS = 0.05
 
 
 class ClientGone(RuntimeError):
@@ -107,16 +101,12 @@ class TritonPythonModel:
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
         prompt_tail = stream_window(prompt_ids)
 
-        next_cancel_check = [0.0]
+        # Through the ensemble is_cancelled() never answers true (tritonserver 2.51 does not pass a cancellation
+        # into ensemble steps; the front model stops the sequence instead): only a direct client relies on it.
+        cancelled = CancelPoll(sender.is_cancelled)
 
         def emit(event: TokenEvent) -> None:
-            now = time.monotonic()
-            if now >= next_cancel_check[0]:  # a direct client (not through the ensemble) may have cancelled
-                next_cancel_check[0] = now + CANCEL_CHECK_SECONDS
-                cancelled = sender.is_cancelled()
-            else:
-                cancelled = False
-            if cancelled:  # end its stream, free the slot
+            if cancelled():  # end its stream, free the slot
                 sender.send(common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
                 raise ClientGone()
             if event.error:

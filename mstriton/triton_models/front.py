@@ -28,6 +28,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..params import ParameterError
+from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
 from ..tokenizer import Tokenizer
@@ -93,6 +94,7 @@ class TritonPythonModel:
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
         error_sent = final_sent = False
+        client_cancelled = CancelPoll(sender.is_cancelled)
         try:
             async for response in common.stream_responses(pipeline):  # read to its end, whatever happens
                 if error_sent:
@@ -105,7 +107,7 @@ class TritonPythonModel:
                 out = common.outputs_by_name(response)
                 if not out:
                     continue
-                if not cancelled and sender.is_cancelled():
+                if not cancelled and client_cancelled():
                     cancelled = True
                     await self.stop_decode(key)
                 if cancelled:
