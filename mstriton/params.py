@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 
+MAX_STREAM_INTERVAL = 256
+
+
 class ParameterError(ValueError):
     """A request parameter outside its allowed range; the message names the field."""
 
@@ -32,6 +35,9 @@ class GenerationParams:
     return_log_probs: bool = False
     exclude_input_in_output: bool = True
     stream: bool = True
+    # Tokens per streamed response (the first token always comes alone, the last response may hold fewer).
+    # None: the decode model's `stream_interval` parameter (1 unless the operator set it).
+    stream_interval: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +67,8 @@ class GenerationParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
         check(self.seed is None or 0 <= self.seed < 2 ** 64, "seed", "in [0, 2^64)", self.seed)
+        check(self.stream_interval is None or 1 <= self.stream_interval <= MAX_STREAM_INTERVAL, "stream_interval",
+              f"in [1, {MAX_STREAM_INTERVAL}]", self.stream_interval)
         for field in ("end_id", "pad_id"):
             value = getattr(self, field)
             check(value is None or 0 <= value < vocab_size, field, f"in [0, {vocab_size})", value)

@@ -77,7 +77,7 @@ CLIENT_INPUTS = [
     ("temperature", pb.TYPE_FP32, [1]), ("repetition_penalty", pb.TYPE_FP32, [1]),
     ("presence_penalty", pb.TYPE_FP32, [1]), ("frequency_penalty", pb.TYPE_FP32, [1]),
     ("seed", pb.TYPE_UINT64, [1]), ("random_seed", pb.TYPE_UINT64, [1]), ("do_sample", pb.TYPE_BOOL, [1]),
-    ("return_log_probs", pb.TYPE_BOOL, [1]), ("stop", pb.TYPE_BOOL, [1]),
+    ("return_log_probs", pb.TYPE_BOOL, [1]), ("stream_interval", pb.TYPE_INT32, [1]), ("stop", pb.TYPE_BOOL, [1]),
 ]
 CLIENT_OUTPUTS = [
     ("text_output", pb.TYPE_STRING, [-1]), ("output_log_probs", pb.TYPE_FP32, [-1]),
@@ -88,7 +88,7 @@ CLIENT_OUTPUTS = [
 KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
 STEP_OUTPUTS = [
     # step_ints and step_floats: the fields named in triton_models/common.py (STEP_INTS, STEP_FLOATS)
-    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [3]), ("step_floats", pb.TYPE_FP32, [2]),
+    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [4]), ("step_floats", pb.TYPE_FP32, [-1]),
     ("finish_reason", pb.TYPE_STRING, [1]),
 ]
 
@@ -143,7 +143,7 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     decode = python_model(model_name(name, "decode"), max_batch_size=max_batch_size, decoupled=True,
                           device=device, parameters={"engine": "engine", "max_waiting": "64",
                                       # below tritonserver's default --exit-timeout-secs (30): see scheduler.drain
-                                      "shutdown_grace_seconds": "20", **dev})
+                                      "shutdown_grace_seconds": "20", "stream_interval": "1", **dev})
     add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1])] + KV + [
         ("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),

@@ -56,10 +56,10 @@ class Tokenizer:
         """Stop/bad words to token sequences, tokenized as they appear after other text (no BOS)."""
         return [self.sp.encode(w) for w in words if w]
 
-    def piece(self, window: list[int], final: bool = False) -> str:
-        """The new text of the stream's newest token, from `window`: the stream's last (up to
-        DETOKENIZE_WINDOW + 1) token ids, the newest last. `final` releases any held-back bytes."""
-        before = self.decode(window[:-1])
+    def piece(self, window: list[int], final: bool = False, new: int = 1) -> str:
+        """The new text of the stream's `new` newest tokens, from `window`: the stream's last (up to
+        DETOKENIZE_WINDOW + new) token ids, the newest last. `final` releases any held-back bytes."""
+        before = self.decode(window[:-new])
         after = self.decode(window)
         shown_before = _visible(before)
         shown_after = after if final else _visible(after)
@@ -78,6 +78,6 @@ def _visible(text: str) -> str:
     return text.rstrip(REPLACEMENT)
 
 
-def stream_window(ids: list[int]) -> list[int]:
-    """The window `Tokenizer.piece` needs for the newest of `ids`."""
-    return ids[-(DETOKENIZE_WINDOW + 1):]
+def stream_window(ids: list[int], new: int = 1) -> list[int]:
+    """The window `Tokenizer.piece` needs for the `new` newest of `ids`."""
+    return ids[-(DETOKENIZE_WINDOW + new):]

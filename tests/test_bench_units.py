@@ -67,8 +67,22 @@ def test_perf_analyzer_input_and_profile_export():
     assert data == {"text_input": ["hello"], "max_tokens": [8], "min_tokens": [8], "stream": [True]}
     profile = {"experiments": [{"requests": [{"timestamp": 1_000_000_000,
                                               "response_timestamps": [1_100_000_000, 1_150_000_000]}]}]}
-    [timing] = timings_from_profile(profile)
+    [timing] = timings_from_profile(profile, 2)
     assert timing.start == pytest.approx(1.0) and timing.token_times == pytest.approx([1.1, 1.15])
+    assert input_data(["hello"], 8, stream_interval=4)["data"][0]["stream_interval"] == [4]
+
+
+def test_grouped_responses_give_each_token_its_response_time():
+    from mstriton.bench.triton_run import tokens_per_response
+
+    assert tokens_per_response(10, 4) == [1, 4, 4, 1] and tokens_per_response(5, 4) == [1, 4]
+    assert tokens_per_response(3, 1) == [1, 1, 1] and tokens_per_response(1, 4) == [1]
+    profile = {"experiments": [{"requests": [
+        {"timestamp": 0, "response_timestamps": [1_000_000_000, 2_000_000_000, 3_000_000_000]},
+        {"timestamp": 0, "response_timestamps": [1_000_000_000]}]}]}
+    grouped, short = timings_from_profile(profile, 6, stream_interval=4)
+    assert grouped.token_times == pytest.approx([1, 2, 2, 2, 2, 3])
+    assert len(short.token_times) == 1  # not the expected grouping: left for the count check to refuse
 
 
 def test_long_shape_is_shortened_to_the_models_position_limit():

@@ -94,14 +94,16 @@ def test_config_round_trips_through_hf_dict():
     assert LlamaConfig.from_hf_dict(json.loads(json.dumps(config.to_hf_dict()))) == config
 
 
-def test_prefill_batches_keep_padded_size_within_the_budget():
+def test_prefill_batches_keep_their_attention_scores_within_the_budget():
     from mstriton.engine.engine import prefill_batches
 
-    lengths = [1024] * 20
-    chunks = prefill_batches(lengths, budget=8192)
+    lengths = [32] * 20
+    chunks = prefill_batches(lengths, budget=8 * 32 * 32)
     assert [len(c) for c in chunks] == [8, 8, 4] and [i for c in chunks for i in c] == list(range(20))
     # a prompt longer than the budget still runs, alone; short ones are not put with it
-    assert prefill_batches([10, 20, 9000, 30], budget=8192) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert prefill_batches([10, 20, 90, 30], budget=2000) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert [len(b) for b in prefill_batches([128] * 64)] == [8] * 8     # the default budget
+    assert [len(b) for b in prefill_batches([256] * 4)] == [2, 2]
     assert prefill_batches([], budget=100) == []
 
 

@@ -87,7 +87,7 @@ def test_penalties_push_repeated_tokens_down():
     ("max_tokens", 0, "in [1, 100]"), ("max_tokens", -1, "in [1, 100]"), ("max_tokens", 101, "in [1, 100]"),
     ("top_p", 0.0, "in (0, 1]"), ("top_p", 1.5, "in (0, 1]"), ("temperature", -0.1, ">= 0"),
     ("top_k", -1, ">= 0"), ("repetition_penalty", 0.0, "> 0"), ("min_tokens", 50, "in [0, max_tokens=16]"),
-    ("end_id", V, f"in [0, {V})"),
+    ("end_id", V, f"in [0, {V})"), ("stream_interval", 0, "in [1, 256]"), ("stream_interval", 257, "in [1, 256]"),
 ])
 def test_bad_parameters_name_the_field_and_range(field, value, allowed):
     with pytest.raises(ParameterError) as error:

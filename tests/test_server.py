@@ -185,6 +185,25 @@ def test_sixteen_concurrent_streams_each_equal_their_single_result(server):
         assert error is None and len(pieces) == n and "".join(pieces) == single
 
 
+def test_stream_interval_sends_several_tokens_per_response(server, expected):
+    """The first token alone, then four per response; the same text and log-probabilities as one per token."""
+    body = {"text_input": PROMPTS[0], "max_tokens": 14, "stream": True, "return_log_probs": True}
+    one = sse_pieces(server, body)
+    four = sse_pieces(server, {**body, "stream_interval": 4})
+    assert [e["num_output_tokens"] for e in one] == list(range(1, 15))
+    assert [e["num_output_tokens"] for e in four] == [1, 5, 9, 13, 14]
+    assert "".join(e["text_output"] for e in four) == "".join(e["text_output"] for e in one) == \
+        expected(PROMPTS[0], 14)
+    logprobs = [e["output_log_probs"] for e in four]
+    logprobs = [lp if isinstance(lp, list) else [lp] for lp in logprobs]
+    assert [len(lp) for lp in logprobs] == [1, 4, 4, 4, 1]
+    assert np.allclose(sum(logprobs, []), [e["output_log_probs"] for e in one], atol=1e-5)
+    pieces, reasons, error = grpc_stream(server, "tiny", PROMPTS[1], 9,
+                                         stream_interval=np.array([[3]], np.int32))
+    assert error is None and len(pieces) == 4 and reasons[-1] == "length"
+    assert "".join(pieces) == expected(PROMPTS[1], 9)
+
+
 BAD_INPUTS = [
     ({"text_input": ""}, "text_input"),
     ({"text_input": "word " * 200}, "max_seq_len=128"),
@@ -195,6 +214,7 @@ BAD_INPUTS = [
     ({"text_input": "hi", "top_p": 1.5}, "'top_p' must be in (0, 1]"),
     ({"text_input": "hi", "temperature": -1.0}, "'temperature' must be >= 0"),
     ({"text_input": "hi", "top_k": -1}, "'top_k' must be >= 0"),
+    ({"text_input": "hi", "stream_interval": 0}, "'stream_interval' must be in [1, 256]"),
 ]
 
 

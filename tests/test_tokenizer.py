@@ -38,6 +38,18 @@ def test_random_token_streams_join_to_the_whole_decode(tokenizer):
         assert "".join(stream(tokenizer, ids)) == tokenizer.decode(ids)
 
 
+@pytest.mark.parametrize("interval", [2, 3, 8, 13])
+def test_streams_of_several_tokens_per_piece_join_to_the_whole_decode(tokenizer, interval):
+    """stream_interval: the first token alone, then `interval` at a time, the last piece whatever is left."""
+    rng = random.Random(interval)
+    for text in TEXT + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(30)) for _ in range(20)]:
+        ids = tokenizer.encode(text, add_bos=False)
+        ends = sorted({1, *range(1 + interval, len(ids), interval), len(ids)})
+        pieces = [tokenizer.piece(stream_window(ids[:end], end - start), final=(end == len(ids)), new=end - start)
+                  for start, end in zip([0] + ends, ends)]
+        assert "".join(pieces) == tokenizer.decode(ids), text
+
+
 def test_multibyte_character_is_held_back_until_complete(tokenizer):
     ids = tokenizer.encode("🚀", add_bos=False)
     byte_ids = [i for i in ids if tokenizer.sp.is_byte(i)]

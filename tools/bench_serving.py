@@ -32,7 +32,7 @@ from mstriton.bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  
 
 CONVERTER_CODE = ["repository.py", "convert.py", "engine/graphs.py", "model/llama.py"]
 LLAMACPP_THREADS = os.cpu_count() or 2  # as many as MindSpore uses: every core
-SYSTEMS = ["ours", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
+SYSTEMS = ["ours", "ours-interval4", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
 BUILD = ROOT / "build" / "bench"
 STARTED = time.monotonic()
 
@@ -130,7 +130,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
 
     server = None
     try:
-        if "ours" in systems:
+        if "ours" in systems or "ours-interval4" in systems:
             log = BUILD / f"tritonserver_{name}.log"
             say(f"{name}: starting tritonserver (log {log})")
             server = TritonServer(repository, log)
@@ -144,7 +144,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
                    "the engine alone runs after the server has stopped"))
         if server:
             measure_points(results, name, repository, workload, concurrencies, max_slots, server,
-                           with_engine=together)
+                           with_engine=together, plain="ours" in systems, grouped="ours-interval4" in systems)
             say(f"{name}: tritonserver stopped ({server.stop()})")
             server = None
         if "engine" in systems and not together:
@@ -154,9 +154,16 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
             say(f"{name}: tritonserver stopped ({server.stop()})")
 
 
-def measure_points(results, name, repository, workload, concurrencies, max_slots, server, with_engine):
-    """Every shape and concurrency, on the server (if given) and the engine alone (if with_engine), taking
-    turns at each point."""
+def prefill_chunk_length(repository: Path, name: str) -> int:
+    """Prompts longer than this prefill alone in chunks (the converted engine's setting; no limit if none)."""
+    manifest = json.loads((repository / f"{name}_prefill" / "1" / "engine" / "manifest.json").read_text())
+    return (manifest.get("prefill_chunk") or {}).get("length") or manifest["max_seq_len"]
+
+
+def measure_points(results, name, repository, workload, concurrencies, max_slots, server, with_engine,
+                   plain=True, grouped=False):
+    """Every shape and concurrency, on the server (if given; with `grouped`, also at 4 tokens per response) and
+    the engine alone (if with_engine), taking turns at each point."""
     from mstriton.bench.engine_alone import EngineAloneProcess
     from mstriton.bench.triton_run import run_perf_analyzer
 
@@ -174,20 +181,26 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
                 times = [engine.prefill_ms(ids[0]) for _ in range(3)]
                 results.prefill_ms.setdefault(name, {})[shape.name] = sorted(times)[1]
                 say(f"{name}, {shape.name}: single-request prefill {sorted(times)[1]:.0f} ms (median of 3)")
+            # Prompts longer than the prefill chunk run alone, in chunks whose shapes were all compiled at load.
+            batched = shape.prompt_tokens <= prefill_chunk_length(repository, name)
             for c in concurrencies:
                 texts, ids = prompts_by_c[c]
                 # A burst of c prompts first, not measured: prefill compiles each new (batch, length) shape once
                 # (seconds for long prompts), and the measured run must not pay it (it did: the engine alone's
                 # first token took 15 s for 16 prompts of 960 tokens, where a batch of 8 prefills in 1.4 s).
-                if server:
+                if server and batched:
                     run_perf_analyzer(server.grpc, name, texts[:c], shape.output_tokens, c, BUILD / "pa_warmup",
                                       max(2, c // 2))
-                if engine:
+                if engine and batched:
                     engine.run(ids[:c], shape.output_tokens, c)
-                if server:
+                if server and plain:
                     point(results, name, shape, report.OURS, c, lambda: run_perf_analyzer(
                         server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
                         max(2, -(-len(texts) // 3)))[0])
+                if server and grouped:
+                    point(results, name, shape, report.OURS_GROUPED, c, lambda: run_perf_analyzer(
+                        server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
+                        max(2, -(-len(texts) // 3)), stream_interval=4)[0])
                 if engine:
                     point(results, name, shape, report.ENGINE, c, lambda: engine.run(ids, shape.output_tokens, c))
     finally:
@@ -315,7 +328,7 @@ def main(argv=None) -> int:
                                      seed=c)
                 workload[shape][c] = (texts, [tokenizer.encode(t) for t in texts])
         say(f"{name}: prompts ready ({', '.join(s.name for s in shapes)}; concurrency {concurrencies})")
-        if "ours" in systems or "engine" in systems:
+        if {"ours", "ours-interval4", "engine"} & set(systems):
             run_ours_and_engine(results, name, repository, workload, concurrencies, max_batch, systems)
         if "hf-sequential" in systems:
             run_transformers(results, name, checkpoint, workload, concurrencies, False, args.hf_sequential_max)

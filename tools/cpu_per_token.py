@@ -57,11 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed response")
     args = parser.parse_args(argv)
     with running_server(args.repository, Path("/tmp") / f"cpu_per_token_{args.name}.log") as server:
         data = Path("/tmp") / f"cpu_per_token_{args.name}.json"
         prompts = make_prompts(args.tokenizer, 4 * args.concurrency, args.prompt_tokens, seed=1)
-        data.write_text(json.dumps(input_data(prompts, args.output_tokens)))
+        data.write_text(json.dumps(input_data(prompts, args.output_tokens, args.stream_interval)))
         processes = served_processes(server.process.pid)
         before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         tokens_before = metric_value(server.metrics(), "mstriton_generation_tokens_total", model=args.name)

@@ -14,25 +14,43 @@ from .timing import RequestTiming
 PERF_ANALYZER = Path(sys.prefix) / "bin" / "perf_analyzer"
 
 
-def input_data(prompts: list[str], output_tokens: int) -> dict:
+def input_data(prompts: list[str], output_tokens: int, stream_interval: int = 1) -> dict:
     """perf_analyzer's --input-data: one entry per prompt, used in turn; min_tokens = max_tokens, so that every
     request streams exactly `output_tokens` tokens (no early end-of-sequence)."""
+    extra = {"stream_interval": [stream_interval]} if stream_interval > 1 else {}
     return {"data": [{"text_input": [p], "max_tokens": [output_tokens], "min_tokens": [output_tokens],
-                      "stream": [True]} for p in prompts]}
+                      "stream": [True], **extra} for p in prompts]}
 
 
-def timings_from_profile(profile: dict) -> list[RequestTiming]:
-    """Every request of every experiment: send time and each response's arrival (nanoseconds -> seconds)."""
+def tokens_per_response(output_tokens: int, stream_interval: int) -> list[int]:
+    """How the server groups a stream of exactly `output_tokens` tokens: the first alone, then stream_interval
+    at a time, the rest in the last response."""
+    counts, left = [1], output_tokens - 1
+    while left > 0:
+        counts.append(min(stream_interval, left))
+        left -= counts[-1]
+    return counts
+
+
+def timings_from_profile(profile: dict, output_tokens: int, stream_interval: int = 1) -> list[RequestTiming]:
+    """Every request of every experiment: send time and each token's arrival (nanoseconds -> seconds). perf_analyzer
+    2.43 records when each response came, not what it held: with stream_interval > 1 every token of a response
+    gets that response's time. A request with another number of responses than expected keeps one time per
+    response, so the caller's count check refuses it."""
+    grouping = tokens_per_response(output_tokens, stream_interval)
     timings = []
     for experiment in profile["experiments"]:
         for request in experiment["requests"]:
-            timings.append(RequestTiming(start=request["timestamp"] / 1e9,
-                                         token_times=[t / 1e9 for t in request["response_timestamps"]]))
+            times = [t / 1e9 for t in request["response_timestamps"]]
+            if len(times) == len(grouping):
+                times = [t for t, count in zip(times, grouping) for _ in range(count)]
+            timings.append(RequestTiming(start=request["timestamp"] / 1e9, token_times=times))
     return timings
 
 
 def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_tokens: int, concurrency: int,
-                      workdir: Path, requests_per_window: int) -> tuple[list[RequestTiming], str]:
+                      workdir: Path, requests_per_window: int,
+                      stream_interval: int = 1) -> tuple[list[RequestTiming], str]:
     """Count windows of `requests_per_window` (at least 2: a one-request window has an infinite latency
     deviation, which perf_analyzer calls unstable) requests at `concurrency`, three at least, stability check all
     but off (-s 999: on a shared CPU the check only decides how long to run; we report percentiles of every
@@ -40,7 +58,7 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     timings and perf_analyzer's own summary text."""
     workdir.mkdir(parents=True, exist_ok=True)
     data, export = workdir / "input.json", workdir / "profile.json"
-    data.write_text(json.dumps(input_data(prompts, output_tokens)))
+    data.write_text(json.dumps(input_data(prompts, output_tokens, stream_interval)))
     export.unlink(missing_ok=True)  # perf_analyzer refuses an existing export file
     command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "--streaming", "-u", grpc_url,
                "--input-data", str(data), "--concurrency-range", str(concurrency),
@@ -49,7 +67,7 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
-    timings = timings_from_profile(json.loads(export.read_text()))
+    timings = timings_from_profile(json.loads(export.read_text()), output_tokens, stream_interval)
     short = [t for t in timings if len(t.token_times) != output_tokens]
     if short:
         raise RuntimeError(f"{len(short)} of {len(timings)} requests streamed other than {output_tokens} tokens")

@@ -31,17 +31,20 @@ def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
     return tokens, lengths
 
 
-# Padded prompt tokens one prefill graph call may take. Attention builds a [heads, T, T] score matrix per prompt,
-# so 64 prompts of 1024 tokens in one call would need gigabytes; larger dynamic batches run as several calls.
-PREFILL_TOKEN_BUDGET = 8192
+# Attention scores one prefill graph call may hold: prompts x longest^2. Each compiled (batch, length) shape keeps
+# buffers in proportion to it for the life of the process (see buckets.py): with a budget of 8192 padded tokens,
+# batches of 64 x 128 tokens took the 103M model's engine alone past 21 GB and the kernel killed it. This budget
+# allows 8 prompts of 128 tokens, 2 of 256, 32 of 64 per call; larger dynamic batches run as several calls, at
+# little cost on a CPU, where 1024 tokens in one call already keep the matmuls busy.
+PREFILL_SCORE_BUDGET = 8 * 128 * 128
 
 
-def prefill_batches(lengths: list[int], budget: int = PREFILL_TOKEN_BUDGET) -> list[range]:
-    """Consecutive index ranges whose padded size (count x longest) stays within `budget` (one prompt at least)."""
+def prefill_batches(lengths: list[int], budget: int = PREFILL_SCORE_BUDGET) -> list[range]:
+    """Consecutive index ranges whose scores (count x longest^2) stay within `budget` (one prompt at least)."""
     chunks, start, longest = [], 0, 0
     for i, length in enumerate(lengths):
         longest_with = max(longest, length)
-        if i > start and longest_with * (i - start + 1) > budget:
+        if i > start and longest_with ** 2 * (i - start + 1) > budget:
             chunks.append(range(start, i))
             start, longest_with = i, length
         longest = longest_with

@@ -203,12 +203,20 @@ class Network(nn.Cell):
             values += (v,)
         return x, keys, values
 
-    def prefill(self, weights, tokens, lengths):
-        x, keys, values = self.run_prompt(weights, tokens)
+    def cache_mask(self, seq, filled):
+        """[B, 1, 1, S]: 0 at the cache positions below each row's `filled` count, MASK_VALUE from there on."""
+        visible = ops.arange(0, seq, dtype=ms.int32).reshape(1, -1) < filled.reshape(-1, 1)
+        return ((1.0 - visible.astype(ms.float32)) * MASK_VALUE).reshape(filled.shape[0], 1, 1, seq)
+
+    def last_logits(self, weights, x, lengths):
+        """x [B, T, E] -> logits [B, V] at position lengths - 1 of each row."""
         b, t, e = x.shape
         last = ops.arange(0, b, dtype=ms.int32) * t + lengths - 1
-        logits = self.head(weights, ops.gather(x.reshape(b * t, e), last, 0))
-        return (logits,) + keys + values
+        return self.head(weights, ops.gather(x.reshape(-1, e), last, 0))
+
+    def prefill(self, weights, tokens, lengths):
+        x, keys, values = self.run_prompt(weights, tokens)
+        return (self.last_logits(weights, x, lengths),) + keys + values
 
     def prefill_chunk(self, weights, tokens, starts, lengths, caches):
         """tokens [B, C] right-padded, starts [B] (tokens already in the cache), lengths [B] (real tokens in
@@ -220,8 +228,7 @@ class Network(nn.Cell):
         cos = ops.gather(self.cos, positions.reshape(-1), 0).reshape(b, 1, -1, self.head_dim)
         sin = ops.gather(self.sin, positions.reshape(-1), 0).reshape(b, 1, -1, self.head_dim)
         seq = caches[0].shape[-1]
-        visible = ops.arange(0, seq, dtype=ms.int32).reshape(1, -1) < starts.reshape(-1, 1)
-        past_mask = ((1.0 - visible.astype(ms.float32)) * MASK_VALUE).reshape(b, 1, 1, seq)
+        past_mask = self.cache_mask(seq, starts)
         causal = self.causal_mask(c)                                               # [G*C, C]
         mask = ops.concat((ops.broadcast_to(past_mask, (b, 1, causal.shape[0], seq)),
                            ops.broadcast_to(causal.reshape(1, 1, -1, c), (b, 1, -1, -1))), -1)
@@ -231,19 +238,14 @@ class Network(nn.Cell):
                                          caches[self.n_layers + i])
             keys += (k_t,)
             values += (v,)
-        e = x.shape[2]
-        last = ops.arange(0, b, dtype=ms.int32) * c + lengths - 1
-        logits = self.head(weights, ops.gather(x.reshape(-1, e), last, 0))
-        return (logits,) + keys + values
+        return (self.last_logits(weights, x, lengths),) + keys + values
 
     def decode(self, weights, tokens, positions, caches):
         b = tokens.shape[0]
         x = self.embed(weights, tokens)
         cos = ops.gather(self.cos, positions, 0).reshape(b, 1, self.head_dim)
         sin = ops.gather(self.sin, positions, 0).reshape(b, 1, self.head_dim)
-        seq = caches[0].shape[-1]
-        visible = ops.arange(0, seq, dtype=ms.int32).reshape(1, -1) < positions.reshape(-1, 1)
-        key_mask = ((1.0 - visible.astype(ms.float32)) * MASK_VALUE).reshape(b, 1, 1, seq)
+        key_mask = self.cache_mask(caches[0].shape[-1], positions)
         new_k, new_v = (), ()
         for i in range(self.n_layers):
             x, k, v = self.decode_block(self.layer(weights, i), x, cos, sin, key_mask, caches[i],

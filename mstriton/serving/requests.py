@@ -24,7 +24,7 @@ INPUTS = {
     "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int), "random_seed": ("seed", int),
     "end_id": ("end_id", int), "pad_id": ("pad_id", int), "do_sample": ("do_sample", bool),
     "return_log_probs": ("return_log_probs", bool), "exclude_input_in_output": ("exclude_input_in_output", bool),
-    "stream": ("stream", bool), "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
+    "stream": ("stream", bool), "stream_interval": ("stream_interval", int), "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
 }
 # Inputs whose meaning is the negation of a field.
 NEGATED = {"return_full_text": "exclude_input_in_output"}

@@ -61,25 +61,27 @@ def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
 INVALID_REQUEST = "invalid request: "
 
 
-# What a streamed token carries from the decode model to the front model besides its window of ids, packed
-# into two numeric tensors and one string: there is one response per token, and every tensor of a response costs
-# its own shared-memory block and bookkeeping in each process it passes. (Seven separate tensors per token
-# showed in profiles of the decode, tritonserver and front processes.)
-STEP_INTS = ("num_input_tokens", "num_output_tokens", "is_final")
-STEP_FLOATS = ("logprob", "cum_logprob")
+# What a streamed response carries from the decode model to the front model besides its window of ids, packed
+# into two numeric tensors and one string: there is a response per token (or per `stream_interval` tokens), and
+# every tensor of a response costs its own shared-memory block and bookkeeping in each process it passes. (Seven
+# separate tensors per token showed in profiles of the decode, tritonserver and front processes.)
+# step_ints: these fields; step_floats: the cumulative log-probability, then one log-probability per new token.
+STEP_INTS = ("num_input_tokens", "num_output_tokens", "is_final", "num_new_tokens")
 
 
-def step_tensors(*, num_input_tokens: int, num_output_tokens: int, final: bool, logprob: float,
+def step_tensors(*, num_input_tokens: int, num_output_tokens: int, final: bool, logprobs: list[float],
                  cum_logprob: float, finish_reason: str) -> list["pb_utils.Tensor"]:
-    return [pb_utils.Tensor("step_ints", np.array([[num_input_tokens, num_output_tokens, final]], np.int32)),
-            pb_utils.Tensor("step_floats", np.array([[logprob, cum_logprob]], np.float32)),
+    return [pb_utils.Tensor("step_ints", np.array([[num_input_tokens, num_output_tokens, final, len(logprobs)]],
+                                                  np.int32)),
+            pb_utils.Tensor("step_floats", np.array([[cum_logprob, *logprobs]], np.float32)),
             bytes_tensor("finish_reason", [finish_reason])]
 
 
 def read_step(outputs: dict[str, np.ndarray]) -> dict:
     """The fields step_tensors packed, by name (finish_reason decoded)."""
     fields = dict(zip(STEP_INTS, (int(v) for v in outputs["step_ints"].reshape(-1))))
-    fields.update(zip(STEP_FLOATS, (float(v) for v in outputs["step_floats"].reshape(-1))))
+    floats = outputs["step_floats"].reshape(-1).tolist()
+    fields["cum_logprob"], fields["logprobs"] = floats[0], floats[1:]
     fields["is_final"] = bool(fields["is_final"])
     fields["finish_reason"] = outputs["finish_reason"].reshape(-1)[0].decode("utf-8")
     return fields

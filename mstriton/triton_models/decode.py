@@ -1,4 +1,5 @@
-"""NAME_decode (decoupled): continuous batching over the KV-cache pool; one response per generated token.
+"""NAME_decode (decoupled): continuous batching over the KV-cache pool; one response per generated token, or per
+`stream_interval` tokens.
 
 A request carries its prompt's KV cache and first token; it joins the running batch at the next step and
 streams until it finishes. A request holding only `stop_key` cancels the running request of that key (the
@@ -12,7 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, warm_up
 from ..engine.graphs import EngineGraphs
-from ..params import GenerationParams
+from ..params import MAX_STREAM_INTERVAL, GenerationParams
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
@@ -27,14 +28,16 @@ class ClientGone(RuntimeError):
     pass
 
 
-def event_response(event: TokenEvent, prompt_tail: list[int]) -> "pb_utils.InferenceResponse":
-    # The front model detokenizes the newest token from this window of ids (its last). The window reaches back
+def event_response(event: TokenEvent, prompt_tail: list[int], logprobs: list[float]) -> "pb_utils.InferenceResponse":
+    """The response for `event` carrying the len(logprobs) newest tokens (0 for an end without a new token)."""
+    new = len(logprobs)
+    # The front model detokenizes the new tokens from this window of ids (its last). The window reaches back
     # into the prompt, so the first piece keeps the space that joins it to the prompt.
-    window = stream_window(prompt_tail + stream_window(event.output_ids)) if event.token >= 0 else []
+    window = stream_window(prompt_tail + stream_window(event.output_ids, new), new) if new else []
     return pb_utils.InferenceResponse(output_tensors=[
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
         *common.step_tensors(num_input_tokens=event.num_input_tokens, num_output_tokens=len(event.output_ids),
-                             final=event.finish_reason is not None, logprob=event.logprob,
+                             final=event.finish_reason is not None, logprobs=logprobs,
                              cum_logprob=event.cum_logprob, finish_reason=event.finish_reason or "")])
 
 
@@ -42,7 +45,7 @@ def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.Inferenc
     """A final response carrying an error in finish_reason (see common.STEP_ERROR for why not an error)."""
     return event_response(TokenEvent(token=-1, logprob=0.0, cum_logprob=0.0, output_ids=[],
                                      num_input_tokens=num_input_tokens,
-                                     finish_reason=common.STEP_ERROR + message), [])
+                                     finish_reason=common.STEP_ERROR + message), [], [])
 
 
 class TritonPythonModel:
@@ -58,6 +61,7 @@ class TritonPythonModel:
                                    on_step=self.metrics.on_step, on_state=self.metrics.on_queue)
         self.scheduler.start()
         self.name = args["model_name"]
+        self.stream_interval = int(common.parameter(config, "stream_interval", "1"))
         grace = float(common.parameter(config, "shutdown_grace_seconds", "20"))
         self.watch = ShutdownWatch(
             probe=self.server_accepts_requests, busy=lambda: bool(self.scheduler.running or self.scheduler.waiting),
@@ -86,7 +90,7 @@ class TritonPythonModel:
             if stop_key is not None:
                 found = self.scheduler.cancel(common.text(request, "stop_key"))
                 sender.send(pb_utils.InferenceResponse(output_tensors=common.step_tensors(  # is_final: found
-                    num_input_tokens=0, num_output_tokens=0, final=found, logprob=0.0, cum_logprob=0.0,
+                    num_input_tokens=0, num_output_tokens=0, final=found, logprobs=[], cum_logprob=0.0,
                     finish_reason="")), flags=FINAL)
                 continue
             try:
@@ -100,6 +104,11 @@ class TritonPythonModel:
         words = common.json_input(request, "word_ids")
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
         prompt_tail = stream_window(prompt_ids)
+        params = GenerationParams(**common.json_input(request, "params_json"))
+        # A client that does not stream (KServe /infer, /generate) gets one text at the end: its tokens travel
+        # to the front model in as few responses as the interval's bound allows.
+        interval = params.stream_interval or (self.stream_interval if params.stream else MAX_STREAM_INTERVAL)
+        pending: list[float] = []  # log-probabilities of the tokens generated and not yet sent
 
         # Through the ensemble is_cancelled() never answers true (tritonserver 2.51 does not pass a cancellation
         # into ensemble steps; the front model stops the sequence instead): only a direct client relies on it.
@@ -112,7 +121,13 @@ class TritonPythonModel:
             if event.error:
                 sender.send(error_as_data(event.error, event.num_input_tokens), flags=FINAL)
                 return
-            sender.send(event_response(event, prompt_tail), flags=FINAL if event.finish_reason else 0)
+            if event.token >= 0:
+                pending.append(event.logprob)
+                # the first token goes at once (time to first token); later ones every `interval` tokens
+                if not event.finish_reason and len(event.output_ids) > 1 and len(pending) < interval:
+                    return
+            sender.send(event_response(event, prompt_tail, pending), flags=FINAL if event.finish_reason else 0)
+            pending.clear()
 
         kv_keys, kv_values = common.get(request, "kv_keys")[0], common.get(request, "kv_values")[0]
         return DecodeRequest(
@@ -121,7 +136,7 @@ class TritonPythonModel:
             first_token=int(common.get(request, "first_token").reshape(-1)[0]),
             first_logprob=float(common.get(request, "first_logprob").reshape(-1)[0]),
             keys=list(kv_keys), values=list(kv_values),
-            params=GenerationParams(**common.json_input(request, "params_json")),
+            params=params,
             emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"])
 
     def finalize(self):

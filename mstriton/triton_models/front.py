@@ -100,6 +100,8 @@ class TritonPythonModel:
                 if error_sent:
                     continue
                 if response.has_error():
+                    pb_utils.Logger.log_warn(f"{key}: the pipeline answered with an error: "
+                                             f"{response.error().message()}")
                     sender.send(pb_utils.InferenceResponse(
                         output_tensors=[], error=common.with_code_restored(response.error())), flags=FINAL)
                     error_sent = True
@@ -125,17 +127,18 @@ class TritonPythonModel:
                 last = now
                 final = step["is_final"]
                 window = out["output_ids"].reshape(-1).tolist()
-                piece = self.tokenizer.piece(window, final=final) if window else ""
-                token_logprob, cum = step["logprob"], step["cum_logprob"]
+                new = step["num_new_tokens"]
+                piece = self.tokenizer.piece(window, final=final, new=new) if new else ""
+                token_logprobs, cum = step["logprobs"], step["cum_logprob"]
                 prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:
                     piece, prefix = prefix + piece, ""
                 if params.stream:
-                    sender.send(client_response([piece], [token_logprob], cum, finish, prompt_tokens, generated),
+                    sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated),
                                 flags=FINAL if final else 0)
                 else:
                     pieces.append(piece)
-                    logprobs.append(token_logprob)
+                    logprobs += token_logprobs
                     if final:
                         sender.send(client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens,
                                                     generated), flags=FINAL)
@@ -153,6 +156,7 @@ class TritonPythonModel:
                     "the generation ended before its last token (is the server shutting down?)",
                     pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
+            pb_utils.Logger.log_error(f"{key}: failed while streaming: {type(exc).__name__}: {exc}")
             try:
                 sender.send(common.error_response(exc), flags=FINAL)
             except Exception:  # noqa: BLE001 - the client is gone
