@@ -138,3 +138,14 @@ def test_runs_merge_into_one_report(tmp_path):
     text = (tmp_path / "merged.md").read_text()
     assert "## m, short" in text and "## m, long" in text
     assert (tmp_path / "merged_throughput.png").exists() and (tmp_path / "merged_ttft.png").exists()
+
+
+def test_every_bench_module_imports():
+    """The benchmark's modules run only under `make bench`; an import that breaks must fail here, not there."""
+    import importlib
+    import pkgutil
+
+    import mstriton.bench
+
+    for module in pkgutil.iter_modules(mstriton.bench.__path__):
+        importlib.import_module(f"mstriton.bench.{module.name}")

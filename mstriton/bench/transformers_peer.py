@@ -10,9 +10,13 @@ import threading
 import time
 from pathlib import Path
 
-from ..engine.engine import PREFILL_TOKEN_BUDGET
 from .arrivals import next_batch
 from .timing import RequestTiming, closed_loop
+
+# The static batch's limit: padded prompt tokens per generate() call. It is the limit our prefill had until it
+# moved to a budget of attention scores for a MindSpore reason (memory kept per compiled shape) that PyTorch
+# does not share; transformers batches its whole generation, so its batch size is its decode batch too.
+PADDED_TOKEN_BUDGET = 8192
 
 
 class StepClock:
@@ -54,9 +58,9 @@ class TransformersPeer:
 
     def _serve(self) -> None:
         while True:
-            # as large a batch as has arrived, within the padded-token budget our prefill keeps too (attention's
-            # score matrices of 64 long prompts at once would need gigabytes)
-            batch = next_batch(self.arrivals, lambda first: max(1, PREFILL_TOKEN_BUDGET // len(first[0]))
+            # as large a batch as has arrived, within a padded-token budget (attention's score matrices of 64 long
+            # prompts at once would need gigabytes)
+            batch = next_batch(self.arrivals, lambda first: max(1, PADDED_TOKEN_BUDGET // len(first[0]))
                                if self.batched else 1)
             if batch[0] is None:
                 return

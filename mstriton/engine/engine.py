@@ -55,7 +55,7 @@ def prefill_batches(lengths: list[int], budget: int = PREFILL_SCORE_BUDGET) -> l
 
 def prefill_each(graphs: EngineGraphs, prompts) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
     """Prefill any number of prompts: those longer than the engine's prefill chunk one at a time in chunks, the
-    others as padded batches within PREFILL_TOKEN_BUDGET. Returns, per prompt in order, its last-position
+    others as padded batches within PREFILL_SCORE_BUDGET. Returns, per prompt in order, its last-position
     logits [V], keys [L][Hkv, D, >=len] and values [L][Hkv, >=len, D]."""
     limit = graphs.chunk_length or graphs.max_seq_len
     short = [i for i, p in enumerate(prompts) if len(p) <= limit]
