@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from .buckets import chunk_cache_length, chunk_starts, prefill_lengths, smallest_fitting
+from .buckets import prefill_lengths, smallest_fitting
 from .graphs import EngineGraphs
 from .kv_cache import KVCachePool
 
@@ -181,11 +181,5 @@ def warm_up_prefill(graphs: EngineGraphs) -> None:
     whole_up_to = min(graphs.chunk_length or graphs.max_seq_len, graphs.max_seq_len)
     for length in prefill_lengths(whole_up_to):
         graphs.prefill(np.ones((1, length), np.int32), np.array([length], np.int32))
-    if graphs.chunk_length:
-        chunk = graphs.chunk_length
-        longest = graphs.max_seq_len - 1
-        seen = set()
-        for start in chunk_starts(longest, chunk):  # one prompt per cache length reaches each chunk shape
-            if chunk_cache_length(start, chunk) not in seen:
-                seen.add(chunk_cache_length(start, chunk))
-                graphs.prefill_long(np.ones(start + 1, np.int32))
+    if graphs.chunk_length:  # the longest prompt passes every chunk start, so it compiles every cache length
+        graphs.prefill_long(np.ones(graphs.max_seq_len - 1, np.int32))
