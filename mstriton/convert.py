@@ -7,7 +7,6 @@ interrupted run leaves the repository as it was, apart from a hidden staging fol
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -16,9 +15,9 @@ from typing import Callable
 
 from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, PREFILL_CHUNK, WEIGHTS, export_engine
-from .model.weights import load_checkpoint
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
-from .tokenizer import TEMPLATES
+from .serving.pipeline import CHAT_TEMPLATE_FILE
+from .sources import TEMPLATE_CHOICES, read_source
 
 STAGING_PREFIX = ".staging-"
 
@@ -42,12 +41,6 @@ def _split_engine(full: Path, prefill_dir: Path, decode_dir: Path) -> None:
             _link_or_copy(full / graph, prefill_dir / graph)
     for graph in full.glob("decode_*.mindir"):
         _link_or_copy(graph, decode_dir / graph.name)
-
-
-def tokenizer_config() -> dict:
-    """What transformers' AutoTokenizer needs beside tokenizer.model (genai-perf loads the folder with it)."""
-    return {"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True}
 
 
 def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Path]:
@@ -81,15 +74,13 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         raise ValueError(f"--device must be one of {DEVICES}, got {device!r}")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if template not in TEMPLATES:
-        raise ValueError(f"--template must be one of {sorted(TEMPLATES)}, got {template!r}")
+    if template not in TEMPLATE_CHOICES and not str(template).endswith(".jinja"):
+        raise ValueError(f"--template must be one of {list(TEMPLATE_CHOICES)} or a .jinja file, got {template!r}")
     checkpoint, repository = Path(checkpoint), Path(repository)
-    tokenizer_file = checkpoint / "tokenizer.model"
-    if not tokenizer_file.exists():
-        raise FileNotFoundError(f"{checkpoint} has no tokenizer.model (a sentencepiece model is required)")
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
-    config, weights = load_checkpoint(checkpoint)
+    source = read_source(checkpoint, template, progress=progress)
+    config, weights = source.config, source.weights
     max_seq_len = max_seq_len or config.max_position_embeddings
 
     repository.mkdir(parents=True, exist_ok=True)
@@ -103,17 +94,18 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         models = staging / "models"
         _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
                       models / model_name(name, "decode") / VERSION / "engine")
-        tokenizer_copy = models / model_name(name, "tokenizer") / VERSION / "tokenizer.model"
-        tokenizer_copy.parent.mkdir(parents=True)
-        shutil.copy2(tokenizer_file, tokenizer_copy)
+        tokenizer_dir = models / model_name(name, "tokenizer") / VERSION
         front_dir = models / model_name(name, "") / VERSION  # the front model detokenizes
-        front_dir.mkdir(parents=True)
-        _link_or_copy(tokenizer_copy, front_dir / "tokenizer.model")
-        (models / model_name(name, "tokenizer") / VERSION / "tokenizer_config.json").write_text(
-            json.dumps(tokenizer_config(), indent=1))
-        engine_params = {"max_seq_len": str(max_seq_len), "vocab_size": str(config.vocab_size),
-                         "eos_id": "" if config.eos_token_id is None else str(config.eos_token_id),
-                         "template": template}
+        for folder in (tokenizer_dir, front_dir):
+            folder.mkdir(parents=True)
+        for file_name, content in source.tokenizer_files.items():
+            (tokenizer_dir / file_name).write_bytes(content)
+            _link_or_copy(tokenizer_dir / file_name, front_dir / file_name)
+        if source.chat_template is not None:
+            (tokenizer_dir / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
+        engine_params = {"tokenizer": source.tokenizer_entry, "max_seq_len": str(max_seq_len),
+                         "vocab_size": str(config.vocab_size), "end_ids": ",".join(map(str, source.end_ids)),
+                         "template": "none" if template == "none" else Path(template).stem}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
                                 engine_params=engine_params)
         for component, model_config in configs.items():

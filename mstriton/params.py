@@ -38,6 +38,8 @@ class GenerationParams:
     # Tokens per streamed response (the first token always comes alone, the last response may hold fewer).
     # None: the decode model's `stream_interval` parameter (1 unless the operator set it).
     stream_interval: int | None = None
+    # Special tokens (end, chat-template markers) left out of the text, as transformers' decode does by default.
+    skip_special_tokens: bool = True
 
     @property
     def greedy(self) -> bool:

@@ -5,10 +5,11 @@ written with ``text_format``, never by string templates: a misspelt field fails 
 
 Layout for a model called NAME (every Python model's 1/model.py re-exports its adapter from the package):
     NAME/              the front model clients call (decoupled): validation, streaming, cancellation,
-                       detokenization; 1/tokenizer.model
+                       detokenization; 1/ the tokenizer files
     NAME_unary/        one response per request, for KServe v2 /infer and /generate
     NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode (token ids out)
-    NAME_tokenizer/    1/tokenizer.model, 1/tokenizer_config.json
+    NAME_tokenizer/    1/ the tokenizer files (tokenizer.model, or tokenizer.json), tokenizer_config.json, and
+                       chat_template.jinja when the model has a chat template
     NAME_prefill/      1/engine/{manifest.json, weights.ckpt, prefill.mindir}
     NAME_sampler/
     NAME_decode/       1/engine/{manifest.json, weights.ckpt, decode_b*_s*.mindir}
@@ -78,6 +79,8 @@ CLIENT_INPUTS = [
     ("presence_penalty", pb.TYPE_FP32, [1]), ("frequency_penalty", pb.TYPE_FP32, [1]),
     ("seed", pb.TYPE_UINT64, [1]), ("random_seed", pb.TYPE_UINT64, [1]), ("do_sample", pb.TYPE_BOOL, [1]),
     ("return_log_probs", pb.TYPE_BOOL, [1]), ("stream_interval", pb.TYPE_INT32, [1]), ("stop", pb.TYPE_BOOL, [1]),
+    # a chat instead of text_input: a JSON list of {"role", "content"}, rendered by the model's chat template
+    ("messages", pb.TYPE_STRING, [1]), ("skip_special_tokens", pb.TYPE_BOOL, [1]),
 ]
 CLIENT_OUTPUTS = [
     ("text_output", pb.TYPE_STRING, [-1]), ("output_log_probs", pb.TYPE_FP32, [-1]),
@@ -100,28 +103,27 @@ def add_tensors(message, specs, optional: bool = False) -> None:
 
 def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict) -> dict:
     """Every model of the LLM `name`: component -> ModelConfig ("" is the front model NAME itself).
-    `engine_params` (max_seq_len, vocab_size, eos_id, template) go to the tokenizer."""
+    `engine_params` (tokenizer, max_seq_len, vocab_size, end_ids, template) go to the tokenizer; its
+    `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too."""
     dev = {"device": device, "device_id": str(device_id)}
     configs = {}
 
     front = python_model(name, max_batch_size=max_batch_size, decoupled=True,
-                         parameters={"llm_name": name, "tokenizer": "tokenizer.model"})
-    add_tensors(front.input, CLIENT_INPUTS, optional=True)
-    front.input[0].optional = False  # text_input
+                         parameters={"llm_name": name, "tokenizer": engine_params["tokenizer"]})
+    add_tensors(front.input, CLIENT_INPUTS, optional=True)  # text_input or messages: the front model checks
     add_tensors(front.output, CLIENT_OUTPUTS)
     configs[""] = front
 
     unary = python_model(model_name(name, "unary"), max_batch_size=max_batch_size, dynamic_batching=True,
                          parameters={"llm_name": name})
     add_tensors(unary.input, [i for i in CLIENT_INPUTS if i[0] != "stop"], optional=True)
-    unary.input[0].optional = False
     add_tensors(unary.output, CLIENT_OUTPUTS)
     configs["unary"] = unary
 
     request_in = [("text_input", pb.TYPE_STRING, [1]), ("params_json", pb.TYPE_STRING, [1]),
                   ("request_key", pb.TYPE_STRING, [1])]
     tokenizer = python_model(model_name(name, "tokenizer"), max_batch_size=max_batch_size, dynamic_batching=True,
-                             parameters={"tokenizer": "tokenizer.model", **engine_params})
+                             parameters=engine_params)
     add_tensors(tokenizer.input, request_in[:2])
     add_tensors(tokenizer.output, [("input_ids", pb.TYPE_INT32, [-1]), ("params_json", pb.TYPE_STRING, [1]),
                                    ("word_ids", pb.TYPE_STRING, [1])])

@@ -54,12 +54,12 @@ def test_closed_loop_raises_the_first_error():
 def test_prompts_have_exactly_the_asked_token_count(tmp_path):
     from conftest import train_byte_fallback_tokenizer
     from mstriton.bench.workload import make_prompts
-    from mstriton.tokenizer import Tokenizer
+    from mstriton.tokenizer import load_tokenizer
 
     tokenizer_file = train_byte_fallback_tokenizer(tmp_path / "tokenizer.model")
     prompts = make_prompts(tokenizer_file, 5, 40, seed=1)
     assert len(set(prompts)) == 5
-    assert [len(Tokenizer(tokenizer_file).encode(p)) for p in prompts] == [40] * 5
+    assert [len(load_tokenizer(tokenizer_file).encode(p)) for p in prompts] == [40] * 5
 
 
 def test_perf_analyzer_input_and_profile_export():

@@ -36,9 +36,9 @@ def expected(server):
     """transformers' greedy continuation of each prompt, as text."""
     import torch
     from transformers import LlamaForCausalLM
-    from mstriton.tokenizer import Tokenizer
+    from mstriton.tokenizer import load_tokenizer
 
-    tokenizer = Tokenizer(server.checkpoint / "tokenizer.model")
+    tokenizer = load_tokenizer(server.checkpoint / "tokenizer.model")
     model = LlamaForCausalLM.from_pretrained(server.checkpoint).eval()
     model.generation_config.eos_token_id = None
 

@@ -8,23 +8,23 @@ import pytest
 
 from conftest import STREAM_TEXT, train_byte_fallback_tokenizer
 
-from mstriton.tokenizer import TemplateError, Tokenizer, apply_template, stream_window
+from mstriton.tokenizer import ChatTemplate, TemplateError, TextTokenizer, load_tokenizer, stream_window
 
 TEXT = STREAM_TEXT
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    return Tokenizer(train_byte_fallback_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+    return load_tokenizer(train_byte_fallback_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
 
 
-def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+def stream(tokenizer: TextTokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.piece(stream_window(ids[:n]), final=(n == len(ids))) for n in range(1, len(ids) + 1)]
 
 
 @pytest.mark.parametrize("text", TEXT)
 def test_stream_of_a_text_joins_to_the_text(tokenizer, text):
-    ids = tokenizer.encode(text, add_bos=False)
+    ids = tokenizer.encode(text, add_special_tokens=False)
     assert any(tokenizer.sp.is_byte(i) for i in ids) or text.isascii()
     pieces = stream(tokenizer, ids)
     assert "".join(pieces) == tokenizer.decode(ids)
@@ -43,7 +43,7 @@ def test_streams_of_several_tokens_per_piece_join_to_the_whole_decode(tokenizer,
     """stream_interval: the first token alone, then `interval` at a time, the last piece whatever is left."""
     rng = random.Random(interval)
     for text in TEXT + ["".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(30)) for _ in range(20)]:
-        ids = tokenizer.encode(text, add_bos=False)
+        ids = tokenizer.encode(text, add_special_tokens=False)
         ends = sorted({1, *range(1 + interval, len(ids), interval), len(ids)})
         pieces = [tokenizer.piece(stream_window(ids[:end], end - start), final=(end == len(ids)), new=end - start)
                   for start, end in zip([0] + ends, ends)]
@@ -51,16 +51,19 @@ def test_streams_of_several_tokens_per_piece_join_to_the_whole_decode(tokenizer,
 
 
 def test_multibyte_character_is_held_back_until_complete(tokenizer):
-    ids = tokenizer.encode("🚀", add_bos=False)
+    ids = tokenizer.encode("🚀", add_special_tokens=False)
     byte_ids = [i for i in ids if tokenizer.sp.is_byte(i)]
     assert len(byte_ids) == 4
     pieces = stream(tokenizer, ids)
     assert pieces[-1].endswith("🚀") and all(p in ("", " ", "▁") or "🚀" in p for p in pieces)
 
 
-def test_templates():
-    assert apply_template("llama2", "hi") == "[INST] hi [/INST]"
-    assert apply_template("none", "hi") == "hi"
-    assert "<|User|>:hi" in apply_template("internlm", "hi")
+def test_named_templates_render_one_user_message_as_the_text_templates_they_were():
+    def one_turn(name):
+        return ChatTemplate.named(name).render([{"role": "user", "content": "hi"}])
+
+    assert one_turn("llama2") == "[INST] hi [/INST]"
+    assert one_turn("internlm") == "<|User|>:hi<eoh>\n<|Bot|>:"
+    assert one_turn("chatml") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(TemplateError, match="llama2"):
-        apply_template("chatml", "hi")
+        ChatTemplate.named("vicuna")

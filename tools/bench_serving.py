@@ -318,8 +318,8 @@ def main(argv=None) -> int:
         model_shapes = [fit_shape(s, limit) for s in shapes]
         max_seq_len = min(limit, max(s.prompt_tokens + s.output_tokens for s in model_shapes) + 64)
         repository = convert_for_bench(name, checkpoint, max_batch, max_seq_len)
-        from mstriton.tokenizer import Tokenizer
-        tokenizer = Tokenizer(checkpoint / "tokenizer.model")
+        from mstriton.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(checkpoint / "tokenizer.model")
         workload = {}
         for shape in model_shapes:
             workload[shape] = {}

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
-"""Convert a LLaMA checkpoint into MindIR graphs inside a Triton model repository.
+"""Convert a LLaMA-family checkpoint into MindIR graphs inside a Triton model repository.
 
-    python tools/convert.py --checkpoint DIR --name NAME --model-repository DIR \
+    python tools/convert.py --checkpoint DIR|FILE.gguf --name NAME --model-repository DIR \
         [--device CPU|Ascend|GPU] [--max-batch-size N] [--max-seq-len N] [--dtype float32|float16|bfloat16]
-        [--template none|llama2|internlm] [--prefill-chunk N]
+        [--template none|chatml|llama2|internlm|FILE.jinja] [--prefill-chunk N]
 
-DIR holds config.json, tokenizer.model and either *.safetensors (Hugging Face, sharded or not) or one
-MindSpore *.ckpt. Running it again replaces the model; a failed run leaves the repository as it was.
+DIR holds config.json, a tokenizer (tokenizer.json, or sentencepiece's tokenizer.model) and either
+*.safetensors (Hugging Face, sharded or not) or one MindSpore *.ckpt. A .gguf file holds all three (tensors
+F32, F16, BF16, Q8_0, Q4_0, Q4_1). Running it again replaces the model; a failed run leaves the repository as
+it was.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only; our own progress
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="folder with config.json, tokenizer.model, weights")
+    parser.add_argument("--checkpoint", required=True,
+                        help="folder with config.json, tokenizer.json or tokenizer.model, weights; or a .gguf file")
     parser.add_argument("--name", required=True, help="model name; folders NAME_* are written")
     parser.add_argument("--model-repository", required=True, help="Triton model repository folder")
     parser.add_argument("--device", default="CPU", choices=["CPU", "Ascend", "GPU"])
@@ -32,8 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help="prompt plus output tokens (default: the model's max_position_embeddings)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--template", default="none", choices=["none", "llama2", "internlm"],
-                        help="prompt template the tokenizer applies to every request")
+    parser.add_argument("--template", default="none",
+                        help="none (default): text_input is sent as it is and chat messages go through the "
+                             "model's own chat template; chatml, llama2, internlm or a .jinja file: that template "
+                             "renders chat messages and wraps every text_input as one user message")
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompts longer than this prefill in chunks of this many tokens, which bounds the "
                              "memory each compiled prefill shape keeps (0: whole prompts)")
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from mstriton.config import ConfigError
     from mstriton.convert import convert
     from mstriton.model.weights import WeightError
+    from mstriton.tokenizer import TokenizerError
 
     started = time.monotonic()
 
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 template=args.template, prefill_chunk=args.prefill_chunk, progress=progress)
-    except (ConfigError, WeightError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, WeightError, TokenizerError, ValueError, FileNotFoundError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -316,9 +316,9 @@ class LlamaCppServer:
 def check_tokenizer(server: LlamaCppServer, prompts: Sequence[str], tokenizer_file: str | Path) -> None:
     """Raise if the GGUF's tokenizer does not give exactly our tokenizer's ids (BOS included) for every
     prompt: the peer must read the same number of prompt tokens as our server."""
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import load_tokenizer
 
-    ours = Tokenizer(tokenizer_file)
+    ours = load_tokenizer(tokenizer_file)
     for i, prompt in enumerate(prompts):
         theirs, mine = server.tokenize(prompt), ours.encode(prompt)
         if theirs != mine:

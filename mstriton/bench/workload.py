@@ -11,7 +11,7 @@ import dataclasses
 import random
 from pathlib import Path
 
-from ..tokenizer import Tokenizer
+from ..tokenizer import TextTokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ def corpus_words() -> list[str]:
     return build_corpus().split()
 
 
-def exact_prompt(tokenizer: Tokenizer, words: list[str], length: int, rng: random.Random) -> str:
+def exact_prompt(tokenizer: TextTokenizer, words: list[str], length: int, rng: random.Random) -> str:
     """A text of `length` tokens, from a random start in `words`: words are added while the count stays
     at or below `length`, then single characters fill the last few tokens."""
     start = rng.randrange(len(words))
@@ -54,7 +54,7 @@ def exact_prompt(tokenizer: Tokenizer, words: list[str], length: int, rng: rando
 
 
 def make_prompts(tokenizer_file: str | Path, count: int, length: int, seed: int = 0) -> list[str]:
-    tokenizer, words, rng = Tokenizer(tokenizer_file), corpus_words(), random.Random(seed)
+    tokenizer, words, rng = load_tokenizer(tokenizer_file), corpus_words(), random.Random(seed)
     prompts = []
     while len(prompts) < count:
         try:

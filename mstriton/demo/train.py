@@ -275,13 +275,13 @@ def write_hf_folder(folder: Path, config: LlamaConfig, weights: dict[str, np.nda
                     corpus: str, training: dict) -> None:
     from safetensors.numpy import save_file
 
-    from ..convert import tokenizer_config
+    from ..sources import sentencepiece_tokenizer_config
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     save_file(to_hf_tensors(config, weights), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "tokenizer.model").write_bytes(tokenizer_model)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(), indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(sentencepiece_tokenizer_config(), indent=2) + "\n")
     (folder / "corpus.txt").write_text(corpus, encoding="utf-8")
     (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     for file in folder.iterdir():  # safetensors writes its file private; the model is for every reader

@@ -7,7 +7,10 @@ import dataclasses
 from pathlib import Path
 
 from ..params import GenerationParams, ParameterError
-from ..tokenizer import Tokenizer, apply_template
+from ..tokenizer import ChatTemplate, TextTokenizer, load_tokenizer, validate_messages
+# Beside the tokenizer files in the tokenizer model's folder: the chat template requests with `messages` are
+# rendered with (the one named at conversion, else the model's own).
+from ..tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
 
 
 @dataclasses.dataclass
@@ -18,31 +21,52 @@ class EncodedPrompt:
 
 
 class PromptEncoder:
-    def __init__(self, tokenizer: Tokenizer, *, template: str, max_seq_len: int, vocab_size: int,
-                 eos_id: int | None):
-        self.tokenizer, self.template = tokenizer, template
-        self.max_seq_len, self.vocab_size, self.eos_id = max_seq_len, vocab_size, eos_id
-        apply_template(template, "")  # fail at load on an unknown template
+    """A prompt (`text_input`, or chat `messages`) -> token ids, and the checks that need its length.
+
+    `wrap_text`: a text_input is rendered as one user message through the chat template (the llama2 / internlm /
+    chatml templates named at conversion); otherwise it is tokenized as it is, as a completion prompt."""
+
+    def __init__(self, tokenizer: TextTokenizer, *, chat: ChatTemplate | None, wrap_text: bool, max_seq_len: int,
+                 vocab_size: int, end_ids: list[int]):
+        if wrap_text and chat is None:
+            raise ValueError("a prompt template wraps text_input only through a chat template")
+        self.tokenizer, self.chat, self.wrap_text = tokenizer, chat, wrap_text
+        self.max_seq_len, self.vocab_size, self.end_ids = max_seq_len, vocab_size, list(end_ids)
 
     @classmethod
     def from_config_parameters(cls, version_dir: Path, parameters: dict) -> "PromptEncoder":
         def value(key, default=None):
             return parameters.get(key, {}).get("string_value", default)
 
-        eos = value("eos_id")
-        return cls(Tokenizer(Path(version_dir) / value("tokenizer", "tokenizer.model")),
-                   template=value("template", "none"), max_seq_len=int(value("max_seq_len")),
-                   vocab_size=int(value("vocab_size")), eos_id=int(eos) if eos not in (None, "") else None)
+        version_dir = Path(version_dir)
+        tokenizer = load_tokenizer(version_dir / value("tokenizer", "tokenizer.model"))
+        chat_file = version_dir / CHAT_TEMPLATE_FILE
+        chat = ChatTemplate(chat_file.read_text(encoding="utf-8"), tokenizer.special_tokens) \
+            if chat_file.is_file() else None
+        end_ids = value("end_ids", value("eos_id", ""))  # eos_id: repositories converted before end_ids
+        return cls(tokenizer, chat=chat, wrap_text=value("template", "none") != "none",
+                   max_seq_len=int(value("max_seq_len")), vocab_size=int(value("vocab_size")),
+                   end_ids=[int(i) for i in end_ids.split(",") if i.strip()])
 
-    def encode(self, text: str, params: GenerationParams) -> EncodedPrompt:
-        ids = self.tokenizer.encode(apply_template(self.template, text))
+    def prompt_ids(self, text: str, messages=None) -> list[int]:
+        if messages is not None:
+            if self.chat is None:
+                raise ParameterError("'messages' needs a chat template, and this model has none: convert it with "
+                                     "--template (chatml, llama2, internlm, or a .jinja file), or send text_input")
+            return self.tokenizer.encode_rendered(self.chat.render(validate_messages(messages)))
+        if self.wrap_text:
+            return self.tokenizer.encode_rendered(self.chat.render([{"role": "user", "content": text}]))
+        return self.tokenizer.encode(text)
+
+    def encode(self, text: str, params: GenerationParams, messages=None) -> EncodedPrompt:
+        ids = self.prompt_ids(text, messages)
+        field = "messages" if messages is not None else "text_input"
         room = self.max_seq_len - len(ids)
         if room < 1:
-            raise ParameterError(f"'text_input' is {len(ids)} tokens long; prompts must be shorter than "
+            raise ParameterError(f"'{field}' is {len(ids)} tokens long; prompts must be shorter than "
                                  f"max_seq_len={self.max_seq_len} tokens (at most {self.max_seq_len - 1})")
         params.validate(max_new_tokens_limit=room, vocab_size=self.vocab_size)
-        end_ids = [params.end_id] if params.end_id is not None else \
-            ([self.eos_id] if self.eos_id is not None else [])
+        end_ids = [params.end_id] if params.end_id is not None else self.end_ids
         words = {"stop": self.tokenizer.encode_words(params.stop_words),
                  "bad": self.tokenizer.encode_words(params.bad_words), "end_ids": end_ids}
         return EncodedPrompt(ids=ids, params_dict=dataclasses.asdict(params), words=words)

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from ..params import GenerationParams, ParameterError
+from ..tokenizer import validate_messages
 
 # name -> (GenerationParams field, kind)
 INPUTS = {
@@ -24,7 +25,9 @@ INPUTS = {
     "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int), "random_seed": ("seed", int),
     "end_id": ("end_id", int), "pad_id": ("pad_id", int), "do_sample": ("do_sample", bool),
     "return_log_probs": ("return_log_probs", bool), "exclude_input_in_output": ("exclude_input_in_output", bool),
-    "stream": ("stream", bool), "stream_interval": ("stream_interval", int), "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
+    "stream": ("stream", bool), "stream_interval": ("stream_interval", int),
+    "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
+    "skip_special_tokens": ("skip_special_tokens", bool),
 }
 # Inputs whose meaning is the negation of a field.
 NEGATED = {"return_full_text": "exclude_input_in_output"}
@@ -34,9 +37,10 @@ SEED_INPUTS = ("seed", "random_seed")  # UINT64, as tensorrtllm_backend declares
 
 @dataclasses.dataclass
 class ParsedRequest:
-    text: str
+    text: str                          # the prompt; "" when the request is a chat (messages)
     params: GenerationParams
     stop: bool = False
+    messages: list[dict] | None = None  # a chat request: rendered by the tokenizer step's chat template
 
 
 def _scalar(name: str, array: np.ndarray):
@@ -84,15 +88,23 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
     parameters = dict(parameters or {})
     stop_input = get("stop")
     stop = bool(_convert("stop", bool, stop_input)) if stop_input is not None else bool(parameters.get("stop"))
-    text_array = get("text_input")
+    text_array, messages_array = get("text_input"), get("messages")
+    messages = None
+    if messages_array is not None:
+        messages = validate_messages(_scalar("messages", messages_array))
+    elif parameters.get("messages") is not None:
+        messages = validate_messages(parameters["messages"])
     if text_array is None:
         text = parameters.get("text_input") or parameters.get("inputs")
-        if text is None and not stop:
-            raise ParameterError("'text_input' is required (a BYTES tensor holding the prompt)")
+        if text is None and messages is None and not stop:
+            raise ParameterError("'text_input' is required (a BYTES tensor holding the prompt), or 'messages' "
+                                 "(a JSON list of {\"role\", \"content\"} objects) for a chat")
         text = _as_text("text_input", text or "")
     else:
         text = _as_text("text_input", _scalar("text_input", text_array))
-    if not text.strip() and not stop:
+    if messages is not None and text:
+        raise ParameterError("send either 'text_input' or 'messages', not both")
+    if messages is None and not text.strip() and not stop:
         raise ParameterError("'text_input' must not be empty")
     fields = {}
     for name, (field, kind) in INPUTS.items():
@@ -105,4 +117,4 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
         value = array if array is not None else parameters.get(name)
         if value is not None:
             fields[field] = not _convert(name, bool, value)
-    return ParsedRequest(text=text, params=GenerationParams(**fields), stop=stop)
+    return ParsedRequest(text=text, params=GenerationParams(**fields), stop=stop, messages=messages)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,6 +39,21 @@ def text(request, name: str) -> str:
 
 def json_input(request, name: str):
     return json.loads(text(request, name))
+
+
+def request_json(params, messages=None) -> str:
+    """What the front model sends the pipeline's tokenizer step in `params_json`: the request's parameters and,
+    for a chat, its messages (which the tokenizer renders through the chat template)."""
+    fields = dataclasses.asdict(params)
+    if messages is not None:
+        fields["messages"] = messages
+    return json.dumps(fields)
+
+
+def read_request_json(request) -> tuple[dict, list | None]:
+    """params_json as request_json wrote it -> (the GenerationParams fields, the messages or None)."""
+    fields = json_input(request, "params_json")
+    return fields, fields.pop("messages", None)
 
 
 def request_parameters(request) -> dict:

@@ -19,8 +19,6 @@ It also saves every token one trip through a Triton model.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import json
 import time
 import uuid
 
@@ -31,7 +29,7 @@ from ..params import ParameterError
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
-from ..tokenizer import Tokenizer
+from ..tokenizer import load_tokenizer
 from . import common
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -42,8 +40,8 @@ class TritonPythonModel:
     def initialize(self, args):
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
-        self.tokenizer = Tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
-                                                                               "tokenizer.model"))
+        self.tokenizer = load_tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
+                                                                                    "tokenizer.model"))
         self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
@@ -87,7 +85,7 @@ class TritonPythonModel:
         pipeline = pb_utils.InferenceRequest(
             model_name=f"{self.llm}_pipeline", requested_output_names=PIPELINE_OUTPUTS,
             inputs=[common.bytes_tensor("text_input", [parsed.text]),
-                    common.bytes_tensor("params_json", [json.dumps(dataclasses.asdict(params))]),
+                    common.bytes_tensor("params_json", [common.request_json(params, parsed.messages)]),
                     common.bytes_tensor("request_key", [key])])
         prefix = "" if params.exclude_input_in_output else parsed.text
         pieces, logprobs = [], []
@@ -128,7 +126,8 @@ class TritonPythonModel:
                 final = step["is_final"]
                 window = out["output_ids"].reshape(-1).tolist()
                 new = step["num_new_tokens"]
-                piece = self.tokenizer.piece(window, final=final, new=new) if new else ""
+                piece = self.tokenizer.piece(window, final=final, new=new,
+                                             skip_special_tokens=params.skip_special_tokens) if new else ""
                 token_logprobs, cum = step["logprobs"], step["cum_logprob"]
                 prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:

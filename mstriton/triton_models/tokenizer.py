@@ -1,5 +1,5 @@
-"""NAME_tokenizer: prompt template, text -> token ids, stop/bad words -> ids, and range checks that need the
-prompt's length."""
+"""NAME_tokenizer: a prompt, or chat messages through the chat template, -> token ids; stop/bad words -> ids;
+the range checks that need the prompt's length."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                params = GenerationParams(**common.json_input(request, "params_json"))
-                encoded = self.encoder.encode(common.text(request, "text_input"), params)
+                fields, messages = common.read_request_json(request)
+                encoded = self.encoder.encode(common.text(request, "text_input"), GenerationParams(**fields),
+                                              messages)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("input_ids", np.array([encoded.ids], np.int32)),
                     pb_utils.Tensor("input_length", np.array([[len(encoded.ids)]], np.int32)),
