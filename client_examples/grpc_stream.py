@@ -3,6 +3,7 @@
 
     python client_examples/grpc_stream.py "Triton is an inference server."
     python client_examples/grpc_stream.py --max-tokens 40 --temperature 0.8 --top-k 20 --seed 7 "MindSpore is"
+    python client_examples/grpc_stream.py --model smollm2 --chat "What is the capital of France?"
 
 The generated text goes to stdout, piece by piece; the summary line (tokens, finish reason, time to first
 token, tokens/s) goes to stderr, so `... > out.txt` keeps only the text. Ctrl-C cancels the request on the
@@ -16,6 +17,7 @@ The stream is opened with enable_empty_final_response=True, so every response ca
 from __future__ import annotations
 
 import argparse
+import json
 import queue
 import signal
 import sys
@@ -30,8 +32,14 @@ def build_inputs(args) -> list:
     """One InferInput per given option. The model's max_batch_size is > 0, so every tensor has a leading
     batch dimension of 1: shape [1, 1] for scalars, [1, N] for the word lists."""
     words = lambda items: [w.encode("utf-8") for w in items] or None  # noqa: E731
+    if args.chat:  # the prompt is a user message, rendered by the model's chat template on the server
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": args.prompt}]
+        prompt = ("messages", "BYTES", [json.dumps(messages).encode("utf-8")])
+    else:
+        prompt = ("text_input", "BYTES", [args.prompt.encode("utf-8")])
     values = [
-        ("text_input", "BYTES", [args.prompt.encode("utf-8")]),
+        prompt,
         ("max_tokens", "INT32", args.max_tokens),
         ("stream", "BOOL", True),
         ("min_tokens", "INT32", args.min_tokens),
@@ -73,7 +81,10 @@ def is_final(result) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("prompt", help="the prompt text (with --chat: the user's message)")
+    parser.add_argument("--chat", action="store_true",
+                        help="send the prompt as a chat message (the `messages` input), through the model's template")
+    parser.add_argument("--system", help="with --chat: a system message before the user's")
     parser.add_argument("--url", default="localhost:8001", help="gRPC host:port (default %(default)s)")
     parser.add_argument("--model", default="demo", help="the decoupled front model (default %(default)s)")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default %(default)s)")
