@@ -31,32 +31,81 @@ from ..config import LlamaConfig
 
 # A large negative instead of -inf: exp() gives exactly 0 and no NaN appears for a fully masked row.
 MASK_VALUE = -1e9
+# The per-layer weights of a model without biases; layer_weight_names(config) gives those of any model.
 LAYER_WEIGHTS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w_gate_up", "w_down")
 GLOBAL_WEIGHTS = ("embed_tokens", "norm", "lm_head")
 
 
+def layer_weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """One layer's weights in the order graphs take them, each bias right after its matrix (matrices [in, out]).
+    Without biases this is LAYER_WEIGHTS, so plain models keep the names and order of earlier engines.
+
+    Biases (LLaMA's attention_bias/mlp_bias, Qwen2's q/k/v biases) are weight inputs only for models that have
+    them, fused like their matrices: a zero bias added to a plain model would cost it an op per projection and
+    layer (an op dispatch inside a CPU graph costs about 3 us)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"attention_norm": (c.hidden_size,), "wqkv": (c.hidden_size, q + 2 * kv)}
+    if c.attention_bias:
+        shapes["bqkv"] = (q + 2 * kv,)
+    shapes["wo"] = (q, c.hidden_size)
+    if c.o_proj_bias:
+        shapes["bo"] = (c.hidden_size,)
+    shapes.update(ffn_norm=(c.hidden_size,), w_gate_up=(c.hidden_size, 2 * c.intermediate_size))
+    if c.mlp_bias:
+        shapes["b_gate_up"] = (2 * c.intermediate_size,)
+    shapes["w_down"] = (c.intermediate_size, c.hidden_size)
+    if c.mlp_bias:
+        shapes["b_down"] = (c.hidden_size,)
+    return shapes
+
+
+def layer_weight_names(config: LlamaConfig) -> tuple[str, ...]:
+    return tuple(layer_weight_shapes(config))
+
+
 def weight_names(config: LlamaConfig) -> list[str]:
-    """The order in which graphs take their weight inputs."""
+    """The order in which graphs take their weight inputs: every layer's, then GLOBAL_WEIGHTS."""
     return list(weight_shapes(config))
 
 
 def weight_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Shapes of the weights as this network stores them (matrices [in, out])."""
-    qkv = (c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    per_layer = {"attention_norm": (c.hidden_size,), "wqkv": (c.hidden_size, qkv),
-                 "wo": (c.num_attention_heads * c.head_dim, c.hidden_size), "ffn_norm": (c.hidden_size,),
-                 "w_gate_up": (c.hidden_size, 2 * c.intermediate_size), "w_down": (c.intermediate_size, c.hidden_size)}
-    assert tuple(per_layer) == LAYER_WEIGHTS
+    per_layer = layer_weight_shapes(c)
     shapes = {f"layers.{i}.{k}": v for i in range(c.num_hidden_layers) for k, v in per_layer.items()}
     shapes.update(embed_tokens=(c.vocab_size, c.hidden_size), norm=(c.hidden_size,),
                   lm_head=(c.hidden_size, c.vocab_size))
+    assert tuple(shapes)[-len(GLOBAL_WEIGHTS):] == GLOBAL_WEIGHTS  # Network.embed/head index them from the end
     return shapes
 
 
-def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of shape [max_positions, head_dim], laid out for the rotate-half convention of HF LLaMA."""
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """The rotary frequencies [head_dim / 2], rewritten by the config's rope_scaling as transformers'
+    ROPE_INIT_FUNCTIONS do (modeling_rope_utils: _compute_linear_scaling_rope_parameters,
+    _compute_llama3_parameters). Computed in float64 where transformers uses float32: the same formulas, with
+    less rounding in the angles of far positions."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling.rope_type == "linear":  # positions divided by factor, which is the same as frequencies
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths (low frequencies) are interpolated by `factor`, short ones kept as trained, and
+    # those between blended linearly in original_max_position_embeddings / wavelength.
+    context = scaling.original_max_position_embeddings
+    low_freq_wavelen, high_freq_wavelen = context / scaling.low_freq_factor, context / scaling.high_freq_factor
+    wavelen = 2 * np.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (context / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return np.where(medium, smoothed, scaled)
+
+
+def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of shape [max_positions, head_dim], laid out for the rotate-half convention of HF LLaMA.
+    linear and llama3 scaling leave transformers' attention_scaling at 1, so cos/sin are not rescaled."""
+    inv_freq = rope_inv_freq(config)
     freqs = np.outer(np.arange(config.max_position_embeddings, dtype=np.float64), inv_freq)
     angles = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -81,16 +130,23 @@ def last_axis_slice(x, start: int, end: int):
     return x[:, :, start:end]
 
 
-def linear(x, weight):
-    """x [..., in] @ weight [in, out]."""
+def linear(x, weight, bias=None):
+    """x [..., in] @ weight [in, out] (+ bias [out], only for a model that has one)."""
     if x.ndim == 2:
-        return ops.matmul(x, weight)
-    b, e = x.shape[0], x.shape[2]
-    return ops.matmul(x.reshape(-1, e), weight).reshape(b, -1, weight.shape[1])
+        y = ops.matmul(x, weight)
+    else:
+        b, e = x.shape[0], x.shape[2]
+        y = ops.matmul(x.reshape(-1, e), weight).reshape(b, -1, weight.shape[1])
+    if bias is not None:
+        y = y + bias
+    return y
 
 
 class Network(nn.Cell):
-    """The LLaMA math. ``weights`` is the tuple ordered as ``weight_names``."""
+    """The LLaMA math. ``weights`` is the tuple ordered as ``weight_names``.
+
+    A layer's weights are found by name (``self.weight``), resolved to tuple positions while the graph is built:
+    which weights a layer has depends on the config (biases)."""
 
     def __init__(self, c: LlamaConfig, dtype=ms.float32):
         super().__init__()
@@ -102,11 +158,19 @@ class Network(nn.Cell):
         self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
         cos, sin = rope_tables(c)
         self.cos, self.sin = Tensor(cos, dtype), Tensor(sin, dtype)
-        self.n_per_layer = len(LAYER_WEIGHTS)
+        names = layer_weight_names(c)
+        self.n_per_layer = len(names)
+        self.slots = {name: i for i, name in enumerate(names)}
 
     def layer(self, weights, i):
         start = i * self.n_per_layer
         return weights[start:start + self.n_per_layer]
+
+    def weight(self, w, name):
+        """The weight `name` of one layer's tuple `w`, or None if this model has none (a missing bias)."""
+        if name in self.slots:
+            return w[self.slots[name]]
+        return None
 
     def embed(self, weights, tokens):
         return ops.gather(weights[-3], tokens, 0)
@@ -116,12 +180,18 @@ class Network(nn.Cell):
         return linear(rms_norm(h, weights[-2], self.eps), weights[-1]).astype(ms.float32)
 
     def mlp(self, w, x):
-        gate_up = linear(rms_norm(x, w[3], self.eps), w[4])
+        gate_up = linear(rms_norm(x, self.weight(w, "ffn_norm"), self.eps), self.weight(w, "w_gate_up"),
+                         self.weight(w, "b_gate_up"))
         gate, up = last_axis_slice(gate_up, 0, self.ffn_dim), last_axis_slice(gate_up, self.ffn_dim, 2 * self.ffn_dim)
-        return x + linear(ops.silu(gate) * up, w[5])
+        return x + linear(ops.silu(gate) * up, self.weight(w, "w_down"), self.weight(w, "b_down"))
+
+    def attention_projection(self, w, x, out):
+        """x plus the attention output [..., heads * head_dim] projected back to the hidden size."""
+        return x + linear(out, self.weight(w, "wo"), self.weight(w, "bo"))
 
     def qkv(self, w, x):
-        qkv = linear(rms_norm(x, w[0], self.eps), w[1])
+        qkv = linear(rms_norm(x, self.weight(w, "attention_norm"), self.eps), self.weight(w, "wqkv"),
+                     self.weight(w, "bqkv"))
         q_end, k_end = self.qkv_sizes[0], self.qkv_sizes[0] + self.qkv_sizes[1]
         return last_axis_slice(qkv, 0, q_end), last_axis_slice(qkv, q_end, k_end), \
             last_axis_slice(qkv, k_end, k_end + self.qkv_sizes[2])
@@ -147,7 +217,7 @@ class Network(nn.Cell):
         b = x.shape[0]
         out = out.reshape(b, self.n_heads, -1, self.head_dim).transpose(0, 2, 1, 3)
         out = out.reshape(b, -1, self.n_heads * self.head_dim)
-        return self.mlp(w, x + linear(out, w[2]))
+        return self.mlp(w, self.attention_projection(w, x, out))
 
     def prefill_block(self, w, x, cos, sin, causal_mask):
         """x [B, T, E]; cos/sin [T, D]; causal_mask [G*T, T] -> x, K^T [B, Hkv, D, T], V [B, Hkv, T, D]."""
@@ -185,7 +255,7 @@ class Network(nn.Cell):
         out = ops.matmul(e_cache.astype(v_cache.dtype), v_cache) + \
             e_self.astype(v.dtype) * v.reshape(b, self.n_kv, 1, self.head_dim)
         out = (out / denom.astype(out.dtype)).reshape(b, self.n_heads * self.head_dim)
-        return self.mlp(w, x + linear(out, w[2])), k, v.reshape(b, self.n_kv, self.head_dim)
+        return self.mlp(w, self.attention_projection(w, x, out)), k, v.reshape(b, self.n_kv, self.head_dim)
 
     def causal_mask(self, t: int):
         """[G*T, T]: the mask of T queries, repeated for the G query heads that share a KV head."""

@@ -84,19 +84,31 @@ _MINDFORMERS_LAYER = {
     "mlp.gate_proj.weight": "feed_forward.w1.weight", "mlp.down_proj.weight": "feed_forward.w2.weight",
     "mlp.up_proj.weight": "feed_forward.w3.weight", "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.bias": "attention.wq.bias", "self_attn.k_proj.bias": "attention.wk.bias",
+    "self_attn.v_proj.bias": "attention.wv.bias", "self_attn.o_proj.bias": "attention.wo.bias",
+    "mlp.gate_proj.bias": "feed_forward.w1.bias", "mlp.down_proj.bias": "feed_forward.w2.bias",
+    "mlp.up_proj.bias": "feed_forward.w3.bias",
 }
 _MINDFORMERS_GLOBAL = {"model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
                        "model.norm.weight": "model.norm_out.weight", "lm_head.weight": "lm_head.weight"}
 
 
 def hf_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Hugging Face LlamaForCausalLM and its shape ([out, in] matrices)."""
-    e, d, kv = c.hidden_size, c.head_dim, c.num_key_value_heads * c.head_dim
-    layer = {"self_attn.q_proj.weight": (c.num_attention_heads * d, e), "self_attn.k_proj.weight": (kv, e),
-             "self_attn.v_proj.weight": (kv, e), "self_attn.o_proj.weight": (e, c.num_attention_heads * d),
-             "mlp.gate_proj.weight": (c.intermediate_size, e), "mlp.up_proj.weight": (c.intermediate_size, e),
-             "mlp.down_proj.weight": (e, c.intermediate_size), "input_layernorm.weight": (e,),
+    """Every tensor of a Hugging Face LlamaForCausalLM (or Qwen2ForCausalLM) and its shape ([out, in] matrices),
+    biases included when the config has them."""
+    e, q, kv, ffn = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, \
+        c.intermediate_size
+    layer = {"self_attn.q_proj.weight": (q, e), "self_attn.k_proj.weight": (kv, e),
+             "self_attn.v_proj.weight": (kv, e), "self_attn.o_proj.weight": (e, q),
+             "mlp.gate_proj.weight": (ffn, e), "mlp.up_proj.weight": (ffn, e),
+             "mlp.down_proj.weight": (e, ffn), "input_layernorm.weight": (e,),
              "post_attention_layernorm.weight": (e,)}
+    if c.attention_bias:
+        layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+    if c.o_proj_bias:
+        layer["self_attn.o_proj.bias"] = (e,)
+    if c.mlp_bias:
+        layer.update({"mlp.gate_proj.bias": (ffn,), "mlp.up_proj.bias": (ffn,), "mlp.down_proj.bias": (e,)})
     shapes = {f"model.layers.{i}.{k}": v for i in range(c.num_hidden_layers) for k, v in layer.items()}
     shapes.update({"model.embed_tokens.weight": (c.vocab_size, e), "model.norm.weight": (e,)})
     if not c.tie_word_embeddings:
@@ -120,7 +132,8 @@ def to_canonical(c: LlamaConfig, tensors: dict[str, np.ndarray], source: str) ->
         stored = _mindformers_name(name) if mindformers else name
         if stored not in tensors:
             raise WeightError(f"{source} lacks tensor '{stored}' (needed for config: {c.num_hidden_layers} layers, "
-                              f"tie_word_embeddings={c.tie_word_embeddings})")
+                              f"tie_word_embeddings={c.tie_word_embeddings}, attention_bias={c.attention_bias}, "
+                              f"mlp_bias={c.mlp_bias})")
         if tuple(tensors[stored].shape) != shape:
             raise WeightError(f"tensor '{stored}' in {source} has shape {list(tensors[stored].shape)}, but the "
                               f"config needs {list(shape)}")
@@ -129,7 +142,8 @@ def to_canonical(c: LlamaConfig, tensors: dict[str, np.ndarray], source: str) ->
 
 
 def to_network_layout(c: LlamaConfig, hf: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fuse q/k/v and gate/up, store matrices [in, out], and give untied and tied models alike an lm_head."""
+    """Fuse q/k/v and gate/up (their biases alike), store matrices [in, out], and give untied and tied models
+    alike an lm_head."""
     out = {}
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
@@ -141,6 +155,13 @@ def to_network_layout(c: LlamaConfig, hf: dict[str, np.ndarray]) -> dict[str, np
         out[f"layers.{i}.w_gate_up"] = np.concatenate(
             [hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]], axis=0).T
         out[f"layers.{i}.w_down"] = hf[p + "mlp.down_proj.weight"].T
+        if c.attention_bias:
+            out[f"layers.{i}.bqkv"] = np.concatenate([hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        if c.o_proj_bias:
+            out[f"layers.{i}.bo"] = hf[p + "self_attn.o_proj.bias"]
+        if c.mlp_bias:
+            out[f"layers.{i}.b_gate_up"] = np.concatenate([hf[p + "mlp.gate_proj.bias"], hf[p + "mlp.up_proj.bias"]])
+            out[f"layers.{i}.b_down"] = hf[p + "mlp.down_proj.bias"]
     out["embed_tokens"] = hf["model.embed_tokens.weight"]
     out["norm"] = hf["model.norm.weight"]
     out["lm_head"] = hf["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"].T
