@@ -147,3 +147,46 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
     with running_server(repository, root / "server.log") as server:
         server.checkpoint = checkpoint
         yield server
+
+
+def save_random_hf_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random Qwen2ForCausalLM saved as a Hugging Face folder, initialized as ``save_random_hf_llama`` does (its
+    q/k/v biases too). Vocabulary 320 by default: room for ``copy_test_hf_tokenizer``'s byte-level tokens."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.8, 1.2)
+            else:
+                p.normal_(0.0, 0.15)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def copy_test_hf_tokenizer(folder: Path) -> None:
+    """A tiny byte-level BPE tokenizer.json, the kind Qwen2 and Llama 3 ship, trained on fixed text; its end token
+    <|endoftext|> is named in tokenizer_config.json."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = ["MindSpore graphs served by Triton stream tokens to every client.",
+            "The quick brown fox jumps over the lazy dog while the cache grows."] * 4
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(text, trainer)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+         "bos_token": None}))

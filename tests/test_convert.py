@@ -95,3 +95,56 @@ def test_float16_engine_runs_close_to_float32(tmp_path, hf_checkpoint_factory):
     assert logits["float16"].dtype == np.float32
     scale = np.abs(logits["float32"]).max()
     assert np.abs(logits["float16"] - logits["float32"]).max() / scale < 2e-2
+
+
+# ---- config.json variants the converter refuses, each by the field at fault -----------------------------------
+
+LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=10, hidden_size=8,
+             intermediate_size=16, num_hidden_layers=1, num_attention_heads=2)
+QWEN2 = {**LLAMA, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({**LLAMA, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+     r"'rope_scaling'.*'yarn'"),
+    ({**LLAMA, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, r"'rope_scaling'.*'dynamic'"),
+    ({**LLAMA, "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, r"'rope_parameters'.*'longrope'"),
+    ({**QWEN2, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"'rope_parameters'.*'yarn'"),
+    ({**LLAMA, "rope_scaling": {"type": "linear"}}, r"'rope_scaling'.*'factor'"),
+    ({**LLAMA, "rope_parameters": {"rope_type": "linear", "factor": 0}}, r"'rope_parameters'.*'factor'"),
+    ({**LLAMA, "rope_scaling": {k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}},
+     r"'rope_scaling'.*'low_freq_factor'"),
+    ({**LLAMA, "rope_scaling": {**LLAMA3, "high_freq_factor": 1.0}}, r"'rope_scaling'.*'high_freq_factor'"),
+    ({**LLAMA, "rope_parameters": {"full_attention": {"rope_type": "default"}}}, r"'rope_parameters'"),
+    ({**LLAMA, "partial_rotary_factor": 0.5}, r"'partial_rotary_factor'"),
+    ({**QWEN2, "use_sliding_window": True, "sliding_window": 4096}, r"'use_sliding_window'"),
+    ({**QWEN2, "layer_types": ["sliding_attention"]}, r"'layer_types'"),
+    ({**LLAMA, "hidden_act": "gelu_pytorch_tanh"}, r"'hidden_act'"),
+    ({**QWEN2, "hidden_act": "gelu"}, r"'hidden_act'"),
+    ({**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}, r"'architectures'.*Mistral"),
+    ({**LLAMA, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}, r"'architectures'.*Qwen3"),
+    ({**LLAMA, "head_dim": 5}, r"'head_dim'"),
+    ({**LLAMA, "head_dim": 0}, r"'head_dim'"),
+    ({**LLAMA, "eos_token_id": [2, "3"]}, r"'eos_token_id'"),
+])
+def test_refused_config_variants_name_the_field(raw, message):
+    from mstriton.config import ConfigError, LlamaConfig
+
+    with pytest.raises(ConfigError, match=message):
+        LlamaConfig.from_hf_dict(raw)
+
+
+def test_refused_config_stops_the_converter_before_writing(tmp_path, hf_checkpoint_factory):
+    import shutil
+    from mstriton.config import ConfigError
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint_factory("mha"), folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (folder / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=r"'rope_parameters'.*'yarn'"):
+        convert(folder, "m", tmp_path / "repo", max_batch_size=1, max_seq_len=64, **QUIET)
+    assert not any(p.name.startswith("m_") for p in (tmp_path / "repo").glob("*"))
