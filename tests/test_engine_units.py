@@ -74,7 +74,7 @@ BASE = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=1
 @pytest.mark.parametrize("change, field", [
     (dict(architectures=["GPT2LMHeadModel"], model_type="gpt2"), "architectures"),
     (dict(num_key_value_heads=3, num_attention_heads=4, hidden_size=16), "num_key_value_heads"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope_scaling"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(hidden_size=9), "hidden_size"),
     (dict(vocab_size=0), "vocab_size"),

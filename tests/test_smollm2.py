@@ -11,7 +11,7 @@ import pytest
 from conftest import greedy_reference, relative_error
 from mstriton.pretrained import smollm2_gguf
 
-CHUNK = 64  # the long prompt below prefills in three chunks
+CHUNK = 32  # the long prompt below (79 tokens) prefills in three chunks
 LONG_TEXT = ("Triton Inference Server runs models from many frameworks behind one set of HTTP and gRPC endpoints. "
              "Its dynamic batcher merges requests that arrive close together, and its ensembles chain models so "
              "that pre- and post-processing run beside the network. MindSpore exports graphs to MindIR, which a "
