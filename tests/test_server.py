@@ -215,6 +215,12 @@ BAD_INPUTS = [
     ({"text_input": "hi", "temperature": -1.0}, "'temperature' must be >= 0"),
     ({"text_input": "hi", "top_k": -1}, "'top_k' must be >= 0"),
     ({"text_input": "hi", "stream_interval": 0}, "'stream_interval' must be in [1, 256]"),
+    ({"messages": "not json"}, "'messages' must be a JSON list"),
+    ({"messages": '[{"role": "wizard", "content": "hi"}]'}, "'messages[0].role' must be one of"),
+    ({"messages": '[{"role": "user"}]'}, "'messages[0].content' is required"),
+    ({"messages": '[{"role": "user", "content": "hi"}]', "text_input": "hi"}, "not both"),
+    # the test model's sentencepiece tokenizer has no chat template, and it was converted without --template
+    ({"messages": '[{"role": "user", "content": "hi"}]'}, "'messages' needs a chat template"),
 ]
 
 
