@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
 
     def progress(message: str) -> None:
-        print(f"[convert {time.monotonic() - started:6.1f}s] {message}", flush=True)
+        print(f"[convert {args.name} {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
     try:
         convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,

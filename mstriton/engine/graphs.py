@@ -78,7 +78,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                        str(out_dir / WEIGHTS))
 
     progress("exporting the prefill graph")
-    _export(LlamaPrefill(config, ms_dtype),
+    _export(LlamaPrefill(config, ms_dtype, max_seq_len),
             [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
             out_dir / PREFILL)
     chunk = None
@@ -87,14 +87,14 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
         layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         cache_specs = [Tensor(shape=[None, kv, hd, None], dtype=ms_dtype)] * layers
         cache_specs += [Tensor(shape=[None, kv, None, hd], dtype=ms_dtype)] * layers
-        _export(LlamaPrefillChunk(config, ms_dtype),
+        _export(LlamaPrefillChunk(config, ms_dtype, max_seq_len),
                 [Tensor(shape=[None, None], dtype=ms.int32)] + [Tensor(shape=[None], dtype=ms.int32)] * 2
                 + cache_specs + weight_specs, out_dir / PREFILL_CHUNK)
         chunk = {"file": PREFILL_CHUNK, "length": prefill_chunk}
 
     # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
     batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
-    decode = LlamaDecode(config, ms_dtype)
+    decode = LlamaDecode(config, ms_dtype, max_seq_len)
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}
     total, started = len(batches) * len(seqs), time.monotonic()

@@ -102,11 +102,12 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled)
 
 
-def rope_tables(config: LlamaConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin of shape [max_positions, head_dim], laid out for the rotate-half convention of HF LLaMA.
-    linear and llama3 scaling leave transformers' attention_scaling at 1, so cos/sin are not rescaled."""
+def rope_tables(config: LlamaConfig, positions: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin of shape [positions, head_dim] (default: max_position_embeddings), laid out for the rotate-half
+    convention of HF LLaMA. linear and llama3 scaling leave transformers' attention_scaling at 1, so cos/sin are
+    not rescaled."""
     inv_freq = rope_inv_freq(config)
-    freqs = np.outer(np.arange(config.max_position_embeddings, dtype=np.float64), inv_freq)
+    freqs = np.outer(np.arange(positions or config.max_position_embeddings, dtype=np.float64), inv_freq)
     angles = np.concatenate([freqs, freqs], axis=-1)
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
@@ -148,7 +149,10 @@ class Network(nn.Cell):
     A layer's weights are found by name (``self.weight``), resolved to tuple positions while the graph is built:
     which weights a layer has depends on the config (biases)."""
 
-    def __init__(self, c: LlamaConfig, dtype=ms.float32):
+    def __init__(self, c: LlamaConfig, dtype=ms.float32, max_positions: int | None = None):
+        """`max_positions`: the longest sequence the graph will see (the engine's max_seq_len). The rotary
+        tables are constants inside every exported graph, so they are cut to it: SmolLM2's 8192 positions
+        would put 4 MB into each graph, Llama 3.1's 131072 positions 64 MB."""
         super().__init__()
         self.config = c
         self.n_layers, self.n_heads, self.n_kv = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
@@ -156,7 +160,7 @@ class Network(nn.Cell):
             c.rms_norm_eps
         self.scale = 1.0 / float(np.sqrt(c.head_dim))
         self.qkv_sizes = (self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim)
-        cos, sin = rope_tables(c)
+        cos, sin = rope_tables(c, max_positions)
         self.cos, self.sin = Tensor(cos, dtype), Tensor(sin, dtype)
         names = layer_weight_names(c)
         self.n_per_layer = len(names)
