@@ -14,18 +14,13 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def save_random_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:
-    """A random LlamaForCausalLM saved as a Hugging Face folder (config.json, model.safetensors), with weights
-    scaled up from transformers' 0.02 init so that logits differ clearly between tokens."""
+def _save_random(model_class, config_class, folder: Path, seed: int, settings: dict) -> Path:
+    """A random model of `model_class` saved as a Hugging Face folder (config.json, model.safetensors), with
+    weights (biases too) scaled up from transformers' 0.02 init so that logits differ clearly between tokens."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    settings = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    settings.update(overrides)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    model = model_class(config_class(**settings)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -34,6 +29,18 @@ def save_random_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:
                 p.normal_(0.0, 0.15)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+RANDOM_MODEL_SETTINGS = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                             rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+def save_random_hf_llama(folder: Path, seed: int = 0, **overrides) -> Path:
+    """A random LlamaForCausalLM saved as a Hugging Face folder (see _save_random)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_random(LlamaForCausalLM, LlamaConfig, folder, seed, {**RANDOM_MODEL_SETTINGS, **overrides})
 
 
 def copy_test_tokenizer(folder: Path) -> None:
@@ -123,6 +130,33 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
+def engine_of(repository: Path, name: str):
+    """One Engine running both the prefill and the decode graphs of the converted model `name` (the test process
+    holds all graphs; the served models split them between two processes)."""
+    from mstriton.engine.engine import Engine
+    from mstriton.engine.graphs import EngineGraphs
+
+    prefill = EngineGraphs(repository / f"{name}_prefill" / "1" / "engine")
+    decode = EngineGraphs(repository / f"{name}_decode" / "1" / "engine")
+    decode.manifest["prefill"] = str(prefill.dir / prefill.manifest["prefill"])
+    if prefill.manifest.get("prefill_chunk"):
+        decode.manifest["prefill_chunk"]["file"] = str(prefill.dir / prefill.manifest["prefill_chunk"]["file"])
+    return Engine(decode)
+
+
+def logit_errors(engine, reference, prompt: list[int], steps: int = 16) -> list[float]:
+    """Relative errors of our logits against transformers' after prefill and after each of `steps` decode steps
+    (fed transformers' own greedy tokens)."""
+    expected_tokens, expected_logits = greedy_reference(reference, prompt, steps + 1)
+    (sequence,), logits = engine.prefill([prompt])
+    errors = [relative_error(logits[0], expected_logits[0])]
+    for step in range(steps):
+        logits = engine.decode([expected_tokens[step]])
+        errors.append(relative_error(logits[0], expected_logits[step + 1]))
+    engine.release(sequence)
+    return errors
+
+
 @contextlib.contextmanager
 def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
                                  decode_parameters: dict[str, dict[str, str]] | None = None):
@@ -152,23 +186,10 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
 def save_random_hf_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:
     """A random Qwen2ForCausalLM saved as a Hugging Face folder, initialized as ``save_random_hf_llama`` does (its
     q/k/v biases too). Vocabulary 320 by default: room for ``copy_test_hf_tokenizer``'s byte-level tokens."""
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    settings = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                    rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
-    settings.update(overrides)
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0.0, 0.15)
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return _save_random(Qwen2ForCausalLM, Qwen2Config, folder, seed,
+                        {**RANDOM_MODEL_SETTINGS, "vocab_size": 320, **overrides})
 
 
 def copy_test_hf_tokenizer(folder: Path) -> None:

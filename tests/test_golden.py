@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import copy_test_hf_tokenizer, greedy_reference, relative_error, save_random_hf_qwen2
+from conftest import copy_test_hf_tokenizer, engine_of, greedy_reference, logit_errors, save_random_hf_qwen2
 
 # llama3 scaling with an original context of 64: with head_dim 16 and theta 10000 the wavelengths are 6.3, 20, 63,
 # 199, ... so one frequency pair is kept (< 64/4), two are blended (between 16 and 64) and five are divided by 4.
@@ -56,32 +56,19 @@ def checkpoint(hf_checkpoint_factory, tmp_path_factory):
 def case(request, checkpoint, tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from mstriton.convert import convert
-    from mstriton.engine.engine import Engine
-    from mstriton.engine.graphs import EngineGraphs
 
     folder = checkpoint(request.param)
     repo = tmp_path_factory.mktemp(f"repo-{request.param}")
     # Chunks of 16 tokens: the 38-token prompt prefills in three chunks, the others whole.
     convert(folder, "tiny", repo, max_batch_size=4, max_seq_len=128, prefill_chunk=16, progress=lambda _: None)
-    prefill = EngineGraphs(repo / "tiny_prefill" / "1" / "engine")
-    decode = EngineGraphs(repo / "tiny_decode" / "1" / "engine")
-    # One EngineGraphs runs both here: the test process holds all graphs (the served models split them).
-    decode.manifest["prefill"] = str(prefill.dir / prefill.manifest["prefill"])
-    decode.manifest["prefill_chunk"]["file"] = str(prefill.dir / prefill.manifest["prefill_chunk"]["file"])
     reference = AutoModelForCausalLM.from_pretrained(folder).eval()
-    return Engine(decode), reference
+    return engine_of(repo, "tiny"), reference
 
 
 def test_prefill_and_16_decode_steps_match_transformers(case):
     engine, reference = case
     for prompt in PROMPTS[:3]:
-        expected_tokens, expected_logits = greedy_reference(reference, prompt, 17)
-        (sequence,), logits = engine.prefill([prompt])
-        errors = [relative_error(logits[0], expected_logits[0])]
-        for step in range(16):
-            logits = engine.decode([expected_tokens[step]])
-            errors.append(relative_error(logits[0], expected_logits[step + 1]))
-        engine.release(sequence)
+        errors = logit_errors(engine, reference, prompt)
         assert max(errors) < 1e-4, f"prompt of {len(prompt)} tokens: relative errors per step {errors}"
 
 

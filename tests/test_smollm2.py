@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import greedy_reference, relative_error
+from conftest import engine_of, greedy_reference, logit_errors
 from mstriton.pretrained import smollm2_gguf
 
 CHUNK = 32  # the long prompt below (79 tokens) prefills in three chunks
@@ -24,20 +24,13 @@ def models(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mstriton.convert import convert
-    from mstriton.engine.engine import Engine
-    from mstriton.engine.graphs import EngineGraphs
 
     path = smollm2_gguf()
     repo = tmp_path_factory.mktemp("smollm2-engine")
     convert(path, "smollm2", repo, max_batch_size=1, max_seq_len=256, prefill_chunk=CHUNK, progress=lambda _: None)
-    prefill = EngineGraphs(repo / "smollm2_prefill" / "1" / "engine")
-    decode = EngineGraphs(repo / "smollm2_decode" / "1" / "engine")
-    # One EngineGraphs runs both here: the test process holds all graphs (the served models split them).
-    decode.manifest["prefill"] = str(prefill.dir / prefill.manifest["prefill"])
-    decode.manifest["prefill_chunk"]["file"] = str(prefill.dir / prefill.manifest["prefill_chunk"]["file"])
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    return Engine(decode), reference, tokenizer
+    return engine_of(repo, "smollm2"), reference, tokenizer
 
 
 def prompts(tokenizer) -> dict[str, list[int]]:
@@ -53,13 +46,7 @@ def prompts(tokenizer) -> dict[str, list[int]]:
 def test_prefill_and_16_decode_steps_match_transformers(models):
     engine, reference, tokenizer = models
     for name, prompt in prompts(tokenizer).items():
-        expected_tokens, expected_logits = greedy_reference(reference, prompt, 17)
-        (sequence,), logits = engine.prefill([prompt])
-        errors = [relative_error(logits[0], expected_logits[0])]
-        for step in range(16):
-            logits = engine.decode([expected_tokens[step]])
-            errors.append(relative_error(logits[0], expected_logits[step + 1]))
-        engine.release(sequence)
+        errors = logit_errors(engine, reference, prompt)
         assert max(errors) < 1e-4, f"{name}: relative errors per step {errors}"
 
 
