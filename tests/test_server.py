@@ -123,6 +123,36 @@ def kserve_infer(server, prompt: str, max_tokens: int) -> str:
 
 # ---- tests ---------------------------------------------------------------------------------------------
 
+def test_finished_stream_iterators_are_dropped_only_after_a_round_trip():
+    """The workaround for 2.51's stub freeing a finished BLS stream without the GIL (serving/finished_streams.py):
+    a held iterator outlives every is_cancelled() that may have answered from the cache (True), and goes at the
+    first one that made a round trip (False) and began after it was held."""
+    import weakref
+
+    from mstriton.serving.finished_streams import FinishedStreams
+
+    class Iterator:
+        pass
+
+    streams = FinishedStreams()
+    first = Iterator()
+    gone_first = weakref.ref(first)
+    streams.hold(first)
+    del first
+    assert streams.is_cancelled(lambda: True) is True and gone_first() is not None  # cached: no round trip
+    second = Iterator()
+    gone_second = weakref.ref(second)
+
+    def round_trip():  # held while this round trip is under way: not covered by it
+        streams.hold(second)
+        return False
+
+    assert streams.is_cancelled(round_trip) is False
+    del second
+    assert gone_first() is None and gone_second() is not None and len(streams) == 1
+    assert streams.releasing(lambda: False)() is False and gone_second() is None and len(streams) == 0
+
+
 def test_all_models_load(server):
     import tritonclient.http as httpclient
 

@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..params import ParameterError
+from ..serving.finished_streams import FINISHED_STREAMS
 
 
 def model_config(args) -> dict:
@@ -137,17 +138,30 @@ def outputs_by_name(response) -> dict[str, np.ndarray]:
 RESPONSE_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstriton-bls-wait")
 
 
+def is_cancelled_releasing(is_cancelled):
+    """`is_cancelled` that also drops the finished stream iterators it is safe to drop (serving/finished_streams.py)."""
+    return FINISHED_STREAMS.releasing(is_cancelled)
+
+
+async def release_finished_streams(is_cancelled) -> bool:
+    """FINISHED_STREAMS.is_cancelled from a worker thread (a round trip to the server): call it before the
+    request's final response, so that a stream's own iterator is dropped before the request ends."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(RESPONSE_WAITERS, FINISHED_STREAMS.is_cancelled, is_cancelled)
+
+
 async def stream_responses(infer_request):
     """The responses of a decoupled BLS call, as an async generator read to its end.
 
     The request is sent from the event loop's thread; only the wait for each next response (the backend's
     iterator is blocking) runs in a worker thread, so streams never block each other and no two threads
-    talk to the server at once.
+    talk to the server at once. The finished iterator goes to FINISHED_STREAMS, never simply dropped.
     """
     iterator = await infer_request.async_exec(decoupled=True)
     loop = asyncio.get_running_loop()
     while True:
         response = await loop.run_in_executor(RESPONSE_WAITERS, next, iterator, None)
         if response is None:
+            FINISHED_STREAMS.hold(iterator)
             return
         yield response

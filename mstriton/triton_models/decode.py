@@ -74,10 +74,12 @@ class TritonPythonModel:
         probe = pb_utils.InferenceRequest(model_name=self.name, requested_output_names=["step_ints"],
                                           inputs=[common.bytes_tensor("stop_key", [""])])
         try:
-            responses = list(probe.exec(decoupled=True))
+            iterator = probe.exec(decoupled=True)
+            responses = list(iterator)
         except pb_utils.TritonModelException as exc:
             pb_utils.Logger.log_info(f"{self.name}: the shutdown probe was refused ({exc}); draining")
             return False
+        common.FINISHED_STREAMS.hold(iterator)  # dropped by a later is_cancelled() (serving/finished_streams.py)
         errors = [r.error().message() for r in responses if r.has_error()]
         if errors:
             pb_utils.Logger.log_info(f"{self.name}: the shutdown probe was refused ({errors[0]}); draining")
@@ -112,7 +114,8 @@ class TritonPythonModel:
 
         # Through the ensemble is_cancelled() never answers true (tritonserver 2.51 does not pass a cancellation
         # into ensemble steps; the front model stops the sequence instead): only a direct client relies on it.
-        cancelled = CancelPoll(sender.is_cancelled)
+        # Its round trips also let the finished shutdown probes go (serving/finished_streams.py).
+        cancelled = CancelPoll(common.is_cancelled_releasing(sender.is_cancelled))
 
         def emit(event: TokenEvent) -> None:
             if cancelled():  # end its stream, free the slot

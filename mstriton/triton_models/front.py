@@ -66,6 +66,8 @@ class TritonPythonModel:
         key = self.active.get(request.request_id())
         if key is not None:
             await self.stop_decode(key)
+        # before the final response, see serving/finished_streams.py
+        await common.release_finished_streams(sender.is_cancelled)
         sender.send(pb_utils.InferenceResponse(output_tensors=[
             common.bytes_tensor("finish_reason", ["cancelled" if key else ""])]), flags=FINAL)
 
@@ -91,18 +93,20 @@ class TritonPythonModel:
         pieces, logprobs = [], []
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
-        error_sent = final_sent = False
-        client_cancelled = CancelPoll(sender.is_cancelled)
+        # The client's final response waits until the pipeline's stream has ended and its iterator can be
+        # dropped safely (serving/finished_streams.py): a final response ends the request, and with it the sender's
+        # is_cancelled() that lets the iterator go.
+        ending = None
+        client_cancelled = CancelPoll(common.is_cancelled_releasing(sender.is_cancelled))
         try:
             async for response in common.stream_responses(pipeline):  # read to its end, whatever happens
-                if error_sent:
+                if ending is not None:
                     continue
                 if response.has_error():
                     pb_utils.Logger.log_warn(f"{key}: the pipeline answered with an error: "
                                              f"{response.error().message()}")
-                    sender.send(pb_utils.InferenceResponse(
-                        output_tensors=[], error=common.with_code_restored(response.error())), flags=FINAL)
-                    error_sent = True
+                    ending = pb_utils.InferenceResponse(
+                        output_tensors=[], error=common.with_code_restored(response.error()))
                     continue
                 out = common.outputs_by_name(response)
                 if not out:
@@ -116,9 +120,7 @@ class TritonPythonModel:
                 step = common.read_step(out)
                 finish = step["finish_reason"]
                 if finish.startswith(common.STEP_ERROR):
-                    sender.send(common.failed_response(finish[len(common.STEP_ERROR):],
-                                                       pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
-                    error_sent = True
+                    ending = common.failed_response(finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)
                     continue
                 now = time.monotonic()
                 first = first or now
@@ -132,28 +134,28 @@ class TritonPythonModel:
                 prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:
                     piece, prefix = prefix + piece, ""
-                if params.stream:
-                    sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated),
-                                flags=FINAL if final else 0)
-                else:
+                if not params.stream:
                     pieces.append(piece)
                     logprobs += token_logprobs
-                    if final:
-                        sender.send(client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens,
-                                                    generated), flags=FINAL)
-                if final:
-                    reason = finish or "length"
-                    final_sent = True
-            if error_sent or final_sent:
-                return
-            if cancelled:
-                sender.send(common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
-            else:
+                if not final:
+                    if params.stream:
+                        sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated))
+                    continue
+                if params.stream:
+                    ending = client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated)
+                else:
+                    ending = client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens, generated)
+                reason = finish or "length"
+            if ending is None and cancelled:
+                ending = common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED)
+            elif ending is None:
                 # The pipeline's stream can end with no response at all: tritonserver 2.51 does so for a
                 # request it refuses while shutting down. The client's stream must still end.
-                sender.send(common.failed_response(
+                ending = common.failed_response(
                     "the generation ended before its last token (is the server shutting down?)",
-                    pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+                    pb_utils.TritonError.UNAVAILABLE)
+            await common.release_finished_streams(sender.is_cancelled)
+            sender.send(ending, flags=FINAL)
         except Exception as exc:  # noqa: BLE001 - the stream must end with an error, never hang
             pb_utils.Logger.log_error(f"{key}: failed while streaming: {type(exc).__name__}: {exc}")
             try:

@@ -36,6 +36,7 @@ class TritonPythonModel:
                 error = error or response.error()
             elif response.output_tensors():
                 result = response
+        await common.release_finished_streams(request.is_cancelled)  # its iterator: serving/finished_streams.py
         if error is not None:
             return pb_utils.InferenceResponse(output_tensors=[], error=common.with_code_restored(error))
         if result is None:
