@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config.json that this project cannot serve; the message names the field."""
 
 
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """A rotary-embedding frequency rewrite (``rope_scaling`` / ``rope_parameters`` of config.json).
@@ -44,7 +48,7 @@ class RopeScaling:
         if self.rope_type not in ("linear", "llama3"):
             raise ConfigError(f"config field 'rope_scaling' has rope_type {self.rope_type!r}; supported: "
                               f"{list(SUPPORTED_ROPE_TYPES)}")
-        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not self.factor > 0:
+        if not _positive_number(self.factor):
             raise ConfigError(f"config field 'rope_scaling' needs 'factor' > 0 for rope_type {self.rope_type!r}, "
                               f"got {self.factor!r}")
         object.__setattr__(self, "factor", float(self.factor))
@@ -54,7 +58,7 @@ class RopeScaling:
             return
         for name in ("low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not _positive_number(value):
                 raise ConfigError(f"config field 'rope_scaling' needs '{name}' > 0 for rope_type 'llama3', "
                                   f"got {value!r}")
             object.__setattr__(self, name, float(value))

@@ -20,9 +20,9 @@ import numpy as np
 
 from .config import LlamaConfig
 from .model.weights import WeightError, load_checkpoint, to_canonical, to_network_layout
-from .tokenizer import NAMED_TEMPLATES, SENTENCEPIECE_MODEL, TOKENIZER_JSON, ChatTemplate, TemplateError, \
-    TokenizerError, load_tokenizer
-from .tokenizer.hf_tokenizer import TOKENIZER_CONFIG, chat_template_of
+from .tokenizer import NAMED_TEMPLATES, SENTENCEPIECE_MODEL, TOKENIZER_JSON, ChatTemplate, \
+    SentencePieceTokenizer, TemplateError, TokenizerError, load_tokenizer
+from .tokenizer.hf_tokenizer import TOKENIZER_CONFIG, chat_template_of, read_json
 
 GENERATION_CONFIG = "generation_config.json"
 # Hugging Face tokenizer files copied beside tokenizer.json when a folder has them.
@@ -58,7 +58,7 @@ def _ids(value) -> list[int]:
 
 def end_ids_of(*fields, tokenizer_eos: int | None = None) -> list[int]:
     """Every end id, in order of appearance: generation_config.json's eos_token_id (what transformers' generate
-    stops at; Llama 3 lists several), config.json's, then the tokenizer's eos token."""
+    stops at; Llama 3 lists several), config.json's (LlamaConfig.eos_token_ids), then the tokenizer's eos."""
     ids: list[int] = []
     for value in (*fields, tokenizer_eos):
         ids += [i for i in _ids(value) if i not in ids]
@@ -84,33 +84,32 @@ def resolve_chat_template(template: str, model_template: str | None, special_tok
     return source
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def _source(config: LlamaConfig, weights: dict, files: dict[str, bytes], entry: str, tokenizer, generation: dict,
+            template: str) -> Source:
+    return Source(config=config, weights=weights, tokenizer_files=files, tokenizer_entry=entry,
+                  chat_template=resolve_chat_template(template, tokenizer.chat_template, tokenizer.special_tokens),
+                  end_ids=end_ids_of(generation.get("eos_token_id"), list(config.eos_token_ids),
+                                     tokenizer_eos=tokenizer.eos_id))
 
 
 def folder_source(folder: Path, template: str) -> Source:
     config, weights = load_checkpoint(folder)
-    raw_config = _read_json(folder / "config.json")
-    generation = _read_json(folder / GENERATION_CONFIG)
+    generation = read_json(folder / GENERATION_CONFIG)
     if (folder / TOKENIZER_JSON).is_file():
         tokenizer = load_tokenizer(folder)
         files = {n: (folder / n).read_bytes() for n in HF_TOKENIZER_FILES if (folder / n).is_file()}
         entry = TOKENIZER_JSON
-        model_template = chat_template_of(folder, _read_json(folder / TOKENIZER_CONFIG))
     elif (folder / SENTENCEPIECE_MODEL).is_file():
-        tokenizer = load_tokenizer(folder / SENTENCEPIECE_MODEL)
-        files = {SENTENCEPIECE_MODEL: (folder / SENTENCEPIECE_MODEL).read_bytes()}
-        tokenizer_config = _read_json(folder / TOKENIZER_CONFIG) or sentencepiece_tokenizer_config()
-        files[TOKENIZER_CONFIG] = json.dumps(tokenizer_config, indent=1).encode()
+        tokenizer_config = read_json(folder / TOKENIZER_CONFIG) or sentencepiece_tokenizer_config()
+        tokenizer = SentencePieceTokenizer(folder / SENTENCEPIECE_MODEL,
+                                           chat_template=chat_template_of(folder, tokenizer_config))
+        files = {SENTENCEPIECE_MODEL: (folder / SENTENCEPIECE_MODEL).read_bytes(),
+                 TOKENIZER_CONFIG: json.dumps(tokenizer_config, indent=1).encode()}
         entry = SENTENCEPIECE_MODEL
-        model_template = chat_template_of(folder, tokenizer_config)
     else:
         raise FileNotFoundError(f"{folder} has no tokenizer: {TOKENIZER_JSON} (Hugging Face tokenizers) or "
                                 f"{SENTENCEPIECE_MODEL} (sentencepiece) is required")
-    return Source(config=config, weights=weights, tokenizer_files=files, tokenizer_entry=entry,
-                  chat_template=resolve_chat_template(template, model_template, tokenizer.special_tokens),
-                  end_ids=end_ids_of(generation.get("eos_token_id"), raw_config.get("eos_token_id"),
-                                     tokenizer_eos=tokenizer.eos_id))
+    return _source(config, weights, files, entry, tokenizer, generation, template)
 
 
 def gguf_source(path: Path, template: str, progress: Callable[[str], None]) -> Source:
@@ -126,12 +125,8 @@ def gguf_source(path: Path, template: str, progress: Callable[[str], None]) -> S
         for name, content in files.items():
             (Path(scratch) / name).write_bytes(content)
         tokenizer = load_tokenizer(scratch)
-        model_template = chat_template_of(Path(scratch), _read_json(Path(scratch) / TOKENIZER_CONFIG))
     generation = json.loads(model.tokenizer_files.get(GENERATION_CONFIG, "{}"))
-    return Source(config=config, weights=weights, tokenizer_files=files, tokenizer_entry=TOKENIZER_JSON,
-                  chat_template=resolve_chat_template(template, model_template, tokenizer.special_tokens),
-                  end_ids=end_ids_of(generation.get("eos_token_id"), model.config.get("eos_token_id"),
-                                     tokenizer_eos=tokenizer.eos_id))
+    return _source(config, weights, files, TOKENIZER_JSON, tokenizer, generation, template)
 
 
 def read_source(checkpoint: str | Path, template: str = "none", progress: Callable[[str], None] = print) -> Source:

@@ -29,6 +29,9 @@ def _token_text(value) -> str | None:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file of a model folder; {} when the folder has none (every such file is optional)."""
+    if not path.is_file():
+        return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -57,7 +60,7 @@ class HFTokenizer(TextTokenizer):
         except Exception as exc:  # noqa: BLE001 - the library raises plain Exceptions for bad files
             raise TokenizerError(f"{folder / TOKENIZER_JSON} cannot be read by the tokenizers library: {exc}") \
                 from exc
-        config = read_json(folder / TOKENIZER_CONFIG) if (folder / TOKENIZER_CONFIG).is_file() else {}
+        config = read_json(folder / TOKENIZER_CONFIG)
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         self.special_tokens = {}
         for name in SPECIAL_TOKEN_NAMES:
