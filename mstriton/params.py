@@ -10,6 +10,8 @@ import dataclasses
 
 
 MAX_STREAM_INTERVAL = 256
+# The most alternatives a request may ask log-probabilities for at each step (OpenAI's top_logprobs bound).
+MAX_TOP_LOGPROBS = 20
 
 
 class ParameterError(ValueError):
@@ -33,6 +35,14 @@ class GenerationParams:
     stop_words: list[str] = dataclasses.field(default_factory=list)
     bad_words: list[str] = dataclasses.field(default_factory=list)
     return_log_probs: bool = False
+    # The log-probabilities of this many most likely tokens at each step, beside the chosen token's.
+    top_logprobs: int = 0
+    # Each token's id, text, log-probability and alternatives as JSON in the front model's `tokens_json` output
+    # (what the HTTP frontend's logprobs and TGI's token events are made from).
+    return_tokens: bool = False
+    # max_tokens larger than the room the prompt leaves is cut to that room instead of refused: what a default
+    # value wants (OpenAI's "until the context is full", MindSpore Serving's 300), not a client's explicit one.
+    fit_max_tokens: bool = False
     exclude_input_in_output: bool = True
     stream: bool = True
     # Tokens per streamed response (the first token always comes alone, the last response may hold fewer).
@@ -58,6 +68,8 @@ class GenerationParams:
             if not ok:
                 raise ParameterError(f"'{field}' must be {allowed}, got {value!r}")
 
+        if self.fit_max_tokens and self.max_tokens > max_new_tokens_limit:
+            self.max_tokens = max_new_tokens_limit
         check(1 <= self.max_tokens <= max_new_tokens_limit, "max_tokens",
               f"in [1, {max_new_tokens_limit}] for this prompt", self.max_tokens)
         check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"in [0, max_tokens={self.max_tokens}]",
@@ -69,6 +81,8 @@ class GenerationParams:
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
         check(self.seed is None or 0 <= self.seed < 2 ** 64, "seed", "in [0, 2^64)", self.seed)
+        check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"in [0, {MAX_TOP_LOGPROBS}]",
+              self.top_logprobs)
         check(self.stream_interval is None or 1 <= self.stream_interval <= MAX_STREAM_INTERVAL, "stream_interval",
               f"in [1, {MAX_STREAM_INTERVAL}]", self.stream_interval)
         for field in ("end_id", "pad_id"):

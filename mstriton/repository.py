@@ -81,17 +81,21 @@ CLIENT_INPUTS = [
     ("return_log_probs", pb.TYPE_BOOL, [1]), ("stream_interval", pb.TYPE_INT32, [1]), ("stop", pb.TYPE_BOOL, [1]),
     # a chat instead of text_input: a JSON list of {"role", "content"}, rendered by the model's chat template
     ("messages", pb.TYPE_STRING, [1]), ("skip_special_tokens", pb.TYPE_BOOL, [1]),
+    # top_logprobs alternatives per token; tokens_json out; max_tokens cut to the prompt's room, not refused
+    ("top_logprobs", pb.TYPE_INT32, [1]), ("return_tokens", pb.TYPE_BOOL, [1]), ("fit_max_tokens", pb.TYPE_BOOL, [1]),
 ]
 CLIENT_OUTPUTS = [
     ("text_output", pb.TYPE_STRING, [-1]), ("output_log_probs", pb.TYPE_FP32, [-1]),
     ("cum_log_probs", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
     ("num_input_tokens", pb.TYPE_INT32, [1]), ("num_output_tokens", pb.TYPE_INT32, [1]),
+    # with return_tokens: each new token's id, text, logprob, special flag and alternatives, as JSON
+    ("tokens_json", pb.TYPE_STRING, [1]),
 ]
 # Tensors between the pipeline's steps; the decode model's are the pipeline's outputs.
 KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
 STEP_OUTPUTS = [
     # step_ints and step_floats: the fields named in triton_models/common.py (STEP_INTS, STEP_FLOATS)
-    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [4]), ("step_floats", pb.TYPE_FP32, [-1]),
+    ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [-1]), ("step_floats", pb.TYPE_FP32, [-1]),
     ("finish_reason", pb.TYPE_STRING, [1]),
 ]
 
@@ -139,7 +143,8 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                            parameters={})
     add_tensors(sampler.input, [("logits", pb.TYPE_FP32, [-1]), ("input_ids", pb.TYPE_INT32, [-1]),
                                 ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1])])
-    add_tensors(sampler.output, [("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1])])
+    # the first token, then its top_logprobs alternatives (common.first_token_tensors)
+    add_tensors(sampler.output, [("first_token", pb.TYPE_INT32, [-1]), ("first_logprob", pb.TYPE_FP32, [-1])])
     configs["sampler"] = sampler
 
     decode = python_model(model_name(name, "decode"), max_batch_size=max_batch_size, decoupled=True,
@@ -147,7 +152,7 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                                       # below tritonserver's default --exit-timeout-secs (30): see scheduler.drain
                                       "shutdown_grace_seconds": "20", "stream_interval": "1", **dev})
     add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1])] + KV + [
-        ("first_token", pb.TYPE_INT32, [1]), ("first_logprob", pb.TYPE_FP32, [1]),
+        ("first_token", pb.TYPE_INT32, [-1]), ("first_logprob", pb.TYPE_FP32, [-1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
         ("request_key", pb.TYPE_STRING, [1])], optional=True)
     add_tensors(decode.input, [("stop_key", pb.TYPE_STRING, [1])], optional=True)

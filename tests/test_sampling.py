@@ -21,7 +21,7 @@ def logits_rows(n, seed=0):
 
 def test_greedy_takes_the_argmax_and_reports_the_true_log_probability():
     logits = logits_rows(3)
-    tokens, logprobs = choose_tokens(logits, [state(temperature=0.0), state(top_k=1), state(do_sample=False)])
+    tokens, logprobs, _ = choose_tokens(logits, [state(temperature=0.0), state(top_k=1), state(do_sample=False)])
     assert list(tokens) == list(logits.argmax(1))
     np.testing.assert_allclose(logprobs, log_softmax(logits)[np.arange(3), tokens], rtol=1e-6)
     assert np.all(logprobs < 0)
@@ -93,3 +93,14 @@ def test_bad_parameters_name_the_field_and_range(field, value, allowed):
     with pytest.raises(ParameterError) as error:
         GenerationParams(**{field: value}).validate(max_new_tokens_limit=100, vocab_size=V)
     assert f"'{field}'" in str(error.value) and allowed in str(error.value)
+
+
+def test_top_logprobs_are_the_k_best_true_log_probabilities_best_first():
+    logits = logits_rows(2, 7)
+    tokens, chosen, tops = choose_tokens(logits, [state(temperature=0.0, top_logprobs=5), state(temperature=0.0)])
+    expected = log_softmax(logits)
+    best = np.argsort(-expected[0])[:5]
+    assert [t for t, _ in tops[0]] == best.tolist()
+    np.testing.assert_allclose([lp for _, lp in tops[0]], expected[0, best], rtol=1e-6)
+    assert tops[0][0] == (int(tokens[0]), pytest.approx(float(chosen[0])))  # greedy: the best is the chosen
+    assert tops[1] == []  # a request that did not ask gets none

@@ -53,13 +53,14 @@ class EngineAlone:
         try:
             results = prefill_each(self.prefill_graphs, [r.prompt_ids for r in batch])
             states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
-            tokens, logprobs = choose_tokens(np.stack([logits for logits, _, _ in results]), states)
+            tokens, logprobs, tops = choose_tokens(np.stack([logits for logits, _, _ in results]), states)
         except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
             for request in batch:
                 request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
             return
         for row, (request, (_, keys, values)) in enumerate(zip(batch, results)):
             request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
+            request.first_top = tops[row]
             request.keys, request.values = keys, values
             self.scheduler.submit(request)
 

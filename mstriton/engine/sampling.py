@@ -3,7 +3,8 @@ seed, minimum length and banned words. The sampler model and the decode model ru
 
 Nothing is shared between the rows of a batch: each request carries its settings and its own random generator,
 so a seeded request gives the same tokens whatever runs beside it. Log-probabilities are true log-softmax values
-of the model's distribution (before temperature and cuts), for the chosen token.
+of the model's distribution (before temperature and cuts), for the chosen token and, when a request asks for
+them, for its `top_logprobs` most likely tokens.
 """
 
 from __future__ import annotations
@@ -92,8 +93,18 @@ def _sample_row(row: np.ndarray, state: SamplingState) -> int:
     return int(candidates[min(choice, candidates.size - 1)])
 
 
-def choose_tokens(logits: np.ndarray, states: list[SamplingState]) -> tuple[np.ndarray, np.ndarray]:
-    """Next token and its log-probability for each row of logits [n, V] (float32)."""
+def top_logprobs(row: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, log-probability) of one row of log-probabilities, most likely first."""
+    k = min(k, row.size)
+    best = np.argpartition(-row, k - 1)[:k]
+    best = best[np.argsort(-row[best], kind="stable")]
+    return [(int(t), float(row[t])) for t in best]
+
+
+def choose_tokens(logits: np.ndarray, states: list[SamplingState]
+                  ) -> tuple[np.ndarray, np.ndarray, list[list[tuple[int, float]]]]:
+    """For each row of logits [n, V] (float32): the next token, its log-probability, and the request's
+    top_logprobs alternatives (an empty list unless it asked)."""
     logprobs = log_softmax(logits.astype(np.float32))
     tokens = np.empty(len(states), np.int64)
     for i, state in enumerate(states):
@@ -106,4 +117,6 @@ def choose_tokens(logits: np.ndarray, states: list[SamplingState]) -> tuple[np.n
             _apply_bans(row, state)
         tokens[i] = int(row.argmax()) if p.greedy else _sample_row(row, state)
     chosen = logprobs[np.arange(len(states)), tokens]
-    return tokens, chosen
+    tops = [top_logprobs(logprobs[i], s.params.top_logprobs) if s.params.top_logprobs else []
+            for i, s in enumerate(states)]
+    return tokens, chosen, tops

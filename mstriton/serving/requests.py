@@ -27,7 +27,8 @@ INPUTS = {
     "return_log_probs": ("return_log_probs", bool), "exclude_input_in_output": ("exclude_input_in_output", bool),
     "stream": ("stream", bool), "stream_interval": ("stream_interval", int),
     "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
-    "skip_special_tokens": ("skip_special_tokens", bool),
+    "skip_special_tokens": ("skip_special_tokens", bool), "top_logprobs": ("top_logprobs", int),
+    "return_tokens": ("return_tokens", bool), "fit_max_tokens": ("fit_max_tokens", bool),
 }
 # Inputs whose meaning is the negation of a field.
 NEGATED = {"return_full_text": "exclude_input_in_output"}

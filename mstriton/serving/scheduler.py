@@ -20,6 +20,7 @@ import numpy as np
 from ..engine.engine import Engine, Sequence
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
+from .error_marks import SERVER_BUSY
 
 
 class ServerBusy(RuntimeError):
@@ -36,6 +37,7 @@ class TokenEvent:
     num_input_tokens: int
     finish_reason: str | None = None  # length, stop, end_id, cancelled
     error: str | None = None
+    top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # the token's top_logprobs alternatives
 
 
 @dataclasses.dataclass(eq=False)
@@ -48,6 +50,7 @@ class DecodeRequest:
     values: list[np.ndarray]
     params: GenerationParams
     emit: Callable[[TokenEvent], None]
+    first_top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # the first token's alternatives
     end_ids: tuple[int, ...] = ()
     stop_words: list[list[int]] = dataclasses.field(default_factory=list)
     bad_words: list[list[int]] = dataclasses.field(default_factory=list)
@@ -94,7 +97,7 @@ class Scheduler:
     def submit(self, request: DecodeRequest) -> None:
         with self.lock:
             if len(self.waiting) >= self.max_waiting:
-                raise ServerBusy(f"server busy: all {self.engine.max_slots} sequence slots are generating and "
+                raise ServerBusy(f"{SERVER_BUSY}all {self.engine.max_slots} sequence slots are generating and "
                                  f"{self.max_waiting} requests already wait; retry later")
             self.waiting.append(request)
             self.lock.notify()
@@ -176,9 +179,9 @@ class Scheduler:
             last_tokens[item.sequence.slot] = item.sampling.generated[-1]
         logits = self.engine.decode(last_tokens)
         by_slot = sorted(self.running, key=lambda r: r.sequence.slot)
-        tokens, logprobs = choose_tokens(logits, [r.sampling for r in by_slot])
-        for item, token, logprob in zip(by_slot, tokens, logprobs):
-            self._emit(item, int(token), float(logprob))
+        tokens, logprobs, tops = choose_tokens(logits, [r.sampling for r in by_slot])
+        for item, token, logprob, top in zip(by_slot, tokens, logprobs, tops):
+            self._emit(item, int(token), float(logprob), top)
         if self.on_step:
             self.on_step(self, len(by_slot), time.monotonic() - started)
 
@@ -204,7 +207,7 @@ class Scheduler:
                 sampling.rng.random()  # the sampler model drew the first token from the same seed
             item = Running(request=request, sequence=sequence, sampling=sampling)
             self.running.append(item)
-            self._emit(item, request.first_token, request.first_logprob)
+            self._emit(item, request.first_token, request.first_logprob, request.first_top)
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -212,13 +215,13 @@ class Scheduler:
         for item in [r for r in self.running if r.request.key in keys]:
             self._finish(item, "cancelled")
 
-    def _emit(self, item: Running, token: int, logprob: float) -> None:
+    def _emit(self, item: Running, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         item.sampling.record(token)
         item.cum_logprob += logprob
         reason = self._finish_reason(item, token)
         event = TokenEvent(token=token, logprob=logprob, cum_logprob=item.cum_logprob,
                            output_ids=item.sampling.generated, num_input_tokens=len(item.request.prompt_ids),
-                           finish_reason=reason)
+                           finish_reason=reason, top=top)
         try:
             item.request.emit(event)
         except Exception:  # the client is gone: free its slot now

@@ -12,6 +12,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..params import ParameterError
+from ..serving.error_marks import INVALID_REQUEST
 from ..serving.finished_streams import FINISHED_STREAMS
 
 
@@ -72,33 +73,56 @@ def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
-# Marks the message of a refused request. An error's code does not survive the way out of an ensemble (2.51
-# turns INVALID_ARG from a step into INTERNAL, and KServe /infer into HTTP 500); the message does, so the front
-# and unary models give the code back by this mark (`with_code_restored`).
-INVALID_REQUEST = "invalid request: "
+# Marks the message of a refused request (serving/error_marks.py): KServe /infer would otherwise answer HTTP 500.
+# The front and unary models give the code back by it (`with_code_restored`).
 
 
 # What a streamed response carries from the decode model to the front model besides its window of ids, packed
 # into two numeric tensors and one string: there is a response per token (or per `stream_interval` tokens), and
 # every tensor of a response costs its own shared-memory block and bookkeeping in each process it passes. (Seven
 # separate tensors per token showed in profiles of the decode, tritonserver and front processes.)
-# step_ints: these fields; step_floats: the cumulative log-probability, then one log-probability per new token.
-STEP_INTS = ("num_input_tokens", "num_output_tokens", "is_final", "num_new_tokens")
+# step_ints: these fields, then the ids of each new token's top_logprobs alternatives (num_top per token);
+# step_floats: the cumulative log-probability, one log-probability per new token, then the alternatives' ones.
+STEP_INTS = ("num_input_tokens", "num_output_tokens", "is_final", "num_new_tokens", "num_top")
 
 
 def step_tensors(*, num_input_tokens: int, num_output_tokens: int, final: bool, logprobs: list[float],
-                 cum_logprob: float, finish_reason: str) -> list["pb_utils.Tensor"]:
-    return [pb_utils.Tensor("step_ints", np.array([[num_input_tokens, num_output_tokens, final, len(logprobs)]],
-                                                  np.int32)),
-            pb_utils.Tensor("step_floats", np.array([[cum_logprob, *logprobs]], np.float32)),
+                 cum_logprob: float, finish_reason: str,
+                 tops: list[list[tuple[int, float]]] = ()) -> list["pb_utils.Tensor"]:
+    """`tops`: for each new token, its alternatives as (id, log-probability); all of one length, or none."""
+    num_top = len(tops[0]) if tops else 0
+    top_ids = [t for top in tops for t, _ in top]
+    top_logprobs = [lp for top in tops for _, lp in top]
+    return [pb_utils.Tensor("step_ints", np.array(
+                [[num_input_tokens, num_output_tokens, final, len(logprobs), num_top, *top_ids]], np.int32)),
+            pb_utils.Tensor("step_floats", np.array([[cum_logprob, *logprobs, *top_logprobs]], np.float32)),
             bytes_tensor("finish_reason", [finish_reason])]
 
 
+def first_token_tensors(token: int, logprob: float, top: list[tuple[int, float]]) -> list["pb_utils.Tensor"]:
+    """The sampler's first token for the decode model: first_token = [token, alternatives' ids...],
+    first_logprob = [its log-probability, the alternatives' ones...]."""
+    return [pb_utils.Tensor("first_token", np.array([[token, *(t for t, _ in top)]], np.int32)),
+            pb_utils.Tensor("first_logprob", np.array([[logprob, *(lp for _, lp in top)]], np.float32))]
+
+
+def read_first_token(request) -> tuple[int, float, list[tuple[int, float]]]:
+    """What first_token_tensors packed: (token, log-probability, alternatives)."""
+    ids = get(request, "first_token").reshape(-1).tolist()
+    logprobs = get(request, "first_logprob").reshape(-1).tolist()
+    return int(ids[0]), float(logprobs[0]), list(zip(ids[1:], logprobs[1:]))
+
+
 def read_step(outputs: dict[str, np.ndarray]) -> dict:
-    """The fields step_tensors packed, by name (finish_reason decoded)."""
-    fields = dict(zip(STEP_INTS, (int(v) for v in outputs["step_ints"].reshape(-1))))
+    """The fields step_tensors packed, by name (finish_reason decoded; `tops` as step_tensors took them)."""
+    ints = outputs["step_ints"].reshape(-1).tolist()
+    fields = dict(zip(STEP_INTS, ints))
+    new, num_top = fields["num_new_tokens"], fields["num_top"]
     floats = outputs["step_floats"].reshape(-1).tolist()
-    fields["cum_logprob"], fields["logprobs"] = floats[0], floats[1:]
+    fields["cum_logprob"], fields["logprobs"] = floats[0], floats[1:1 + new]
+    top_ids, top_logprobs = ints[len(STEP_INTS):], floats[1 + new:]
+    fields["tops"] = [list(zip(top_ids[i * num_top:(i + 1) * num_top], top_logprobs[i * num_top:(i + 1) * num_top]))
+                      for i in range(new)] if num_top else []
     fields["is_final"] = bool(fields["is_final"])
     fields["finish_reason"] = outputs["finish_reason"].reshape(-1)[0].decode("utf-8")
     return fields

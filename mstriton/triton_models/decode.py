@@ -28,8 +28,10 @@ class ClientGone(RuntimeError):
     pass
 
 
-def event_response(event: TokenEvent, prompt_tail: list[int], logprobs: list[float]) -> "pb_utils.InferenceResponse":
-    """The response for `event` carrying the len(logprobs) newest tokens (0 for an end without a new token)."""
+def event_response(event: TokenEvent, prompt_tail: list[int], logprobs: list[float],
+                   tops: list[list[tuple[int, float]]] = ()) -> "pb_utils.InferenceResponse":
+    """The response for `event` carrying the len(logprobs) newest tokens (0 for an end without a new token), with
+    their top_logprobs alternatives when the request asked for them."""
     new = len(logprobs)
     # The front model detokenizes the new tokens from this window of ids (its last). The window reaches back
     # into the prompt, so the first piece keeps the space that joins it to the prompt.
@@ -38,7 +40,7 @@ def event_response(event: TokenEvent, prompt_tail: list[int], logprobs: list[flo
         pb_utils.Tensor("output_ids", np.array([window], np.int32).reshape(1, -1)),
         *common.step_tensors(num_input_tokens=event.num_input_tokens, num_output_tokens=len(event.output_ids),
                              final=event.finish_reason is not None, logprobs=logprobs,
-                             cum_logprob=event.cum_logprob, finish_reason=event.finish_reason or "")])
+                             cum_logprob=event.cum_logprob, finish_reason=event.finish_reason or "", tops=tops)])
 
 
 def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.InferenceResponse":
@@ -111,6 +113,7 @@ class TritonPythonModel:
         # to the front model in as few responses as the interval's bound allows.
         interval = params.stream_interval or (self.stream_interval if params.stream else MAX_STREAM_INTERVAL)
         pending: list[float] = []  # log-probabilities of the tokens generated and not yet sent
+        pending_tops: list[list[tuple[int, float]]] = []  # and their alternatives, when asked for
 
         # Through the ensemble is_cancelled() never answers true (tritonserver 2.51 does not pass a cancellation
         # into ensemble steps; the front model stops the sequence instead): only a direct client relies on it.
@@ -126,18 +129,22 @@ class TritonPythonModel:
                 return
             if event.token >= 0:
                 pending.append(event.logprob)
+                if params.top_logprobs:
+                    pending_tops.append(event.top)
                 # the first token goes at once (time to first token); later ones every `interval` tokens
                 if not event.finish_reason and len(event.output_ids) > 1 and len(pending) < interval:
                     return
-            sender.send(event_response(event, prompt_tail, pending), flags=FINAL if event.finish_reason else 0)
+            sender.send(event_response(event, prompt_tail, pending, pending_tops),
+                        flags=FINAL if event.finish_reason else 0)
             pending.clear()
+            pending_tops.clear()
 
         kv_keys, kv_values = common.get(request, "kv_keys")[0], common.get(request, "kv_values")[0]
+        first_token, first_logprob, first_top = common.read_first_token(request)
         return DecodeRequest(
             key=common.text(request, "request_key"),
             prompt_ids=prompt_ids,
-            first_token=int(common.get(request, "first_token").reshape(-1)[0]),
-            first_logprob=float(common.get(request, "first_logprob").reshape(-1)[0]),
+            first_token=first_token, first_logprob=first_logprob, first_top=first_top,
             keys=list(kv_keys), values=list(kv_values),
             params=params,
             emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"])

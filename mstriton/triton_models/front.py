@@ -19,6 +19,7 @@ It also saves every token one trip through a Triton model.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 
@@ -29,6 +30,7 @@ from ..params import ParameterError
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
+from ..serving.token_details import TokenDetails
 from ..tokenizer import load_tokenizer
 from . import common
 
@@ -42,6 +44,7 @@ class TritonPythonModel:
         self.llm = common.parameter(config, "llm_name")
         self.tokenizer = load_tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
                                                                                     "tokenizer.model"))
+        self.details = TokenDetails(self.tokenizer)
         self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
@@ -90,7 +93,7 @@ class TritonPythonModel:
                     common.bytes_tensor("params_json", [common.request_json(params, parsed.messages)]),
                     common.bytes_tensor("request_key", [key])])
         prefix = "" if params.exclude_input_in_output else parsed.text
-        pieces, logprobs = [], []
+        pieces, logprobs, tokens = [], [], []  # tokens: return_tokens' entries of a non-streamed request
         prompt_tokens = generated = 0
         reason, cancelled = "error", False
         # The client's final response waits until the pipeline's stream has ended and its iterator can be
@@ -131,20 +134,25 @@ class TritonPythonModel:
                 piece = self.tokenizer.piece(window, final=final, new=new,
                                              skip_special_tokens=params.skip_special_tokens) if new else ""
                 token_logprobs, cum = step["logprobs"], step["cum_logprob"]
+                entries = self.details.entries(window[len(window) - new:], token_logprobs, step["tops"]) \
+                    if params.return_tokens else None
                 prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:
                     piece, prefix = prefix + piece, ""
                 if not params.stream:
                     pieces.append(piece)
                     logprobs += token_logprobs
+                    tokens += entries or []
                 if not final:
                     if params.stream:
-                        sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated))
+                        sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated,
+                                                    entries))
                     continue
                 if params.stream:
-                    ending = client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated)
+                    ending = client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated, entries)
                 else:
-                    ending = client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens, generated)
+                    ending = client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens, generated,
+                                             tokens if params.return_tokens else None)
                 reason = finish or "length"
             if ending is None and cancelled:
                 ending = common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED)
@@ -168,8 +176,11 @@ class TritonPythonModel:
             self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
 
 
-def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated) -> "pb_utils.InferenceResponse":
-    return pb_utils.InferenceResponse(output_tensors=[
+def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,
+                    tokens: list[dict] | None = None) -> "pb_utils.InferenceResponse":
+    """`tokens`: return_tokens' entries (serving/token_details.py), sent as tokens_json only when asked for."""
+    extra = [common.bytes_tensor("tokens_json", [json.dumps(tokens)])] if tokens is not None else []
+    return pb_utils.InferenceResponse(output_tensors=extra + [
         common.bytes_tensor("text_output", pieces),
         pb_utils.Tensor("output_log_probs", np.array([logprobs], np.float32)),
         common.scalar_tensor("cum_log_probs", cum, np.float32),

@@ -25,9 +25,8 @@ class TritonPythonModel:
         try:
             states = [sampling_state(r) for r in requests]
             logits = np.concatenate([common.get(r, "logits").reshape(1, -1) for r in requests])
-            tokens, logprobs = choose_tokens(logits, states)
+            tokens, logprobs, tops = choose_tokens(logits, states)
         except Exception as exc:  # noqa: BLE001
             return [common.error_response(exc) for _ in requests]
-        return [pb_utils.InferenceResponse(output_tensors=[
-            common.scalar_tensor("first_token", int(t), np.int32),
-            common.scalar_tensor("first_logprob", float(lp), np.float32)]) for t, lp in zip(tokens, logprobs)]
+        return [pb_utils.InferenceResponse(output_tensors=common.first_token_tensors(int(t), float(lp), top))
+                for t, lp, top in zip(tokens, logprobs, tops)]

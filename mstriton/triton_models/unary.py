@@ -12,7 +12,7 @@ import triton_python_backend_utils as pb_utils
 from . import common
 
 OUTPUTS = ["text_output", "output_log_probs", "cum_log_probs", "finish_reason", "num_input_tokens",
-           "num_output_tokens"]
+           "num_output_tokens", "tokens_json"]
 
 
 class TritonPythonModel:

@@ -1,0 +1,89 @@
+"""The frontend's FastAPI app: the three doors, the API key, errors in each door's format, /health, /metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import mindspore_serving_api, openai_api, tgi_api
+from .errors import ApiError
+from .metrics import FrontendMetrics, MetricsMiddleware
+from .triton import Triton
+
+# Routes anyone may call, with or without the API key.
+OPEN_PATHS = {"/health", "/metrics"}
+
+
+def create_app(triton: Triton, *, api_key: str | None = None, default_model: str | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await triton.close()
+
+    app = FastAPI(title="mstriton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.triton, app.state.default_model = triton, default_model
+    metrics = FrontendMetrics()
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(request, exc)
+
+    @app.exception_handler(404)
+    async def not_found(request: Request, exc):
+        return error_response(request, ApiError(404, f"no route {request.method} {request.url.path}"))
+
+    @app.exception_handler(405)
+    async def wrong_method(request: Request, exc):
+        return error_response(request, ApiError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+    @app.get("/health")
+    async def health():
+        """200 when tritonserver is ready and serves at least one LLM; 503 otherwise."""
+        if await triton.ready() and await triton.llms():
+            return Response(status_code=200)
+        return Response(status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    for door in (openai_api, mindspore_serving_api, tgi_api):
+        app.include_router(door.router)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: it counts the refused requests too
+    return app
+
+
+class ApiKeyMiddleware:
+    """Every route but OPEN_PATHS needs 'Authorization: Bearer KEY' (a plain ASGI middleware: streamed
+    responses pass through it untouched)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                request = Request(scope)
+                response = error_response(request, ApiError(
+                    401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                    code="invalid_api_key"))
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def error_response(request: Request, error: ApiError) -> JSONResponse:
+    """OpenAI's error object on /v1 routes; TGI's {"error", "error_type"} on the others (MindSpore Serving's
+    server has no error format of its own)."""
+    if request.url.path.startswith("/v1/"):
+        body = {"error": {"message": error.message, "type": error.kind, "param": error.param,
+                          "code": error.code or str(error.status)}}
+    else:
+        body = {"error": error.message, "error_type": error.kind}
+    return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -1,0 +1,162 @@
+"""The one request path every door shares: a Generation (prompt or chat, settings, stop strings) -> the chunks
+of text the front model streams, with stop strings applied, token details parsed and usage counted.
+
+A door builds Generations from its body, runs them (`stream`, `complete`, `merged` for n > 1) and writes the
+chunks in its own format. Leaving a stream early (a client that went away, a stop string) closes its gRPC
+stream, which cancels the generation in the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from typing import AsyncIterator
+
+from .stops import StopStrings
+from .triton import Triton
+
+# The server's finish reasons (the decode model's, and a stop string matched here) -> OpenAI's.
+OPENAI_FINISH = {"end_id": "stop", "stop": "stop", "stop_string": "stop", "length": "length"}
+# At most this many stop strings per request (OpenAI allows 4; TGI's default limit is 4 too).
+MAX_STOP_STRINGS = 16
+
+
+@dataclasses.dataclass
+class Generation:
+    model: str
+    prompt: str | None = None                  # a completion prompt (text_input) ...
+    messages: list[dict] | None = None         # ... or a chat, rendered by the model's chat template
+    settings: dict = dataclasses.field(default_factory=dict)  # front-model input name -> value
+    stop: list[str] = dataclasses.field(default_factory=list)  # stop strings, matched on the text
+    names: dict = dataclasses.field(default_factory=dict)     # server's parameter name -> the client's
+
+
+@dataclasses.dataclass
+class Chunk:
+    text: str                 # new text (stop strings applied)
+    tokens: list[dict]        # the new tokens' entries when settings ask return_tokens (token_details.py)
+    reason: str | None        # set on the last chunk: end_id, stop, length, or stop_string
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def finish_reason(self) -> str | None:
+        return OPENAI_FINISH.get(self.reason, self.reason) if self.reason else None
+
+
+@dataclasses.dataclass
+class Result:
+    text: str
+    tokens: list[dict]
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def finish_reason(self) -> str:
+        return OPENAI_FINISH.get(self.reason, self.reason)
+
+
+def _inputs(generation: Generation) -> dict:
+    inputs = {"messages": generation.messages} if generation.messages is not None \
+        else {"text_input": generation.prompt}
+    inputs.update(generation.settings)
+    return inputs
+
+
+async def stream(triton: Triton, generation: Generation, request_id: str = "") -> AsyncIterator[Chunk]:
+    """The chunks of one generation, the last with its reason set."""
+    stops = StopStrings(generation.stop)
+    inputs = _inputs(generation)
+    if generation.stop:
+        inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
+    responses = triton.generate(generation.model, inputs, request_id)
+    async with contextlib.aclosing(responses):
+        async for out in responses:
+            reason = out.get("finish_reason") or None
+            text = stops.feed(out.get("text_output", ""), final=reason is not None)
+            if stops.stopped:
+                reason = "stop_string"
+            tokens = json.loads(out["tokens_json"]) if out.get("tokens_json") else []
+            yield Chunk(text=text, tokens=tokens, reason=reason, prompt_tokens=int(out.get("num_input_tokens", 0)),
+                        completion_tokens=int(out.get("num_output_tokens", 0)))
+            if reason is not None:
+                return  # closing `responses` cancels the server's generation if it is still running
+
+
+async def complete(triton: Triton, generation: Generation) -> Result:
+    """One generation, joined."""
+    texts, tokens, last = [], [], None
+    async with contextlib.aclosing(stream(triton, generation)) as chunks:
+        async for chunk in chunks:
+            texts.append(chunk.text)
+            tokens += chunk.tokens
+            last = chunk
+    return Result(text="".join(texts), tokens=tokens, reason=last.reason if last else "length",
+                  prompt_tokens=last.prompt_tokens if last else 0,
+                  completion_tokens=last.completion_tokens if last else 0)
+
+
+async def complete_all(triton: Triton, generations: list[Generation]) -> list[Result]:
+    """Several generations at once (OpenAI's n and prompt lists); the first error cancels the others."""
+    tasks = [asyncio.ensure_future(complete(triton, g)) for g in generations]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def merged(triton: Triton, generations: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
+    """The chunks of several generations as they come, each with its generation's index."""
+    if len(generations) == 1:
+        async with contextlib.aclosing(stream(triton, generations[0])) as chunks:
+            async for chunk in chunks:
+                yield 0, chunk
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async with contextlib.aclosing(stream(triton, generation)) as chunks:
+                async for chunk in chunks:
+                    await queue.put((index, chunk, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await queue.put((index, None, exc))
+            return
+        await queue.put((index, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, chunk, error = await queue.get()
+            if error is not None:
+                raise error
+            if chunk is None:
+                remaining -= 1
+                continue
+            yield index, chunk
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def primed(chunks: AsyncIterator) -> AsyncIterator:
+    """`chunks` with its first item already read: errors before the first chunk (a prompt too long, a busy
+    server) then become the HTTP response's status instead of an event inside a stream that began with 200."""
+    try:
+        first = await chunks.__anext__()
+    except StopAsyncIteration:
+        first = None
+
+    async def rest():
+        async with contextlib.aclosing(chunks):
+            if first is not None:
+                yield first
+            async for item in chunks:
+                yield item
+    return rest()

@@ -1,0 +1,276 @@
+"""OpenAI's API: /v1/models, /v1/completions and /v1/chat/completions, streamed (SSE, then `data: [DONE]`) or
+not, with vLLM's extensions for the same settings (top_k, repetition_penalty, min_tokens). A parameter this
+server does not implement is refused with 400 naming it, never ignored."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..params import MAX_TOP_LOGPROBS, ParameterError
+from ..tokenizer import validate_messages
+from . import generation as gen
+from .errors import ApiError, invalid
+from .fields import Fields, json_body
+
+router = APIRouter()
+
+SAMPLING = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty",
+            "min_tokens", "skip_special_tokens"}
+COMMON = SAMPLING | {"model", "max_tokens", "n", "stream", "stream_options", "stop", "user", "logprobs",
+                     "logit_bias", "best_of"}
+COMPLETIONS = COMMON | {"prompt", "echo", "suffix"}
+CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
+                 "response_format", "functions", "function_call", "audio", "modalities", "prediction", "store",
+                 "metadata", "service_tier", "reasoning_effort", "web_search_options"}
+MAX_N = 16
+
+
+def _refuse_unimplemented(body: Fields) -> None:
+    """The parameters we know and do not implement: refused unless their value asks for nothing."""
+    body.refuse("logit_bias", "per-token logit biases are not implemented", unless=lambda v: not v)
+    body.refuse("best_of", "only best_of = 1", unless=lambda v: v in (None, 1))
+    body.refuse("suffix", "insertion (a suffix after the completion) is not implemented", unless=lambda v: not v)
+    body.refuse("tools", "tool calls are not implemented", unless=lambda v: not v)
+    body.refuse("functions", "function calls are not implemented", unless=lambda v: not v)
+    body.refuse("tool_choice", "tool calls are not implemented", unless=lambda v: v in (None, "none"))
+    body.refuse("function_call", "function calls are not implemented", unless=lambda v: v in (None, "none"))
+    body.refuse("response_format", "only plain text responses ({'type': 'text'})",
+                unless=lambda v: v is None or v == {"type": "text"})
+    body.refuse("audio", "audio output is not implemented")
+    body.refuse("modalities", "only text", unless=lambda v: v in (None, ["text"]))
+    body.refuse("prediction", "predicted outputs are not implemented")
+    body.refuse("store", "stored completions are not implemented", unless=lambda v: not v)
+    body.refuse("reasoning_effort", "reasoning models are not served here")
+    body.refuse("web_search_options", "web search is not implemented")
+    body.refuse("service_tier", "one service tier", unless=lambda v: v in (None, "auto", "default"))
+
+
+async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
+    body = Fields(await json_body(request))
+    body.refuse_unknown(known)
+    _refuse_unimplemented(body)
+    model = body.text("model")
+    if not model:
+        raise invalid("model", "'model' is required: one of the names GET /v1/models lists")
+    triton = request.app.state.triton
+    await triton.require(model)
+    return body, await _settings(body, triton, model), model
+
+
+async def _settings(body: Fields, triton, model: str) -> dict:
+    """The front model's inputs for the body's sampling settings (ranges the server checks, named back)."""
+    settings = {"temperature": body.number("temperature", low=0.0, high=2.0),
+                "top_p": body.number("top_p", low=0.0, high=1.0, low_open=True),
+                "presence_penalty": body.number("presence_penalty", low=-2.0, high=2.0),
+                "frequency_penalty": body.number("frequency_penalty", low=-2.0, high=2.0),
+                "top_k": body.integer("top_k", low=-1), "repetition_penalty": body.number("repetition_penalty"),
+                "min_tokens": body.integer("min_tokens", low=0), "seed": body.integer("seed", low=0, high=2 ** 63),
+                "skip_special_tokens": body.boolean("skip_special_tokens")}
+    if settings["top_k"] == -1:  # vLLM's "no top-k cut"
+        settings["top_k"] = 0
+    max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"), low=1)
+    if max_tokens is None:  # as vLLM: up to the end of the context
+        settings["max_tokens"] = (await triton.info(model)).max_seq_len
+        settings["fit_max_tokens"] = True
+    else:
+        settings["max_tokens"] = max_tokens
+    return {k: v for k, v in settings.items() if v is not None}
+
+
+def _generations(body: Fields, model: str, settings: dict, names: dict, **prompt) -> list[gen.Generation]:
+    n = body.integer("n", 1, low=1, high=MAX_N)
+    stop = body.texts("stop", max_items=gen.MAX_STOP_STRINGS)
+    out = []
+    for i in range(n):
+        own = dict(settings)
+        if "seed" in own:  # n generations, each with its own seed (one seed would give n equal samples)
+            own["seed"] = (own["seed"] + i) % 2 ** 63
+        out.append(gen.Generation(model=model, settings=own, stop=stop, names=names, **prompt))
+    return out
+
+
+def _stream_options(body: Fields) -> bool:
+    options = body.obj("stream_options")
+    if options.values and not body.boolean("stream", False):
+        raise invalid("stream_options", "'stream_options' is only allowed with 'stream': true")
+    options.refuse_unknown({"include_usage", "continuous_usage_stats"})
+    return bool(options.boolean("include_usage", False))
+
+
+def _usage(results) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload) -> bytes:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+
+
+def _error_event(exc: Exception) -> bytes:
+    error = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}")
+    return _sse({"error": {"message": error.message, "type": error.kind, "param": error.param,
+                           "code": error.code or error.status}})
+
+
+# ---- /v1/models ------------------------------------------------------------------------------------------
+
+def _model_card(name: str, info) -> dict:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "mstriton", "max_model_len": info.max_seq_len}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    triton = request.app.state.triton
+    return {"object": "list", "data": [_model_card(n, await triton.info(n)) for n in await triton.llms()]}
+
+
+@router.get("/v1/models/{model}")
+async def get_model(request: Request, model: str):
+    triton = request.app.state.triton
+    await triton.require(model)
+    return _model_card(model, await triton.info(model))
+
+
+# ---- /v1/completions -------------------------------------------------------------------------------------
+
+def _completion_logprobs(tokens: list[dict], offset: int) -> dict:
+    """OpenAI's completions logprobs object for `tokens`; `offset`: text length before them."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token in tokens:
+        out["tokens"].append(token["text"])
+        out["token_logprobs"].append(token["logprob"])
+        out["top_logprobs"].append({t["text"]: t["logprob"] for t in token.get("top_logprobs", [])})
+        out["text_offset"].append(offset)
+        offset += len(token["text"])
+    return out
+
+
+@router.post("/v1/completions")
+async def completions(request: Request):
+    body, settings, model = await _read(request, COMPLETIONS)
+    prompt = body.values.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise invalid("prompt", "'prompt' must be a string or a non-empty list of strings (token-id prompts are "
+                                "not supported)")
+    logprobs = body.integer("logprobs", low=0, high=MAX_TOP_LOGPROBS)
+    echo = body.boolean("echo", False)
+    if echo and logprobs is not None:
+        raise invalid("echo", "'echo' with 'logprobs' needs the prompt's log-probabilities, which this server does "
+                              "not compute: send one of them")
+    if logprobs is not None:
+        settings.update(return_tokens=True, top_logprobs=logprobs)
+    if echo:
+        settings["exclude_input_in_output"] = False
+    names = {"max_tokens": "max_tokens", "text_input": "prompt"}
+    generations = [g for p in prompts for g in _generations(body, model, settings, names, prompt=p)]
+    triton = request.app.state.triton
+    created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
+
+    def choice(index, text, tokens, finish, offset=0):
+        return {"index": index, "text": text, "finish_reason": finish,
+                "logprobs": _completion_logprobs(tokens, offset) if logprobs is not None else None}
+
+    if not body.boolean("stream", False):
+        results = await gen.complete_all(triton, generations)
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "choices": [choice(i, r.text, r.tokens, r.finish_reason) for i, r in enumerate(results)],
+                "usage": _usage(results)}
+    include_usage = _stream_options(body)
+    chunks = await gen.primed(gen.merged(triton, generations))
+
+    async def events():
+        offsets, finals = [0] * len(generations), {}
+        try:
+            async for index, chunk in chunks:
+                payload = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                           "choices": [choice(index, chunk.text, chunk.tokens, chunk.finish_reason, offsets[index])]}
+                offsets[index] += len(chunk.text)
+                if chunk.reason:
+                    finals[index] = chunk
+                if include_usage:
+                    payload["usage"] = None
+                yield _sse(payload)
+            if include_usage:
+                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
+                            "choices": [], "usage": _usage(finals.values())})
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
+            yield _error_event(exc)
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+# ---- /v1/chat/completions --------------------------------------------------------------------------------
+
+def _chat_logprobs(tokens: list[dict]) -> dict:
+    def entry(t):
+        return {"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode("utf-8"))}
+    return {"content": [{**entry(t), "top_logprobs": [entry(a) for a in t.get("top_logprobs", [])]}
+                        for t in tokens]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    body, settings, model = await _read(request, CHAT)
+    try:
+        messages = validate_messages(body.values.get("messages"))
+    except ParameterError as exc:
+        raise invalid("messages", str(exc)) from None
+    logprobs = body.boolean("logprobs", False)
+    top_logprobs = body.integer("top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
+    if top_logprobs and not logprobs:
+        raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    if logprobs:
+        settings.update(return_tokens=True, top_logprobs=top_logprobs or 0)
+    names = {"max_tokens": "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"}
+    generations = _generations(body, model, settings, names, messages=messages)
+    triton = request.app.state.triton
+    created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+
+    if not body.boolean("stream", False):
+        results = await gen.complete_all(triton, generations)
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
+                             "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
+                             "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+                "usage": _usage(results)}
+    include_usage = _stream_options(body)
+    chunks = await gen.primed(gen.merged(triton, generations))
+
+    def chunk_payload(choices, usage=False):
+        payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": choices}
+        if include_usage:
+            payload["usage"] = None
+        return payload
+
+    async def events():
+        finals = {}
+        try:
+            # the assistant's role first, as OpenAI streams it
+            for index in range(len(generations)):
+                yield _sse(chunk_payload([{"index": index, "delta": {"role": "assistant", "content": ""},
+                                           "logprobs": None, "finish_reason": None}]))
+            async for index, chunk in chunks:
+                if chunk.text or chunk.tokens:
+                    yield _sse(chunk_payload([{"index": index, "delta": {"content": chunk.text},
+                                               "logprobs": _chat_logprobs(chunk.tokens) if logprobs else None,
+                                               "finish_reason": None}]))
+                if chunk.reason:
+                    finals[index] = chunk
+                    yield _sse(chunk_payload([{"index": index, "delta": {}, "logprobs": None,
+                                               "finish_reason": chunk.finish_reason}]))
+            if include_usage:
+                payload = chunk_payload([])
+                payload["usage"] = _usage(finals.values())
+                yield _sse(payload)
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
+            yield _error_event(exc)
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")

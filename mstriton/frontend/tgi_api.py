@@ -1,0 +1,160 @@
+"""Hugging Face TGI's API: POST /generate, /generate_stream and / (its compatibility route), GET /info, with
+TGI's response and event JSON (huggingface_hub's InferenceClient.text_generation reads them)."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..params import MAX_TOP_LOGPROBS
+from .. import __version__
+from . import generation as gen
+from .errors import ApiError, invalid
+from .fields import Fields, json_body
+
+router = APIRouter()
+
+# TGI's names for the server's finish reasons
+FINISH = {"end_id": "eos_token", "stop": "stop_sequence", "stop_string": "stop_sequence", "length": "length"}
+PARAMETERS = {"adapter_id", "best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty",
+              "grammar", "max_new_tokens", "repetition_penalty", "return_full_text", "seed", "stop", "temperature",
+              "top_k", "top_n_tokens", "top_p", "truncate", "typical_p", "watermark"}
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's
+
+
+async def read_generation(request: Request, model: str) -> tuple[gen.Generation, Fields, bool]:
+    """The body {"inputs", "parameters", "stream"} -> (the Generation, its parameters, whether to stream)."""
+    body = Fields(await json_body(request))
+    body.refuse_unknown({"inputs", "parameters", "stream"})
+    inputs = body.text("inputs")
+    if not inputs:
+        raise invalid("inputs", "'inputs' is required: the prompt, a non-empty string")
+    p = body.obj("parameters")
+    p.refuse_unknown(PARAMETERS)
+    p.refuse("best_of", "only best_of = 1", unless=lambda v: v in (None, 1))
+    p.refuse("decoder_input_details", "the prompt's log-probabilities are not computed", unless=lambda v: not v)
+    p.refuse("grammar", "constrained generation is not implemented")
+    p.refuse("truncate", "prompts are not truncated; send a shorter one")
+    p.refuse("typical_p", "typical sampling is not implemented", unless=lambda v: v in (None, 1.0))
+    p.refuse("watermark", "watermarking is not implemented", unless=lambda v: not v)
+    p.refuse("adapter_id", "adapters are not served")
+    settings = {"do_sample": p.boolean("do_sample"), "temperature": p.number("temperature", low=0.0),
+                "top_k": p.integer("top_k", low=0), "top_p": p.number("top_p", low=0.0, high=1.0, low_open=True),
+                "repetition_penalty": p.number("repetition_penalty", low=0.0, low_open=True),
+                "frequency_penalty": p.number("frequency_penalty", low=-2.0, high=2.0),
+                "seed": p.integer("seed", low=0, high=2 ** 63),
+                "top_logprobs": p.integer("top_n_tokens", low=0, high=MAX_TOP_LOGPROBS),
+                "return_tokens": True}
+    max_new = p.integer("max_new_tokens", low=1)
+    settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
+                    fit_max_tokens=max_new is None)
+    settings = {k: v for k, v in settings.items() if v is not None}
+    names = {"max_tokens": "parameters.max_new_tokens", "top_logprobs": "parameters.top_n_tokens",
+             "text_input": "inputs", **{k: f"parameters.{k}" for k in PARAMETERS}}
+    generation = gen.Generation(model=model, prompt=inputs, settings=settings,
+                                stop=p.texts("stop", max_items=gen.MAX_STOP_STRINGS), names=names)
+    return generation, p, bool(body.boolean("stream", False))
+
+
+async def default_model(request: Request) -> str:
+    triton = request.app.state.triton
+    chosen = request.app.state.default_model
+    if chosen:
+        await triton.require(chosen)
+        return chosen
+    llms = await triton.llms()
+    if not llms:
+        raise ApiError(503, "tritonserver serves no LLM yet", headers={"Retry-After": "1"})
+    return llms[0]
+
+
+def _token(entry: dict, text: str) -> dict:
+    # special tokens (the end token) keep their own text; others carry the streamed text, which joins to
+    # generated_text exactly
+    return {"id": entry["id"], "text": entry["text"] if entry["special"] else text, "logprob": entry["logprob"],
+            "special": entry["special"]}
+
+
+def _top_tokens(entry: dict) -> list[dict]:
+    return [{"id": t["id"], "text": t["text"], "logprob": t["logprob"], "special": False}
+            for t in entry.get("top_logprobs", [])]
+
+
+def _details(result: gen.Result, p: Fields, top: bool) -> dict:
+    details = {"finish_reason": FINISH.get(result.reason, result.reason), "generated_tokens": result.completion_tokens,
+               "seed": p.integer("seed"), "prefill": [],
+               "tokens": [_token(t, t["text"]) for t in result.tokens]}
+    if top:
+        details["top_tokens"] = [_top_tokens(t) for t in result.tokens]
+    return details
+
+
+async def _respond(request: Request, generation: gen.Generation, p: Fields, stream: bool, as_list: bool):
+    triton = request.app.state.triton
+    top = bool(p.integer("top_n_tokens"))
+    # return_full_text: generated_text begins with the prompt (the token events do not)
+    prefix = generation.prompt if p.boolean("return_full_text", False) else ""
+    if not stream:
+        result = await gen.complete(triton, generation)
+        response = {"generated_text": prefix + result.text}
+        if p.boolean("details", False):
+            response["details"] = _details(result, p, top)
+        return [response] if as_list else response
+    chunks = await gen.primed(gen.stream(triton, generation))
+
+    async def events():
+        index, texts = 0, []
+        try:
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                # one event per token; a chunk of several tokens (stream_interval > 1) gives its text to its last
+                entries = chunk.tokens or []
+                for i, entry in enumerate(entries):
+                    last_of_stream = chunk.reason is not None and i == len(entries) - 1
+                    index += 1
+                    event = {"index": index, "token": _token(entry, chunk.text if i == len(entries) - 1 else ""),
+                             "generated_text": None, "details": None}
+                    if top:
+                        event["top_tokens"] = _top_tokens(entry)
+                    if last_of_stream:
+                        event["generated_text"] = prefix + "".join(texts)
+                        if p.boolean("details", False):
+                            event["details"] = {"finish_reason": FINISH.get(chunk.reason, chunk.reason),
+                                                "generated_tokens": chunk.completion_tokens,
+                                                "seed": p.integer("seed"), "input_length": chunk.prompt_tokens}
+                    yield f"data:{json.dumps(event, ensure_ascii=False)}\n\n".encode()
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
+            error = exc if isinstance(exc, ApiError) else ApiError(500, str(exc))
+            yield f"data:{json.dumps({'error': error.message, 'error_type': error.kind})}\n\n".encode()
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.post("/generate")
+async def generate(request: Request):
+    generation, p, _ = await read_generation(request, await default_model(request))
+    return await _respond(request, generation, p, stream=False, as_list=False)
+
+
+@router.post("/generate_stream")
+async def generate_stream(request: Request):
+    generation, p, _ = await read_generation(request, await default_model(request))
+    return await _respond(request, generation, p, stream=True, as_list=False)
+
+
+@router.post("/")
+async def compat_generate(request: Request):
+    generation, p, stream = await read_generation(request, await default_model(request))
+    return await _respond(request, generation, p, stream=stream, as_list=True)
+
+
+@router.get("/info")
+async def info(request: Request):
+    model = await default_model(request)
+    limits = await request.app.state.triton.info(model)
+    return {"model_id": model, "model_dtype": "float32", "model_device_type": "cpu",
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": limits.slots + limits.max_waiting,
+            "max_best_of": 1, "max_stop_sequences": gen.MAX_STOP_STRINGS, "max_input_tokens": limits.max_seq_len - 1,
+            "max_total_tokens": limits.max_seq_len, "validation_workers": 1, "max_client_batch_size": 1,
+            "router": "mstriton", "version": __version__, "sha": None, "docker_label": None}

@@ -1,0 +1,175 @@
+"""The frontend's one way to tritonserver: gRPC streams to the front model (tritonclient's asyncio client), the
+repository index for the models it serves, and the decode models' running / waiting gauges from the metrics port.
+
+One bidirectional gRPC stream per generation: closing it early (the HTTP client went away, a stop string
+matched) cancels the request, which the front model sees and stops the sequence's decoding at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import urllib.request
+from typing import AsyncIterator
+
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
+from .errors import ApiError, busy, from_triton
+
+_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32,
+          "TYPE_BOOL": np.bool_}
+_WIRE = {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_UINT64": "UINT64", "TYPE_FP32": "FP32",
+         "TYPE_BOOL": "BOOL"}
+def _type_names() -> dict[str, str]:
+    from tritonclient.grpc import model_config_pb2 as pb
+    return {name: pb.DataType.Name(dtype) for name, dtype, _ in CLIENT_INPUTS}
+
+
+INPUT_TYPES = _type_names()
+OUTPUT_NAMES = [name for name, _, _ in CLIENT_OUTPUTS]
+_GAUGE = re.compile(r'^(mstriton_requests_(?:running|waiting))\{[^}]*model="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)$')
+
+
+@dataclasses.dataclass
+class LlmInfo:
+    name: str
+    max_seq_len: int
+    vocab_size: int
+    slots: int          # sequences the decode model runs at once
+    max_waiting: int    # requests it queues beyond those
+
+
+class Triton:
+    def __init__(self, grpc_url: str, metrics_url: str | None = None):
+        self.grpc_url = grpc_url
+        host = grpc_url.rsplit(":", 1)[0]
+        self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
+        self._client: grpcclient.InferenceServerClient | None = None
+        self._info: dict[str, LlmInfo] = {}
+
+    @property
+    def client(self) -> grpcclient.InferenceServerClient:
+        # made on first use: a grpc.aio channel belongs to the event loop it was made in (uvicorn's)
+        if self._client is None:
+            self._client = grpcclient.InferenceServerClient(self.grpc_url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    async def ready(self) -> bool:
+        try:
+            return bool(await self.client.is_server_ready())
+        except InferenceServerException:
+            return False
+
+    async def llms(self) -> list[str]:
+        """The LLMs the server serves now: front models whose pipeline and decode models are loaded."""
+        try:
+            index = await self.client.get_model_repository_index(as_json=True)
+        except InferenceServerException as exc:
+            raise busy(f"tritonserver at {self.grpc_url} did not answer: {exc.message()}") from None
+        ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
+        return sorted(n for n in ready if model_name(n, "pipeline") in ready and model_name(n, "decode") in ready)
+
+    async def info(self, llm: str) -> LlmInfo:
+        """Limits of `llm` from its models' configs (cached: they change only with a reload)."""
+        if llm not in self._info:
+            tokenizer = await self._config(model_name(llm, "tokenizer"))
+            decode = await self._config(model_name(llm, "decode"))
+
+            def param(config, key, default=None):
+                return config.get("parameters", {}).get(key, {}).get("string_value", default)
+
+            self._info[llm] = LlmInfo(
+                name=llm, max_seq_len=int(param(tokenizer, "max_seq_len")),
+                vocab_size=int(param(tokenizer, "vocab_size")),
+                slots=int(param(decode, "max_slots", str(decode.get("max_batch_size", 1)))),
+                max_waiting=int(param(decode, "max_waiting", "64")))
+        return self._info[llm]
+
+    async def _config(self, name: str) -> dict:
+        try:
+            return (await self.client.get_model_config(name, as_json=True))["config"]
+        except InferenceServerException as exc:
+            raise from_triton(exc.message() or str(exc)) from None
+
+    async def require(self, llm: str) -> None:
+        """404 unless `llm` is served."""
+        if llm not in await self.llms():
+            raise ApiError(404, f"The model '{llm}' does not exist; this server serves: "
+                                f"{', '.join(await self.llms()) or 'nothing yet'}", param="model",
+                           code="model_not_found")
+
+    async def generate(self, llm: str, inputs: dict, request_id: str = "") -> AsyncIterator[dict]:
+        """Stream `llm`'s responses to `inputs` (front-model input name -> Python value), as dicts of output
+        name -> value, until the final one (whose finish_reason is set). Closing the generator early cancels."""
+        tensors = [_tensor(name, value) for name, value in inputs.items()]
+        # tokens_json only when asked for: the front model sends it only then
+        names = [n for n in OUTPUT_NAMES if n != "tokens_json" or inputs.get("return_tokens")]
+        outputs = [grpcclient.InferRequestedOutput(name) for name in names]
+
+        async def requests():
+            yield {"model_name": llm, "inputs": tensors, "outputs": outputs, "request_id": request_id}
+
+        stream = self.client.stream_infer(requests())
+        finished = False
+        try:
+            async for result, error in stream:
+                if error is not None:
+                    finished = True
+                    raise from_triton(error.message() or str(error))
+                out = {name: _value(result.as_numpy(name)) for name in names if result.get_output(name) is not None}
+                if out.get("finish_reason"):
+                    finished = True
+                yield out
+                if finished:
+                    return
+        except InferenceServerException as exc:  # the stream itself failed (server gone, restarting)
+            finished = True
+            raise busy(f"tritonserver at {self.grpc_url}: {exc.message() or exc}") from None
+        finally:
+            if not finished:
+                stream.cancel()
+
+    async def gauges(self) -> dict[str, dict[str, float]]:
+        """mstriton_requests_running / _waiting by decode model, read from tritonserver's metrics port."""
+        def read() -> str:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                return response.read().decode()
+        try:
+            text = await asyncio.to_thread(read)
+        except OSError as exc:
+            raise busy(f"tritonserver's metrics at {self.metrics_url} did not answer: {exc}") from None
+        values: dict[str, dict[str, float]] = {"mstriton_requests_running": {}, "mstriton_requests_waiting": {}}
+        for line in text.splitlines():
+            match = _GAUGE.match(line)
+            if match:
+                values[match.group(1)][match.group(2)] = float(match.group(3))
+        return values
+
+
+def _tensor(name: str, value) -> grpcclient.InferInput:
+    kind = INPUT_TYPES[name]
+    if kind == "TYPE_STRING":
+        text = value if isinstance(value, str) else json.dumps(value)
+        array = np.array([[text.encode("utf-8")]], np.object_)
+    else:
+        array = np.array([[value]], _NUMPY[kind])
+    tensor = grpcclient.InferInput(name, list(array.shape), _WIRE[kind])
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _value(array: np.ndarray):
+    flat = array.reshape(-1)
+    if array.dtype == np.object_:
+        texts = [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in flat]
+        return texts[0] if len(texts) == 1 else texts
+    return flat.tolist() if flat.size != 1 else flat[0].item()

@@ -1,0 +1,34 @@
+"""Each generated token as data: its id, its own text, its log-probability, whether it is a special token, and
+its top_logprobs alternatives. The front model sends this as JSON (`tokens_json`) when a request sets
+return_tokens; OpenAI's logprobs objects and TGI's token events are built from it."""
+
+from __future__ import annotations
+
+import functools
+
+from ..tokenizer import TextTokenizer
+
+
+class TokenDetails:
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+
+    @functools.lru_cache(maxsize=65536)
+    def text_of(self, token: int) -> tuple[str, bool]:
+        """A token's text by itself (special tokens included), and whether it is special: a token whose text
+        vanishes when special tokens are skipped."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text, bool(text) and not self.tokenizer.decode([token], skip_special_tokens=True)
+
+    def entries(self, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]]) -> list[dict]:
+        """One dict per token of `ids` (the newest tokens of a response, in order)."""
+        out = []
+        for i, token in enumerate(ids):
+            text, special = self.text_of(int(token))
+            entry = {"id": int(token), "text": text, "logprob": logprobs[i] if i < len(logprobs) else None,
+                     "special": special}
+            if tops:
+                entry["top_logprobs"] = [{"id": int(t), "text": self.text_of(int(t))[0], "logprob": lp}
+                                         for t, lp in tops[i]]
+            out.append(entry)
+        return out
