@@ -119,3 +119,57 @@ def metric_value(text: str, name: str, **labels) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class FrontendServer:
+    """The HTTP frontend (`python -m mstriton.frontend`) in front of a TritonServer, on a free port."""
+
+    def __init__(self, triton: TritonServer, log: Path, api_key: str | None = None):
+        self.port = free_port()
+        self.log = log
+        command = [sys.executable, "-m", "mstriton.frontend", "--triton-grpc", triton.grpc,
+                   "--triton-metrics", f"http://localhost:{triton.metrics_port}/metrics",
+                   "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        if api_key:
+            command += ["--api-key", api_key]
+        self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the frontend exited with {self.process.returncode}:\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the frontend was not healthy after {timeout}s")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.contextmanager
+def running_frontend(triton: TritonServer, log: Path, api_key: str | None = None):
+    frontend = FrontendServer(triton, log, api_key)
+    try:
+        frontend.wait_ready()
+        yield frontend
+    finally:
+        frontend.stop()

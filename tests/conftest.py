@@ -211,3 +211,70 @@ def copy_test_hf_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
          "bos_token": None}))
+
+
+class SmolLM2Reference:
+    """transformers on SmolLM2's GGUF file: its own GGUF reader, tokenizer, chat template and greedy generate."""
+
+    def __init__(self):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from mstriton.pretrained import smollm2_gguf
+
+        path = smollm2_gguf()
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        self.model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                          dtype=torch.float32).eval()
+
+    def chat_ids(self, messages) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def greedy(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """The generated ids (the end token included when it comes)."""
+        ids = self.torch.tensor([prompt_ids])
+        with self.torch.no_grad():
+            out = self.model.generate(ids, attention_mask=self.torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                      do_sample=False)
+        return out[0, len(prompt_ids):].tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def answer(self, messages, max_new_tokens: int) -> str:
+        return self.decode(self.greedy(self.chat_ids(messages), max_new_tokens))
+
+    def log_softmax(self, ids: list[int]) -> np.ndarray:
+        """[len(ids), vocab]: row i is the log-distribution of the token after ids[:i + 1]."""
+        with self.torch.no_grad():
+            logits = self.model(self.torch.tensor([ids])).logits[0].double()
+        return self.torch.log_softmax(logits, dim=-1).numpy()
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference():
+    return SmolLM2Reference()
+
+
+# Requests the SmolLM2 server queues beyond its 2 slots: small, so that tests can fill it and see "busy".
+SMOLLM2_MAX_WAITING = 1
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory):
+    """The real tritonserver serving SmolLM2 (converted from its GGUF file: 2 slots of 512 tokens)."""
+    from mstriton.convert import convert
+    from mstriton.pretrained import smollm2_gguf
+    from mstriton.repository import read_config, write_config
+    from mstriton.server_process import running_server
+
+    root = tmp_path_factory.mktemp("smollm2-server")
+    convert(smollm2_gguf(), "smollm2", root / "repo", max_batch_size=2, max_seq_len=512, progress=lambda _: None)
+    config = read_config(root / "repo" / "smollm2_decode")
+    config.parameters["max_waiting"].string_value = str(SMOLLM2_MAX_WAITING)
+    write_config(root / "repo" / "smollm2_decode", config)
+    with running_server(root / "repo", root / "server.log") as triton:
+        yield triton

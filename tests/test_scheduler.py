@@ -101,9 +101,14 @@ def test_state_hook_sees_a_cancel_that_empties_the_batch_at_once(graphs):
 def test_full_queue_refuses_with_server_busy(graphs):
     scheduler = Scheduler(Engine(graphs, max_slots=1), max_waiting=1)
     events = {}
+    # submitted together before the loop admits any: one for the free slot, one for the queue place
     scheduler.submit(make_request(graphs, "a", PROMPTS[0], events, max_tokens=4))
+    scheduler.submit(make_request(graphs, "b", PROMPTS[1], events, max_tokens=4))
     with pytest.raises(ServerBusy, match="server busy"):
-        scheduler.submit(make_request(graphs, "b", PROMPTS[1], events, max_tokens=4))
+        scheduler.submit(make_request(graphs, "c", PROMPTS[1], events, max_tokens=4))
+    scheduler.step()  # a runs, b waits: still full
+    with pytest.raises(ServerBusy, match="server busy"):
+        scheduler.submit(make_request(graphs, "c", PROMPTS[1], events, max_tokens=4))
 
 
 def test_end_id_and_stop_words_finish_early(graphs):

@@ -11,7 +11,6 @@ import queue
 import numpy as np
 import pytest
 
-from mstriton.pretrained import smollm2_gguf
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 CHAT = [{"role": "system", "content": "You answer in one short sentence."},
@@ -21,35 +20,13 @@ MAX_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from mstriton.convert import convert
-    from mstriton.server_process import running_server
-
-    root = tmp_path_factory.mktemp("smollm2")
-    convert(smollm2_gguf(), "smollm2", root / "repo", max_batch_size=2, max_seq_len=512, progress=lambda _: None)
-    with running_server(root / "repo", root / "server.log") as triton:
-        yield triton
+def server(smollm2_server):
+    return smollm2_server
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """transformers on the same file: its GGUF reader, its tokenizer and chat template, its greedy generate."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-
-    def answer(messages) -> str:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                            return_dict=True)["input_ids"]
-        with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS,
-                                 do_sample=False)
-        return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-
-    return answer
+def reference(smollm2_reference):
+    return lambda messages: smollm2_reference.answer(messages, MAX_TOKENS)
 
 
 def infer_inputs(module, tensors: dict):

@@ -96,7 +96,8 @@ class Scheduler:
 
     def submit(self, request: DecodeRequest) -> None:
         with self.lock:
-            if len(self.waiting) >= self.max_waiting:
+            # free slots count too: requests submitted together wait a moment for the loop to admit them
+            if len(self.waiting) >= self.max_waiting + self.engine.free_slots:
                 raise ServerBusy(f"{SERVER_BUSY}all {self.engine.max_slots} sequence slots are generating and "
                                  f"{self.max_waiting} requests already wait; retry later")
             self.waiting.append(request)
