@@ -4,8 +4,11 @@
 #   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
 #   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/
 #   make run            make demo and smollm2, serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001,
-#                       metrics 8002)
-#   make bench          serving benchmark: tritonserver vs the engine alone, transformers, llama.cpp (about an hour)
+#                       metrics 8002) and the HTTP frontend (OpenAI, MindSpore Serving, TGI APIs on 9000)
+#   make bench          serving benchmark: tritonserver vs the engine alone, transformers, llama.cpp (about an hour),
+#                       then bench-frontend
+#   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
+#                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
 #   make bench-engine   benchmark the MindSpore engine alone
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
 #   make docker-lint    hadolint + KServe manifests; docker-test: build the CPU image, serve the demo from it (root)
@@ -16,9 +19,10 @@ PYTEST_ARGS ?=
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test demo smollm2 run bench bench-engine clean docker-lint docker-test
+.PHONY: all install test demo smollm2 run bench bench-frontend bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -33,7 +37,8 @@ DEMO_CONVERT_ARGS ?= --max-batch-size 16 --max-seq-len 512
 demo: install
 	$(PY) tools/make_demo_model.py --out build/demo_model --if-stale
 	@if [ ! -f model_repository/demo_decode/1/engine/manifest.json ] || \
-	    [ build/demo_model/training.json -nt model_repository/demo_decode/1/engine/manifest.json ]; then \
+	    [ build/demo_model/training.json -nt model_repository/demo_decode/1/engine/manifest.json ] || \
+	    [ mstriton/repository.py -nt model_repository/demo_decode/1/engine/manifest.json ]; then \
 		echo "make demo: converting build/demo_model into model_repository/ as 'demo'"; \
 		$(PY) tools/convert.py --checkpoint build/demo_model --name demo --model-repository model_repository \
 			$(DEMO_CONVERT_ARGS); \
@@ -47,7 +52,8 @@ SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
 
 smollm2: install
 	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
-	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ]; then \
+	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ] || \
+	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ]; then \
 		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
 		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
 			$(SMOLLM2_CONVERT_ARGS); \
@@ -57,13 +63,18 @@ smollm2: install
 # SmolLM2's conversion share the two.
 run: install
 	$(MAKE) -j2 --output-sync=line demo smollm2
-	$(VENV)/bin/tritonserver --model-repository model_repository \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m mstriton.serve --model-repository model_repository --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--metrics-port $(METRICS_PORT) --frontend-port $(FRONTEND_PORT)
 
 BENCH_ARGS ?=
+BENCH_FRONTEND_ARGS ?=
 
 bench: install
 	$(PY) tools/bench_serving.py $(BENCH_ARGS)
+	$(PY) tools/bench_frontend.py $(BENCH_FRONTEND_ARGS)
+
+bench-frontend: install
+	$(PY) tools/bench_frontend.py $(BENCH_FRONTEND_ARGS)
 
 bench-engine: install
 	$(PY) tools/bench_engine.py

@@ -72,7 +72,7 @@ async def stream(triton: Triton, generation: Generation, request_id: str = "") -
     inputs = _inputs(generation)
     if generation.stop:
         inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
-    responses = triton.generate(generation.model, inputs, request_id)
+    responses = triton.generate(generation.model, inputs, request_id, generation.names)
     async with contextlib.aclosing(responses):
         async for out in responses:
             reason = out.get("finish_reason") or None

@@ -107,13 +107,15 @@ class Triton:
                                 f"{', '.join(await self.llms()) or 'nothing yet'}", param="model",
                            code="model_not_found")
 
-    async def generate(self, llm: str, inputs: dict, request_id: str = "") -> AsyncIterator[dict]:
+    async def generate(self, llm: str, inputs: dict, request_id: str = "",
+                       names: dict[str, str] | None = None) -> AsyncIterator[dict]:
         """Stream `llm`'s responses to `inputs` (front-model input name -> Python value), as dicts of output
-        name -> value, until the final one (whose finish_reason is set). Closing the generator early cancels."""
+        name -> value, until the final one (whose finish_reason is set). Closing the generator early cancels.
+        `names`: the client's names of the inputs, for the errors that name one."""
         tensors = [_tensor(name, value) for name, value in inputs.items()]
         # tokens_json only when asked for: the front model sends it only then
-        names = [n for n in OUTPUT_NAMES if n != "tokens_json" or inputs.get("return_tokens")]
-        outputs = [grpcclient.InferRequestedOutput(name) for name in names]
+        wanted = [n for n in OUTPUT_NAMES if n != "tokens_json" or inputs.get("return_tokens")]
+        outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
 
         async def requests():
             yield {"model_name": llm, "inputs": tensors, "outputs": outputs, "request_id": request_id}
@@ -124,8 +126,8 @@ class Triton:
             async for result, error in stream:
                 if error is not None:
                     finished = True
-                    raise from_triton(error.message() or str(error))
-                out = {name: _value(result.as_numpy(name)) for name in names if result.get_output(name) is not None}
+                    raise from_triton(error.message() or str(error), names)
+                out = {name: _value(result.as_numpy(name)) for name in wanted if result.get_output(name) is not None}
                 if out.get("finish_reason"):
                     finished = True
                 yield out
