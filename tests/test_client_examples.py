@@ -32,8 +32,18 @@ def server(tmp_path_factory):
         yield triton
 
 
+@pytest.fixture(scope="module")
+def frontend(server, tmp_path_factory):
+    from mstriton.server_process import running_frontend
+
+    with running_frontend(server, tmp_path_factory.mktemp("examples-frontend") / "frontend.log") as fe:
+        server.frontend_url = fe.url
+        yield fe
+
+
 def environment(server) -> dict:
-    return {**os.environ, "TRITON_HTTP": server.http, "PYTHONIOENCODING": "utf-8"}
+    return {**os.environ, "TRITON_HTTP": server.http, "PYTHONIOENCODING": "utf-8",
+            "MSTRITON_FRONTEND": getattr(server, "frontend_url", "")}
 
 
 def run(server, *command: str, timeout: float = 60) -> tuple[str, str]:
@@ -156,3 +166,24 @@ def test_ttft_itl_percentiles_match_numpy():
     row = ttft_itl.summarize(experiment)
     assert row["requests"] == 1 and row["ttft_p50_ms"] == 2.0 and row["itl_p50_ms"] == 1.5
     assert ttft_itl.summarize(experiment, windows=0)["requests"] == 2
+
+
+def test_the_frontend_examples_print_the_unary_text(server, frontend):
+    """The OpenAI SDK, huggingface_hub and MindSpore Serving's bodies, through the HTTP frontend: the same greedy
+    text as Triton's own generate."""
+    prompt = PROMPTS[0]
+    want = json.loads(run(server, "generate.sh", prompt, "12")[0])["text_output"]
+    stdout, stderr = run(server, "openai_client.py", "--max-tokens", "12", prompt)
+    assert stdout == want + "\n"
+    assert "[finish reason: length, prompt tokens: " in stderr and "completion tokens: 12]" in stderr
+    stdout, _ = run(server, "openai_client.py", "--max-tokens", "12", "--no-stream", "--logprobs", "2", prompt)
+    lines = stdout.splitlines()
+    assert lines[0] == want and len(lines) == 13  # the text, then a line per token with its 2 alternatives
+    stdout, stderr = run(server, "tgi_client.py", "--max-new-tokens", "12", prompt)
+    assert stdout == want + "\n" and "[finish reason: length, generated tokens: 12]" in stderr
+    stdout, _ = run(server, "mindspore_serving.sh", prompt, "12")
+    lines = stdout.splitlines()
+    assert json.loads(lines[0]) == {"generated_text": want}
+    events = [json.loads(line[len("data: "):])["data"] for line in lines if line.startswith("data: ")]
+    assert "".join(events[:-2]) == want and events[-2] == want  # tokens, the whole text, then get_bs
+    assert events[-1] == 0

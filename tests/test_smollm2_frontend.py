@@ -314,7 +314,10 @@ def test_a_client_that_disconnects_frees_its_slot(frontend, smollm2_server, path
     assert response.status == 200
     for _ in range(3):
         response.fp.readline()
-    assert running(smollm2_server) == 1
+    started = time.monotonic()
+    while running(smollm2_server) != 1:  # the gauge is set after the decode step that admitted it
+        assert time.monotonic() - started < 10, "the generation never showed as running"
+        time.sleep(0.05)
     connection.sock.shutdown(2)
     connection.close()
     gone = time.monotonic()
