@@ -23,6 +23,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(process: subprocess.Popen, url: str, name: str, log_tail, timeout: float) -> None:
+    """Until `url` answers 200; fails with the log's tail if `process` exits first or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} not ready after {timeout}s:\n{log_tail()}")
+
+
 class TritonServer:
     def __init__(self, repository: Path, log: Path):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
@@ -47,18 +63,7 @@ class TritonServer:
         return f"localhost:{self.grpc_port}"
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://{self.http}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"tritonserver not ready after {timeout}s:\n{self.tail()}")
+        wait_until_healthy(self.process, f"http://{self.http}/v2/health/ready", "tritonserver", self.tail, timeout)
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=10) as r:
@@ -140,19 +145,8 @@ class FrontendServer:
         return f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the frontend exited with {self.process.returncode}:\n"
-                                   f"{self.log.read_text(errors='replace')[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the frontend was not healthy after {timeout}s")
+        wait_until_healthy(self.process, f"{self.url}/health", "the frontend",
+                           lambda: self.log.read_text(errors="replace")[-3000:], timeout)
 
     def stop(self) -> int:
         if self.process.poll() is None:

@@ -44,6 +44,14 @@ def openai_client(frontend):
 
 
 @pytest.fixture(scope="module")
+def grpc_completion(smollm2_server):
+    """The gRPC stream's text for PROMPT, 12 tokens: what every door must answer for the same request."""
+    pieces, _ = grpc_stream(smollm2_server, None, {"text_input": np.array([[PROMPT.encode()]], np.object_),
+                                                   "max_tokens": np.array([[12]], np.int32)})
+    return "".join(pieces)
+
+
+@pytest.fixture(scope="module")
 def grpc_answer(smollm2_server):
     pieces, reasons = grpc_stream(smollm2_server, QUESTION)
     return "".join(pieces)
@@ -136,8 +144,9 @@ def test_logprobs_equal_transformers_log_softmax(openai_client, smollm2_referenc
     assert all(len(alternatives) == 3 for alternatives in logprobs.top_logprobs)
 
 
-def test_completions_prompt_lists_echo_stop_and_lengths(openai_client, smollm2_reference):
+def test_completions_prompt_lists_echo_stop_and_lengths(openai_client, smollm2_reference, grpc_completion):
     expected = smollm2_reference.decode(smollm2_reference.greedy(smollm2_reference.text_ids(PROMPT), 12))
+    assert expected == grpc_completion
     reply = openai_client.completions.create(model="smollm2", prompt=[PROMPT, PROMPT], max_tokens=12)
     assert [c.text for c in reply.choices] == [expected, expected] and [c.index for c in reply.choices] == [0, 1]
     assert reply.choices[0].finish_reason == "length"
@@ -220,10 +229,10 @@ def test_a_full_server_answers_503_with_retry_after(frontend, smollm2_server):
 
 # ---- TGI -------------------------------------------------------------------------------------------------
 
-def test_tgi_routes_with_huggingface_hub(frontend, smollm2_reference):
+def test_tgi_routes_with_huggingface_hub(frontend, grpc_completion):
     from huggingface_hub import InferenceClient
 
-    expected = smollm2_reference.decode(smollm2_reference.greedy(smollm2_reference.text_ids(PROMPT), 12))
+    expected = grpc_completion
     client = InferenceClient(base_url=frontend.url)
     assert client.text_generation(PROMPT, max_new_tokens=12) == expected
     out = client.text_generation(PROMPT, max_new_tokens=12, details=True)
@@ -256,8 +265,8 @@ def test_tgi_refuses_what_it_does_not_implement(frontend):
 
 # ---- MindSpore Serving -----------------------------------------------------------------------------------
 
-def test_mindspore_serving_bodies_and_formats(frontend, smollm2_reference):
-    expected = smollm2_reference.decode(smollm2_reference.greedy(smollm2_reference.text_ids(PROMPT), 12))
+def test_mindspore_serving_bodies_and_formats(frontend, grpc_completion):
+    expected = grpc_completion
     base = f"{frontend.url}/models/smollm2"
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 12}}
     for url, extra in [(base, {"stream": False}), (f"{base}/generate", {})]:

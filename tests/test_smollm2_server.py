@@ -44,13 +44,14 @@ def chat_tensors(messages, stream: bool) -> dict:
             "max_tokens": np.array([[MAX_TOKENS]], np.int32), "stream": np.array([[stream]])}
 
 
-def grpc_stream(server, messages) -> tuple[list[str], list[str]]:
+def grpc_stream(server, messages, tensors: dict | None = None) -> tuple[list[str], list[str]]:
+    """The pieces and finish reasons of a gRPC stream of a chat (or of `tensors`, when given)."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(server.grpc)
     results: queue.Queue = queue.Queue()
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("smollm2", infer_inputs(grpcclient, chat_tensors(messages, True)),
+    client.async_stream_infer("smollm2", infer_inputs(grpcclient, tensors or chat_tensors(messages, True)),
                               enable_empty_final_response=True)
     pieces, reasons = [], []
     try:

@@ -21,6 +21,19 @@ async def json_body(request) -> dict:
     return body
 
 
+async def inputs_body(request, parameters: set[str]) -> tuple[str, "Fields", bool]:
+    """The body MindSpore Serving and TGI share, {"inputs", "parameters", "stream"}: (the prompt, the
+    parameters, whether the body asks to stream). Unknown fields and parameters are refused."""
+    body = Fields(await json_body(request))
+    body.refuse_unknown({"inputs", "parameters", "stream"})
+    inputs = body.text("inputs")
+    if not inputs:
+        raise invalid("inputs", "'inputs' is required: the prompt, a non-empty string")
+    p = body.obj("parameters")
+    p.refuse_unknown(parameters)
+    return inputs, p, bool(body.boolean("stream", False))
+
+
 class Fields:
     """Typed access to a JSON object's fields; `prefix` is how error messages name the object."""
 

@@ -20,8 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from . import generation as gen
-from .errors import invalid
-from .fields import Fields, json_body
+from .fields import Fields, inputs_body
 
 router = APIRouter()
 
@@ -34,13 +33,7 @@ SSE_RETRY_MS = 30000
 async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, bool]:
     triton = request.app.state.triton
     await triton.require(model)
-    body = Fields(await json_body(request))
-    body.refuse_unknown({"inputs", "parameters", "stream"})
-    inputs = body.text("inputs")
-    if not inputs:
-        raise invalid("inputs", "'inputs' is required: the prompt, a non-empty string")
-    p = body.obj("parameters")
-    p.refuse_unknown(PARAMETERS)
+    inputs, p, stream = await inputs_body(request, PARAMETERS)
     do_sample = p.boolean("do_sample", False)
     settings = {"do_sample": do_sample, "repetition_penalty": p.number("repetition_penalty", 1.0, low=0.0,
                                                                        low_open=True)}
@@ -55,8 +48,7 @@ async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, b
     p.text("return_protocol")
     names = {"max_tokens": "parameters.max_new_tokens", "text_input": "inputs",
              **{k: f"parameters.{k}" for k in PARAMETERS}}
-    return (gen.Generation(model=model, prompt=inputs, settings=settings, names=names), p,
-            bool(body.boolean("stream", False)))
+    return gen.Generation(model=model, prompt=inputs, settings=settings, names=names), p, stream
 
 
 async def _respond(request: Request, model: str, stream: bool | None):

@@ -11,8 +11,8 @@ from fastapi.responses import StreamingResponse
 from ..params import MAX_TOP_LOGPROBS
 from .. import __version__
 from . import generation as gen
-from .errors import ApiError, invalid
-from .fields import Fields, json_body
+from .errors import ApiError
+from .fields import Fields, inputs_body
 
 router = APIRouter()
 
@@ -26,13 +26,7 @@ DEFAULT_MAX_NEW_TOKENS = 100  # TGI's
 
 async def read_generation(request: Request, model: str) -> tuple[gen.Generation, Fields, bool]:
     """The body {"inputs", "parameters", "stream"} -> (the Generation, its parameters, whether to stream)."""
-    body = Fields(await json_body(request))
-    body.refuse_unknown({"inputs", "parameters", "stream"})
-    inputs = body.text("inputs")
-    if not inputs:
-        raise invalid("inputs", "'inputs' is required: the prompt, a non-empty string")
-    p = body.obj("parameters")
-    p.refuse_unknown(PARAMETERS)
+    inputs, p, stream = await inputs_body(request, PARAMETERS)
     p.refuse("best_of", "only best_of = 1", unless=lambda v: v in (None, 1))
     p.refuse("decoder_input_details", "the prompt's log-probabilities are not computed", unless=lambda v: not v)
     p.refuse("grammar", "constrained generation is not implemented")
@@ -55,7 +49,7 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
              "text_input": "inputs", **{k: f"parameters.{k}" for k in PARAMETERS}}
     generation = gen.Generation(model=model, prompt=inputs, settings=settings,
                                 stop=p.texts("stop", max_items=gen.MAX_STOP_STRINGS), names=names)
-    return generation, p, bool(body.boolean("stream", False))
+    return generation, p, stream
 
 
 async def default_model(request: Request) -> str:
@@ -131,22 +125,25 @@ async def _respond(request: Request, generation: gen.Generation, p: Fields, stre
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def _route(request: Request, stream: bool | None, as_list: bool = False):
+    """stream None: as the body's `stream` says (TGI's compatibility route, which also answers a list)."""
+    generation, p, body_stream = await read_generation(request, await default_model(request))
+    return await _respond(request, generation, p, stream=body_stream if stream is None else stream, as_list=as_list)
+
+
 @router.post("/generate")
 async def generate(request: Request):
-    generation, p, _ = await read_generation(request, await default_model(request))
-    return await _respond(request, generation, p, stream=False, as_list=False)
+    return await _route(request, stream=False)
 
 
 @router.post("/generate_stream")
 async def generate_stream(request: Request):
-    generation, p, _ = await read_generation(request, await default_model(request))
-    return await _respond(request, generation, p, stream=True, as_list=False)
+    return await _route(request, stream=True)
 
 
 @router.post("/")
 async def compat_generate(request: Request):
-    generation, p, stream = await read_generation(request, await default_model(request))
-    return await _respond(request, generation, p, stream=stream, as_list=True)
+    return await _route(request, stream=None, as_list=True)
 
 
 @router.get("/info")
