@@ -134,6 +134,11 @@ def test_profile_command(tmp_path):
     assert pairs["--warmup-request-count"] == "16" and pairs["--random-seed"] == "0"
     assert json.loads(pairs["--extra-inputs"]) == {"min_tokens": 128}
     assert "--use-legacy-max-tokens" in command and "--use-server-token-count" in command
+    # a request rate, so that aiperf's scheduler sleeps between tries for a free slot
+    assert pairs["--request-rate"] == "100" and pairs["--arrival-pattern"] == "constant"
+    assert pairs["--connection-reuse-strategy"] == "never"
+    run.poll_rate = 0
+    assert "--request-rate" not in run.command()
     shown = run.shell_command()
     assert shown.startswith("build/aiperf-venv/bin/aiperf profile ")
     assert "--extra-inputs '{\"min_tokens\":128}'" in shown

@@ -9,10 +9,13 @@ tokens, exactly 128 output tokens):
 - ours, /v1: aiperf -> `python -m mstriton.frontend` -> gRPC -> tritonserver (front model `smollm2`);
 - ours, gRPC: perf_analyzer straight to the front model `smollm2`, with the chat messages aiperf sent (read back
   from aiperf's inputs.json), so the two differ only by the frontend and the client;
+- ours, /v1 thin: the bodies aiperf sent, again through the frontend, from closed-loop threads of this process:
+  the frontend's cost without aiperf's own CPU use (aiperf's several Python processes share the 2 cores);
 - llama.cpp f32 / f16: aiperf -> llama-server's /v1/chat/completions, on GGUFs made from the same weights.
 
 Writes STEM.md, STEM.json and STEM_*.png (default STEM: benchmarks/frontend_aiperf). About 30 minutes on
-2 cores with the default request counts; --quick (concurrency 1, 4 requests, ours only) is a smoke test.
+2 cores with the default request counts; --quick (concurrency 1, 4 requests of 16 tokens, ours only) is a smoke
+test of a few minutes.
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
 from mstriton.bench import aiperf, report  # noqa: E402
-from mstriton.bench.timing import PeerUnavailable  # noqa: E402
+from mstriton.bench.timing import PeerUnavailable, RequestTiming, closed_loop  # noqa: E402
 
 MODEL = "smollm2"
 BUILD = ROOT / "build" / "bench_frontend"
 CONCURRENCIES = [1, 4, 16, 64]
-SYSTEMS = ["ours-v1", "ours-grpc", "llamacpp-f32", "llamacpp-f16"]
+SYSTEMS = ["ours-v1", "ours-grpc", "ours-v1-thin", "llamacpp-f32", "llamacpp-f16"]
 OURS_V1, OURS_GRPC = "mstriton /v1 (frontend, aiperf)", "mstriton gRPC (perf_analyzer)"
+OURS_THIN = "mstriton /v1 (frontend, thin client)"
 LLAMACPP = "llama.cpp server {dtype} (aiperf)"
 CONVERTER_CODE = ["repository.py", "convert.py", "engine/graphs.py", "model/llama.py", "model/gguf.py"]
 THREADS = os.cpu_count() or 2  # llama-server's threads: every core, as MindSpore uses
@@ -256,6 +260,53 @@ def perf_analyzer_chat(grpc: str, payloads: list[dict], output_tokens: int, conc
     return timings, cpu, command
 
 
+# ---- a thin /v1 client ---------------------------------------------------------------------------------
+
+def stream_chat(port: int, body: dict) -> RequestTiming:
+    """One streaming chat completion, timed: the arrival of every chunk with content; the usage of the last
+    chunk says how many tokens came (a chunk may carry more than one token, or a token no text). One connection
+    per request, as aiperf's pooled connections cost it nothing more here (loopback)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        start = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"/v1/chat/completions answered {resp.status}: {resp.read()[:500]!r}")
+        times, tokens = [], None
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            now = time.perf_counter()
+            if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
+                continue
+            event = json.loads(line[5:])
+            if "error" in event:
+                raise RuntimeError(f"stream error: {event['error']}")
+            if any((c.get("delta") or {}).get("content") for c in event.get("choices", [])):
+                times.append(now)
+            if event.get("usage"):
+                tokens = int(event["usage"]["completion_tokens"])
+    finally:
+        conn.close()
+    if not times:
+        raise RuntimeError("the stream had no content")
+    times += [times[-1]] * max(0, (tokens or len(times)) - len(times))  # aiperf's formulas use the count
+    return RequestTiming(start=start, token_times=times)
+
+
+def thin_client(port: int, payloads: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
+    """aiperf's requests again through /v1, from closed-loop threads of this process (mstriton.bench.timing);
+    returns the timings and this process's CPU seconds spent meanwhile."""
+    closed_loop(payloads[:max(2, concurrency)], concurrency, lambda _i, body: stream_chat(port, body))  # warm-up
+    mid = resource.getrusage(resource.RUSAGE_SELF)
+    timings = closed_loop(payloads, concurrency, lambda _i, body: stream_chat(port, body))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return timings, (after.ru_utime + after.ru_stime) - (mid.ru_utime + mid.ru_stime)
+
+
 # ---- the runs -------------------------------------------------------------------------------------------
 
 class Bench:
@@ -330,13 +381,15 @@ class Bench:
                     if restarted:
                         say(restarted)
                         self.results["notes"].append(f"before the c={c} point, {restarted}")
-                    if "ours-v1" in systems or "ours-grpc" in systems:
+                    if {"ours-v1", "ours-grpc", "ours-v1-thin"} & set(systems):
                         # aiperf through /v1 first: it makes the prompts perf_analyzer then sends too
                         run = self.aiperf_point(OURS_V1, "ours_v1", frontend.url, c,
                                                 {"min_tokens": self.args.output_tokens, "temperature": 0.0},
                                                 cpu_of=frontend.cpu_seconds)
                     if "ours-grpc" in systems:
                         self.grpc_point(server.grpc, c, run)
+                    if "ours-v1-thin" in systems:
+                        self.thin_point(frontend, c, run)
                 if frontend.process.poll() is not None:
                     self.results["notes"].append(f"the frontend exited during the run:\n{frontend.tail()}")
         finally:
@@ -362,6 +415,24 @@ class Bench:
         self.put(OURS_GRPC, concurrency, value)
         self.show(OURS_GRPC, concurrency, value, time.monotonic() - started)
 
+    def thin_point(self, frontend: Frontend, concurrency: int, run: aiperf.ProfileRun | None) -> None:
+        if run is None or not run.payloads():
+            self.fail(OURS_THIN, concurrency, RuntimeError("no aiperf requests to replay (the /v1 point failed)"))
+            return
+        started, load, cpu_before = time.monotonic(), os.getloadavg()[0], frontend.cpu_seconds()
+        try:
+            timings, cpu = thin_client(frontend.port, run.payloads(), concurrency)
+            value = aiperf.figures_of_timings(timings)
+        except Exception as exc:  # noqa: BLE001
+            self.fail(OURS_THIN, concurrency, exc)
+            return
+        value["client_cpu_s"] = round(cpu, 2)
+        with contextlib.suppress(OSError):
+            value["frontend_cpu_s"] = round(frontend.cpu_seconds() - cpu_before, 2)  # warm-up included
+        value["load_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        self.put(OURS_THIN, concurrency, value)
+        self.show(OURS_THIN, concurrency, value, time.monotonic() - started)
+
     # -- llama.cpp --
     def run_llamacpp(self, hf_dir: Path, dtype: str) -> None:
         from mstriton.bench import llamacpp
@@ -377,7 +448,7 @@ class Bench:
         ctx = self.args.input_tokens + self.args.output_tokens + 128  # the chat template's tokens, and room
         with llamacpp.LlamaCppServer(binary, gguf, parallel=self.args.slots, ctx_per_slot=ctx, threads=THREADS,
                                      log_path=BUILD / f"llamacpp_{dtype}.log") as server:
-            self.results["systems"][system] = " ".join(server.command(server.port))
+            self.results["systems"][system] = shlex.join(map(aiperf.shown_path, server.command(server.port)))
             say(f"{system}: llama-server ready at {server.url} ({self.args.slots} slots, {THREADS} threads)")
             for c in self.args.concurrency:
                 # llama.cpp has no min_tokens: it reads ignore_eos; no prompt cache, as for ours
@@ -425,11 +496,19 @@ def main(argv=None) -> int:
     parser.add_argument("--prepare-only", action="store_true", help="make the model files and the aiperf "
                         "environment, then stop")
     parser.add_argument("--out", default=None, help="output path stem (default benchmarks/frontend_aiperf)")
+    parser.add_argument("--render", metavar="JSON", help="write the report again from a run's JSON, run nothing")
     args = parser.parse_args(argv)
+    if args.render:
+        for path in write_report(json.loads(Path(args.render).read_text()),
+                                 Path(args.out) if args.out else Path(args.render).with_suffix("")):
+            say(f"wrote {path}")
+        return 0
+    # SIGTERM (a supervisor, `kill`) ends the run through the finally blocks that stop the servers it started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.concurrency, args.requests, args.requests_per_client, args.output_tokens = "1", 4, 1, 16
         if args.systems == parser.get_default("systems"):
-            args.systems = "ours-v1,ours-grpc"
+            args.systems = "ours-v1,ours-grpc,ours-v1-thin"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.systems = args.systems.split(",")
     unknown = set(args.systems) - set(SYSTEMS)
@@ -444,7 +523,7 @@ def main(argv=None) -> int:
     say("finding or making aiperf's own virtual environment (build/aiperf-venv)")
     aiperf_bin = aiperf.ensure_venv(progress=say)
     hf_dir = hf_folder(gguf)
-    need_ours = bool({"ours-v1", "ours-grpc"} & set(args.systems))
+    need_ours = bool({"ours-v1", "ours-grpc", "ours-v1-thin"} & set(args.systems))
     repository = model_repository(gguf, args.slots, args.max_seq_len) if need_ours else None
     if args.prepare_only:
         for dtype in ("f32", "f16"):
@@ -470,7 +549,11 @@ def main(argv=None) -> int:
                  "-> gRPC stream -> tritonserver front model `smollm2` -> pipeline",
         OURS_GRPC: "perf_analyzer --streaming -i grpc -> tritonserver front model `smollm2`, the same chat "
                    "messages and lengths as aiperf sent /v1 (the front model renders the chat template as for "
-                   "/v1); figures by aiperf's formulas from perf_analyzer's --profile-export-file"})
+                   "/v1); figures by aiperf's formulas from perf_analyzer's --profile-export-file",
+        OURS_THIN: "the same bodies aiperf sent, POSTed to /v1/chat/completions by closed-loop threads of the "
+                   "benchmark process (http.client, a timestamp per content chunk, the token count from the last "
+                   "chunk's usage), after a warm-up of max(2, concurrency) of them; figures by aiperf's formulas. "
+                   "It separates the frontend's cost from aiperf's own CPU use"})
     try:
         if repository is not None:
             bench.run_ours(repository)
@@ -537,6 +620,8 @@ def markdown(results: dict) -> str:
              "the first request sent to the last response. perf_analyzer's points apply the same formulas to its "
              "--profile-export-file.", "", "Who is measured how:", ""]
     lines += [f"- **{system}**: {how}" for system, how in results["systems"].items()]
+    if results.get("summary"):
+        lines += ["", "## Summary", ""] + [f"- {line}" for line in results["summary"]]
     lines += ["", "## Results", "", "| concurrency | system | requests | output tok/s | requests/s | TTFT p50 ms | "
               "TTFT p99 ms | ITL p50 ms | ITL p99 ms | prompt tokens | load 1m |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for c in concurrencies:
@@ -582,9 +667,44 @@ def markdown(results: dict) -> str:
     servers = [f"- {s}: `{cmd}`" for s, cmd in results["systems"].items() if s.startswith("llama.cpp")]
     if servers:
         lines += ["", "llama-server command lines:", ""] + servers
-    if results["notes"]:
-        lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
+    lines += ["", "## Notes", ""] + [f"- {note}" for note in SETUP_NOTES + [connection_note(results)]
+                                      + results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def connection_note(results: dict) -> str:
+    commands = [cmd for system, by_c in results["commands"].items() if system != OURS_GRPC for cmd in by_c.values()]
+    if commands and all("--connection-reuse-strategy never" in cmd for cmd in commands):
+        return ("aiperf opens a connection per request (`--connection-reuse-strategy never`): with its default "
+                "pooled connections, llama-server (cpp-httplib, keep-alive timeout 5 s) closes idle ones, and "
+                "aiperf's reuse of them fails requests with ServerDisconnectedError.")
+    return ("This run used aiperf's default pooled connections (no `--connection-reuse-strategy` in its command "
+            "lines): llama-server (cpp-httplib, keep-alive timeout 5 s) closed idle ones, and aiperf's reuse of "
+            "them failed the requests counted as failed above with ServerDisconnectedError; the figures of those "
+            "points are over the requests that succeeded. tools/bench_frontend.py now opens a connection per "
+            "request (`--connection-reuse-strategy never`).")
+
+
+SETUP_NOTES = [
+    "What aiperf sends (chat endpoint, as recorded in each point's inputs.json): `messages` (one user message), "
+    "`model`, `stream: true`, `max_tokens` (`--use-legacy-max-tokens`; without it `max_completion_tokens`, which "
+    "our frontend reads too), `stream_options: {include_usage: true}` (always, when streaming), and the "
+    "`--extra-inputs`: `min_tokens` and `temperature` for ours, `ignore_eos`, `cache_prompt` and `temperature` "
+    "for llama.cpp. Our frontend accepted every request (no HTTP 400); output tokens are the servers' own "
+    "counts (`--use-server-token-count`: the usage of the last chunk).",
+    "aiperf 0.13 with `--concurrency` alone polls for a free slot without sleeping: its timing_manager process "
+    "took about 83% of one of the two cores, and the server the rest. Every run here adds `--request-rate 100 "
+    "--arrival-pattern constant`: still at most `concurrency` requests in flight (aiperf's effective "
+    "concurrency p50 is the concurrency), a finished request's successor starts at the next 10 ms tick, and "
+    "aiperf sleeps in between. aiperf still starts several Python processes per run (its CPU seconds are in "
+    "the cost table).",
+    "The benchmark process never imports MindSpore (conversion and the memory probes run in processes of their "
+    "own): importing it sets OMP_NUM_THREADS=1 and PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python in the C "
+    "environment, which every server started afterwards inherits (the frontend's gRPC client would then run "
+    "pure-Python protobuf).",
+    "aiperf's synthetic prompts are 128 tokens of text; SmolLM2's chat template adds its default system "
+    "message and the role markers, so the servers read 158 prompt tokens (their usage counts agree).",
+]
 
 
 def _any(results: dict, system: str) -> bool:
@@ -600,26 +720,43 @@ def _ratio(a: dict | None, b: dict | None, key: str = "output_tokens_per_s") -> 
 def cost_lines(results: dict, concurrencies: list[int]) -> list[str]:
     if not (_any(results, OURS_V1) and _any(results, OURS_GRPC)):
         return []
+    thin = _any(results, OURS_THIN)
     lines = ["", "## What the frontend costs", "",
              "The same requests through /v1 (aiperf -> frontend -> gRPC) and straight over gRPC (perf_analyzer), "
-             "one after the other at each concurrency on the same server. The difference holds the frontend "
-             "(HTTP, JSON, SSE, one more process on 2 cores) and the client: aiperf is a Python program whose CPU "
-             "time competes with the server's here, perf_analyzer a C++ one.", "",
-             "| concurrency | output tok/s /v1 | output tok/s gRPC | /v1 / gRPC | TTFT p50 ms /v1 - gRPC | "
-             "ITL p50 ms /v1 - gRPC | frontend CPU ms per output token | aiperf CPU s | perf_analyzer CPU s |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "one after the other at each concurrency on the same server"
+             + (", and through /v1 again from a thin client (closed-loop Python threads, no aiperf)" if thin else "")
+             + ". The /v1 - gRPC differences hold the frontend (HTTP, JSON, SSE, one more process on 2 cores) and "
+             "the client's own CPU use, which competes with the server on this machine: aiperf is a Python "
+             "program of several processes, perf_analyzer a C++ one."
+             + (" The thin client's row shows the frontend with less of the client in it." if thin else ""), "",
+             "| concurrency | client | output tok/s | over gRPC | TTFT p50 ms - gRPC | ITL p50 ms - gRPC | "
+             "frontend CPU ms per output token | client CPU s |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for c in concurrencies:
-        v1, grpc = _ok(results, OURS_V1, c), _ok(results, OURS_GRPC, c)
-        if not v1 or not grpc:
+        grpc = _ok(results, OURS_GRPC, c)
+        if not grpc:
             continue
-        frontend = v1.get("frontend_cpu_s")
-        per_token = f"{1e3 * frontend / v1['output_tokens']:.2f}" if frontend is not None and v1["output_tokens"] \
-            else "n/a"
-        lines.append(f"| {c} | {v1['output_tokens_per_s']:.1f} | {grpc['output_tokens_per_s']:.1f} | "
-                     f"{_ratio(v1, grpc)} | {v1['ttft_p50_ms'] - grpc['ttft_p50_ms']:+.0f} | "
-                     f"{v1['itl_p50_ms'] - grpc['itl_p50_ms']:+.2f} | {per_token} | {v1.get('client_cpu_s', 'n/a')} | "
+        lines.append(f"| {c} | perf_analyzer, gRPC | {grpc['output_tokens_per_s']:.1f} | 1 | 0 | 0 | - | "
                      f"{grpc.get('client_cpu_s', 'n/a')} |")
+        for system, label in ((OURS_V1, "aiperf, /v1"), (OURS_THIN, "thin client, /v1")):
+            v1 = _ok(results, system, c)
+            if not v1:
+                continue
+            frontend = v1.get("frontend_cpu_s")
+            per_token = f"{1e3 * frontend / v1['output_tokens']:.2f}" if frontend is not None \
+                and v1["output_tokens"] else "n/a"
+            lines.append(f"| {c} | {label} | {v1['output_tokens_per_s']:.1f} | {_ratio(v1, grpc)} | "
+                         f"{v1['ttft_p50_ms'] - grpc['ttft_p50_ms']:+.0f} | {v1['itl_p50_ms'] - grpc['itl_p50_ms']:+.2f} | "
+                         f"{per_token} | {v1.get('client_cpu_s', 'n/a')} |")
+    lines += ["", "Frontend CPU: user + system time of the frontend process over the point (the thin client's "
+              "includes its warm-up), per output token of the point. Client CPU: aiperf's processes over the "
+              "whole run (start-up and warm-up included), perf_analyzer's, or the thin client's threads during "
+              "the measured requests."]
     return lines
+
+
+def _plottable(point: dict | None) -> bool:
+    """Measured, with at most a tenth of its requests failed (the table shows the others)."""
+    return bool(point) and point.get("failed", 0) <= 0.1 * (point["requests"] + point.get("failed", 0))
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -633,10 +770,10 @@ def plot(results: dict, path: Path) -> Path:
     figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), squeeze=False)
     for axis, (key, label) in zip(axes[0], panels):
         for system in results["points"]:
-            xs = [c for c in concurrencies if _ok(results, system, c)]
+            xs = [c for c in concurrencies if _plottable(_ok(results, system, c))]
             if xs:
                 axis.plot(xs, [_ok(results, system, c)[key] for c in xs], marker="o", label=system,
-                          linestyle="--" if system == OURS_GRPC else "-")
+                          linestyle="--" if system in (OURS_GRPC, OURS_THIN) else "-")
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
@@ -644,6 +781,7 @@ def plot(results: dict, path: Path) -> Path:
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    axes[0][0].set_xlabel("concurrency (points with more than a tenth of requests failed are left out)")
     s = results["settings"]
     figure.suptitle(f"SmolLM2-135M, streaming chat, {s['input_tokens']} prompt / {s['output_tokens']} output tokens, "
                     f"aiperf ({results['date']})", fontsize=10)

@@ -128,6 +128,14 @@ class ProfileRun:
     seed: int = 0
     extra_inputs: dict = dataclasses.field(default_factory=dict)
     endpoint_type: str = "chat"
+    # aiperf 0.13 with --concurrency alone polls for a free slot without sleeping (its timing_manager took 83% of
+    # one of this machine's two cores); a constant request rate above what the server can take keeps the closed
+    # loop (no request starts while `concurrency` are in flight) and sleeps between tries: a finished request's
+    # successor starts at the next tick, 1 / poll_rate s later at most. 0: concurrency alone.
+    poll_rate: float = 100.0
+    # a new connection per request: llama-server (cpp-httplib) closes a connection idle for 5 s, and aiperf's
+    # pooled connections then fail with ServerDisconnectedError when reused; a loopback connect costs ~0.1 ms
+    connection_reuse: str = "never"
     cpu_seconds: float = 0.0   # aiperf's own CPU time (user + system, all its processes), set by run()
 
     def command(self) -> list[str]:
@@ -141,7 +149,10 @@ class ProfileRun:
                # output tokens as the server counts them (usage of the last chunk), not re-tokenized text
                "--use-server-token-count",
                "--artifact-dir", str(self.artifact_dir), "--export-level", "records",
-               "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry", "--no-auto-plot"]
+               "--ui-type", "none", "--no-server-metrics", "--no-gpu-telemetry", "--no-auto-plot",
+               "--connection-reuse-strategy", self.connection_reuse]
+        if self.poll_rate:
+            cmd += ["--request-rate", f"{self.poll_rate:g}", "--arrival-pattern", "constant"]
         if self.warmup_count:
             cmd += ["--warmup-request-count", str(self.warmup_count)]
         if self.extra_inputs:
@@ -173,6 +184,10 @@ class ProfileRun:
                 proc.wait()
                 raise RuntimeError(f"aiperf did not finish in {timeout:.0f} s; log {log_path}:\n"
                                    f"{_tail(log_path.read_text(errors='replace'))}") from None
+            except BaseException:  # the benchmark is being stopped: aiperf's processes go with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
         if code != 0 or not (self.artifact_dir / SUMMARY_FILE).is_file():
