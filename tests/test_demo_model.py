@@ -97,13 +97,14 @@ def test_corpus_is_deterministic_bounded_and_covers_the_package(tmp_path):
     assert "The module mstriton.config is documented as follows." in corpus  # the docstrings
     assert [w for s in corpus_sentences(corpus) for w in s.split()] == corpus.split()
 
-    # A README joins the corpus without its code blocks, and an endless one is cut.
+    # A README joins the corpus without its code blocks and tables, and an endless one is cut.
     (tmp_path / "README.md").write_text("# Title here\n\nSome words\nacross lines.\n\n```\ncode block\n```\n" +
-                                        "More words. " * 10000)
+                                        "| a table | cell |\n|---|---|\n" + "More words. " * 10000)
     (tmp_path / "mstriton").mkdir()
     (tmp_path / "mstriton" / "x.py").write_text('"""Doc of x."""\n')
     small = build_corpus(tmp_path)
     assert "Title here\n\nSome words across lines.\n\n" in small and "code block" not in small
+    assert "table" not in small and "|" not in small
     assert "The module mstriton.x is documented as follows.\n\nDoc of x.\n" in small
     assert len(small.split()) <= MAX_WORDS
 

@@ -3,9 +3,9 @@
 The corpus is a fixed description of the project written for it (``PROJECT_TEXT``), then the README, then the
 module docstrings of the ``mstriton`` package read with ``ast`` (no module is imported), up to ``MAX_WORDS``
 words in all, so that the training time stays bounded however long the documentation grows. Paragraphs are joined
-to single lines and separated by blank lines; code blocks of the README are left out. Files are read in sorted
-order, so the same repository state always gives the same text, and the tests can tell whether a trained model
-still matches the current corpus.
+to single lines and separated by blank lines; code blocks and tables of the README are left out. Files are read
+in sorted order, so the same repository state always gives the same text, and the tests can tell whether a
+trained model still matches the current corpus.
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def text_paragraphs(text: str) -> list[str]:
 
 
 def markdown_paragraphs(text: str) -> list[str]:
-    """Paragraphs of a Markdown file without its fenced code blocks; heading marks are dropped."""
+    """Paragraphs of a Markdown file without its fenced code blocks and tables (rows of cells are data, not
+    sentences to continue, and their rulers tokenize into long runs of one piece); heading marks are dropped."""
     kept, fenced = [], False
     for line in text.splitlines():
         if line.lstrip().startswith(("```", "~~~")):
@@ -143,7 +144,9 @@ def markdown_paragraphs(text: str) -> list[str]:
         if fenced:
             continue
         stripped = line.lstrip()
-        if stripped.startswith("#"):  # a heading is a paragraph of its own
+        if stripped.startswith("|"):
+            kept.append("")
+        elif stripped.startswith("#"):  # a heading is a paragraph of its own
             kept.extend(["", stripped.lstrip("#").strip(), ""])
         else:
             kept.append(line)
