@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def terminate(process: subprocess.Popen, timeout: float) -> int:
+    """SIGTERM, then SIGKILL if `process` has not exited within `timeout` seconds; its exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def wait_until_healthy(process: subprocess.Popen, url: str, name: str, log_tail, timeout: float) -> None:
     """Until `url` answers 200; fails with the log's tail if `process` exits first or the time runs out."""
     deadline = time.monotonic() + timeout
@@ -149,14 +161,7 @@ class FrontendServer:
                            lambda: self.log.read_text(errors="replace")[-3000:], timeout)
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return terminate(self.process, timeout=20)
 
 
 @contextlib.contextmanager

@@ -42,6 +42,7 @@ os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
 from mstriton.bench import aiperf, report  # noqa: E402
 from mstriton.bench.timing import PeerUnavailable, RequestTiming, closed_loop  # noqa: E402
+from mstriton.server_process import terminate  # noqa: E402
 
 MODEL = "smollm2"
 BUILD = ROOT / "build" / "bench_frontend"
@@ -221,13 +222,8 @@ class Frontend:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def __exit__(self, *exc) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            terminate(self.process, timeout=30)
 
 
 # ---- perf_analyzer straight to the front model ----------------------------------------------------------
