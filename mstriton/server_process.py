@@ -23,6 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def python_environment() -> dict[str, str]:
+    """The environment for a child process, as Python sees it (os.environ). Importing mindspore sets
+    OMP_NUM_THREADS=1 and PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python with C's setenv, which os.environ does
+    not show but a child started without `env` inherits: a server started by a process that converted a model
+    would run its MindSpore stubs on one OpenMP thread and its frontend on pure-Python protobuf. (The protobuf
+    setting does show in os.environ: it is dropped when mindspore, which sets it, has been imported here.)"""
+    environment = dict(os.environ)
+    if "mindspore" in sys.modules and environment.get("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION") == "python":
+        del environment["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"]
+    return environment
+
+
 def terminate(process: subprocess.Popen, timeout: float) -> int:
     """SIGTERM, then SIGKILL if `process` has not exited within `timeout` seconds; its exit status."""
     if process.poll() is None:
@@ -64,7 +76,7 @@ class TritonServer:
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
              # tritonserver's default, above the decode model's default shutdown_grace_seconds (20)
              "--exit-timeout-secs", "30"],
-            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=python_environment())
 
     @property
     def http(self) -> str:
@@ -150,7 +162,7 @@ class FrontendServer:
         if api_key:
             command += ["--api-key", api_key]
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, env=python_environment())
 
     @property
     def url(self) -> str:
