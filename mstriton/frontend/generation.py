@@ -66,13 +66,13 @@ def _inputs(generation: Generation) -> dict:
     return inputs
 
 
-async def stream(triton: Triton, generation: Generation, request_id: str = "") -> AsyncIterator[Chunk]:
+async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]:
     """The chunks of one generation, the last with its reason set."""
     stops = StopStrings(generation.stop)
     inputs = _inputs(generation)
     if generation.stop:
         inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
-    responses = triton.generate(generation.model, inputs, request_id, generation.names)
+    responses = triton.generate(generation.model, inputs, generation.names)
     async with contextlib.aclosing(responses):
         async for out in responses:
             reason = out.get("finish_reason") or None
@@ -111,11 +111,6 @@ async def complete_all(triton: Triton, generations: list[Generation]) -> list[Re
 
 async def merged(triton: Triton, generations: list[Generation]) -> AsyncIterator[tuple[int, Chunk]]:
     """The chunks of several generations as they come, each with its generation's index."""
-    if len(generations) == 1:
-        async with contextlib.aclosing(stream(triton, generations[0])) as chunks:
-            async for chunk in chunks:
-                yield 0, chunk
-        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, generation: Generation) -> None:

@@ -118,6 +118,28 @@ def _error_event(exc: Exception) -> bytes:
                            "code": error.code or error.status}})
 
 
+def _event_stream(payloads) -> StreamingResponse:
+    """The chunks an async generator yields, as SSE, then `data: [DONE]`; an error once the stream has begun
+    (with status 200) goes into it as an error object."""
+    async def events():
+        try:
+            async for payload in payloads:
+                yield _sse(payload)
+        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
+            yield _error_event(exc)
+        yield b"data: [DONE]\n\n"
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _chunk(head: dict, choices: list, include_usage: bool, usage: dict | None = None) -> dict:
+    """A streamed chunk: `head` (id, object, created, model), its choices, and with include_usage a `usage`
+    (null but on the last chunk, as OpenAI streams it)."""
+    chunk = {**head, "choices": choices}
+    if include_usage:
+        chunk["usage"] = usage
+    return chunk
+
+
 # ---- /v1/models ------------------------------------------------------------------------------------------
 
 def _model_card(name: str, info) -> dict:
@@ -184,26 +206,19 @@ async def completions(request: Request):
                 "usage": _usage(results)}
     include_usage = _stream_options(body)
     chunks = await gen.primed(gen.merged(triton, generations))
+    head = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
-    async def events():
+    async def payloads():
         offsets, finals = [0] * len(generations), {}
-        try:
-            async for index, chunk in chunks:
-                payload = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                           "choices": [choice(index, chunk.text, chunk.tokens, chunk.finish_reason, offsets[index])]}
-                offsets[index] += len(chunk.text)
-                if chunk.reason:
-                    finals[index] = chunk
-                if include_usage:
-                    payload["usage"] = None
-                yield _sse(payload)
-            if include_usage:
-                yield _sse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                            "choices": [], "usage": _usage(finals.values())})
-        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
-            yield _error_event(exc)
-        yield b"data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream")
+        async for index, chunk in chunks:
+            yield _chunk(head, [choice(index, chunk.text, chunk.tokens, chunk.finish_reason, offsets[index])],
+                         include_usage)
+            offsets[index] += len(chunk.text)
+            if chunk.reason:
+                finals[index] = chunk
+        if include_usage:
+            yield _chunk(head, [], include_usage, _usage(finals.values()))
+    return _event_stream(payloads())
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------------
@@ -242,35 +257,23 @@ async def chat_completions(request: Request):
                 "usage": _usage(results)}
     include_usage = _stream_options(body)
     chunks = await gen.primed(gen.merged(triton, generations))
+    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 
-    def chunk_payload(choices, usage=False):
-        payload = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": choices}
-        if include_usage:
-            payload["usage"] = None
-        return payload
-
-    async def events():
+    async def payloads():
         finals = {}
-        try:
-            # the assistant's role first, as OpenAI streams it
-            for index in range(len(generations)):
-                yield _sse(chunk_payload([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]))
-            async for index, chunk in chunks:
-                if chunk.text or chunk.tokens:
-                    yield _sse(chunk_payload([{"index": index, "delta": {"content": chunk.text},
-                                               "logprobs": _chat_logprobs(chunk.tokens) if logprobs else None,
-                                               "finish_reason": None}]))
-                if chunk.reason:
-                    finals[index] = chunk
-                    yield _sse(chunk_payload([{"index": index, "delta": {}, "logprobs": None,
-                                               "finish_reason": chunk.finish_reason}]))
-            if include_usage:
-                payload = chunk_payload([])
-                payload["usage"] = _usage(finals.values())
-                yield _sse(payload)
-        except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
-            yield _error_event(exc)
-        yield b"data: [DONE]\n\n"
-    return StreamingResponse(events(), media_type="text/event-stream")
+        # the assistant's role first, as OpenAI streams it
+        for index in range(len(generations)):
+            yield _chunk(head, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}], include_usage)
+        async for index, chunk in chunks:
+            if chunk.text or chunk.tokens:
+                yield _chunk(head, [{"index": index, "delta": {"content": chunk.text},
+                                     "logprobs": _chat_logprobs(chunk.tokens) if logprobs else None,
+                                     "finish_reason": None}], include_usage)
+            if chunk.reason:
+                finals[index] = chunk
+                yield _chunk(head, [{"index": index, "delta": {}, "logprobs": None,
+                                     "finish_reason": chunk.finish_reason}], include_usage)
+        if include_usage:
+            yield _chunk(head, [], include_usage, _usage(finals.values()))
+    return _event_stream(payloads())

@@ -16,21 +16,15 @@ from typing import AsyncIterator
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import model_config_pb2 as pb
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
 from .errors import ApiError, busy, from_triton
 
-_NUMPY = {"TYPE_STRING": np.object_, "TYPE_INT32": np.int32, "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32,
-          "TYPE_BOOL": np.bool_}
-_WIRE = {"TYPE_STRING": "BYTES", "TYPE_INT32": "INT32", "TYPE_UINT64": "UINT64", "TYPE_FP32": "FP32",
-         "TYPE_BOOL": "BOOL"}
-def _type_names() -> dict[str, str]:
-    from tritonclient.grpc import model_config_pb2 as pb
-    return {name: pb.DataType.Name(dtype) for name, dtype, _ in CLIENT_INPUTS}
-
-
-INPUT_TYPES = _type_names()
+# The front model's inputs -> their wire datatypes (a config's TYPE_STRING is BYTES on the wire)
+INPUT_TYPES = {name: pb.DataType.Name(dtype).removeprefix("TYPE_").replace("STRING", "BYTES")
+               for name, dtype, _ in CLIENT_INPUTS}
 OUTPUT_NAMES = [name for name, _, _ in CLIENT_OUTPUTS]
 _GAUGE = re.compile(r'^(mstriton_requests_(?:running|waiting))\{[^}]*model="([^"]+)"[^}]*\}\s+([0-9.eE+-]+)$')
 
@@ -102,13 +96,12 @@ class Triton:
 
     async def require(self, llm: str) -> None:
         """404 unless `llm` is served."""
-        if llm not in await self.llms():
+        served = await self.llms()
+        if llm not in served:
             raise ApiError(404, f"The model '{llm}' does not exist; this server serves: "
-                                f"{', '.join(await self.llms()) or 'nothing yet'}", param="model",
-                           code="model_not_found")
+                                f"{', '.join(served) or 'nothing yet'}", param="model", code="model_not_found")
 
-    async def generate(self, llm: str, inputs: dict, request_id: str = "",
-                       names: dict[str, str] | None = None) -> AsyncIterator[dict]:
+    async def generate(self, llm: str, inputs: dict, names: dict[str, str] | None = None) -> AsyncIterator[dict]:
         """Stream `llm`'s responses to `inputs` (front-model input name -> Python value), as dicts of output
         name -> value, until the final one (whose finish_reason is set). Closing the generator early cancels.
         `names`: the client's names of the inputs, for the errors that name one."""
@@ -118,7 +111,7 @@ class Triton:
         outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
 
         async def requests():
-            yield {"model_name": llm, "inputs": tensors, "outputs": outputs, "request_id": request_id}
+            yield {"model_name": llm, "inputs": tensors, "outputs": outputs}
 
         stream = self.client.stream_infer(requests())
         finished = False
@@ -159,12 +152,12 @@ class Triton:
 
 def _tensor(name: str, value) -> grpcclient.InferInput:
     kind = INPUT_TYPES[name]
-    if kind == "TYPE_STRING":
+    if kind == "BYTES":
         text = value if isinstance(value, str) else json.dumps(value)
         array = np.array([[text.encode("utf-8")]], np.object_)
     else:
-        array = np.array([[value]], _NUMPY[kind])
-    tensor = grpcclient.InferInput(name, list(array.shape), _WIRE[kind])
+        array = np.array([[value]], triton_to_np_dtype(kind))
+    tensor = grpcclient.InferInput(name, list(array.shape), kind)
     tensor.set_data_from_numpy(array)
     return tensor
 

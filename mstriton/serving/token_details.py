@@ -23,10 +23,9 @@ class TokenDetails:
     def entries(self, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]]) -> list[dict]:
         """One dict per token of `ids` (the newest tokens of a response, in order)."""
         out = []
-        for i, token in enumerate(ids):
+        for i, (token, logprob) in enumerate(zip(ids, logprobs, strict=True)):
             text, special = self.text_of(int(token))
-            entry = {"id": int(token), "text": text, "logprob": logprobs[i] if i < len(logprobs) else None,
-                     "special": special}
+            entry = {"id": int(token), "text": text, "logprob": logprob, "special": special}
             if tops:
                 entry["top_logprobs"] = [{"id": int(t), "text": self.text_of(int(t))[0], "logprob": lp}
                                          for t, lp in tops[i]]

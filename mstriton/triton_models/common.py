@@ -12,6 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..params import ParameterError
+# INVALID_REQUEST marks a refused request's message: KServe /infer would otherwise answer HTTP 500. The front and
+# unary models give the code back by it (`with_code_restored`).
 from ..serving.error_marks import INVALID_REQUEST
 from ..serving.finished_streams import FINISHED_STREAMS
 
@@ -71,10 +73,6 @@ def bytes_tensor(name: str, values: list[str]) -> "pb_utils.Tensor":
 
 def scalar_tensor(name: str, value, dtype) -> "pb_utils.Tensor":
     return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
-
-
-# Marks the message of a refused request (serving/error_marks.py): KServe /infer would otherwise answer HTTP 500.
-# The front and unary models give the code back by it (`with_code_restored`).
 
 
 # What a streamed response carries from the decode model to the front model besides its window of ids, packed

@@ -9,10 +9,10 @@ import asyncio
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from ..repository import CLIENT_OUTPUTS
 from . import common
 
-OUTPUTS = ["text_output", "output_log_probs", "cum_log_probs", "finish_reason", "num_input_tokens",
-           "num_output_tokens", "tokens_json"]
+OUTPUTS = [name for name, _, _ in CLIENT_OUTPUTS]
 
 
 class TritonPythonModel:
