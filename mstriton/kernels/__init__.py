@@ -1,0 +1,155 @@
+"""The CPU kernels: weight products of every weight format, embedding lookup and decode attention, in C++
+(``csrc/``), built into ``libmstriton_kernels.so`` by ``make -C mstriton/kernels`` (``make install`` runs it).
+
+The same library serves two callers:
+- MindSpore graphs, as AOT custom operators (``ops.py``), which is how the engine runs them;
+- Python, through ctypes (the functions below): the unit tests against numpy and the benchmarks.
+
+CPU features: one object per ISA is linked in and the best the CPU has is chosen at load (AVX-512 F/BW/VL with
+FMA and F16C; else AVX2 + FMA + F16C; else plain SSE2 code, the fallback); MSTRITON_KERNEL_ISA forces one.
+Threads: MSTRITON_KERNEL_THREADS, else every CPU the process may use (OpenMP).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .formats import FORMATS, row_bytes
+
+HERE = Path(__file__).resolve().parent
+LIBRARY = HERE / "libmstriton_kernels.so"
+SOURCES = sorted((HERE / "csrc").glob("*")) + [HERE / "Makefile"]
+ISAS = ("avx512", "avx2", "generic")
+PRE = {"none": 0, "rmsnorm": 1, "swiglu": 2}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+def is_stale() -> bool:
+    if not LIBRARY.exists():
+        return True
+    built = LIBRARY.stat().st_mtime
+    return any(source.stat().st_mtime > built for source in SOURCES)
+
+
+def build(progress=print) -> Path:
+    """Build the library with the system compiler if it is missing or older than its sources."""
+    if is_stale():
+        progress(f"building {LIBRARY.name} (C++ kernels, about a minute)")
+        result = subprocess.run(["make", "-C", str(HERE), "-j2"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelsUnavailable(f"building the kernels failed (make -C {HERE}); it needs g++ with OpenMP "
+                                     f"(Debian: build-essential):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+    return LIBRARY
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (built first when needed)."""
+    global _lib
+    with _lock:
+        if _lib is None:
+            build()
+            lib = ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
+            i64, u8p = ctypes.c_int64, ctypes.c_void_p
+            lib.mst_isa.restype = ctypes.c_char_p
+            lib.mst_set_isa.argtypes = [ctypes.c_char_p]
+            lib.mst_isa_supported.argtypes = [ctypes.c_char_p]
+            lib.mst_row_bytes.argtypes, lib.mst_row_bytes.restype = [ctypes.c_int, i64], i64
+            lib.mst_linear.argtypes = [ctypes.c_int, ctypes.c_int, u8p, i64, i64, u8p, ctypes.c_float, u8p, i64,
+                                       u8p, u8p, u8p]
+            lib.mst_embed.argtypes = [ctypes.c_int, u8p, i64, u8p, i64, i64, u8p]
+            lib.mst_decode_attention.argtypes = [u8p, u8p, u8p, u8p, i64, u8p, u8p, i64, i64, i64, i64, i64,
+                                                 u8p, u8p, u8p]
+            lib.mst_read_bandwidth.argtypes, lib.mst_read_bandwidth.restype = [u8p, i64, ctypes.c_int], \
+                ctypes.c_double
+            lib.mst_fma_peak.argtypes, lib.mst_fma_peak.restype = [i64], ctypes.c_double
+            _lib = lib
+    return _lib
+
+
+def _ptr(array: np.ndarray | None):
+    return None if array is None else array.ctypes.data
+
+
+def isa() -> str:
+    return library().mst_isa().decode()
+
+
+def supported_isas() -> list[str]:
+    return [name for name in ISAS if library().mst_isa_supported(name.encode())]
+
+
+def set_isa(name: str) -> None:
+    if library().mst_set_isa(name.encode()) != 0:
+        raise KernelsUnavailable(f"ISA {name!r} is not one of {ISAS} supported by this CPU ({supported_isas()})")
+
+
+def threads() -> int:
+    return library().mst_threads()
+
+
+def set_threads(n: int) -> None:
+    library().mst_set_threads(n)
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.float32)
+
+
+def linear(fmt: str, x: np.ndarray, w: np.ndarray, *, pre: str = "none", norm: np.ndarray | None = None,
+           eps: float = 1e-6, bias: np.ndarray | None = None, residual: np.ndarray | None = None) -> np.ndarray:
+    """y [M, N] = pre(x) @ unpack(w)^T (+ bias) (+ residual), with x [M, K] ([M, 2K] for pre='swiglu')."""
+    x = _f32(x)
+    m, k = x.shape[0], x.shape[1] // (2 if pre == "swiglu" else 1)
+    w = np.ascontiguousarray(w, np.uint8)
+    if w.shape[1] != row_bytes(fmt, k):
+        raise ValueError(f"{fmt} rows of K={k} take {row_bytes(fmt, k)} bytes; w has {w.shape[1]}")
+    n = w.shape[0]
+    y = np.empty((m, n), np.float32)
+    norm, bias, residual = (None if a is None else _f32(a) for a in (norm, bias, residual))
+    status = library().mst_linear(FORMATS[fmt], PRE[pre], _ptr(x), m, k, _ptr(norm), eps, _ptr(w), n, _ptr(bias),
+                                  _ptr(residual), _ptr(y))
+    if status:
+        raise ValueError(f"mst_linear refused its arguments (status {status})")
+    return y
+
+
+def embed(fmt: str, tokens: np.ndarray, table: np.ndarray, dim: int) -> np.ndarray:
+    tokens = np.ascontiguousarray(tokens, np.int32)
+    table = np.ascontiguousarray(table, np.uint8)
+    out = np.empty(tokens.shape + (dim,), np.float32)
+    library().mst_embed(FORMATS[fmt], _ptr(tokens), tokens.size, _ptr(table), table.shape[0], dim, _ptr(out))
+    return out
+
+
+def decode_attention(qkv, positions, cos, sin, k_cache, v_cache, heads: int):
+    """(out [B, H*D], k_new [B, Hkv, D], v_new [B, Hkv, D]); see csrc/attention.h."""
+    qkv, cos, sin, k_cache, v_cache = (_f32(a) for a in (qkv, cos, sin, k_cache, v_cache))
+    positions = np.ascontiguousarray(positions, np.int32)
+    b, kv, d, s = k_cache.shape
+    out = np.empty((b, heads * d), np.float32)
+    k_new, v_new = np.empty((b, kv, d), np.float32), np.empty((b, kv, d), np.float32)
+    library().mst_decode_attention(_ptr(qkv), _ptr(positions), _ptr(cos), _ptr(sin), cos.shape[0], _ptr(k_cache),
+                                   _ptr(v_cache), b, heads, kv, d, s, _ptr(out), _ptr(k_new), _ptr(v_new))
+    return out, k_new, v_new
+
+
+def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
+    """GB/s reading a buffer of `nbytes` (far above the caches), best of `reps`, on every kernel thread."""
+    buf = np.ones(nbytes // 4, np.float32)
+    return library().mst_read_bandwidth(_ptr(buf), buf.size, reps)
+
+
+def fma_peak(iterations: int = 20_000_000) -> float:
+    """GFLOP/s of float32 FMAs in registers on every kernel thread, with this ISA's vectors."""
+    return library().mst_fma_peak(iterations)

@@ -1,0 +1,31 @@
+// The arguments of each kernel, shared by every ISA build (isa.cpp) and the entry points (entry.cpp).
+#pragma once
+
+#include <cstdint>
+
+enum Pre : int { PRE_NONE = 0, PRE_RMSNORM = 1, PRE_SWIGLU = 2 };
+
+struct LinearArgs {
+  int format;             // formats.h
+  int pre;                // Pre
+  const float *x;         // [M, K] (PRE_SWIGLU: [M, 2K], gate then up)
+  int64_t m, k;
+  const float *norm;      // PRE_RMSNORM: [K]
+  float eps;
+  const uint8_t *w;       // [N, row_bytes(format, K)]
+  int64_t n;
+  const float *bias;      // [N] or null
+  const float *residual;  // [M, N] or null
+  float *y;               // [M, N]
+  int threads;
+};
+
+struct AttentionArgs {
+  const float *qkv;
+  const int32_t *positions;
+  const float *cos, *sin;
+  const float *k_cache, *v_cache;
+  float *out, *k_new, *v_new;
+  int64_t batch, heads, kv_heads, dim, seq, table_len;
+  int threads;
+};

@@ -1,0 +1,103 @@
+// Decoding one block of 32 weights of each format (formats.h) into NV float vectors, inside an ISA namespace.
+//
+// full(row, b, out) decodes block b of a row whose every value is present; partial(row, b, k, out) the last block
+// of a row of k values, where fewer than 32 remain (only the unblocked formats F32, BF16 and INT8 have such rows;
+// the GGUF formats pad their last block). Dequantization is exact in float32 for every format, so the products
+// equal those of the dequantized matrix up to the order of the additions.
+#pragma once
+
+#include "formats.h"
+#include "vec.h"
+
+namespace MST_NS {
+
+struct DecodeF32 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const float *p = reinterpret_cast<const float *>(row) + b * QK;
+    for (int j = 0; j < NV; j++) out[j] = load<vf>(p + j * W);
+  }
+  static inline float scalar(const uint8_t *row, int64_t i) {
+    float v;
+    std::memcpy(&v, row + 4 * i, 4);
+    return v;
+  }
+};
+
+struct DecodeBF16 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *p = row + 2 * b * QK;
+    for (int j = 0; j < NV; j++) {
+      vu bits = __builtin_convertvector(load<vh>(p + 2 * j * W), vu) << 16;  // bfloat16 = top half of a float32
+      out[j] = __builtin_bit_cast(vf, bits);
+    }
+  }
+  static inline float scalar(const uint8_t *row, int64_t i) {
+    uint16_t h;
+    std::memcpy(&h, row + 2 * i, 2);
+    uint32_t bits = uint32_t(h) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    return v;
+  }
+};
+
+struct DecodeINT8 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    float scale;
+    std::memcpy(&scale, row, 4);
+    const uint8_t *p = row + 4 + b * QK;
+    for (int j = 0; j < NV; j++) out[j] = to_float(__builtin_convertvector(load<vsb>(p + j * W), vi)) * scale;
+  }
+  static inline float scalar(const uint8_t *row, int64_t i) {
+    float scale;
+    std::memcpy(&scale, row, 4);
+    return scale * float(static_cast<int8_t>(row[4 + i]));
+  }
+};
+
+struct DecodeQ8_0 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *blk = row + 34 * b;
+    const float d = half_to_float(blk);
+    for (int j = 0; j < NV; j++) out[j] = to_float(__builtin_convertvector(load<vsb>(blk + 2 + j * W), vi)) * d;
+  }
+};
+
+// The nibbles of values e .. e+W-1 of a 4-bit block (W divides 16, so a vector never straddles the two halves).
+static inline vi nibbles(const uint8_t *qs, int e) {
+  vb q = e < 16 ? (load<vb>(qs + e) & 15) : (load<vb>(qs + e - 16) >> 4);
+  return __builtin_convertvector(q, vi);
+}
+
+struct DecodeQ4_0 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *blk = row + 18 * b;
+    const float d = half_to_float(blk);
+    for (int j = 0; j < NV; j++) out[j] = to_float(nibbles(blk + 2, j * W) - 8) * d;
+  }
+};
+
+struct DecodeQ4_1 {
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *blk = row + 20 * b;
+    const float d = half_to_float(blk), m = half_to_float(blk + 2);
+    for (int j = 0; j < NV; j++) out[j] = to_float(nibbles(blk + 4, j * W)) * d + m;
+  }
+};
+
+// Block b of a row of k values, zero past k. The blocked formats always hold whole blocks; the others have a scalar
+// path for their last, partial block.
+template <class D>
+static inline void decode_block(const uint8_t *row, int64_t b, int64_t k, vf out[NV]) {
+  if constexpr (requires { D::scalar(row, 0); }) {
+    if ((b + 1) * QK > k) {
+      alignas(64) float tmp[QK] = {};
+      for (int64_t i = b * QK; i < k; i++) tmp[i - b * QK] = D::scalar(row, i);
+      for (int j = 0; j < NV; j++) out[j] = load<vf>(tmp + j * W);
+      return;
+    }
+  }
+  D::full(row, b, out);
+}
+
+}  // namespace MST_NS

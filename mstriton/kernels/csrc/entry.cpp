@@ -1,0 +1,274 @@
+// libmstriton_kernels.so: run-time ISA dispatch, the MindSpore AOT custom-operator entry points and their C++
+// shape/type inference (needed for graphs with dynamic dimensions to load from MindIR), and a plain C API for the
+// unit tests and benchmarks (ctypes).
+//
+// AOT operators (inputs, then outputs; every weight matrix is uint8 [N, row_bytes], formats.h):
+//   MstLinear_<F>        x [..., K], w [, bias [N]] [, residual [..., N]]          -> y [..., N]
+//   MstNormLinear_<F>    x [..., K], norm [K], eps [1], w [, bias [N]]             -> y [..., N]   (RMSNorm first)
+//   MstSwigluLinear_<F>  x [..., 2K], w [, bias [N]] [, residual [..., N]]         -> y [..., N]   (silu(g) * u first)
+//   MstEmbed_<F>         tokens [...] int32, table [V, row_bytes], like [E] float32 -> [..., E]
+//   MstDecodeAttention   qkv, positions, cos, sin, k_cache, v_cache -> out, k_new, v_new   (attention.h)
+// with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
+//
+// Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on. OpenMP's own default is not used:
+// importing MindSpore sets OMP_NUM_THREADS=1 in the process. ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
+// (avx512, avx2, generic).
+#include <sched.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "args.h"
+#include "formats.h"
+
+#define DECLARE_ISA(ns)                                                                                          \
+  namespace ns {                                                                                                  \
+  void linear(const LinearArgs &);                                                                               \
+  void embed(int, const int32_t *, int64_t, const uint8_t *, int64_t, int64_t, float *);                         \
+  void decode_attention(const AttentionArgs &);                                                                  \
+  double read_bandwidth(const float *, int64_t, int, int);                                                        \
+  double fma_peak(int, int64_t);                                                                                 \
+  }
+DECLARE_ISA(mst_avx512)
+DECLARE_ISA(mst_avx2)
+DECLARE_ISA(mst_generic)
+
+namespace {
+
+struct Isa {
+  const char *name;
+  void (*linear)(const LinearArgs &);
+  void (*embed)(int, const int32_t *, int64_t, const uint8_t *, int64_t, int64_t, float *);
+  void (*decode_attention)(const AttentionArgs &);
+  double (*read_bandwidth)(const float *, int64_t, int, int);
+  double (*fma_peak)(int, int64_t);
+};
+
+#define ISA_ENTRY(label, ns) \
+  Isa { label, ns::linear, ns::embed, ns::decode_attention, ns::read_bandwidth, ns::fma_peak }
+const Isa ISAS[] = {ISA_ENTRY("avx512", mst_avx512), ISA_ENTRY("avx2", mst_avx2), ISA_ENTRY("generic", mst_generic)};
+
+bool supported(const Isa &isa) {
+  __builtin_cpu_init();
+  if (!std::strcmp(isa.name, "avx512"))
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (!std::strcmp(isa.name, "avx2"))
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return true;
+}
+
+const Isa *best_isa() {
+  const char *wanted = std::getenv("MSTRITON_KERNEL_ISA");
+  for (const Isa &isa : ISAS)
+    if (supported(isa) && (!wanted || !*wanted || !std::strcmp(wanted, isa.name))) return &isa;
+  return &ISAS[2];
+}
+
+const Isa *current = nullptr;
+const Isa &isa() {
+  if (!current) current = best_isa();
+  return *current;
+}
+
+int default_threads() {
+  if (const char *env = std::getenv("MSTRITON_KERNEL_THREADS"); env && std::atoi(env) > 0) return std::atoi(env);
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return 1;
+}
+int thread_count = 0;
+int threads() {
+  if (!thread_count) thread_count = default_threads();
+  return thread_count;
+}
+
+int64_t elements(int ndim, const int64_t *shape, int upto) {
+  int64_t n = 1;
+  for (int i = 0; i < upto && i < ndim; i++) n *= shape[i];
+  return n;
+}
+
+bool is(const char *dtype, const char *name) { return dtype && !std::strcmp(dtype, name); }
+
+// The optional bias / residual inputs between `first` and the output (the last param).
+void optional_terms(int nparam, void **params, int *ndims, int first, LinearArgs *a) {
+  for (int i = first; i < nparam - 1; i++) {
+    if (ndims[i] == 1)
+      a->bias = static_cast<const float *>(params[i]);
+    else
+      a->residual = static_cast<const float *>(params[i]);
+  }
+}
+
+int run_linear(int format, int pre, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  const int x = 0, w = pre == PRE_RMSNORM ? 3 : 1, y = nparam - 1;
+  if (!is(dtypes[x], "float32") || !is(dtypes[w], "uint8") || ndims[w] != 2) return 1;
+  LinearArgs a{};
+  a.format = format;
+  a.pre = pre;
+  a.x = static_cast<const float *>(params[x]);
+  a.k = shapes[x][ndims[x] - 1] / (pre == PRE_SWIGLU ? 2 : 1);
+  a.m = elements(ndims[x], shapes[x], ndims[x] - 1);
+  a.w = static_cast<const uint8_t *>(params[w]);
+  a.n = shapes[w][0];
+  if (shapes[w][1] != row_bytes(format, a.k)) return 2;  // the matrix is not K values per row in this format
+  if (pre == PRE_RMSNORM) {
+    a.norm = static_cast<const float *>(params[1]);
+    a.eps = *static_cast<const float *>(params[2]);
+  }
+  optional_terms(nparam, params, ndims, w + 1, &a);
+  a.y = static_cast<float *>(params[y]);
+  a.threads = threads();
+  isa().linear(a);
+  return 0;
+}
+
+std::vector<int64_t> linear_shape(int *ndims, int64_t **shapes, int w) {
+  if (ndims[0] > 0 && shapes[0][0] == -2) return {-2};  // unknown rank
+  std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);
+  out.back() = shapes[w][0];
+  return out;
+}
+
+}  // namespace
+
+struct AotExtra;      // MindSpore's; only passed through
+enum TypeId : int {};  // MindSpore's type ids; only passed through
+
+#define AOT_ARGS int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *
+#define LINEAR_OPS(F)                                                                                            \
+  extern "C" int MstLinear_##F(AOT_ARGS) { return run_linear(F, PRE_NONE, nparam, params, ndims, shapes, dtypes); } \
+  extern "C" std::vector<int64_t> MstLinear_##F##InferShape(int *ndims, int64_t **shapes, AotExtra *) {            \
+    return linear_shape(ndims, shapes, 1);                                                                       \
+  }                                                                                                             \
+  extern "C" TypeId MstLinear_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }          \
+  extern "C" int MstNormLinear_##F(AOT_ARGS) {                                                                   \
+    return run_linear(F, PRE_RMSNORM, nparam, params, ndims, shapes, dtypes);                                   \
+  }                                                                                                             \
+  extern "C" std::vector<int64_t> MstNormLinear_##F##InferShape(int *ndims, int64_t **shapes, AotExtra *) {        \
+    return linear_shape(ndims, shapes, 3);                                                                       \
+  }                                                                                                             \
+  extern "C" TypeId MstNormLinear_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }      \
+  extern "C" int MstSwigluLinear_##F(AOT_ARGS) {                                                                 \
+    return run_linear(F, PRE_SWIGLU, nparam, params, ndims, shapes, dtypes);                                    \
+  }                                                                                                             \
+  extern "C" std::vector<int64_t> MstSwigluLinear_##F##InferShape(int *ndims, int64_t **shapes, AotExtra *) {      \
+    return linear_shape(ndims, shapes, 1);                                                                       \
+  }                                                                                                             \
+  extern "C" TypeId MstSwigluLinear_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }    \
+  extern "C" int MstEmbed_##F(AOT_ARGS) {                                                                        \
+    (void)nparam;                                                                                                \
+    if (!is(dtypes[0], "int32") || !is(dtypes[1], "uint8")) return 1;                                            \
+    const int64_t e = shapes[2][0];                                                                               \
+    if (shapes[1][1] != row_bytes(F, e)) return 2;                                                               \
+    isa().embed(F, static_cast<const int32_t *>(params[0]), elements(ndims[0], shapes[0], ndims[0]),               \
+                static_cast<const uint8_t *>(params[1]), shapes[1][0], e, static_cast<float *>(params[3]));       \
+    return 0;                                                                                                    \
+  }                                                                                                             \
+  extern "C" std::vector<int64_t> MstEmbed_##F##InferShape(int *ndims, int64_t **shapes, AotExtra *) {             \
+    if (ndims[0] > 0 && shapes[0][0] == -2) return {-2};                                                         \
+    std::vector<int64_t> out(shapes[0], shapes[0] + ndims[0]);                                                   \
+    out.push_back(shapes[2][0]);                                                                                 \
+    return out;                                                                                                  \
+  }                                                                                                             \
+  extern "C" TypeId MstEmbed_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[2]; }
+
+LINEAR_OPS(F32)
+LINEAR_OPS(BF16)
+LINEAR_OPS(INT8)
+LINEAR_OPS(Q8_0)
+LINEAR_OPS(Q4_0)
+LINEAR_OPS(Q4_1)
+
+extern "C" int MstDecodeAttention(AOT_ARGS) {
+  if (nparam != 9 || !is(dtypes[0], "float32") || !is(dtypes[1], "int32") || !is(dtypes[4], "float32")) return 1;
+  AttentionArgs a{};
+  a.qkv = static_cast<const float *>(params[0]);
+  a.positions = static_cast<const int32_t *>(params[1]);
+  a.cos = static_cast<const float *>(params[2]);
+  a.sin = static_cast<const float *>(params[3]);
+  a.k_cache = static_cast<const float *>(params[4]);
+  a.v_cache = static_cast<const float *>(params[5]);
+  a.out = static_cast<float *>(params[6]);
+  a.k_new = static_cast<float *>(params[7]);
+  a.v_new = static_cast<float *>(params[8]);
+  a.batch = shapes[0][0];
+  a.kv_heads = shapes[4][1];
+  a.dim = shapes[4][2];
+  a.seq = shapes[4][3];
+  a.heads = shapes[0][1] / a.dim - 2 * a.kv_heads;
+  a.table_len = shapes[2][0];
+  if (a.heads <= 0 || a.heads % a.kv_heads || shapes[5][2] != a.seq || shapes[2][1] != a.dim) return 2;
+  a.threads = threads();
+  isa().decode_attention(a);
+  return 0;
+}
+
+extern "C" std::vector<std::vector<int64_t>> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
+  const int64_t b = shapes[0][0], kv = shapes[4][1], d = shapes[4][2];
+  const int64_t heads = shapes[0][1] < 0 ? -1 : shapes[0][1] / d - 2 * kv;
+  return {{b, heads < 0 ? -1 : heads * d}, {b, kv, d}, {b, kv, d}};
+}
+extern "C" std::vector<TypeId> MstDecodeAttentionInferType(std::vector<TypeId> types, AotExtra *) {
+  return {types[0], types[0], types[0]};
+}
+
+// ---- C API (ctypes) -----------------------------------------------------------------------------------------
+
+extern "C" {
+
+const char *mst_isa() { return isa().name; }
+
+// Choose an ISA by name (tests run every one the CPU supports). Returns 0, or -1 if unknown or unsupported.
+int mst_set_isa(const char *name) {
+  for (const Isa &candidate : ISAS)
+    if (!std::strcmp(candidate.name, name) && supported(candidate)) {
+      current = &candidate;
+      return 0;
+    }
+  return -1;
+}
+
+int mst_isa_supported(const char *name) {
+  for (const Isa &candidate : ISAS)
+    if (!std::strcmp(candidate.name, name)) return supported(candidate);
+  return 0;
+}
+
+int mst_threads() { return threads(); }
+void mst_set_threads(int n) { thread_count = n > 0 ? n : default_threads(); }
+int64_t mst_row_bytes(int format, int64_t k) { return row_bytes(format, k); }
+
+int mst_linear(int format, int pre, const float *x, int64_t m, int64_t k, const float *norm, float eps,
+               const uint8_t *w, int64_t n, const float *bias, const float *residual, float *y) {
+  if (format < 0 || format >= FORMAT_COUNT || pre < PRE_NONE || pre > PRE_SWIGLU) return 1;
+  LinearArgs a{format, pre, x, m, k, norm, eps, w, n, bias, residual, y, threads()};
+  isa().linear(a);
+  return 0;
+}
+
+int mst_embed(int format, const int32_t *tokens, int64_t count, const uint8_t *table, int64_t vocab, int64_t e,
+              float *out) {
+  if (format < 0 || format >= FORMAT_COUNT) return 1;
+  isa().embed(format, tokens, count, table, vocab, e, out);
+  return 0;
+}
+
+int mst_decode_attention(const float *qkv, const int32_t *positions, const float *cos, const float *sin,
+                         int64_t table_len, const float *k_cache, const float *v_cache, int64_t batch, int64_t heads,
+                         int64_t kv_heads, int64_t dim, int64_t seq, float *out, float *k_new, float *v_new) {
+  AttentionArgs a{qkv, positions, cos, sin, k_cache, v_cache, out, k_new, v_new,
+                  batch, heads, kv_heads, dim, seq, table_len, threads()};
+  isa().decode_attention(a);
+  return 0;
+}
+
+double mst_read_bandwidth(const float *buf, int64_t count, int reps) {
+  return isa().read_bandwidth(buf, count, threads(), reps);
+}
+double mst_fma_peak(int64_t iterations) { return isa().fma_peak(threads(), iterations); }
+
+}  // extern "C"

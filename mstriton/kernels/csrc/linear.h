@@ -1,0 +1,206 @@
+// y[M, N] = pre(x)[M, K] @ W^T (+ bias[N]) (+ residual[M, N]) for a weight matrix W of any format (formats.h).
+//
+// pre(x) is x itself, RMSNorm(x) * g (the norm fused into the projection after it), or silu(gate) * up of a
+// [M, 2K] gate/up product (SwiGLU fused into the down projection). It is computed once per call into a padded
+// copy of the rows, so every product below reads whole 32-value blocks of x.
+//
+// Two shapes of product, both dequantizing the weights to float32 in registers and multiplying in float32:
+// - M <= 16 (decode batches): a GEMV. Each weight block is decoded once and multiplied into every row, several
+//   output channels at a time so that enough independent accumulators hide the FMA latency. The weights stream
+//   from memory exactly once per call: this is the bandwidth-bound path.
+// - M > 16 (prefill): a GEMM. Each thread decodes a panel of 2W output channels into an [K, 2W] float32 buffer that
+//   stays in L2, then runs a register-blocked outer-product micro-kernel over all rows (MR rows x 2W channels of
+//   accumulators, one broadcast of x per FMA pair): compute-bound, the decode cost shared by all M rows.
+// Output channels are split between OpenMP threads in contiguous ranges.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "args.h"
+#include "decode.h"
+
+namespace MST_NS {
+
+// The rows of pre(x), each padded with zeros to whole blocks: xp[M, kp].
+static void prepare_rows(const LinearArgs &a, float *xp, int64_t kp) {
+#pragma omp parallel for num_threads(a.threads) schedule(static) if (a.m > 4)
+  for (int64_t r = 0; r < a.m; r++) {
+    float *out = xp + r * kp;
+    if (a.pre == PRE_SWIGLU) {
+      const float *gate = a.x + r * 2 * a.k, *up = gate + a.k;
+      int64_t i = 0;
+      for (; i + W <= a.k; i += W) {
+        const vf g = load<vf>(gate + i);
+        store(out + i, g / (1.0f + vexp(-g)) * load<vf>(up + i));
+      }
+      for (; i < a.k; i++) out[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    } else if (a.pre == PRE_RMSNORM) {
+      const float *in = a.x + r * a.k;
+      float ss = 0.0f;
+      for (int64_t i = 0; i < a.k; i++) ss += in[i] * in[i];
+      const float inv = 1.0f / std::sqrt(ss / float(a.k) + a.eps);
+      for (int64_t i = 0; i < a.k; i++) out[i] = in[i] * inv * a.norm[i];
+    } else {
+      std::memcpy(out, a.x + r * a.k, a.k * sizeof(float));
+    }
+    std::memset(out + a.k, 0, (kp - a.k) * sizeof(float));
+  }
+}
+
+static inline float epilogue(const LinearArgs &a, int64_t r, int64_t c, float v) {
+  if (a.bias) v += a.bias[c];
+  if (a.residual) v += a.residual[r * a.n + c];
+  return v;
+}
+
+// ---- GEMV: MR rows x NC channels per tile -------------------------------------------------------------------
+
+template <class D, int MR, int NC>
+static void gemv_tile(const LinearArgs &a, const float *xp, int64_t kp, int64_t rb, int64_t c0) {
+  const int64_t nb = kp / QK;
+  vf acc[NC][MR];
+  for (int c = 0; c < NC; c++)
+    for (int r = 0; r < MR; r++) acc[c][r] = vf{};
+  for (int64_t b = 0; b < nb; b++) {
+    for (int c = 0; c < NC; c++) {
+      vf w[NV];
+      decode_block<D>(a.w + (c0 + c) * rb, b, a.k, w);
+      for (int r = 0; r < MR; r++) {
+        const float *x = xp + r * kp + b * QK;
+        for (int j = 0; j < NV; j++) acc[c][r] = load<vf>(x + j * W) * w[j] + acc[c][r];
+      }
+    }
+  }
+  for (int c = 0; c < NC; c++)
+    for (int r = 0; r < MR; r++) a.y[r * a.n + c0 + c] = epilogue(a, r, c0 + c, hsum(acc[c][r]));
+}
+
+template <class D, int MR>
+static void gemv(const LinearArgs &a, const float *xp, int64_t kp) {
+  // Enough independent accumulators (channels x rows) to cover the FMA latency, few enough to stay in registers.
+  constexpr int NC = MR >= 8 ? 1 : 8 / MR;
+  const int64_t rb = row_bytes(a.format, a.k);
+  const int64_t groups = a.n / NC;
+#pragma omp parallel num_threads(a.threads)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    for (int64_t g = g0; g < g1; g++) gemv_tile<D, MR, NC>(a, xp, kp, rb, g * NC);
+    // Channels left over by the grouping, one at a time, by the last thread.
+    if (t == nt - 1)
+      for (int64_t c = groups * NC; c < a.n; c++) gemv_tile<D, MR, 1>(a, xp, kp, rb, c);
+  }
+}
+
+// ---- GEMM: panels of NR = 2W channels, micro-kernel of MR_GEMM rows --------------------------------------------
+
+constexpr int NR = 2 * W;
+constexpr int MR_GEMM = W == 16 ? 8 : (W == 8 ? 6 : 4);  // 2 * MR accumulators fit the ISA's vector registers
+
+template <int MR>
+static inline void micro_kernel(const LinearArgs &a, const float *xp, int64_t kp, const float *panel, int64_t r0,
+                                int64_t c0) {
+  vf acc[MR][2];
+  for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = vf{};
+  const float *x = xp + r0 * kp;
+  for (int64_t i = 0; i < kp; i++) {
+    const vf b0 = load<vf>(panel + i * NR), b1 = load<vf>(panel + i * NR + W);
+    for (int r = 0; r < MR; r++) {
+      const vf s = splat(x[r * kp + i]);
+      acc[r][0] = s * b0 + acc[r][0];
+      acc[r][1] = s * b1 + acc[r][1];
+    }
+  }
+  const int64_t cols = std::min<int64_t>(NR, a.n - c0);
+  for (int r = 0; r < MR; r++) {
+    alignas(64) float out[NR];
+    store(out, acc[r][0]);
+    store(out + W, acc[r][1]);
+    float *y = a.y + (r0 + r) * a.n + c0;
+    for (int64_t c = 0; c < cols; c++) y[c] = epilogue(a, r0 + r, c0 + c, out[c]);
+  }
+}
+
+template <int MR>
+static void micro_rows(const LinearArgs &a, const float *xp, int64_t kp, const float *panel, int64_t r0, int rows,
+                       int64_t c0) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return micro_kernel<MR>(a, xp, kp, panel, r0, c0);
+    return micro_rows<MR - 1>(a, xp, kp, panel, r0, rows, c0);
+  }
+}
+
+template <class D>
+static void gemm(const LinearArgs &a, const float *xp, int64_t kp) {
+  const int64_t rb = row_bytes(a.format, a.k), nb = kp / QK;
+  const int64_t panels = (a.n + NR - 1) / NR;
+#pragma omp parallel num_threads(a.threads)
+  {
+    float *panel = static_cast<float *>(std::aligned_alloc(64, kp * NR * sizeof(float)));
+    alignas(64) float block[QK];
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < panels; p++) {
+      const int64_t c0 = p * NR;
+      for (int c = 0; c < NR; c++) {  // decode the panel's channels, transposed to [K, NR]
+        if (c0 + c >= a.n) {
+          for (int64_t i = 0; i < kp; i++) panel[i * NR + c] = 0.0f;
+          continue;
+        }
+        const uint8_t *row = a.w + (c0 + c) * rb;
+        for (int64_t b = 0; b < nb; b++) {
+          vf w[NV];
+          decode_block<D>(row, b, a.k, w);
+          for (int j = 0; j < NV; j++) store(block + j * W, w[j]);
+          for (int i = 0; i < QK; i++) panel[(b * QK + i) * NR + c] = block[i];
+        }
+      }
+      int64_t r0 = 0;
+      for (; r0 + MR_GEMM <= a.m; r0 += MR_GEMM) micro_kernel<MR_GEMM>(a, xp, kp, panel, r0, c0);
+      if (r0 < a.m) micro_rows<MR_GEMM - 1>(a, xp, kp, panel, r0, int(a.m - r0), c0);
+    }
+    std::free(panel);
+  }
+}
+
+// ---- entry --------------------------------------------------------------------------------------------------
+
+template <class D, int MR>
+static void gemv_rows(const LinearArgs &a, const float *xp, int64_t kp) {
+  if constexpr (MR > 0) {
+    if (a.m == MR) return gemv<D, MR>(a, xp, kp);
+    return gemv_rows<D, MR - 1>(a, xp, kp);
+  }
+}
+
+constexpr int64_t GEMV_MAX_ROWS = 16;
+
+template <class D>
+static void linear_with(const LinearArgs &a) {
+  const int64_t kp = blocks_of(a.k) * QK;
+  float *xp = static_cast<float *>(std::aligned_alloc(64, std::max<int64_t>(a.m * kp, 16) * sizeof(float)));
+  prepare_rows(a, xp, kp);
+  if (a.m <= GEMV_MAX_ROWS)
+    gemv_rows<D, GEMV_MAX_ROWS>(a, xp, kp);
+  else
+    gemm<D>(a, xp, kp);
+  std::free(xp);
+}
+
+void linear(const LinearArgs &a) {
+  if (a.m == 0 || a.n == 0) return;
+  switch (a.format) {
+    case F32: return linear_with<DecodeF32>(a);
+    case BF16: return linear_with<DecodeBF16>(a);
+    case INT8: return linear_with<DecodeINT8>(a);
+    case Q8_0: return linear_with<DecodeQ8_0>(a);
+    case Q4_0: return linear_with<DecodeQ4_0>(a);
+    case Q4_1: return linear_with<DecodeQ4_1>(a);
+  }
+}
+
+}  // namespace MST_NS
