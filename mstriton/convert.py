@@ -15,6 +15,7 @@ from typing import Callable
 
 from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, PREFILL_CHUNK, WEIGHTS, export_engine
+from .engine.weight_formats import check_weights
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .serving.pipeline import CHAT_TEMPLATE_FILE
 from .sources import TEMPLATE_CHOICES, read_source
@@ -66,7 +67,8 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
-            template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: Callable[[str], None] = print) -> list[Path]:
+            template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
+            progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
@@ -76,11 +78,12 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if template not in TEMPLATE_CHOICES and not str(template).endswith(".jinja"):
         raise ValueError(f"--template must be one of {list(TEMPLATE_CHOICES)} or a .jinja file, got {template!r}")
+    check_weights(weights)
     checkpoint, repository = Path(checkpoint), Path(repository)
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
     source = read_source(checkpoint, template, progress=progress)
-    config, weights = source.config, source.weights
+    config = source.config
     max_seq_len = max_seq_len or config.max_position_embeddings
 
     repository.mkdir(parents=True, exist_ok=True)
@@ -89,8 +92,9 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     staging = repository / f"{STAGING_PREFIX}{name}-{os.getpid()}"
     try:
         engine = staging / "engine"
-        export_engine(config, weights, engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                      max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, progress=progress)
+        export_engine(config, source.weights, engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
+                      max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, weights_format=weights,
+                      blocks=source.blocks, block_types=source.block_types, progress=progress)
         models = staging / "models"
         _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
                       models / model_name(name, "decode") / VERSION / "engine")

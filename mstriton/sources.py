@@ -40,6 +40,9 @@ class Source:
     tokenizer_entry: str                 # the file of tokenizer_files the models load
     chat_template: str | None            # what requests with `messages` are rendered with
     end_ids: list[int]                   # a generation ends at any of these
+    # Hugging Face name -> the GGUF file's own Q8_0/Q4_0/Q4_1 bytes of that matrix (model/gguf.py), {} otherwise
+    blocks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    block_types: dict[str, str] = dataclasses.field(default_factory=dict)   # their GGUF types
 
 
 def sentencepiece_tokenizer_config() -> dict:
@@ -126,7 +129,10 @@ def gguf_source(path: Path, template: str, progress: Callable[[str], None]) -> S
             (Path(scratch) / name).write_bytes(content)
         tokenizer = load_tokenizer(scratch)
     generation = json.loads(model.tokenizer_files.get(GENERATION_CONFIG, "{}"))
-    return _source(config, weights, files, TOKENIZER_JSON, tokenizer, generation, template)
+    source = _source(config, weights, files, TOKENIZER_JSON, tokenizer, generation, template)
+    source.blocks = {name: model.blocks[name] for name in model.blocks}
+    source.block_types = {name: model.tensor_types[name] for name in model.blocks}
+    return source
 
 
 def read_source(checkpoint: str | Path, template: str = "none", progress: Callable[[str], None] = print) -> Source:

@@ -4,6 +4,7 @@
     python tools/convert.py --checkpoint DIR|FILE.gguf --name NAME --model-repository DIR \
         [--device CPU|Ascend|GPU] [--max-batch-size N] [--max-seq-len N] [--dtype float32|float16|bfloat16]
         [--template none|chatml|llama2|internlm|FILE.jinja] [--prefill-chunk N]
+        [--weights float32|bfloat16|int8|Q8_0|Q4_0|Q4_1]
 
 DIR holds config.json, a tokenizer (tokenizer.json, or sentencepiece's tokenizer.model) and either
 *.safetensors (Hugging Face, sharded or not) or one MindSpore *.ckpt. A .gguf file holds all three (tensors
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill-chunk", type=int, default=256,
                         help="prompts longer than this prefill in chunks of this many tokens, which bounds the "
                              "memory each compiled prefill shape keeps (0: whole prompts)")
+    parser.add_argument("--weights", default="float32",
+                        choices=["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"],
+                        help="how weight matrices are stored and multiplied: float32 (MindSpore's MatMul, any "
+                             "device) or, on the CPU, packed for the mstriton kernels: bfloat16, int8 (one scale "
+                             "per output channel) or GGUF blocks; a GGUF file's own Q8_0/Q4_0/Q4_1 matrices are "
+                             "kept as they are")
     args = parser.parse_args(argv)
 
     from mstriton.config import ConfigError
@@ -57,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
-                template=args.template, prefill_chunk=args.prefill_chunk, progress=progress)
+                template=args.template, prefill_chunk=args.prefill_chunk, weights=args.weights,
+                progress=progress)
     except (ConfigError, WeightError, TokenizerError, ValueError, FileNotFoundError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2

@@ -26,7 +26,9 @@ from ..config import LlamaConfig
 from ..model.llama import LlamaDecode, LlamaPrefill, LlamaPrefillChunk, weight_names
 from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, chunk_cache_length, chunk_starts, prefill_shape, \
     seq_buckets
+from ..kernels.ops import portable_mindir
 from .memory import aligned_copy
+from .weight_formats import check_weights, pack_engine_weights
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.ckpt"
@@ -56,10 +58,18 @@ def _export(net: nn.Cell, inputs: list, path: Path) -> None:
 def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: Path, *, dtype: str,
                   device: str, max_batch_size: int, max_seq_len: int,
                   batches: list[int] | None = None, seqs: list[int] | None = None,
-                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress: Callable[[str], None] = print) -> dict:
-    """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``)."""
+                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights_format: str = "float32",
+                  blocks: dict[str, np.ndarray] | None = None, block_types: dict[str, str] | None = None,
+                  progress: Callable[[str], None] = print) -> dict:
+    """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``);
+    `weights_format` is one of weight_formats.WEIGHT_CHOICES (`blocks`: a GGUF file's own, see there)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    check_weights(weights_format)
+    if weights_format != "float32" and (device != "CPU" or dtype != "float32"):
+        raise ValueError(f"--weights {weights_format} runs on the CPU kernels: it needs --device CPU and --dtype "
+                         f"float32 (activations), got --device {device} --dtype {dtype}; on Ascend and GPU use "
+                         f"--weights float32")
     if not 1 <= max_seq_len <= config.max_position_embeddings:
         raise ValueError(f"max_seq_len must be in [1, {config.max_position_embeddings}] (the model's "
                          f"max_position_embeddings), got {max_seq_len}")
@@ -70,15 +80,24 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     ms_dtype = DTYPES[dtype]
     names = weight_names(config)
-    weight_specs = [Tensor(shape=weights[n].shape, dtype=ms_dtype) for n in names]
+    n_parameters = sum(w.size for w in weights.values())
+    stored, formats = pack_engine_weights(config, weights, weights_format, blocks, block_types, progress)
+    aliases = {n: "lm_head" for n in ("embed_tokens",) if n not in stored}  # a tied, packed table: the LM head
+    arrays = {n: stored[aliases.get(n, n)] for n in names}
 
-    progress(f"saving {len(names)} weight tensors ({sum(w.size for w in weights.values()) / 1e6:.1f}M "
-             f"parameters, {dtype})")
-    ms.save_checkpoint([{"name": n, "data": Tensor(weights[n]).astype(ms_dtype)} for n in names],
-                       str(out_dir / WEIGHTS))
+    def spec(array: np.ndarray) -> Tensor:
+        return Tensor(shape=array.shape, dtype=ms.uint8 if array.dtype == np.uint8 else ms_dtype)
+
+    weight_specs = [spec(arrays[n]) for n in names]
+    kept = [n for n in names if n not in aliases]
+    progress(f"saving {len(kept)} weight tensors ({n_parameters / 1e6:.1f}M parameters, {weights_format}, "
+             f"{sum(stored[n].nbytes for n in kept) / 1e6:.0f} MB)")
+    ms.save_checkpoint([{"name": n, "data": Tensor(stored[n]) if stored[n].dtype == np.uint8 else
+                         Tensor(stored[n]).astype(ms_dtype)} for n in kept], str(out_dir / WEIGHTS))
+    network_args = {"formats": formats or None}
 
     progress("exporting the prefill graph")
-    _export(LlamaPrefill(config, ms_dtype, max_seq_len),
+    _export(LlamaPrefill(config, ms_dtype, max_seq_len, **network_args),
             [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
             out_dir / PREFILL)
     chunk = None
@@ -87,14 +106,14 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
         layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
         cache_specs = [Tensor(shape=[None, kv, hd, None], dtype=ms_dtype)] * layers
         cache_specs += [Tensor(shape=[None, kv, None, hd], dtype=ms_dtype)] * layers
-        _export(LlamaPrefillChunk(config, ms_dtype, max_seq_len),
+        _export(LlamaPrefillChunk(config, ms_dtype, max_seq_len, **network_args),
                 [Tensor(shape=[None, None], dtype=ms.int32)] + [Tensor(shape=[None], dtype=ms.int32)] * 2
                 + cache_specs + weight_specs, out_dir / PREFILL_CHUNK)
         chunk = {"file": PREFILL_CHUNK, "length": prefill_chunk}
 
     # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
     batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
-    decode = LlamaDecode(config, ms_dtype, max_seq_len)
+    decode = LlamaDecode(config, ms_dtype, max_seq_len, **network_args)
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}
     total, started = len(batches) * len(seqs), time.monotonic()
@@ -112,6 +131,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     manifest = {"format": 1, "config": config.to_hf_dict(), "dtype": dtype, "device": device,
                 "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
                 "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
+                "weights_format": weights_format, "weight_formats": formats, "weight_aliases": aliases,
                 "prefill": PREFILL, "prefill_chunk": chunk, "decode": decode_files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -160,10 +180,16 @@ class EngineGraphs:
         self.max_batch_size, self.max_seq_len = self.manifest["max_batch_size"], self.manifest["max_seq_len"]
         self.batch_buckets, self.seq_buckets = self.manifest["batch_buckets"], self.manifest["seq_buckets"]
         params = ms.load_checkpoint(str(self.dir / WEIGHTS))
-        missing = [n for n in self.manifest["weight_names"] if n not in params]
+        # absent in engines exported before packed formats: float32, no aliases
+        self.weights_format = self.manifest.get("weights_format", "float32")
+        aliases = self.manifest.get("weight_aliases", {})
+        missing = [n for n in self.manifest["weight_names"] if aliases.get(n, n) not in params]
         if missing:
             raise ValueError(f"{self.dir / WEIGHTS} lacks weight tensors {missing[:5]}")
-        self.weight_arrays = [aligned_copy(params[n].asnumpy()) for n in self.manifest["weight_names"]]
+        loaded = {n: aligned_copy(params[n].asnumpy()) for n in params}
+        del params
+        # An alias is the same array (a tied, packed embedding table is the LM head): in memory once.
+        self.weight_arrays = [loaded[aliases.get(n, n)] for n in self.manifest["weight_names"]]
         self.weights = [Tensor.from_numpy(a) for a in self.weight_arrays]
         if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
             self.weights = [w.move_to(self.device) for w in self.weights]
@@ -173,13 +199,16 @@ class EngineGraphs:
         self.chunk_length = chunk["length"] if chunk else None
 
     def weight_bytes_per_step(self) -> int:
-        """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered)."""
-        names = self.manifest["weight_names"]
-        return sum(a.nbytes for n, a in zip(names, self.weight_arrays) if n != "embed_tokens")
+        """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered;
+        a tied packed table is the LM head, which is read whole)."""
+        names, aliases = self.manifest["weight_names"], self.manifest.get("weight_aliases", {})
+        read = {id(a): a.nbytes for n, a in zip(names, self.weight_arrays) if n != "embed_tokens" or n in aliases}
+        return sum(read.values())
 
     def _graph(self, file: str) -> nn.GraphCell:
         if file not in self._graphs:
-            self._graphs[file] = nn.GraphCell(ms.load(str(self.dir / file)))
+            # Graphs calling the CPU kernels name the library by its path at export: point them at this one's.
+            self._graphs[file] = nn.GraphCell(ms.load(portable_mindir(self.dir / file)))
         return self._graphs[file]
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):

@@ -47,6 +47,8 @@ class GGUFError(ValueError):
 # ---- dequantization ------------------------------------------------------------------------------------------
 
 QK = 32  # values per block of the Q4/Q5/Q8 types
+# Block types the CPU kernels multiply as the file stores them (mstriton/kernels/formats.py)
+KERNEL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
 
 
 def _f16(column: np.ndarray) -> np.ndarray:
@@ -364,6 +366,9 @@ class GGUFModel:
     tensors: dict[str, np.ndarray]         # Hugging Face name -> float32, PyTorch's [out, in]
     metadata: dict[str, Any]               # the file's key/values
     tensor_types: dict[str, str]           # Hugging Face name -> how the file stored it (Q4_1, F32, ...)
+    # Hugging Face name -> the file's own bytes [out, row bytes] of each matrix stored in a block format the CPU
+    # kernels run as it is (Q8_0, Q4_0, Q4_1), rotary rows un-permuted like the float32 tensors
+    blocks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def tokenizer_files(self) -> dict[str, str]:
@@ -414,20 +419,29 @@ def read_gguf(path: str | Path, progress: Callable[[str], None] | None = print) 
     say(f"reading {path.name}: {len(reader.tensors)} tensors, {stored_mb:.0f} MB stored as "
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     tensors: dict[str, np.ndarray] = {}
+    blocks: dict[str, np.ndarray] = {}
     types: dict[str, str] = {}
     n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
     step = max(1, len(reader.tensors) // 10)
     for index, t in enumerate(reader.tensors, 1):
         raw = reader.data[t.data_offset:t.data_offset + t.n_bytes]
         values = dequantize(raw, t.tensor_type, shapes[t.name], name=t.name)
+        kept = None
+        if type_name(t.tensor_type) in KERNEL_BLOCK_TYPES and len(shapes[t.name]) == 2:
+            kept = np.array(raw, np.uint8).reshape(shapes[t.name][0], -1)
         if t.name.endswith(".attn_q.weight"):
             values = unpermute_rope(values, n_head)
+            kept = None if kept is None else unpermute_rope(kept, n_head)  # rows are output channels either way
         elif t.name.endswith(".attn_k.weight"):
             values = unpermute_rope(values, n_kv)
+            kept = None if kept is None else unpermute_rope(kept, n_kv)
         tensors[names[t.name]] = values
+        if kept is not None:
+            blocks[names[t.name]] = kept
         types[names[t.name]] = type_name(t.tensor_type)
         if index % step == 0 or index == len(reader.tensors):
             say(f"dequantizing: {index} of {len(reader.tensors)} tensors done")
     n_params = sum(v.size for v in tensors.values())
     say(f"read {path.name}: {n_params / 1e6:.1f}M parameters as float32 in {time.perf_counter() - started:.1f} s")
-    return GGUFModel(path=path, config=config, tensors=tensors, metadata=metadata, tensor_types=types)
+    return GGUFModel(path=path, config=config, tensors=tensors, metadata=metadata, tensor_types=types,
+                     blocks=blocks)

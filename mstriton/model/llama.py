@@ -149,10 +149,17 @@ class Network(nn.Cell):
     A layer's weights are found by name (``self.weight``), resolved to tuple positions while the graph is built:
     which weights a layer has depends on the config (biases)."""
 
-    def __init__(self, c: LlamaConfig, dtype=ms.float32, max_positions: int | None = None):
+    def __init__(self, c: LlamaConfig, dtype=ms.float32, max_positions: int | None = None,
+                 formats: dict[str, str] | None = None):
         """`max_positions`: the longest sequence the graph will see (the engine's max_seq_len). The rotary
         tables are constants inside every exported graph, so they are cut to it: SmolLM2's 8192 positions
-        would put 4 MB into each graph, Llama 3.1's 131072 positions 64 MB."""
+        would put 4 MB into each graph, Llama 3.1's 131072 positions 64 MB.
+
+        `formats`: the packed format (``kernels/formats.py``) of each weight matrix, by weight name, for the CPU
+        kernel path: the matrices are then uint8 [out, row_bytes] inputs and every weight product, the norms
+        before them, SwiGLU, the residual adds, the embedding and decode attention run as the kernels' custom
+        operators (``kernels/ops.py``). None: MindSpore's own ops on float32 [in, out] matrices (the reference
+        path, and the one for Ascend and GPU)."""
         super().__init__()
         self.config = c
         self.n_layers, self.n_heads, self.n_kv = c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads
@@ -165,6 +172,23 @@ class Network(nn.Cell):
         names = layer_weight_names(c)
         self.n_per_layer = len(names)
         self.slots = {name: i for i, name in enumerate(names)}
+        self.kernels = bool(formats)
+        if self.kernels:
+            self._kernel_ops(c, formats)
+
+    def _kernel_ops(self, c: LlamaConfig, formats: dict[str, str]) -> None:
+        """One custom operator per fused step and layer (layers may differ in format), built before the graph."""
+        from ..kernels import ops as kernel_ops
+        self.eps_tensor = Tensor(np.array([c.rms_norm_eps], np.float32))
+        per_layer = [{name: formats[f"layers.{i}.{name}"] for name in ("wqkv", "wo", "w_gate_up", "w_down")}
+                     for i in range(c.num_hidden_layers)]
+        self.op_qkv = tuple(kernel_ops.linear(f["wqkv"], "rmsnorm", int(c.attention_bias)) for f in per_layer)
+        self.op_wo = tuple(kernel_ops.linear(f["wo"], "none", int(c.o_proj_bias) + 1) for f in per_layer)
+        self.op_gate_up = tuple(kernel_ops.linear(f["w_gate_up"], "rmsnorm", int(c.mlp_bias)) for f in per_layer)
+        self.op_down = tuple(kernel_ops.linear(f["w_down"], "swiglu", int(c.mlp_bias) + 1) for f in per_layer)
+        self.op_head = kernel_ops.linear(formats["lm_head"], "rmsnorm", 0)
+        self.op_embed = kernel_ops.embed(formats["embed_tokens"])
+        self.op_attention = kernel_ops.decode_attention()
 
     def layer(self, weights, i):
         start = i * self.n_per_layer
@@ -177,30 +201,52 @@ class Network(nn.Cell):
         return None
 
     def embed(self, weights, tokens):
+        if self.kernels:  # the table is packed (tied models: the LM head); weights[-2] (the norm) gives its width
+            return self.op_embed(tokens, weights[-3], weights[-2])
         return ops.gather(weights[-3], tokens, 0)
 
     def head(self, weights, h):
         """[N, E] hidden states -> [N, V] float32 logits."""
+        if self.kernels:
+            return self.op_head(h, weights[-2], self.eps_tensor, weights[-1])
         return linear(rms_norm(h, weights[-2], self.eps), weights[-1]).astype(ms.float32)
 
-    def mlp(self, w, x):
+    def extras(self, w, bias_name, residual=None):
+        """The optional inputs of a kernel product: the bias if the model has one, the residual if given."""
+        bias = self.weight(w, bias_name)
+        return ((bias,) if bias is not None else ()) + ((residual,) if residual is not None else ())
+
+    def mlp(self, w, x, i):
+        if self.kernels:
+            gate_up = self.op_gate_up[i](x, self.weight(w, "ffn_norm"), self.eps_tensor, self.weight(w, "w_gate_up"),
+                                         *self.extras(w, "b_gate_up"))
+            return self.op_down[i](gate_up, self.weight(w, "w_down"), *self.extras(w, "b_down", x))
         gate_up = linear(rms_norm(x, self.weight(w, "ffn_norm"), self.eps), self.weight(w, "w_gate_up"),
                          self.weight(w, "b_gate_up"))
         gate, up = last_axis_slice(gate_up, 0, self.ffn_dim), last_axis_slice(gate_up, self.ffn_dim, 2 * self.ffn_dim)
         return x + linear(ops.silu(gate) * up, self.weight(w, "w_down"), self.weight(w, "b_down"))
 
-    def attention_projection(self, w, x, out):
+    def attention_projection(self, w, x, out, i):
         """x plus the attention output [..., heads * head_dim] projected back to the hidden size."""
+        if self.kernels:
+            return self.op_wo[i](out, self.weight(w, "wo"), *self.extras(w, "bo", x))
         return x + linear(out, self.weight(w, "wo"), self.weight(w, "bo"))
 
-    def qkv(self, w, x):
-        qkv = linear(rms_norm(x, self.weight(w, "attention_norm"), self.eps), self.weight(w, "wqkv"),
-                     self.weight(w, "bqkv"))
+    def qkv_product(self, w, x, i):
+        """[..., E] -> [..., (H + 2 Hkv) D]: the attention norm and the fused q/k/v projection."""
+        if self.kernels:
+            return self.op_qkv[i](x, self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
+                                  *self.extras(w, "bqkv"))
+        return linear(rms_norm(x, self.weight(w, "attention_norm"), self.eps), self.weight(w, "wqkv"),
+                      self.weight(w, "bqkv"))
+
+    def qkv(self, w, x, i):
+        qkv = self.qkv_product(w, x, i)
         q_end, k_end = self.qkv_sizes[0], self.qkv_sizes[0] + self.qkv_sizes[1]
         return last_axis_slice(qkv, 0, q_end), last_axis_slice(qkv, q_end, k_end), \
             last_axis_slice(qkv, k_end, k_end + self.qkv_sizes[2])
 
-    def project(self, w, x, cos, sin):
+    def project(self, w, x, cos, sin, i):
         """x [B, T, E] -> scaled, rotated queries [B, Hkv, G*T, D] (the query heads of one KV group become rows),
         K^T [B, Hkv, D, T] and V [B, Hkv, T, D]. cos/sin broadcast against [B, H, T, D].
 
@@ -208,7 +254,7 @@ class Network(nn.Cell):
         target multiplied two of them.
         """
         b = x.shape[0]
-        q, k, v = self.qkv(w, x)
+        q, k, v = self.qkv(w, x, i)
         q = q.reshape(b, -1, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = k.reshape(b, -1, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
         v = v.reshape(b, -1, self.n_kv, self.head_dim).transpose(0, 2, 1, 3)
@@ -216,35 +262,35 @@ class Network(nn.Cell):
         k_t = (k * cos + rotate_half(k) * sin).transpose(0, 1, 3, 2)
         return q.reshape(b, self.n_kv, -1, self.head_dim), k_t, v
 
-    def attention_out(self, w, x, out):
+    def attention_out(self, w, x, out, i):
         """out [B, Hkv, G*T, D] (rows as ``project`` made them) -> the block's output [B, T, E]."""
         b = x.shape[0]
         out = out.reshape(b, self.n_heads, -1, self.head_dim).transpose(0, 2, 1, 3)
         out = out.reshape(b, -1, self.n_heads * self.head_dim)
-        return self.mlp(w, self.attention_projection(w, x, out))
+        return self.mlp(w, self.attention_projection(w, x, out, i), i)
 
-    def prefill_block(self, w, x, cos, sin, causal_mask):
+    def prefill_block(self, w, x, cos, sin, causal_mask, i):
         """x [B, T, E]; cos/sin [T, D]; causal_mask [G*T, T] -> x, K^T [B, Hkv, D, T], V [B, Hkv, T, D]."""
-        q, k_t, v = self.project(w, x, cos, sin)
+        q, k_t, v = self.project(w, x, cos, sin, i)
         scores = ops.matmul(q, k_t).astype(ms.float32) + causal_mask         # [B, Hkv, G*T, T]
         probs = ops.softmax(scores, -1).astype(v.dtype)
-        return self.attention_out(w, x, ops.matmul(probs, v)), k_t, v
+        return self.attention_out(w, x, ops.matmul(probs, v), i), k_t, v
 
-    def chunk_block(self, w, x, cos, sin, mask, k_past, v_past):
+    def chunk_block(self, w, x, cos, sin, mask, k_past, v_past, i):
         """A prompt chunk that attends to the cache of the chunks before it and to itself.
         x [B, C, E]; cos/sin [B, 1, C, D]; mask [B, 1, G*C, S+C]; k_past [B, Hkv, D, S]; v_past [B, Hkv, S, D]
         -> x, the chunk's K^T [B, Hkv, D, C] and V [B, Hkv, C, D].
         Keys are concatenated for one fused softmax: a two-part softmax (as in decode_block) made eight passes
         over the [G*C, S] scores and ran the chunk 1.7x slower than a whole prompt of its length."""
-        q, k_t, v = self.project(w, x, cos, sin)
+        q, k_t, v = self.project(w, x, cos, sin, i)
         keys, values = ops.concat((k_past, k_t), -1), ops.concat((v_past, v), -2)
         probs = ops.softmax(ops.matmul(q, keys).astype(ms.float32) + mask, -1).astype(v.dtype)
-        return self.attention_out(w, x, ops.matmul(probs, values)), k_t, v
+        return self.attention_out(w, x, ops.matmul(probs, values), i), k_t, v
 
-    def decode_block(self, w, x, cos, sin, key_mask, k_cache, v_cache):
+    def decode_block(self, w, x, cos, sin, key_mask, k_cache, v_cache, i):
         """x [B, E]; cos/sin [B, 1, D]; key_mask [B, 1, 1, S]; k_cache [B, Hkv, D, S]; v_cache [B, Hkv, S, D]."""
         b = x.shape[0]
-        q, k, v = self.qkv(w, x)
+        q, k, v = self.qkv(w, x, i)
         q = q.reshape(b, self.n_heads, self.head_dim)
         k = k.reshape(b, self.n_kv, self.head_dim)
         q = (q * cos + rotate_half(q) * sin) * self.scale
@@ -259,7 +305,14 @@ class Network(nn.Cell):
         out = ops.matmul(e_cache.astype(v_cache.dtype), v_cache) + \
             e_self.astype(v.dtype) * v.reshape(b, self.n_kv, 1, self.head_dim)
         out = (out / denom.astype(out.dtype)).reshape(b, self.n_heads * self.head_dim)
-        return self.mlp(w, self.attention_projection(w, x, out)), k, v.reshape(b, self.n_kv, self.head_dim)
+        return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v.reshape(b, self.n_kv, self.head_dim)
+
+    def decode_block_kernels(self, w, x, positions, k_cache, v_cache, i):
+        """decode_block as four kernel operators: norm + q/k/v, attention over the cache in place (rotary
+        included), o-projection + residual, norm + gate/up, SwiGLU + down + residual."""
+        qkv = self.qkv_product(w, x, i)
+        out, k, v = self.op_attention(qkv, positions, self.cos, self.sin, k_cache, v_cache)
+        return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v
 
     def causal_mask(self, t: int):
         """[G*T, T]: the mask of T queries, repeated for the G query heads that share a KV head."""
@@ -272,7 +325,7 @@ class Network(nn.Cell):
         cos, sin, mask = self.cos[:t], self.sin[:t], self.causal_mask(t)
         keys, values = (), ()
         for i in range(self.n_layers):
-            x, k_t, v = self.prefill_block(self.layer(weights, i), x, cos, sin, mask)
+            x, k_t, v = self.prefill_block(self.layer(weights, i), x, cos, sin, mask, i)
             keys += (k_t,)
             values += (v,)
         return x, keys, values
@@ -309,7 +362,7 @@ class Network(nn.Cell):
         keys, values = (), ()
         for i in range(self.n_layers):
             x, k_t, v = self.chunk_block(self.layer(weights, i), x, cos, sin, mask, caches[i],
-                                         caches[self.n_layers + i])
+                                         caches[self.n_layers + i], i)
             keys += (k_t,)
             values += (v,)
         return (self.last_logits(weights, x, lengths),) + keys + values
@@ -317,13 +370,21 @@ class Network(nn.Cell):
     def decode(self, weights, tokens, positions, caches):
         b = tokens.shape[0]
         x = self.embed(weights, tokens)
+        if self.kernels:
+            new_k, new_v = (), ()
+            for i in range(self.n_layers):
+                x, k, v = self.decode_block_kernels(self.layer(weights, i), x, positions, caches[i],
+                                                    caches[self.n_layers + i], i)
+                new_k += (k,)
+                new_v += (v,)
+            return (self.head(weights, x),) + new_k + new_v
         cos = ops.gather(self.cos, positions, 0).reshape(b, 1, self.head_dim)
         sin = ops.gather(self.sin, positions, 0).reshape(b, 1, self.head_dim)
         key_mask = self.cache_mask(caches[0].shape[-1], positions)
         new_k, new_v = (), ()
         for i in range(self.n_layers):
             x, k, v = self.decode_block(self.layer(weights, i), x, cos, sin, key_mask, caches[i],
-                                        caches[self.n_layers + i])
+                                        caches[self.n_layers + i], i)
             new_k += (k,)
             new_v += (v,)
         return (self.head(weights, x),) + new_k + new_v

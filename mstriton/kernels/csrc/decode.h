@@ -27,7 +27,7 @@ struct DecodeBF16 {
   static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
     const uint8_t *p = row + 2 * b * QK;
     for (int j = 0; j < NV; j++) {
-      vu bits = __builtin_convertvector(load<vh>(p + 2 * j * W), vu) << 16;  // bfloat16 = top half of a float32
+      vu bits = widen_u16(p + 2 * j * W) << 16;  // bfloat16 = top half of a float32
       out[j] = __builtin_bit_cast(vf, bits);
     }
   }
@@ -46,7 +46,7 @@ struct DecodeINT8 {
     float scale;
     std::memcpy(&scale, row, 4);
     const uint8_t *p = row + 4 + b * QK;
-    for (int j = 0; j < NV; j++) out[j] = to_float(__builtin_convertvector(load<vsb>(p + j * W), vi)) * scale;
+    for (int j = 0; j < NV; j++) out[j] = to_float(widen_s8(p + j * W)) * scale;
   }
   static inline float scalar(const uint8_t *row, int64_t i) {
     float scale;
@@ -59,14 +59,13 @@ struct DecodeQ8_0 {
   static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
     const uint8_t *blk = row + 34 * b;
     const float d = half_to_float(blk);
-    for (int j = 0; j < NV; j++) out[j] = to_float(__builtin_convertvector(load<vsb>(blk + 2 + j * W), vi)) * d;
+    for (int j = 0; j < NV; j++) out[j] = to_float(widen_s8(blk + 2 + j * W)) * d;
   }
 };
 
 // The nibbles of values e .. e+W-1 of a 4-bit block (W divides 16, so a vector never straddles the two halves).
 static inline vi nibbles(const uint8_t *qs, int e) {
-  vb q = e < 16 ? (load<vb>(qs + e) & 15) : (load<vb>(qs + e - 16) >> 4);
-  return __builtin_convertvector(q, vi);
+  return e < 16 ? (widen_u8(qs + e) & 15) : (widen_u8(qs + e - 16) >> 4);
 }
 
 struct DecodeQ4_0 {

@@ -5,10 +5,11 @@
 // copy of the rows, so every product below reads whole 32-value blocks of x.
 //
 // Two shapes of product, both dequantizing the weights to float32 in registers and multiplying in float32:
-// - M <= 16 (decode batches): a GEMV. Each weight block is decoded once and multiplied into every row, several
-//   output channels at a time so that enough independent accumulators hide the FMA latency. The weights stream
+// - M <= 32 (decode batches): a GEMV. Each weight block is decoded once and multiplied into every row: for up to 3
+//   rows straight from registers, several output channels at a time so that enough independent accumulators hide
+//   the FMA latency; for more rows through a small decoded buffer in L1 (see gemv_decoded). The weights stream
 //   from memory exactly once per call: this is the bandwidth-bound path.
-// - M > 16 (prefill): a GEMM. Each thread decodes a panel of 2W output channels into an [K, 2W] float32 buffer that
+// - M > 32 (prefill): a GEMM. Each thread decodes a panel of 2W output channels into an [K, 2W] float32 buffer that
 //   stays in L2, then runs a register-blocked outer-product micro-kernel over all rows (MR rows x 2W channels of
 //   accumulators, one broadcast of x per FMA pair): compute-bound, the decode cost shared by all M rows.
 // Output channels are split between OpenMP threads in contiguous ranges.
@@ -83,7 +84,7 @@ static void gemv_tile(const LinearArgs &a, const float *xp, int64_t kp, int64_t 
 template <class D, int MR>
 static void gemv(const LinearArgs &a, const float *xp, int64_t kp) {
   // Enough independent accumulators (channels x rows) to cover the FMA latency, few enough to stay in registers.
-  constexpr int NC = MR >= 8 ? 1 : 8 / MR;
+  constexpr int NC = 8 / MR;
   const int64_t rb = row_bytes(a.format, a.k);
   const int64_t groups = a.n / NC;
 #pragma omp parallel num_threads(a.threads)
@@ -94,6 +95,71 @@ static void gemv(const LinearArgs &a, const float *xp, int64_t kp) {
     // Channels left over by the grouping, one at a time, by the last thread.
     if (t == nt - 1)
       for (int64_t c = groups * NC; c < a.n; c++) gemv_tile<D, MR, 1>(a, xp, kp, rb, c);
+  }
+}
+
+// ---- GEMV of 4..16 rows: CT channels decoded once into L1, then RT x CT tiles of dot products ---------------
+// Decoding straight into registers for every row (gemv above) makes the loads of x as many as the FMAs; with the
+// channels' weights decoded once into a small buffer, each loaded vector of x or w feeds 4 FMAs.
+
+constexpr int CT = 4, RT = 4;
+
+template <int R, int C>
+static inline void dot_tile(const LinearArgs &a, const float *xp, int64_t kp, const float *wbuf, int64_t r0,
+                            int64_t c0) {
+  vf acc[R][C];
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) acc[r][c] = vf{};
+  for (int64_t i = 0; i < kp; i += W) {
+    vf w[C];
+    for (int c = 0; c < C; c++) w[c] = load<vf>(wbuf + c * kp + i);
+    for (int r = 0; r < R; r++) {
+      const vf x = load<vf>(xp + (r0 + r) * kp + i);
+      for (int c = 0; c < C; c++) acc[r][c] = x * w[c] + acc[r][c];
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int c = 0; c < C; c++) a.y[(r0 + r) * a.n + c0 + c] = epilogue(a, r0 + r, c0 + c, hsum(acc[r][c]));
+}
+
+template <int R, int C>
+static inline void dot_rows(const LinearArgs &a, const float *xp, int64_t kp, const float *wbuf, int64_t r0,
+                            int rows, int64_t c0) {
+  if constexpr (R > 0) {
+    if (rows == R) return dot_tile<R, C>(a, xp, kp, wbuf, r0, c0);
+    return dot_rows<R - 1, C>(a, xp, kp, wbuf, r0, rows, c0);
+  }
+}
+
+template <class D, int C>
+static inline void decoded_group(const LinearArgs &a, const float *xp, int64_t kp, int64_t rb, float *wbuf,
+                                 int64_t c0) {
+  const int64_t nb = kp / QK;
+  for (int c = 0; c < C; c++) {
+    const uint8_t *row = a.w + (c0 + c) * rb;
+    for (int64_t b = 0; b < nb; b++) {
+      vf w[NV];
+      decode_block<D>(row, b, a.k, w);
+      for (int j = 0; j < NV; j++) store(wbuf + c * kp + b * QK + j * W, w[j]);
+    }
+  }
+  int64_t r0 = 0;
+  for (; r0 + RT <= a.m; r0 += RT) dot_tile<RT, C>(a, xp, kp, wbuf, r0, c0);
+  if (r0 < a.m) dot_rows<RT - 1, C>(a, xp, kp, wbuf, r0, int(a.m - r0), c0);
+}
+
+template <class D>
+static void gemv_decoded(const LinearArgs &a, const float *xp, int64_t kp) {
+  const int64_t rb = row_bytes(a.format, a.k), groups = a.n / CT;
+#pragma omp parallel num_threads(a.threads)
+  {
+    float *wbuf = static_cast<float *>(std::aligned_alloc(64, CT * kp * sizeof(float)));
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    for (int64_t g = g0; g < g1; g++) decoded_group<D, CT>(a, xp, kp, rb, wbuf, g * CT);
+    if (t == nt - 1)
+      for (int64_t c = groups * CT; c < a.n; c++) decoded_group<D, 1>(a, xp, kp, rb, wbuf, c);
+    std::free(wbuf);
   }
 }
 
@@ -169,23 +235,23 @@ static void gemm(const LinearArgs &a, const float *xp, int64_t kp) {
 
 // ---- entry --------------------------------------------------------------------------------------------------
 
-template <class D, int MR>
-static void gemv_rows(const LinearArgs &a, const float *xp, int64_t kp) {
-  if constexpr (MR > 0) {
-    if (a.m == MR) return gemv<D, MR>(a, xp, kp);
-    return gemv_rows<D, MR - 1>(a, xp, kp);
-  }
-}
-
-constexpr int64_t GEMV_MAX_ROWS = 16;
+// Up to 3 rows decode weights straight into registers; up to GEMV_MAX_ROWS through a decoded buffer;
+// more rows (prefill) take the GEMM. Thresholds from bench-engine's sweeps on an AVX-512 CPU.
+constexpr int64_t GEMV_MAX_ROWS = 32;
 
 template <class D>
 static void linear_with(const LinearArgs &a) {
   const int64_t kp = blocks_of(a.k) * QK;
   float *xp = static_cast<float *>(std::aligned_alloc(64, std::max<int64_t>(a.m * kp, 16) * sizeof(float)));
   prepare_rows(a, xp, kp);
-  if (a.m <= GEMV_MAX_ROWS)
-    gemv_rows<D, GEMV_MAX_ROWS>(a, xp, kp);
+  if (a.m == 1)
+    gemv<D, 1>(a, xp, kp);
+  else if (a.m == 2)
+    gemv<D, 2>(a, xp, kp);
+  else if (a.m == 3)
+    gemv<D, 3>(a, xp, kp);
+  else if (a.m <= GEMV_MAX_ROWS)
+    gemv_decoded<D>(a, xp, kp);
   else
     gemm<D>(a, xp, kp);
   std::free(xp);

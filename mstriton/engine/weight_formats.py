@@ -1,0 +1,90 @@
+"""The weights an engine stores, by the format chosen at conversion (``--weights``).
+
+- float32: the network's float32 matrices [in, out], multiplied by MindSpore's MatMul: the reference path, and
+  the one exported for Ascend and GPU.
+- bfloat16, int8, Q8_0, Q4_0, Q4_1: every weight matrix packed for the CPU kernels (``kernels/formats.py``),
+  [out, row bytes]; the norms stay float32. bfloat16 rounds to nearest even; int8 is symmetric with one scale
+  per output channel; the Q formats are GGUF's blocks. From a GGUF file, a matrix the file already stores as
+  Q8_0, Q4_0 or Q4_1 keeps the file's bytes (its fused parts alike), so nothing is re-quantized: SmolLM2's Q4_1
+  file keeps its Q8_0 embeddings and Q4_1 layers as they are. Other matrices are quantized to the format asked.
+
+The embedding table of a packed engine is packed too, and is read through the kernels' embedding lookup; a tied
+model stores it once, as its LM head.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..config import LlamaConfig
+from ..kernels.formats import GGUF_BLOCK_FORMATS, pack, row_bytes
+
+WEIGHT_CHOICES = ("float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1")
+KERNEL_FORMATS = {"bfloat16": "BF16", "int8": "INT8", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1"}
+# One engine name -> the Hugging Face matrices it fuses, in order (rows of the packed matrix).
+_LAYER_PARTS = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "wo": ("self_attn.o_proj",),
+                "w_gate_up": ("mlp.gate_proj", "mlp.up_proj"), "w_down": ("mlp.down_proj",)}
+
+
+def check_weights(choice: str) -> str:
+    if choice not in WEIGHT_CHOICES:
+        raise ValueError(f"--weights must be one of {list(WEIGHT_CHOICES)}, got {choice!r}")
+    return choice
+
+
+def matrix_parts(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
+    """Each packed matrix of the engine and the Hugging Face tensors whose rows it stacks."""
+    parts = {f"layers.{i}.{name}": tuple(f"model.layers.{i}.{p}.weight" for p in hf)
+             for i in range(config.num_hidden_layers) for name, hf in _LAYER_PARTS.items()}
+    parts["lm_head"] = ("model.embed_tokens.weight",) if config.tie_word_embeddings else ("lm_head.weight",)
+    if not config.tie_word_embeddings:
+        parts["embed_tokens"] = ("model.embed_tokens.weight",)
+    return parts
+
+
+def _kept_blocks(parts: tuple[str, ...], blocks: dict[str, np.ndarray], types: dict[str, str], fmt: str):
+    """The file's own rows of a matrix when every part is stored in one block format the kernels run (as the
+    format asked for, or the file's own where the file chose another of them for this matrix)."""
+    if fmt not in GGUF_BLOCK_FORMATS or not all(p in blocks for p in parts):
+        return None
+    kinds = {types[p] for p in parts}
+    if len(kinds) != 1 or not kinds <= set(GGUF_BLOCK_FORMATS):
+        return None
+    return kinds.pop(), np.concatenate([blocks[p] for p in parts], axis=0)
+
+
+def pack_engine_weights(config: LlamaConfig, weights: dict[str, np.ndarray], choice: str,
+                        blocks: dict[str, np.ndarray] | None = None, block_types: dict[str, str] | None = None,
+                        progress: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """weights in the network's float32 layout -> (the arrays to store, {matrix name: kernel format}).
+    Tied models: 'embed_tokens' is left out; the engine reads the table from 'lm_head'."""
+    check_weights(choice)
+    if choice == "float32":
+        return weights, {}
+    fmt = KERNEL_FORMATS[choice]
+    blocks, block_types = blocks or {}, block_types or {}
+    out = {name: array for name, array in weights.items() if array.ndim == 1}  # norms and biases
+    formats, kept = {}, 0
+    parts_of = matrix_parts(config)
+    for index, (name, parts) in enumerate(parts_of.items(), 1):
+        file_rows = _kept_blocks(parts, blocks, block_types, fmt)
+        if file_rows is not None:
+            formats[name], out[name] = file_rows
+            kept += 1
+        else:
+            # embed_tokens is [vocab, hidden] already; the others are stored [in, out] in the network's layout
+            matrix = weights[name] if name == "embed_tokens" else weights[name].T
+            formats[name], out[name] = fmt, pack(fmt, matrix)
+        expected = row_bytes(formats[name], config.hidden_size if name in ("lm_head", "embed_tokens") else
+                             weights[name].shape[0])
+        if out[name].shape[1] != expected:
+            raise ValueError(f"{name}: packed rows of {out[name].shape[1]} bytes, expected {expected}")
+        if index % max(1, len(parts_of) // 5) == 0 or index == len(parts_of):
+            progress(f"packing weights as {choice}: {index} of {len(parts_of)} matrices")
+    if config.tie_word_embeddings:
+        formats["embed_tokens"] = formats["lm_head"]
+    if kept:
+        progress(f"{kept} of {len(parts_of)} matrices keep the GGUF file's own blocks")
+    return out, formats
