@@ -8,6 +8,7 @@
 #      with a backend folder holding the python backend and the stub for this Python
 #   4. perf_analyzer: .venv/bin/perf_analyzer, from the tritonclient 2.43.0 wheel unless the PyPI
 #      perf-analyzer package already gave a working one
+#   5. the CPU kernels: mstriton/kernels/libmstriton_kernels.so, built with the system g++ (make)
 # Each step is skipped when its result is present and up to date, so a second run takes about a second.
 #
 # Environment: VENV (default .venv, relative to the repository root), PYTHON (default python3),
@@ -47,12 +48,13 @@ sha_of() { cat "$@" 2>/dev/null | sha256sum | cut -d' ' -f1; }
 echo "mstriton install: repository $ROOT, environment $VENV"
 
 # ---------------------------------------------------------------------------------------------------------
-step "1/4 Debian packages"
+step "1/5 Debian packages"
 command -v "$PYTHON" >/dev/null || die "no '$PYTHON' on PATH: install Python 3.11 (or set PYTHON=/path/to/python3)"
 PY_XY="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 
 # Packages wanted by name, then shared libraries wanted by soname (with the packages that provide them).
 APT_WANTED=(libb64-0d)      # perf_analyzer links libb64.so.0d
+APT_WANTED+=(build-essential)   # g++ and make for the CPU kernels (mstriton/kernels)
 LIB_WANTED=(
   "libssl.so.3:libssl3t64 libssl3"   # perf_analyzer (Debian 13 renamed the package)
   "libz.so.1:zlib1g"                 # perf_analyzer
@@ -119,7 +121,7 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-step "2/4 Python environment and pinned requirements"
+step "2/5 Python environment and pinned requirements"
 if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c 'import sys' >/dev/null 2>&1; then
   say "virtual environment exists: $VENV"
 else
@@ -180,7 +182,7 @@ TRITON_HOME="$PYTRITON_DIR/tritonserver"
 tools_stamp="tools=$TOOLS_REVISION pytriton=$PYTRITON_VERSION python=$VENV_XY venv=$VENV"
 
 # ---------------------------------------------------------------------------------------------------------
-step "3/4 tritonserver (from nvidia-pytriton $PYTRITON_VERSION)"
+step "3/5 tritonserver (from nvidia-pytriton $PYTRITON_VERSION)"
 BACKENDS="$SHARE/backends"
 SERVER_WRAPPER="$VENV/bin/tritonserver"
 if [ "$(cat "$SHARE/tritonserver.stamp" 2>/dev/null)" = "$tools_stamp" ] \
@@ -258,7 +260,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-step "4/4 perf_analyzer"
+step "4/5 perf_analyzer"
 PA_WRAPPER="$VENV/bin/perf_analyzer"
 PA_HOME="$SHARE/perf_analyzer"
 pa_works() { [ -x "$PA_WRAPPER" ] && "$PA_WRAPPER" --version >/dev/null 2>&1; }
@@ -325,6 +327,18 @@ EOF
   pa_works || die "$PA_WRAPPER does not run: $("$PA_WRAPPER" --version 2>&1 | tail -n3)"
   printf '%s\n' "$pa_stamp" > "$SHARE/perf_analyzer.stamp"
   say "done: $("$PA_WRAPPER" --version 2>&1 | head -n1)"
+fi
+
+# ---------------------------------------------------------------------------------------------------------
+step "5/5 CPU kernels (mstriton/kernels)"
+command -v g++ >/dev/null || die "no g++ on PATH: install Debian's build-essential (the kernels are C++)"
+if make -q -C "$ROOT/mstriton/kernels" >/dev/null 2>&1; then
+  say "up to date: mstriton/kernels/libmstriton_kernels.so"
+else
+  say "building mstriton/kernels/libmstriton_kernels.so with $(g++ --version | head -n1) (about a minute)"
+  make -C "$ROOT/mstriton/kernels" -j2 >"$SHARE/kernels-build.log" 2>&1 || \
+    die "building the kernels failed; the compiler said:\n$(tail -n 30 "$SHARE/kernels-build.log")"
+  say "done: $("$VENV/bin/python" -c 'from mstriton import kernels; print(kernels.isa(), "kernels,", kernels.threads(), "threads")')"
 fi
 
 printf '\nmstriton install finished in %ds. Use: source %s/bin/activate\n' "$((SECONDS - START_SECONDS))" "$VENV"

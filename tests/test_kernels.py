@@ -1,0 +1,151 @@
+"""The C++ kernels (mstriton/kernels) against numpy, on every ISA this CPU runs (AVX-512, AVX2, the SSE2
+fallback), every weight format, and odd shapes: rows 1 to 64 (both GEMV paths and the GEMM), K not a multiple of
+the vector width or of the 32-value block, N not a multiple of the channel groups.
+
+The references: numpy's matmul on the dequantized matrix, where the block formats are dequantized by the `gguf`
+package (llama.cpp's own Python code) and bfloat16 rounding is torch's; the attention reference is written out
+below with numpy from the formulas (rotate-half rotary, softmax over the cache and the new token).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mstriton import kernels
+from mstriton.kernels.formats import FORMATS, pack, row_bytes, unpack
+
+ISAS = kernels.supported_isas()
+SHAPES = [(1, 32, 1), (1, 576, 577), (2, 100, 33), (3, 64, 7), (4, 96, 9), (5, 576, 66), (16, 200, 64),
+          (17, 96, 9), (32, 1536, 70), (33, 64, 70), (64, 100, 65)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(ISAS[0])
+
+
+def relative(actual, expected) -> float:
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
+
+
+def test_the_library_builds_and_picks_the_best_isa():
+    assert kernels.isa() in kernels.ISAS and "generic" in ISAS
+    assert kernels.threads() >= 1
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_products_equal_numpy_on_the_dequantized_matrix(isa, fmt):
+    rng = np.random.default_rng(FORMATS[fmt])
+    for m, k, n in SHAPES:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        packed = pack(fmt, w)
+        assert packed.shape == (n, row_bytes(fmt, k))
+        expected = x.astype(np.float64) @ unpack(fmt, packed, k).T.astype(np.float64)
+        error = relative(kernels.linear(fmt, x, packed), expected)
+        assert error < 2e-6, f"{isa} {fmt} m={m} k={k} n={n}: relative error {error}"
+
+
+@pytest.mark.parametrize("m", [1, 3, 8, 40])
+def test_fused_norm_swiglu_bias_and_residual(isa, m):
+    rng = np.random.default_rng(m)
+    k, n, eps = 96, 50, 1e-5
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    g = rng.standard_normal(k).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias, residual = rng.standard_normal(n).astype(np.float32), rng.standard_normal((m, n)).astype(np.float32)
+    packed = pack("Q8_0", w)
+    dense = unpack("Q8_0", packed, k).T
+
+    normed = x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+    got = kernels.linear("Q8_0", x, packed, pre="rmsnorm", norm=g, eps=eps, bias=bias)
+    assert relative(got, normed @ dense + bias) < 2e-6
+
+    gate_up = rng.standard_normal((m, 2 * k)).astype(np.float32)
+    gate, up = gate_up[:, :k], gate_up[:, k:]
+    swiglu = gate / (1 + np.exp(-gate.astype(np.float64))) * up
+    got = kernels.linear("Q8_0", gate_up, packed, pre="swiglu", residual=residual)
+    assert relative(got, swiglu @ dense + residual) < 2e-6
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_embedding_rows_are_the_dequantized_rows(isa, fmt):
+    rng = np.random.default_rng(7)
+    vocab, dim = 50, 96
+    table = pack(fmt, rng.standard_normal((vocab, dim)).astype(np.float32))
+    tokens = np.array([[0, 49, 7], [3, 3, 12]], np.int32)
+    np.testing.assert_array_equal(kernels.embed(fmt, tokens, table, dim), unpack(fmt, table, dim)[tokens])
+
+
+def reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads):
+    b, kv, d, _ = k_cache.shape
+    groups = heads // kv
+
+    def rotate(x, p):
+        half = d // 2
+        return x * cos[p] + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin[p]
+
+    out = np.zeros((b, heads * d))
+    k_new, v_new = np.zeros((b, kv, d)), np.zeros((b, kv, d))
+    for row in range(b):
+        p = positions[row]
+        q = qkv[row, :heads * d].reshape(heads, d).astype(np.float64)
+        k = qkv[row, heads * d:(heads + kv) * d].reshape(kv, d)
+        v = qkv[row, (heads + kv) * d:].reshape(kv, d)
+        k_new[row], v_new[row] = rotate(k, p), v
+        for h in range(heads):
+            g = h // groups
+            keys = np.concatenate([k_cache[row, g, :, :p].T, k_new[row, g][None]], 0)     # [p + 1, D]
+            values = np.concatenate([v_cache[row, g, :p], v_new[row, g][None]], 0)
+            scores = keys @ rotate(q[h], p) / np.sqrt(d)
+            probs = np.exp(scores - scores.max())
+            out[row, h * d:(h + 1) * d] = probs @ values / probs.sum()
+    return out, k_new, v_new
+
+
+@pytest.mark.parametrize("heads,kv,d", [(9, 3, 64), (4, 4, 32), (6, 2, 20)])
+def test_decode_attention_equals_the_formula(isa, heads, kv, d):
+    rng = np.random.default_rng(heads)
+    b, seq, table = 5, 37, 64
+    qkv = rng.standard_normal((b, (heads + 2 * kv) * d)).astype(np.float32)
+    positions = np.array([0, 1, 17, 36, 37], np.int32)  # an empty cache, a full one, and between
+    angles = np.outer(np.arange(table), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    angles = np.concatenate([angles, angles], -1)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    k_cache = rng.standard_normal((b, kv, d, seq)).astype(np.float32)
+    v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
+    got = kernels.decode_attention(qkv, positions, cos, sin, k_cache, v_cache, heads)
+    for name, a, e in zip(("out", "k_new", "v_new"), got, reference_attention(qkv, positions, cos, sin, k_cache,
+                                                                               v_cache, heads)):
+        assert relative(a, e) < 1e-5, f"{isa} {name}"
+
+
+def test_bfloat16_rounding_is_torchs():
+    import torch
+    w = np.random.default_rng(3).standard_normal((64, 33)).astype(np.float32) * 1e3
+    expected = torch.from_numpy(w).to(torch.bfloat16).to(torch.float32).numpy()
+    np.testing.assert_array_equal(unpack("BF16", pack("BF16", w), 33), expected)
+
+
+def test_int8_rounds_each_channel_to_its_own_scale():
+    w = np.random.default_rng(4).standard_normal((20, 45)).astype(np.float32)
+    w[3] *= 1000  # one loud channel does not coarsen the others
+    back = unpack("INT8", pack("INT8", w), 45)
+    step = np.abs(w).max(axis=1, keepdims=True) / 127
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-6)
+
+
+def test_gguf_blocks_pack_as_the_gguf_package_quantizes():
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+    w = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
+    for fmt in ("Q8_0", "Q4_0", "Q4_1"):
+        np.testing.assert_array_equal(pack(fmt, w), quantize(w, GGMLQuantizationType[fmt]))
+
+
+def test_machine_floors_are_measured():
+    assert kernels.read_bandwidth(64 << 20, reps=2) > 0.5
+    assert kernels.fma_peak(1_000_000) > 1.0
