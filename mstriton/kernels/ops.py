@@ -69,6 +69,36 @@ def uses_kernels(mindir: bytes) -> bool:
     return LIBRARY_NAME.encode() in mindir
 
 
+def with_library(mindir: bytes, library: str) -> bytes:
+    """A MindIR graph whose kernel library paths (any folder ending in the library's name) are `library`."""
+    from google.protobuf.descriptor import FieldDescriptor
+    from mindspore.train import mind_ir_pb2
+
+    def repeated(field) -> bool:  # protobuf 6 deprecates .label for .is_repeated
+        return field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
+
+    def rewrite(message) -> None:
+        for field, value in message.ListFields():
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                for item in (value if repeated(field) else [value]):
+                    rewrite(item)
+            elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
+                as_bytes = field.type == FieldDescriptor.TYPE_BYTES
+                pattern, new, name = (_PATH_IN_MINDIR_BYTES, library.encode(), LIBRARY_NAME.encode()) \
+                    if as_bytes else (_PATH_IN_MINDIR, library, LIBRARY_NAME)
+                fix = lambda v: pattern.sub(new, v) if name in v else v  # noqa: E731 (skip tensor data)
+                if repeated(field):
+                    for i, v in enumerate(value):
+                        value[i] = fix(v)
+                else:
+                    setattr(message, field.name, fix(value))
+
+    model = mind_ir_pb2.ModelProto()
+    model.ParseFromString(mindir)
+    rewrite(model)
+    return model.SerializeToString()
+
+
 _rewritten_dir: Path | None = None
 
 
@@ -80,31 +110,9 @@ def portable_mindir(path: str | Path) -> str:
     if not uses_kernels(data):
         return str(path)
     build()
-    from google.protobuf.descriptor import FieldDescriptor
-    from mindspore.train import mind_ir_pb2
-
-    def rewrite(message) -> None:
-        for field, value in message.ListFields():
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
-                for item in (value if field.label == FieldDescriptor.LABEL_REPEATED else [value]):
-                    rewrite(item)
-            elif field.type in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES):
-                as_bytes = field.type == FieldDescriptor.TYPE_BYTES
-                pattern, library, name = (_PATH_IN_MINDIR_BYTES, str(LIBRARY).encode(), LIBRARY_NAME.encode()) \
-                    if as_bytes else (_PATH_IN_MINDIR, str(LIBRARY), LIBRARY_NAME)
-                fix = lambda v: pattern.sub(library, v) if name in v else v  # noqa: E731 (skip tensor data)
-                if field.label == FieldDescriptor.LABEL_REPEATED:
-                    for i, v in enumerate(value):
-                        value[i] = fix(v)
-                else:
-                    setattr(message, field.name, fix(value))
-
-    model = mind_ir_pb2.ModelProto()
-    model.ParseFromString(data)
-    rewrite(model)
     if _rewritten_dir is None:
         _rewritten_dir = Path(tempfile.mkdtemp(prefix="mstriton-mindir-"))
         atexit.register(shutil.rmtree, _rewritten_dir, True)
     out = _rewritten_dir / Path(path).name
-    out.write_bytes(model.SerializeToString())
+    out.write_bytes(with_library(data, str(LIBRARY)))
     return str(out)
