@@ -47,13 +47,15 @@ demo: install
 # SmolLM2's context is 8192 tokens. 1024 per sequence and 4 slots keep its KV cache at 0.19 GB and the decode
 # graphs that are exported and compiled at start to 15 (3 batch x 5 cache-length buckets), so that `make run`
 # is ready within 5 minutes on 2 cores; 8192 and 16 slots need about 6 GB and take several times as long.
-SMOLLM2_CONVERT_ARGS ?= --max-batch-size 4 --max-seq-len 1024
+# --weights Q4_1 keeps the file's own Q4_1 / Q8_0 blocks (97 MB) and runs them on the CPU kernels.
+SMOLLM2_CONVERT_ARGS ?= --max-batch-size 4 --max-seq-len 1024 --weights Q4_1
 SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
 
 smollm2: install
 	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
 	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ] || \
-	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ]; then \
+	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ] || \
+	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST); then \
 		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
 		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
 			$(SMOLLM2_CONVERT_ARGS); \

@@ -265,14 +265,16 @@ SMOLLM2_MAX_WAITING = 1
 
 @pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory):
-    """The real tritonserver serving SmolLM2 (converted from its GGUF file: 2 slots of 512 tokens)."""
+    """The real tritonserver serving SmolLM2 (converted from its GGUF file as `make run` converts it: the file's
+    own Q4_1 / Q8_0 blocks on the CPU kernels; 2 slots of 512 tokens)."""
     from mstriton.convert import convert
     from mstriton.pretrained import smollm2_gguf
     from mstriton.repository import read_config, write_config
     from mstriton.server_process import running_server
 
     root = tmp_path_factory.mktemp("smollm2-server")
-    convert(smollm2_gguf(), "smollm2", root / "repo", max_batch_size=2, max_seq_len=512, progress=lambda _: None)
+    convert(smollm2_gguf(), "smollm2", root / "repo", max_batch_size=2, max_seq_len=512, weights="Q4_1",
+            progress=lambda _: None)
     config = read_config(root / "repo" / "smollm2_decode")
     config.parameters["max_waiting"].string_value = str(SMOLLM2_MAX_WAITING)
     write_config(root / "repo" / "smollm2_decode", config)

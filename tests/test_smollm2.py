@@ -1,5 +1,6 @@
-"""The real pretrained model, engine level: SmolLM2-135M-Instruct converted from its GGUF file (Q4_1 / Q8_0
-blocks dequantized by our reader) into our MindIR graphs, against transformers reading the same file with its
+"""The real pretrained model, engine level: SmolLM2-135M-Instruct converted from its GGUF file into our MindIR
+graphs twice, as float32 (its Q4_1 / Q8_0 blocks dequantized by our reader, MindSpore's MatMul) and as Q4_1 (the
+file's own blocks kept and multiplied by the CPU kernels), against transformers reading the same file with its
 own GGUF reader (PyTorch CPU, float32). Logits of prefill and 16 decode steps within 1e-4 relative error, and
 64 greedy tokens identical, for a chat-templated question, a Chinese-and-emoji text, and a prompt longer than
 the prefill chunk (which prefills in chunks)."""
@@ -18,8 +19,8 @@ LONG_TEXT = ("Triton Inference Server runs models from many frameworks behind on
              "serving process loads and runs without the Python code that defined them. Together they serve")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+@pytest.fixture(scope="module", params=["float32", "Q4_1"])
+def models(request, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -27,7 +28,8 @@ def models(tmp_path_factory):
 
     path = smollm2_gguf()
     repo = tmp_path_factory.mktemp("smollm2-engine")
-    convert(path, "smollm2", repo, max_batch_size=1, max_seq_len=256, prefill_chunk=CHUNK, progress=lambda _: None)
+    convert(path, "smollm2", repo, max_batch_size=1, max_seq_len=256, prefill_chunk=CHUNK, weights=request.param,
+            progress=lambda _: None)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     return engine_of(repo, "smollm2"), reference, tokenizer
