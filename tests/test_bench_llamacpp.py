@@ -101,3 +101,44 @@ def test_convert_serve_and_tokenize_like_ours(tmp_path):
         timings = llamacpp.run(server, texts, output_tokens=8, concurrency=2)
     assert [len(t.token_times) for t in timings] == [8] * 4
     assert server.proc is None
+
+
+# a Sapphire Rapids-like CPU: AVX-512 with VNNI/BF16/VBMI, and AMX
+_XEON_FLAGS = frozenset("sse4_2 avx avx2 fma f16c bmi2 avx_vnni avx512f avx512cd avx512vl avx512dq avx512bw "
+                        "avx512vbmi avx512_vnni avx512_bf16 amx_tile amx_int8 amx_bf16".split())
+
+
+def test_configure_names_this_cpus_instruction_sets_without_amx(tmp_path):
+    args = llamacpp.configure_arguments(tmp_path / "src", tmp_path / "build", _XEON_FLAGS)
+    for on in ("GGML_AVX2", "GGML_FMA", "GGML_F16C", "GGML_AVX512", "GGML_AVX512_VNNI", "GGML_AVX512_BF16"):
+        assert f"-D{on}=ON" in args
+    for off in ("GGML_NATIVE", "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16"):
+        assert f"-D{off}=OFF" in args
+    assert not any(a == "-DGGML_NATIVE=ON" or ("AMX" in a and a.endswith("=ON")) for a in args)
+    # an option is ON only when the CPU has every flag it compiles for (GGML_AVX512 needs F, CD, VL, DQ and BW)
+    args = llamacpp.isa_arguments(_XEON_FLAGS - {"avx512bw"})
+    assert "-DGGML_AVX512=OFF" in args and "-DGGML_AVX2=ON" in args
+    # not x86: -march=native, still without AMX
+    assert llamacpp.isa_arguments(None) == ["-DGGML_NATIVE=ON", *llamacpp.AMX_OFF]
+
+
+def test_a_cached_server_of_another_configuration_is_built_again(tmp_path, monkeypatch):
+    version = llamacpp.LLAMA_CPP_PYTHON_VERSION
+    binary = tmp_path / "bin" / f"llama-server-{version}"
+    binary.parent.mkdir()
+    binary.write_text("#!/bin/sh\nexit 0\n")  # answers --version
+    binary.chmod(0o755)
+    record = binary.with_name(binary.name + ".build.json")
+    configure = llamacpp.configure_arguments(tmp_path / "src", tmp_path / "build", llamacpp.cpu_flags())
+    record.write_text(json.dumps(llamacpp._build_record(version, configure)))
+    assert llamacpp.build_server(tmp_path, progress=lambda _: None) == binary  # same configuration: reused
+    monkeypatch.setattr(llamacpp.shutil, "which", lambda _: None)  # a rebuild stops at the first missing tool
+    stale = json.loads(record.read_text())
+    stale["configure"] = [a for a in stale["configure"] if "AMX" not in a]
+    for text in (json.dumps(stale), None):  # another configuration; no record (a binary built before records)
+        if text is None:
+            record.unlink()
+        else:
+            record.write_text(text)
+        with pytest.raises(llamacpp.PeerUnavailable, match="cmake"):
+            llamacpp.build_server(tmp_path, progress=lambda _: None)

@@ -6,7 +6,23 @@ Why not llama-cpp-python's own server (`python -m llama_cpp.server`): it guards 
 answers one request at a time, so it has no parallel slots to compare against ours.
 
 Everything is built at benchmark time into a cache folder (build/llamacpp/ by default): the sdist, its unpacked
-source, the cmake build and the server binary. A second call finds the binary and returns at once.
+source, the cmake build and the server binary. A second call finds the binary and returns at once, if it was
+built with the same cmake configuration (recorded next to it in <binary>.build.json; another configuration, or a
+binary without that record, is built again from a clean build folder).
+
+How the server is built (build_server, isa_arguments): CPU only, static, Release, and on x86-64 with GGML_NATIVE=OFF
+and the instruction sets named one by one from the CPU's /proc/cpuinfo flags (GGML_SSE42, GGML_AVX, GGML_AVX2,
+GGML_FMA, GGML_F16C, GGML_BMI2, GGML_AVX_VNNI, GGML_AVX512 (F/CD/VL/DQ/BW), GGML_AVX512_VBMI, GGML_AVX512_VNNI,
+GGML_AVX512_BF16: each ON only when the CPU has it), and always GGML_AMX_TILE/GGML_AMX_INT8/GGML_AMX_BF16=OFF.
+Why: when -march=native detects AMX (a Xeon with AMX whose kernel enables the tile state), the compiler defines
+__AMX_INT8__, ggml compiles its AMX kernels and puts Q4_0/Q4_1/Q8_0/K-quant weights in an "AMX model buffer"; on
+this 2-core Xeon (AVX-512 + AMX) that server died with SIGSEGV during warm-up on the SmolLM2 Q4_1 GGUF (f32/f16
+files, which never use that buffer, ran). Without AMX the quantized matrices run ggml's AVX-512 (VNNI) kernels:
+the rebuilt server ran that Q4_1 file at about 76-80 tokens/s for one stream and about 110 tokens/s for 4
+streams of 64 tokens (2 threads). Naming the sets also makes the build independent of what -march=native happens
+to detect (the crashing build here had the AMX kernels; gcc 12's -march=native later resolved to "cooperlake"
+without AMX, with no amx flags in /proc/cpuinfo). Other architectures keep GGML_NATIVE=ON (the AMX options only
+matter on x86).
 
 The driver: closed-loop clients, each streaming completions from the native /completion endpoint, one request
 after another, with a fixed number of output tokens (end of sequence ignored), greedy, and no prompt cache.
@@ -18,6 +34,7 @@ import contextlib
 import http.client
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -95,33 +112,102 @@ def _binary_works(binary: Path) -> bool:
     return done.returncode == 0
 
 
+# ggml's x86 instruction-set options (ggml/CMakeLists.txt) and the /proc/cpuinfo flags each one needs; GGML_AVX512
+# compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw.
+X86_ISA_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("GGML_SSE42", ("sse4_2",)),
+    ("GGML_AVX", ("avx",)),
+    ("GGML_AVX2", ("avx2",)),
+    ("GGML_FMA", ("fma",)),
+    ("GGML_F16C", ("f16c",)),
+    ("GGML_BMI2", ("bmi2",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512vbmi",)),
+    ("GGML_AVX512_VNNI", ("avx512_vnni",)),
+    ("GGML_AVX512_BF16", ("avx512_bf16",)),
+)
+# ggml's AMX kernels crash the server on Q4_1 weights here (module docstring): never built
+AMX_OFF = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU feature flags of an x86-64 Linux machine (the first `flags` line of /proc/cpuinfo), or None
+    elsewhere or when they cannot be read."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def isa_arguments(flags: frozenset[str] | None) -> list[str]:
+    """cmake arguments choosing the instruction sets: with x86 CPU flags, GGML_NATIVE=OFF and each ggml option
+    ON exactly when the CPU has all its flags; without them (another architecture), GGML_NATIVE=ON. AMX is off
+    either way."""
+    if flags is None:
+        return ["-DGGML_NATIVE=ON", *AMX_OFF]
+    return ["-DGGML_NATIVE=OFF", *(f"-D{option}={'ON' if all(f in flags for f in need) else 'OFF'}"
+                                   for option, need in X86_ISA_OPTIONS), *AMX_OFF]
+
+
+def configure_arguments(tree: Path, build: Path, flags: frozenset[str] | None) -> list[str]:
+    """The cmake configure command of the server build (CPU, static, Release, no tests/examples/UI/network)."""
+    return ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=OFF", *isa_arguments(flags), "-DGGML_CUDA=OFF", "-DGGML_CCACHE=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
+            "-DLLAMA_BUILD_SERVER=ON",
+            # no web UI (nothing downloaded from a hub), no HTTPS, no curl
+            "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
+
+
+def _build_record(version: str, configure: Sequence[str]) -> dict:
+    # the configure arguments without the two paths (-S <tree> -B <build>), which follow from the cache folder
+    return {"llama_cpp_python": version, "configure": list(configure[5:])}
+
+
 def build_server(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print,
                  version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    """The `llama-server` binary (CPU, -march=native, static, no network features), built with cmake from the
-    vendored source and cached as cache_dir/bin/llama-server-<version>. Raises PeerUnavailable with the build's
-    last lines when it cannot be built."""
+    """The `llama-server` binary (CPU, the instruction sets of this CPU without AMX, static, no network
+    features; see the module docstring), built with cmake from the vendored source and cached as
+    cache_dir/bin/llama-server-<version> with its configuration in <binary>.build.json. A cached binary is
+    used only if it runs and was built with the same configuration; otherwise it is built again from a clean
+    build folder. Raises PeerUnavailable with the build's last lines when it cannot be built."""
     cache_dir = Path(cache_dir)
     binary = cache_dir / "bin" / f"llama-server-{version}"
-    if _binary_works(binary):
+    record_path = binary.with_name(binary.name + ".build.json")
+    tree = cache_dir / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    build = cache_dir / f"build-{version}"
+    configure = configure_arguments(tree, build, cpu_flags())
+    record = _build_record(version, configure)
+    recorded = None
+    with contextlib.suppress(OSError, ValueError):
+        recorded = json.loads(record_path.read_text())
+    if recorded == record and _binary_works(binary):
         progress(f"llama.cpp: using the cached {binary}")
         return binary
+    if binary.is_file():
+        progress(f"llama.cpp: the cached {binary} was built with another configuration; building it again")
     for tool in ("cmake", "c++", "cc"):
         if shutil.which(tool) is None:
             raise PeerUnavailable(f"cannot build llama.cpp: `{tool}` is not installed")
-    tree = fetch_source(cache_dir, progress, version)
+    if fetch_source(cache_dir, progress, version) != tree:
+        raise PeerUnavailable(f"the llama.cpp source is not at {tree}")
     if not (tree / "tools" / "server").is_dir():
         raise PeerUnavailable(
             f"the llama.cpp vendored in llama-cpp-python {version} has no tools/server; llama-cpp-python's own "
             "server (llama_cpp.server) answers one request at a time, so it is no parallel-slot peer")
-    build = cache_dir / f"build-{version}"
+    # a clean build folder: no cmake cache entries or objects left from another configuration
+    shutil.rmtree(build, ignore_errors=True)
+    record_path.unlink(missing_ok=True)
     log_path = cache_dir / f"build-{version}.log"
     jobs = str(max(1, os.cpu_count() or 1))
-    configure = ["cmake", "-S", str(tree), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                 "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DGGML_CUDA=OFF", "-DGGML_CCACHE=OFF",
-                 "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON",
-                 "-DLLAMA_BUILD_SERVER=ON",
-                 # no web UI (nothing downloaded from a hub), no HTTPS, no curl
-                 "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF"]
     compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
     began = time.monotonic()
     with open(log_path, "w") as log:
@@ -150,6 +236,7 @@ def build_server(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print
     shutil.copy2(built, binary)
     if not _binary_works(binary):
         raise PeerUnavailable(f"the built {binary} does not run `--version`")
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
     progress(f"llama.cpp: built {binary} in {time.monotonic() - began:.0f} s")
     return binary
 
