@@ -65,6 +65,14 @@ def decode_attention():
                      ("float32",) * 3)
 
 
+def decode_layer(fmt: str):
+    """A whole decoder layer of a decode step (no biases, the layer's matrices in one format). Inputs: x,
+    positions, cos, sin, k_cache, v_cache, attention_norm, eps, wqkv, wo, ffn_norm, w_gate_up, w_down."""
+    return custom_op(f"MstDecodeLayer_{fmt}", ("float32", "int32") + ("float32",) * 6 + ("uint8", "uint8", "float32",
+                                                                                       "uint8", "uint8"),
+                     ("float32",) * 3)
+
+
 def uses_kernels(mindir: bytes) -> bool:
     return LIBRARY_NAME.encode() in mindir
 

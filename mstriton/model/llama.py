@@ -189,6 +189,11 @@ class Network(nn.Cell):
         self.op_head = kernel_ops.linear(formats["lm_head"], "rmsnorm", 0)
         self.op_embed = kernel_ops.embed(formats["embed_tokens"])
         self.op_attention = kernel_ops.decode_attention()
+        # A layer without biases whose matrices share one format decodes as one operator (kernel launches cost
+        # tens of microseconds each here); others as the separate steps.
+        biases = c.attention_bias or c.o_proj_bias or c.mlp_bias
+        self.op_layer = tuple(None if biases or len(set(f.values())) > 1 else kernel_ops.decode_layer(f["wqkv"])
+                              for f in per_layer)
 
     def layer(self, weights, i):
         start = i * self.n_per_layer
@@ -308,8 +313,13 @@ class Network(nn.Cell):
         return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v.reshape(b, self.n_kv, self.head_dim)
 
     def decode_block_kernels(self, w, x, positions, k_cache, v_cache, i):
-        """decode_block as four kernel operators: norm + q/k/v, attention over the cache in place (rotary
-        included), o-projection + residual, norm + gate/up, SwiGLU + down + residual."""
+        """decode_block as kernel operators: norm + q/k/v, attention over the cache in place (rotary included),
+        o-projection + residual, norm + gate/up, SwiGLU + down + residual; all five in one where it can."""
+        if self.op_layer[i] is not None:
+            return self.op_layer[i](x, positions, self.cos, self.sin, k_cache, v_cache,
+                                    self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
+                                    self.weight(w, "wo"), self.weight(w, "ffn_norm"), self.weight(w, "w_gate_up"),
+                                    self.weight(w, "w_down"))
         qkv = self.qkv_product(w, x, i)
         out, k, v = self.op_attention(qkv, positions, self.cos, self.sin, k_cache, v_cache)
         return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v

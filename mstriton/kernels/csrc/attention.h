@@ -12,13 +12,12 @@
 // heads of a KV head are done together, so each key and value row is read once.
 #pragma once
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "args.h"
+#include "pool.h"
 #include "vec.h"
 
 namespace MST_NS {
@@ -33,11 +32,11 @@ void decode_attention(const AttentionArgs &a) {
   const int64_t d = a.dim, groups = a.heads / a.kv_heads, width = (a.heads + 2 * a.kv_heads) * d;
   const float scale = 1.0f / std::sqrt(float(d));
   const int64_t tasks = a.batch * a.kv_heads;
-#pragma omp parallel num_threads(a.threads)
-  {
+  parallel(a.threads, [&](int t, int nt) {
     std::vector<float> q(groups * d), k(d), scores(groups * (a.seq + 1)), acc(groups * d);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; task++) {
+    int64_t first, last;
+    share(tasks, t, nt, &first, &last);
+    for (int64_t task = first; task < last; task++) {
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       const int64_t pos = std::max<int32_t>(a.positions[b], 0);
       const int64_t len = std::min<int64_t>(pos, a.seq);  // cached positions this token attends to
@@ -93,7 +92,7 @@ void decode_attention(const AttentionArgs &a) {
         for (int64_t e = 0; e < d; e++) dst[e] = (o[e] + s[len] * v[e]) * inv;
       }
     }
-  }
+  });
 }
 
 }  // namespace MST_NS

@@ -8,10 +8,10 @@
 //   MstSwigluLinear_<F>  x [..., 2K], w [, bias [N]] [, residual [..., N]]         -> y [..., N]   (silu(g) * u first)
 //   MstEmbed_<F>         tokens [...] int32, table [V, row_bytes], like [E] float32 -> [..., E]
 //   MstDecodeAttention   qkv, positions, cos, sin, k_cache, v_cache -> out, k_new, v_new   (attention.h)
+//   MstDecodeLayer_<F>   a whole decoder layer of a decode step (see run_decode_layer)
 // with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
 //
-// Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on. OpenMP's own default is not used:
-// importing MindSpore sets OMP_NUM_THREADS=1 in the process. ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
+// Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
 // (avx512, avx2, generic).
 #include <sched.h>
 
@@ -20,8 +20,11 @@
 #include <string>
 #include <vector>
 
+#include <algorithm>
+
 #include "args.h"
 #include "formats.h"
+#include "pool.h"
 
 #define DECLARE_ISA(ns)                                                                                          \
   namespace ns {                                                                                                  \
@@ -206,6 +209,64 @@ extern "C" int MstDecodeAttention(AOT_ARGS) {
   isa().decode_attention(a);
   return 0;
 }
+
+// One whole decoder layer of a decode step (a model without biases, its four matrices in one format):
+//   x [B, E], positions, cos, sin, k_cache, v_cache, attention_norm [E], eps [1], wqkv, wo, ffn_norm [E],
+//   w_gate_up, w_down  ->  x_out [B, E], k_new, v_new
+// the same five steps as the separate operators (norm + q/k/v, attention, o-projection + residual, norm +
+// gate/up, SwiGLU + down + residual) in one call: each MindSpore kernel launch costs tens of microseconds on
+// this CPU, and a step of 30 layers made 150 of them.
+int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  if (nparam != 16 || !is(dtypes[0], "float32") || !is(dtypes[8], "uint8")) return 1;
+  const int64_t b = shapes[0][0], e = shapes[0][1], kv = shapes[4][1], d = shapes[4][2], seq = shapes[4][3];
+  const int64_t width = shapes[8][0], heads = width / d - 2 * kv, ffn = shapes[11][0] / 2;
+  if (heads <= 0 || heads % kv || shapes[8][1] != row_bytes(format, e) || shapes[9][1] != row_bytes(format, heads * d) ||
+      shapes[11][1] != row_bytes(format, e) || shapes[12][1] != row_bytes(format, ffn) || shapes[9][0] != e ||
+      shapes[12][0] != e)
+    return 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const float eps = *static_cast<const float *>(params[7]);
+  float *out = static_cast<float *>(params[13]);
+  float *qkv = static_cast<float *>(mst_scratch(2, b * std::max(width, 2 * ffn) * sizeof(float)));
+  float *attention = static_cast<float *>(mst_scratch(3, b * heads * d * sizeof(float)));
+  const Isa &kernels = isa();
+  const int t = threads();
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, b, e, static_cast<const float *>(params[6]), eps,
+                            static_cast<const uint8_t *>(params[8]), width, nullptr, nullptr, qkv, t});
+  kernels.decode_attention(AttentionArgs{qkv, static_cast<const int32_t *>(params[1]),
+                                         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+                                         static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
+                                         attention, static_cast<float *>(params[14]),
+                                         static_cast<float *>(params[15]), b, heads, kv, d, seq, shapes[2][0], t});
+  kernels.linear(LinearArgs{format, PRE_NONE, attention, b, heads * d, nullptr, 0.0f,
+                            static_cast<const uint8_t *>(params[9]), e, nullptr, x, out, t});
+  float *gate_up = qkv;  // q/k/v are used up
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, b, e, static_cast<const float *>(params[10]), eps,
+                            static_cast<const uint8_t *>(params[11]), 2 * ffn, nullptr, nullptr, gate_up, t});
+  // the residual is the output itself: each element is read, then written, by one thread
+  kernels.linear(LinearArgs{format, PRE_SWIGLU, gate_up, b, ffn, nullptr, 0.0f,
+                            static_cast<const uint8_t *>(params[12]), e, nullptr, out, out, t});
+  return 0;
+}
+
+#define DECODE_LAYER(F)                                                                                          \
+  extern "C" int MstDecodeLayer_##F(AOT_ARGS) {                                                                  \
+    (void)ndims;                                                                                                 \
+    return run_decode_layer(F, nparam, params, shapes, dtypes);                                                  \
+  }                                                                                                             \
+  extern "C" std::vector<std::vector<int64_t>> MstDecodeLayer_##F##InferShape(int *, int64_t **shapes, AotExtra *) { \
+    return {{shapes[0][0], shapes[0][1]}, {shapes[0][0], shapes[4][1], shapes[4][2]},                            \
+            {shapes[0][0], shapes[4][1], shapes[4][2]}};                                                         \
+  }                                                                                                             \
+  extern "C" std::vector<TypeId> MstDecodeLayer_##F##InferType(std::vector<TypeId> types, AotExtra *) {           \
+    return {types[0], types[0], types[0]};                                                                       \
+  }
+DECODE_LAYER(F32)
+DECODE_LAYER(BF16)
+DECODE_LAYER(INT8)
+DECODE_LAYER(Q8_0)
+DECODE_LAYER(Q4_0)
+DECODE_LAYER(Q4_1)
 
 extern "C" std::vector<std::vector<int64_t>> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
   const int64_t b = shapes[0][0], kv = shapes[4][1], d = shapes[4][2];

@@ -2,9 +2,10 @@
 // bench-engine reports every kernel against these, measured in the same run.
 #pragma once
 
-#include <omp.h>
-
 #include <chrono>
+#include <vector>
+
+#include "pool.h"
 
 #include "vec.h"
 
@@ -16,10 +17,8 @@ double read_bandwidth(const float *buf, int64_t count, int threads, int reps) {
   volatile float sink = 0.0f;
   for (int rep = 0; rep < reps; rep++) {
     const auto start = std::chrono::steady_clock::now();
-    float total = 0.0f;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    {
-      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<float> totals(threads, 0.0f);
+    parallel(threads, [&](int t, int nt) {
       const int64_t lo = count / W * t / nt * W, hi = count / W * (t + 1) / nt * W;
       vf a0{}, a1{}, a2{}, a3{};
       for (int64_t i = lo; i + 4 * W <= hi; i += 4 * W) {
@@ -28,9 +27,9 @@ double read_bandwidth(const float *buf, int64_t count, int threads, int reps) {
         a2 += load<vf>(buf + i + 2 * W);
         a3 += load<vf>(buf + i + 3 * W);
       }
-      total += hsum(a0 + a1 + a2 + a3);
-    }
-    sink = sink + total;
+      totals[t] = hsum(a0 + a1 + a2 + a3);
+    });
+    for (float v : totals) sink = sink + v;
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     best = std::max(best, double(count) * 4 / seconds / 1e9);
   }
@@ -40,9 +39,8 @@ double read_bandwidth(const float *buf, int64_t count, int threads, int reps) {
 // GFLOP/s of independent FMA chains in registers on every thread (2 flops per lane per FMA).
 double fma_peak(int threads, int64_t iterations) {
   const auto start = std::chrono::steady_clock::now();
-  float total = 0.0f;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-  {
+  std::vector<float> totals(threads, 0.0f);
+  parallel(threads, [&](int t, int) {
     vf acc[12];
     for (int i = 0; i < 12; i++) acc[i] = splat(float(i) * 1e-3f);
     const vf m = splat(0.999999f), c = splat(1e-7f);
@@ -50,8 +48,10 @@ double fma_peak(int threads, int64_t iterations) {
       for (int i = 0; i < 12; i++) acc[i] = acc[i] * m + c;
     vf s{};
     for (int i = 0; i < 12; i++) s += acc[i];
-    total += hsum(s);
-  }
+    totals[t] = hsum(s);
+  });
+  float total = 0.0f;
+  for (float v : totals) total += v;
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   volatile float sink = total;
   (void)sink;

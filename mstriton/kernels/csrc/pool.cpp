@@ -1,0 +1,107 @@
+// The thread pool of pool.h.
+#include "pool.h"
+
+#include <immintrin.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr double SPIN_SECONDS = 0.002;  // longer than the gap between two kernel calls of a step
+constexpr int MAX_THREADS = 256;
+
+struct Pool {
+  std::atomic<uint64_t> generation{0};  // bumped once per task
+  std::atomic<int> pending{0};          // workers still running the current task
+  std::atomic<int> sleeping{0};
+  void (*fn)(void *, int, int) = nullptr;
+  void *ctx = nullptr;
+  int n = 1;
+  std::mutex busy;      // one task at a time
+  std::mutex sleep_mu;  // with `wake`, for workers past their spin
+  std::condition_variable wake;
+  std::vector<std::thread> workers;
+
+  void work(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto idle_since = std::chrono::steady_clock::now();
+      uint64_t now;
+      int spins = 0;
+      while ((now = generation.load(std::memory_order_acquire)) == seen) {
+        _mm_pause();
+        if (++spins % 1024 == 0 &&
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - idle_since).count() > SPIN_SECONDS) {
+          std::unique_lock<std::mutex> lock(sleep_mu);
+          sleeping.fetch_add(1);
+          wake.wait(lock, [&] { return generation.load(std::memory_order_acquire) != seen; });
+          sleeping.fetch_sub(1);
+        }
+      }
+      seen = now;
+      if (index < n) {
+        fn(ctx, index, n);
+        pending.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  void grow(int threads) {
+    while (int(workers.size()) + 1 < threads) {
+      const int index = int(workers.size()) + 1;
+      workers.emplace_back([this, index] { work(index); });
+      workers.back().detach();
+    }
+  }
+
+  void run(int threads, void (*f)(void *, int, int), void *c) {
+    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+    if (!lock.owns_lock() || threads <= 1) {  // busy (another thread's call) or nothing to share
+      f(c, 0, 1);
+      return;
+    }
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    grow(threads);
+    fn = f;
+    ctx = c;
+    n = threads;
+    pending.store(threads - 1, std::memory_order_relaxed);
+    generation.fetch_add(1, std::memory_order_acq_rel);
+    if (sleeping.load() > 0) {
+      std::lock_guard<std::mutex> guard(sleep_mu);
+      wake.notify_all();
+    }
+    f(c, 0, threads);
+    while (pending.load(std::memory_order_acquire) > 0) _mm_pause();
+  }
+};
+
+Pool &pool() {
+  static Pool *instance = new Pool();  // never destroyed: its detached workers outlive static destructors
+  return *instance;
+}
+
+}  // namespace
+
+extern "C" void mst_parallel(int n, void (*fn)(void *, int, int), void *ctx) { pool().run(n, fn, ctx); }
+
+extern "C" void *mst_scratch(int slot, uint64_t bytes) {
+  struct Buffer {
+    void *data = nullptr;
+    uint64_t size = 0;
+  };
+  thread_local Buffer buffers[4];
+  Buffer &b = buffers[slot & 3];
+  if (b.size < bytes) {
+    std::free(b.data);
+    b.size = (bytes + 4095) / 4096 * 4096;
+    b.data = std::aligned_alloc(64, b.size);
+  }
+  return b.data;
+}
