@@ -1,6 +1,6 @@
 """The llama.cpp peer: its own HTTP server (`llama-server`, parallel slots with continuous batching), built from
 the llama.cpp source tree that the llama-cpp-python sdist on PyPI vendors, serving our weights converted to GGUF
-with the converter vendored in the same sdist.
+with the converter vendored in the same sdist (or a model's own GGUF file, served as it is).
 
 Why not llama-cpp-python's own server (`python -m llama_cpp.server`): it guards its one model with a lock and
 answers one request at a time, so it has no parallel slots to compare against ours.
@@ -51,7 +51,9 @@ from .timing import PeerUnavailable, RequestTiming, closed_loop
 # The sdist this peer is built from; its vendored llama.cpp has tools/server and convert_hf_to_gguf.py.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "llamacpp"
-GGUF_DTYPES = ("f32", "f16")
+# what convert_to_gguf writes (convert_hf_to_gguf.py --outtype); other types (q4_1, ...) need llama-quantize, so
+# only a model's own file of that type is served
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 
 Progress = Callable[[str], None]
 
@@ -246,15 +248,17 @@ def build_server(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print
 
 def convert_to_gguf(hf_dir: Path, out: Path, dtype: str, cache_dir: Path = DEFAULT_CACHE_DIR,
                     progress: Progress = _quiet) -> Path:
-    """A Hugging Face LLaMA folder (config.json, model.safetensors, sentencepiece tokenizer.model) to one GGUF
-    file of f32 or f16 weights (norms stay f32, as the converter does), with llama.cpp's own converter and the
-    gguf-py it ships. A converted file is reused while the folder's files (names, sizes, modification times) are
-    those it was made from, as recorded next to it in <out>.source.json."""
+    """A Hugging Face LLaMA folder (config.json, model.safetensors, and a sentencepiece tokenizer.model or a
+    Hugging Face tokenizer.json) to one GGUF file of f32, f16, bf16 or q8_0 weights (norms stay f32, as the
+    converter does), with llama.cpp's own converter and the gguf-py it ships. A converted file is reused while the
+    folder's files (names, sizes, modification times) are those it was made from, as recorded next to it in
+    <out>.source.json."""
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     hf_dir, out = Path(hf_dir), Path(out)
-    if not (hf_dir / "tokenizer.model").is_file():
-        raise PeerUnavailable(f"{hf_dir} has no tokenizer.model; the GGUF needs the sentencepiece vocabulary")
+    if not any((hf_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise PeerUnavailable(f"{hf_dir} has neither tokenizer.model nor tokenizer.json; the GGUF needs the "
+                              "vocabulary")
     stamp = {"dtype": dtype, "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "files": {
         p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(hf_dir.iterdir()) if p.is_file()}}
     stamp_path = out.with_name(out.name + ".source.json")
@@ -400,12 +404,13 @@ class LlamaCppServer:
         return [int(t) for t in self.post("/tokenize", {"content": text, "add_special": True})["tokens"]]
 
 
-def check_tokenizer(server: LlamaCppServer, prompts: Sequence[str], tokenizer_file: str | Path) -> None:
-    """Raise if the GGUF's tokenizer does not give exactly our tokenizer's ids (BOS included) for every
-    prompt: the peer must read the same number of prompt tokens as our server."""
+def check_tokenizer(server, prompts: Sequence[str], tokenizer) -> None:
+    """Raise if the GGUF's tokenizer does not give exactly our tokenizer's ids (BOS included, where ours adds
+    it) for every prompt: the peer must read the same number of prompt tokens as our server. `tokenizer` is ours:
+    a TextTokenizer, or what load_tokenizer takes (a tokenizer.model or tokenizer.json file, or their folder)."""
     from ..tokenizer import load_tokenizer
 
-    ours = load_tokenizer(tokenizer_file)
+    ours = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     for i, prompt in enumerate(prompts):
         theirs, mine = server.tokenize(prompt), ours.encode(prompt)
         if theirs != mine:

@@ -1,8 +1,10 @@
 """The benchmark's requests: prompts of an exact token count, and the shapes and concurrencies of the issue.
 
 Prompts are made of the demo corpus's words (plain text every system under test can take), grown word by word
-until our tokenizer counts exactly the wanted number of tokens (BOS included). Each request gets a different
-prompt, so no system can answer from a prompt cache.
+until the model's own tokenizer, as our converted models serve it, counts exactly the wanted number of tokens
+(BOS included where that tokenizer adds one): a sentencepiece tokenizer.model (the demo model and the random
+100M LLaMA) or a Hugging Face tokenizer.json (SmolLM2: the one our converter writes from its GGUF file). Each
+request gets a different prompt, so no system can answer from a prompt cache.
 """
 
 from __future__ import annotations
@@ -53,8 +55,12 @@ def exact_prompt(tokenizer: TextTokenizer, words: list[str], length: int, rng: r
     return text
 
 
-def make_prompts(tokenizer_file: str | Path, count: int, length: int, seed: int = 0) -> list[str]:
-    tokenizer, words, rng = load_tokenizer(tokenizer_file), corpus_words(), random.Random(seed)
+def make_prompts(tokenizer: TextTokenizer | str | Path, count: int, length: int, seed: int = 0) -> list[str]:
+    """`count` different prompts of exactly `length` tokens of `tokenizer` (a TextTokenizer, or what
+    load_tokenizer takes: a tokenizer.model or tokenizer.json file, or the folder holding one)."""
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = load_tokenizer(tokenizer)
+    words, rng = corpus_words(), random.Random(seed)
     prompts = []
     while len(prompts) < count:
         try:

@@ -117,7 +117,10 @@ class Engine:
         positions = np.zeros(batch, np.int32)
         positions[:n] = self.pool.lengths[:n]
         logits, new_keys, new_values = self.graphs.decode(tokens, positions, self.pool.views(batch))
-        self.pool.append(new_keys, new_values)
+        if new_keys is None:  # the graph stored them in the pool's arrays itself
+            self.pool.lengths[:n] += 1
+        else:
+            self.pool.append(new_keys, new_values)
         return logits[:n]
 
     def length(self, sequence: Sequence) -> int:

@@ -116,6 +116,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     decode = LlamaDecode(config, ms_dtype, max_seq_len, **network_args)
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}
+    writes_cache = decode.writes_cache  # the decode graphs store the new K/V into the caches they are given
     total, started = len(batches) * len(seqs), time.monotonic()
     for b in batches:
         for s in seqs:
@@ -132,6 +133,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                 "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
                 "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
                 "weights_format": weights_format, "weight_formats": formats, "weight_aliases": aliases,
+                "decode_writes_cache": writes_cache,
                 "prefill": PREFILL, "prefill_chunk": chunk, "decode": decode_files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -265,12 +267,15 @@ class EngineGraphs:
 
     def decode(self, tokens: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]):
         """Run the decode graph of the bucket given by the caches' shape ([B, Hkv, D, S] views).
-        Returns logits [B, V], new keys [L][B, Hkv, D], new values [L][B, Hkv, D]."""
+        Returns logits [B, V], new keys [L][B, Hkv, D], new values [L][B, Hkv, D]; or logits, None, None when
+        the graph wrote them into the caches itself (manifest "decode_writes_cache")."""
         batch, seq = caches[0].shape[0], caches[0].shape[-1]
         with GRAPH_LOCK:
             graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
             outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
                             *[Tensor.from_numpy(c) for c in caches], *self.weights)
+        if self.manifest.get("decode_writes_cache"):
+            return outputs[0].asnumpy(), None, None
         layers = self.config.num_hidden_layers
         arrays = [o.asnumpy() for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]

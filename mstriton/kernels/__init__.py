@@ -73,6 +73,7 @@ def library() -> ctypes.CDLL:
             lib.mst_read_bandwidth.argtypes, lib.mst_read_bandwidth.restype = [u8p, i64, ctypes.c_int], \
                 ctypes.c_double
             lib.mst_fma_peak.argtypes, lib.mst_fma_peak.restype = [i64], ctypes.c_double
+            lib.mst_kernel_time.argtypes, lib.mst_kernel_time.restype = [ctypes.POINTER(i64)], ctypes.c_double
             _lib = lib
     return _lib
 
@@ -142,6 +143,13 @@ def decode_attention(qkv, positions, cos, sin, k_cache, v_cache, heads: int):
     library().mst_decode_attention(_ptr(qkv), _ptr(positions), _ptr(cos), _ptr(sin), cos.shape[0], _ptr(k_cache),
                                    _ptr(v_cache), b, heads, kv, d, s, _ptr(out), _ptr(k_new), _ptr(v_new))
     return out, k_new, v_new
+
+
+def kernel_time() -> tuple[float, int]:
+    """(seconds inside the kernels' MindSpore entry points, calls) since the last call; resets both."""
+    calls = ctypes.c_int64(0)
+    seconds = library().mst_kernel_time(ctypes.byref(calls))
+    return seconds, calls.value
 
 
 def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:

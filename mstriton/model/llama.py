@@ -173,6 +173,7 @@ class Network(nn.Cell):
         self.n_per_layer = len(names)
         self.slots = {name: i for i, name in enumerate(names)}
         self.kernels = bool(formats)
+        self.writes_cache = False
         if self.kernels:
             self._kernel_ops(c, formats)
 
@@ -192,8 +193,11 @@ class Network(nn.Cell):
         # A layer without biases whose matrices share one format decodes as one operator (kernel launches cost
         # tens of microseconds each here); others as the separate steps.
         biases = c.attention_bias or c.o_proj_bias or c.mlp_bias
-        self.op_layer = tuple(None if biases or len(set(f.values())) > 1 else kernel_ops.decode_layer(f["wqkv"])
-                              for f in per_layer)
+        fused = not biases and all(len(set(f.values())) == 1 for f in per_layer)
+        # When every layer is one operator, each writes its new K/V into the caches in place: a step then returns
+        # only the logits, and the host stores nothing (LlamaDecode.writes_cache).
+        self.writes_cache = fused
+        self.op_layer = tuple(kernel_ops.decode_layer(f["wqkv"]) if fused else None for f in per_layer)
 
     def layer(self, weights, i):
         start = i * self.n_per_layer
@@ -315,11 +319,6 @@ class Network(nn.Cell):
     def decode_block_kernels(self, w, x, positions, k_cache, v_cache, i):
         """decode_block as kernel operators: norm + q/k/v, attention over the cache in place (rotary included),
         o-projection + residual, norm + gate/up, SwiGLU + down + residual; all five in one where it can."""
-        if self.op_layer[i] is not None:
-            return self.op_layer[i](x, positions, self.cos, self.sin, k_cache, v_cache,
-                                    self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
-                                    self.weight(w, "wo"), self.weight(w, "ffn_norm"), self.weight(w, "w_gate_up"),
-                                    self.weight(w, "w_down"))
         qkv = self.qkv_product(w, x, i)
         out, k, v = self.op_attention(qkv, positions, self.cos, self.sin, k_cache, v_cache)
         return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v
@@ -380,6 +379,14 @@ class Network(nn.Cell):
     def decode(self, weights, tokens, positions, caches):
         b = tokens.shape[0]
         x = self.embed(weights, tokens)
+        if self.kernels and self.writes_cache:
+            for i in range(self.n_layers):
+                w = self.layer(weights, i)
+                x = self.op_layer[i](x, positions, self.cos, self.sin, caches[i], caches[self.n_layers + i],
+                                     self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
+                                     self.weight(w, "wo"), self.weight(w, "ffn_norm"), self.weight(w, "w_gate_up"),
+                                     self.weight(w, "w_down"))
+            return (self.head(weights, x),)
         if self.kernels:
             new_k, new_v = (), ()
             for i in range(self.n_layers):

@@ -15,6 +15,8 @@
 // (avx512, avx2, generic).
 #include <sched.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -88,6 +90,17 @@ int threads() {
   return thread_count;
 }
 
+// Time spent inside the AOT entry points and their count, for profiles (mst_kernel_time): the share of a graph
+// call that is the kernels' own work, the rest being MindSpore's.
+std::atomic<int64_t> kernel_ns{0}, kernel_calls{0};
+struct Timed {
+  std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  ~Timed() {
+    kernel_ns += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+    kernel_calls += 1;
+  }
+};
+
 int64_t elements(int ndim, const int64_t *shape, int upto) {
   int64_t n = 1;
   for (int i = 0; i < upto && i < ndim; i++) n *= shape[i];
@@ -107,6 +120,7 @@ void optional_terms(int nparam, void **params, int *ndims, int first, LinearArgs
 }
 
 int run_linear(int format, int pre, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  Timed timed;
   const int x = 0, w = pre == PRE_RMSNORM ? 3 : 1, y = nparam - 1;
   if (!is(dtypes[x], "float32") || !is(dtypes[w], "uint8") || ndims[w] != 2) return 1;
   LinearArgs a{};
@@ -164,6 +178,7 @@ enum TypeId : int {};  // MindSpore's type ids; only passed through
   extern "C" TypeId MstSwigluLinear_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }    \
   extern "C" int MstEmbed_##F(AOT_ARGS) {                                                                        \
     (void)nparam;                                                                                                \
+    Timed timed;                                                                                                 \
     if (!is(dtypes[0], "int32") || !is(dtypes[1], "uint8")) return 1;                                            \
     const int64_t e = shapes[2][0];                                                                               \
     if (shapes[1][1] != row_bytes(F, e)) return 2;                                                               \
@@ -187,6 +202,7 @@ LINEAR_OPS(Q4_0)
 LINEAR_OPS(Q4_1)
 
 extern "C" int MstDecodeAttention(AOT_ARGS) {
+  Timed timed;
   if (nparam != 9 || !is(dtypes[0], "float32") || !is(dtypes[1], "int32") || !is(dtypes[4], "float32")) return 1;
   AttentionArgs a{};
   a.qkv = static_cast<const float *>(params[0]);
@@ -216,8 +232,11 @@ extern "C" int MstDecodeAttention(AOT_ARGS) {
 // the same five steps as the separate operators (norm + q/k/v, attention, o-projection + residual, norm +
 // gate/up, SwiGLU + down + residual) in one call: each MindSpore kernel launch costs tens of microseconds on
 // this CPU, and a step of 30 layers made 150 of them.
-int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, const char **dtypes) {
-  if (nparam != 16 || !is(dtypes[0], "float32") || !is(dtypes[8], "uint8")) return 1;
+// in_place: the new token's K and V go straight into the caches at its position (the caches are the caller's
+// memory, passed zero-copy), and x_out is the only output; otherwise they are outputs 14 and 15.
+int run_decode_layer(int format, bool in_place, int nparam, void **params, int64_t **shapes, const char **dtypes) {
+  Timed timed;
+  if (nparam != (in_place ? 14 : 16) || !is(dtypes[0], "float32") || !is(dtypes[8], "uint8")) return 1;
   const int64_t b = shapes[0][0], e = shapes[0][1], kv = shapes[4][1], d = shapes[4][2], seq = shapes[4][3];
   const int64_t width = shapes[8][0], heads = width / d - 2 * kv, ffn = shapes[11][0] / 2;
   if (heads <= 0 || heads % kv || shapes[8][1] != row_bytes(format, e) || shapes[9][1] != row_bytes(format, heads * d) ||
@@ -228,7 +247,9 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
   const float eps = *static_cast<const float *>(params[7]);
   float *out = static_cast<float *>(params[13]);
   float *qkv = static_cast<float *>(mst_scratch(2, b * std::max(width, 2 * ffn) * sizeof(float)));
-  float *attention = static_cast<float *>(mst_scratch(3, b * heads * d * sizeof(float)));
+  float *attention = static_cast<float *>(mst_scratch(3, (b * heads * d + 2 * b * kv * d) * sizeof(float)));
+  float *k_new = in_place ? attention + b * heads * d : static_cast<float *>(params[14]);
+  float *v_new = in_place ? k_new + b * kv * d : static_cast<float *>(params[15]);
   const Isa &kernels = isa();
   const int t = threads();
   kernels.linear(LinearArgs{format, PRE_RMSNORM, x, b, e, static_cast<const float *>(params[6]), eps,
@@ -236,8 +257,21 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
   kernels.decode_attention(AttentionArgs{qkv, static_cast<const int32_t *>(params[1]),
                                          static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
                                          static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-                                         attention, static_cast<float *>(params[14]),
-                                         static_cast<float *>(params[15]), b, heads, kv, d, seq, shapes[2][0], t});
+                                         attention, k_new, v_new, b, heads, kv, d, seq, shapes[2][0], t});
+  if (in_place) {
+    float *k_cache = static_cast<float *>(params[4]), *v_cache = static_cast<float *>(params[5]);
+    const int32_t *positions = static_cast<const int32_t *>(params[1]);
+    for (int64_t row = 0; row < b; row++) {
+      const int64_t pos = positions[row];
+      if (pos < 0 || pos >= seq) continue;  // never outside the cache; the engine reserves the room first
+      for (int64_t g = 0; g < kv; g++) {
+        const float *k = k_new + (row * kv + g) * d;
+        float *kc = k_cache + ((row * kv + g) * d) * seq + pos;  // K^T: [b, g, dim, position]
+        for (int64_t e = 0; e < d; e++) kc[e * seq] = k[e];
+        std::memcpy(v_cache + ((row * kv + g) * seq + pos) * d, v_new + (row * kv + g) * d, d * sizeof(float));
+      }
+    }
+  }
   kernels.linear(LinearArgs{format, PRE_NONE, attention, b, heads * d, nullptr, 0.0f,
                             static_cast<const uint8_t *>(params[9]), e, nullptr, x, out, t});
   float *gate_up = qkv;  // q/k/v are used up
@@ -252,8 +286,16 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
 #define DECODE_LAYER(F)                                                                                          \
   extern "C" int MstDecodeLayer_##F(AOT_ARGS) {                                                                  \
     (void)ndims;                                                                                                 \
-    return run_decode_layer(F, nparam, params, shapes, dtypes);                                                  \
+    return run_decode_layer(F, false, nparam, params, shapes, dtypes);                                           \
   }                                                                                                             \
+  extern "C" int MstDecodeLayerInPlace_##F(AOT_ARGS) {                                                           \
+    (void)ndims;                                                                                                 \
+    return run_decode_layer(F, true, nparam, params, shapes, dtypes);                                            \
+  }                                                                                                             \
+  extern "C" std::vector<int64_t> MstDecodeLayerInPlace_##F##InferShape(int *, int64_t **shapes, AotExtra *) {    \
+    return {shapes[0][0], shapes[0][1]};                                                                         \
+  }                                                                                                             \
+  extern "C" TypeId MstDecodeLayerInPlace_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; } \
   extern "C" std::vector<std::vector<int64_t>> MstDecodeLayer_##F##InferShape(int *, int64_t **shapes, AotExtra *) { \
     return {{shapes[0][0], shapes[0][1]}, {shapes[0][0], shapes[4][1], shapes[4][2]},                            \
             {shapes[0][0], shapes[4][1], shapes[4][2]}};                                                         \
@@ -300,6 +342,12 @@ int mst_isa_supported(const char *name) {
 }
 
 int mst_threads() { return threads(); }
+
+// Seconds spent inside the AOT entry points since the last call, and how many calls; resets both.
+double mst_kernel_time(int64_t *calls) {
+  *calls = kernel_calls.exchange(0);
+  return double(kernel_ns.exchange(0)) * 1e-9;
+}
 void mst_set_threads(int n) { thread_count = n > 0 ? n : default_threads(); }
 int64_t mst_row_bytes(int format, int64_t k) { return row_bytes(format, k); }
 
