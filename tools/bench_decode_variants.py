@@ -33,6 +33,7 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn  # noqa: E402
 
 from mstriton.bench import report  # noqa: E402
+from mstriton.bench.timing import median_time  # noqa: E402
 from mstriton.config import LlamaConfig  # noqa: E402
 from mstriton.engine.engine import Engine  # noqa: E402
 from mstriton.engine.graphs import EngineGraphs, export_engine  # noqa: E402
@@ -55,17 +56,6 @@ def best_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def bandwidth_probes() -> dict[str, float]:

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
 
+from mstriton.bench.timing import median_time  # noqa: E402
+
 FORMATS = ["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
 BATCHES = [1, 16]
 CACHED = 128        # tokens in each sequence's cache during the decode steps
@@ -38,17 +40,6 @@ PROMPT = 512
 
 def log(message: str) -> None:
     print(f"[bench-engine {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def median_time(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def decode_step_time(graphs, batch: int, repeats: int) -> float:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
-import subprocess
 from pathlib import Path
 
 OURS, ENGINE = "mstriton (tritonserver)", "engine alone"
@@ -24,10 +24,8 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
-    try:
-        cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        cores = "?"
+    # not nproc: it honours OMP_NUM_THREADS, which importing MindSpore sets to 1
+    cores = str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else str(os.cpu_count())
     memory = "?"
     try:
         kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()

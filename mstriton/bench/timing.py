@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import numpy as np
 
@@ -90,3 +91,15 @@ def closed_loop(prompts: list, concurrency: int, send) -> list[RequestTiming]:
     if errors:
         raise errors[0]
     return timings
+
+
+def median_time(fn, warmup: int, repeats: int) -> float:
+    """Seconds of one call of fn: the median of `repeats` timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))

@@ -4,10 +4,10 @@
   the one exported for Ascend and GPU.
 - bfloat16, int8, Q8_0, Q4_0, Q4_1: every weight matrix packed for the CPU kernels (``kernels/formats.py``),
   [out, row bytes]; the norms stay float32. bfloat16 rounds to nearest even; int8 is symmetric with one scale
-  per output channel; the Q formats are GGUF's blocks. From a GGUF file, a matrix the file already stores in a
-  block format at least as fine as the one asked for (Q4_0 < Q4_1 < Q8_0) keeps the file's bytes (its fused
-  parts alike), so nothing is re-quantized: SmolLM2's Q4_1 file as Q4_1 keeps its Q8_0 embeddings and Q4_1
-  layers as they are. Other matrices are quantized to the format asked.
+  per output channel; the Q formats are GGUF's blocks. From a GGUF file, a matrix the file already stores in
+  the block format asked for keeps the file's bytes (its fused parts alike), and so does a Q8_0 matrix when a
+  4-bit format is asked for: SmolLM2's Q4_1 file as Q4_1 keeps its Q8_0 embeddings and Q4_1 layers as they are,
+  nothing re-quantized. Other matrices are quantized to the format asked (SmolLM2 as Q4_0: its Q4_1 layers).
 
 The embedding table of a packed engine is packed too, and is read through the kernels' embedding lookup; a tied
 model stores it once, as its LM head.
@@ -45,21 +45,16 @@ def matrix_parts(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
     return parts
 
 
-# The block formats from the coarsest to the finest.
-_PRECISION = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
-
-
 def _kept_blocks(parts: tuple[str, ...], blocks: dict[str, np.ndarray], types: dict[str, str], fmt: str):
-    """The file's own rows of a matrix when every part is stored in one block format the kernels run that is at
-    least as fine as the one asked for (SmolLM2 as Q4_1 keeps its Q8_0 head; as Q4_0 too, but its Q4_1 layers
-    are re-quantized)."""
+    """The file's own rows of a matrix when every part is stored in the block format asked for, or in Q8_0 when
+    a 4-bit format is asked for (4-bit files keep their embeddings and head in Q8_0, as SmolLM2's does)."""
     if fmt not in GGUF_BLOCK_FORMATS or not all(p in blocks for p in parts):
         return None
     kinds = {types[p] for p in parts}
     if len(kinds) != 1 or not kinds <= set(GGUF_BLOCK_FORMATS):
         return None
     kind = kinds.pop()
-    if _PRECISION[kind] < _PRECISION[fmt]:
+    if kind != fmt and not (kind == "Q8_0" and fmt in ("Q4_0", "Q4_1")):
         return None
     return kind, np.concatenate([blocks[p] for p in parts], axis=0)
 
