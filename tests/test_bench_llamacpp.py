@@ -142,3 +142,33 @@ def test_a_cached_server_of_another_configuration_is_built_again(tmp_path, monke
             record.write_text(text)
         with pytest.raises(llamacpp.PeerUnavailable, match="cmake"):
             llamacpp.build_server(tmp_path, progress=lambda _: None)
+
+
+def test_tokenizer_check_takes_a_tokenizer_json(tmp_path):
+    from conftest import copy_test_hf_tokenizer
+    from mstriton.tokenizer import load_tokenizer
+
+    copy_test_hf_tokenizer(tmp_path)
+    ours = load_tokenizer(tmp_path)
+
+    class Agrees:
+        def tokenize(self, text):
+            return ours.encode(text)
+
+    class AddsBos(Agrees):
+        def tokenize(self, text):
+            return [1] + ours.encode(text)
+
+    texts = ["The quick brown fox", "MindSpore graphs served by Triton"]
+    llamacpp.check_tokenizer(Agrees(), texts, tmp_path / "tokenizer.json")
+    llamacpp.check_tokenizer(Agrees(), texts, ours)
+    with pytest.raises(AssertionError, match="first difference at 0"):
+        llamacpp.check_tokenizer(AddsBos(), texts, tmp_path)
+
+
+def test_gguf_conversion_needs_a_vocabulary_and_a_type_the_converter_writes(tmp_path):
+    assert {"f32", "f16", "bf16", "q8_0"} == set(llamacpp.GGUF_DTYPES)
+    with pytest.raises(ValueError, match="dtype"):
+        llamacpp.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "q4_1")  # needs llama-quantize: never written
+    with pytest.raises(llamacpp.PeerUnavailable, match="tokenizer.json"):
+        llamacpp.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "f16")

@@ -149,3 +149,100 @@ def test_every_bench_module_imports():
 
     for module in pkgutil.iter_modules(mstriton.bench.__path__):
         importlib.import_module(f"mstriton.bench.{module.name}")
+
+
+def _bench_serving():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_serving", REPO_ROOT / "tools" / "bench_serving.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_prompts_have_exactly_the_asked_token_count_of_a_tokenizer_json(tmp_path):
+    from conftest import copy_test_hf_tokenizer
+    from mstriton.bench.workload import make_prompts
+    from mstriton.tokenizer import load_tokenizer
+
+    copy_test_hf_tokenizer(tmp_path)
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    prompts = make_prompts(tokenizer, 4, 50, seed=2)
+    assert len(set(prompts)) == 4 and [len(tokenizer.encode(p)) for p in prompts] == [50] * 4
+    assert make_prompts(tmp_path, 4, 50, seed=2) == prompts  # the folder, loaded by make_prompts itself
+
+
+def test_each_weight_format_is_a_system_of_its_own_repository():
+    bench = _bench_serving()
+    assert {"ours-q4_1", "ours-bf16", "ours-f32", "engine-q4_1", "llamacpp-q4_1", "llamacpp-f16",
+            "llamacpp-f32"} <= set(bench.ALL_SYSTEMS)
+    assert set(bench.SYSTEMS) <= set(bench.ALL_SYSTEMS) and len(set(bench.ALL_SYSTEMS)) == len(bench.ALL_SYSTEMS)
+    assert set(bench.DEFAULT_SYSTEMS["smollm2"]) == {"ours-q4_1", "ours-bf16", "ours-f32", "llamacpp-q4_1",
+                                                     "llamacpp-f16", "llamacpp-f32", "hf-batched", "hf-sequential"}
+    runs = bench.ours_runs("smollm2", ["llamacpp-q4_1", "ours-q4_1", "engine-bf16", "ours-bf16", "hf-batched"])
+    assert [(r.weights, r.plain, r.engine) for r in runs] == [
+        ("Q4_1", "mstriton Q4_1 (tritonserver)", None),
+        ("bfloat16", "mstriton bfloat16 (tritonserver)", "engine alone bfloat16")]
+    assert runs[1].prefill_key == "smollm2 bfloat16"
+    [default] = bench.ours_runs("demo", bench.SYSTEMS)  # the existing systems: one float32 repository, as before
+    assert (default.weights, default.plain, default.grouped, default.engine, default.prefill_key) == (
+        "float32", report.OURS, report.OURS_GROUPED, report.ENGINE, "demo")
+
+
+def test_llamacpp_types_a_model_cannot_have_are_not_run(tmp_path):
+    from mstriton.bench.models import BenchModel
+
+    bench = _bench_serving()
+    folder = BenchModel("demo", tmp_path, tmp_path, 1024, lambda: tmp_path)
+    gguf = BenchModel("smollm2", tmp_path / "m.gguf", tmp_path, 8192, lambda: tmp_path, gguf=tmp_path / "m.gguf",
+                      gguf_type="q4_1")
+    assert bench.applicable(folder, "llamacpp-f16") is None and bench.applicable(gguf, "llamacpp-f32") is None
+    assert bench.applicable(gguf, "llamacpp-q4_1") is None
+    assert "no Q4_1 GGUF" in bench.applicable(folder, "llamacpp-q4_1")
+    assert bench.llamacpp_gguf(gguf, "q4_1") == tmp_path / "m.gguf"  # served as it is, nothing converted
+
+
+def test_report_puts_each_format_beside_llamacpp_on_the_same_weights():
+    bench = _bench_serving()
+    results = report.Results(date="2026-12-05", machine="m", versions={}, tools={}, prefill_ms={})
+    point = dict(requests=4, output_tokens=400, seconds=1.0, tokens_per_s=100.0, requests_per_s=4.0,
+                 ttft_p50_ms=15.0, ttft_p99_ms=20.0, itl_p50_ms=2.0, itl_p99_ms=3.0)
+    shape = "128 in / 128 out"
+    speeds = {"mstriton Q4_1 (tritonserver)": 60.0, "llama.cpp server Q4_1": 80.0,
+              "mstriton bfloat16 (tritonserver)": 50.0, "llama.cpp server f16": 100.0,
+              "llama.cpp server f32": 40.0, report.HF_BATCHED: 25.0}
+    for c in (1, 4):
+        for system, speed in speeds.items():
+            results.put("smollm2", shape, system, c, {**point, "tokens_per_s": speed * c})
+    results.put("smollm2", shape, "llama.cpp server Q4_1", 4, {"error": "failed: x"})
+    results.prefill_ms["smollm2 Q4_1"] = {shape: 42.0}
+    text = bench.markdown(results, [1, 4])
+    assert "| Q4_1 | **ours Q4_1 / llama.cpp Q4_1, tokens/s** | **0.75** | **n/a** |" in text
+    assert "| bfloat16 | **ours bfloat16 / llama.cpp f16, tokens/s** | **0.50** | **0.50** |" in text
+    assert "| Q4_1 | ours Q4_1 / transformers, static batch (float32), tokens/s | 2.40 | 2.40 |" in text
+    assert "| Q4_1 | TTFT p50 ms, ours / llama.cpp Q4_1 | 15 / 15 | 15 / n/a |" in text
+    assert "| float32 | transformers, static batch, tokens/s | 25.0 | 100.0 |" in text
+    assert "| f32 | llama.cpp server f32, tokens/s | 40.0 | 160.0 |" in text  # no ours float32 was run
+    assert "Q4_1 42 ms" in text
+    # report.py's own ratios are all against the default conversion, not run here: replaced
+    assert "serving efficiency = ours / engine alone" not in text and "ours / llama.cpp server Q4_1" not in text
+    assert text.index("## smollm2, 128 in / 128 out") < text.index("| weights |") < text.index("| system |")
+    assert "| llama.cpp server Q4_1 | 4 | failed: x |" in text
+
+
+def test_smollm2_prompts_are_cut_with_the_tokenizer_our_converter_writes(tmp_path):
+    from mstriton.bench import models
+    from mstriton.model.gguf_tokenizer import tokenizer_files
+    from mstriton.tokenizer import load_tokenizer
+
+    try:
+        model = models.smollm2(tmp_path)
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    assert (model.checkpoint, model.gguf, model.gguf_type, model.max_positions) == (
+        model.gguf, model.gguf, "q4_1", 8192)
+    written = tokenizer_files(models.gguf_metadata(model.gguf))  # what gguf_source gives the converter
+    assert {p.name: p.read_text(encoding="utf-8") for p in model.tokenizer.iterdir()} == written
+    assert load_tokenizer(model.tokenizer).encode("Hello world") == [19556, 905]  # no BOS, as llama.cpp
+    made = (model.tokenizer / "tokenizer.json").stat().st_mtime_ns
+    assert (models.smollm2(tmp_path).tokenizer / "tokenizer.json").stat().st_mtime_ns == made  # not rewritten
