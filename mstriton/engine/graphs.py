@@ -80,7 +80,8 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     ms_dtype = DTYPES[dtype]
     names = weight_names(config)
-    n_parameters = sum(w.size for w in weights.values())
+    # a tied model's LM head is its embedding table: counted once
+    n_parameters = sum(w.size for n, w in weights.items() if not (n == "lm_head" and config.tie_word_embeddings))
     stored, formats = pack_engine_weights(config, weights, weights_format, blocks, block_types, progress)
     aliases = {n: "lm_head" for n in ("embed_tokens",) if n not in stored}  # a tied, packed table: the LM head
     arrays = {n: stored[aliases.get(n, n)] for n in names}

@@ -42,15 +42,29 @@ def is_stale() -> bool:
     return any(source.stat().st_mtime > built for source in SOURCES)
 
 
-def build(progress=print) -> Path:
-    """Build the library with the system compiler if it is missing or older than its sources."""
-    if is_stale():
+def build(progress=print, if_stale: bool = True) -> Path:
+    """Build the library with the system compiler if it is missing, or (if_stale) older than its sources. One
+    process builds at a time (a file lock): tritonserver starts several model processes at once."""
+    if LIBRARY.exists() and not (if_stale and is_stale()):
+        return LIBRARY
+    import fcntl
+    with open(HERE / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if LIBRARY.exists() and not (if_stale and is_stale()):  # another process built it meanwhile
+            return LIBRARY
         progress(f"building {LIBRARY.name} (C++ kernels, about a minute)")
-        result = subprocess.run(["make", "-C", str(HERE), "-j2"], capture_output=True, text=True)
+        result = subprocess.run(["make", "-C", str(HERE), "-j2"], capture_output=True, encoding="utf-8",
+                                errors="replace")
         if result.returncode != 0:
-            raise KernelsUnavailable(f"building the kernels failed (make -C {HERE}); it needs g++ with OpenMP "
+            raise KernelsUnavailable(f"building the kernels failed (make -C {HERE}); it needs g++ "
                                      f"(Debian: build-essential):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     return LIBRARY
+
+
+def ensure_built() -> Path:
+    """What serving processes call: build only a missing library (make install builds it, and rebuilds it when
+    its sources change); never compile inside a model process over a library that exists."""
+    return build(if_stale=False)
 
 
 def library() -> ctypes.CDLL:
@@ -58,7 +72,7 @@ def library() -> ctypes.CDLL:
     global _lib
     with _lock:
         if _lib is None:
-            build()
+            ensure_built()
             lib = ctypes.CDLL(str(LIBRARY), mode=ctypes.RTLD_GLOBAL)
             i64, u8p = ctypes.c_int64, ctypes.c_void_p
             lib.mst_isa.restype = ctypes.c_char_p

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from . import LIBRARY, build
+from . import LIBRARY, ensure_built
 
 LIBRARY_NAME = LIBRARY.name
 _PATH_IN_MINDIR = re.compile(r"[^\s:\"']*" + re.escape(LIBRARY_NAME))
@@ -41,7 +41,7 @@ def _registration(name: str, input_dtypes: list[str], output_dtypes: list[str]):
 def custom_op(function: str, input_dtypes: tuple[str, ...], output_dtypes: tuple[str, ...]):
     """An ops.Custom calling `function` of the library, for inputs and outputs of these dtypes."""
     from mindspore import ops
-    build()
+    ensure_built()
     return ops.Custom(f"{LIBRARY}:{function}", out_shape=None, out_dtype=None, func_type="aot",
                       reg_info=_registration(function, list(input_dtypes), list(output_dtypes)))
 
@@ -119,7 +119,7 @@ def portable_mindir(path: str | Path) -> str:
     data = Path(path).read_bytes()
     if not uses_kernels(data):
         return str(path)
-    build()
+    ensure_built()
     if _rewritten_dir is None:
         _rewritten_dir = Path(tempfile.mkdtemp(prefix="mstriton-mindir-"))
         atexit.register(shutil.rmtree, _rewritten_dir, True)

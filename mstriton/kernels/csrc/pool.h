@@ -1,11 +1,12 @@
-// The kernels' own thread pool: workers that spin between calls, so that a decode step's 150 kernel calls each
-// start in well under a microsecond.
+// The kernels' own thread pool: workers that spin between calls, so that each kernel call of a decode step
+// starts in well under a microsecond.
 //
 // Why not OpenMP: libgomp's workers fall asleep between parallel regions, and waking them through a futex took
 // about 100 us per call on this VM (measured: 120 chained 576 x 576 products ran at 2 GB/s, per call overhead
-// dominating), which put a decode step at several times its memory floor. Here a worker spins (with pause) for
-// SPIN_SECONDS after its last task, then sleeps on a condition variable; a call made while the pool is busy (two
-// MindSpore kernel threads at once) runs on its caller's thread alone.
+// dominating), which put a decode step at several times its memory floor. Here a worker spins (with pause)
+// briefly after its last task, then yields its core between checks for a while, then sleeps on a condition
+// variable (pool.cpp has the times); a call made while the pool is busy (two MindSpore kernel threads at once)
+// runs on its caller's thread alone.
 #pragma once
 
 #include <cstdint>
