@@ -65,14 +65,12 @@ def decode_attention():
                      ("float32",) * 3)
 
 
-def decode_layer(fmt: str, in_place: bool = True):
-    """A whole decoder layer of a decode step (no biases, the layer's matrices in one format). Inputs: x,
-    positions, cos, sin, k_cache, v_cache, attention_norm, eps, wqkv, wo, ffn_norm, w_gate_up, w_down. Output:
-    x, and, unless in_place (the new K/V written into the caches themselves), the new token's K and V."""
+def decode_layer(fmt: str):
+    """A whole decoder layer of a decode step (no biases, the layer's matrices in one format), writing the new
+    token's K/V into the caches themselves. Inputs: x, positions, cos, sin, k_cache, v_cache, attention_norm, eps,
+    wqkv, wo, ffn_norm, w_gate_up, w_down. Output: x."""
     inputs = ("float32", "int32") + ("float32",) * 6 + ("uint8", "uint8", "float32", "uint8", "uint8")
-    if in_place:
-        return custom_op(f"MstDecodeLayerInPlace_{fmt}", inputs, ("float32",))
-    return custom_op(f"MstDecodeLayer_{fmt}", inputs, ("float32",) * 3)
+    return custom_op(f"MstDecodeLayerInPlace_{fmt}", inputs, ("float32",))
 
 
 def uses_kernels(mindir: bytes) -> bool:

@@ -318,7 +318,8 @@ class Network(nn.Cell):
 
     def decode_block_kernels(self, w, x, positions, k_cache, v_cache, i):
         """decode_block as kernel operators: norm + q/k/v, attention over the cache in place (rotary included),
-        o-projection + residual, norm + gate/up, SwiGLU + down + residual; all five in one where it can."""
+        o-projection + residual, norm + gate/up, SwiGLU + down + residual (decode() runs a model whose layers
+        are each one operator through op_layer instead)."""
         qkv = self.qkv_product(w, x, i)
         out, k, v = self.op_attention(qkv, positions, self.cos, self.sin, k_cache, v_cache)
         return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v
