@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .engine.buckets import DEFAULT_PREFILL_CHUNK
-from .engine.graphs import DEVICES, DTYPES, MANIFEST, PREFILL, PREFILL_CHUNK, WEIGHTS, export_engine
+from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .serving.pipeline import CHAT_TEMPLATE_FILE
@@ -28,20 +28,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed
         shutil.copy2(src, dst)
-
-
-def _split_engine(full: Path, prefill_dir: Path, decode_dir: Path) -> None:
-    """Give each model only the graphs it runs; both share the manifest and one weights file."""
-    prefill_dir.mkdir(parents=True)
-    decode_dir.mkdir(parents=True)
-    for shared in (MANIFEST, WEIGHTS):
-        _link_or_copy(full / shared, prefill_dir / shared)
-        _link_or_copy(full / shared, decode_dir / shared)
-    for graph in (PREFILL, PREFILL_CHUNK):
-        if (full / graph).exists():
-            _link_or_copy(full / graph, prefill_dir / graph)
-    for graph in full.glob("decode_*.mindir"):
-        _link_or_copy(graph, decode_dir / graph.name)
 
 
 def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Path]:
@@ -96,8 +82,9 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                       max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, weights_format=weights,
                       blocks=source.blocks, block_types=source.block_types, progress=progress)
         models = staging / "models"
-        _split_engine(engine, models / model_name(name, "prefill") / VERSION / "engine",
-                      models / model_name(name, "decode") / VERSION / "engine")
+        decode_dir = models / model_name(name, "decode") / VERSION
+        decode_dir.mkdir(parents=True)
+        engine.rename(decode_dir / "engine")  # the decode model runs every graph
         tokenizer_dir = models / model_name(name, "tokenizer") / VERSION
         front_dir = models / model_name(name, "") / VERSION  # the front model detokenizes
         for folder in (tokenizer_dir, front_dir):

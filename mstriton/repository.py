@@ -7,13 +7,12 @@ Layout for a model called NAME (every Python model's 1/model.py re-exports its a
     NAME/              the front model clients call (decoupled): validation, streaming, cancellation,
                        detokenization; 1/ the tokenizer files
     NAME_unary/        one response per request, for KServe v2 /infer and /generate
-    NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode (token ids out)
+    NAME_pipeline/     the ensemble: tokenizer -> decode (token ids out)
     NAME_tokenizer/    1/ the tokenizer files (tokenizer.model, or tokenizer.json), tokenizer_config.json, and
                        chat_template.jinja when the model has a chat template
-    NAME_prefill/      1/engine/{manifest.json, weights.ckpt, prefill.mindir}
-    NAME_sampler/
-    NAME_decode/       1/engine/{manifest.json, weights.ckpt, decode_b*_s*.mindir}
-(weights.ckpt and tokenizer.model are each one file on disk, hard-linked where they appear twice).
+    NAME_decode/       the generation engine (decoupled): paged KV cache, prefill, sampling, continuous decode;
+                       1/engine/{manifest.json, weights.ckpt, prefill.mindir, prefill_chunk.mindir, decode_b*_s*.mindir}
+(tokenizer files are each one file on disk, hard-linked where they appear twice).
 """
 
 from __future__ import annotations
@@ -23,11 +22,15 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from .params import DEFAULT_PREFILL_BUDGET
+
 VERSION = "1"
-COMPONENTS = ("", "unary", "pipeline", "tokenizer", "prefill", "sampler", "decode")
+COMPONENTS = ("", "unary", "pipeline", "tokenizer", "decode")
 # Components earlier versions wrote: a re-conversion removes them too. (The detokenizer step moved into the
-# front model: a step after decode inside the ensemble kept tritonserver 2.51 from exiting on SIGTERM.)
-RETIRED_COMPONENTS = ("detokenizer",)
+# front model: a step after decode inside the ensemble kept tritonserver 2.51 from exiting on SIGTERM. Prefill and
+# the first token's sampling moved into the decode model, which owns the paged KV cache: a prompt's cache no
+# longer travels between processes as tensors, and prefill chunks interleave with decode steps.)
+RETIRED_COMPONENTS = ("detokenizer", "prefill", "sampler")
 
 
 def model_name(name: str, component: str) -> str:
@@ -91,8 +94,7 @@ CLIENT_OUTPUTS = [
     # with return_tokens: each new token's id, text, logprob, special flag and alternatives, as JSON
     ("tokens_json", pb.TYPE_STRING, [1]),
 ]
-# Tensors between the pipeline's steps; the decode model's are the pipeline's outputs.
-KV = [("kv_keys", pb.TYPE_FP32, [-1, -1, -1, -1]), ("kv_values", pb.TYPE_FP32, [-1, -1, -1, -1])]
+# The decode model's outputs are the pipeline's.
 STEP_OUTPUTS = [
     # step_ints and step_floats: the fields named in triton_models/common.py (STEP_INTS, STEP_FLOATS)
     ("output_ids", pb.TYPE_INT32, [-1]), ("step_ints", pb.TYPE_INT32, [-1]), ("step_floats", pb.TYPE_FP32, [-1]),
@@ -133,26 +135,16 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                                    ("word_ids", pb.TYPE_STRING, [1])])
     configs["tokenizer"] = tokenizer
 
-    prefill = python_model(model_name(name, "prefill"), max_batch_size=max_batch_size, dynamic_batching=True,
-                           device=device, parameters={"engine": "engine", **dev})
-    add_tensors(prefill.input, [("input_ids", pb.TYPE_INT32, [-1])])
-    add_tensors(prefill.output, [("logits", pb.TYPE_FP32, [-1])] + KV)
-    configs["prefill"] = prefill
-
-    sampler = python_model(model_name(name, "sampler"), max_batch_size=max_batch_size, dynamic_batching=True,
-                           parameters={})
-    add_tensors(sampler.input, [("logits", pb.TYPE_FP32, [-1]), ("input_ids", pb.TYPE_INT32, [-1]),
-                                ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1])])
-    # the first token, then its top_logprobs alternatives (common.first_token_tensors)
-    add_tensors(sampler.output, [("first_token", pb.TYPE_INT32, [-1]), ("first_logprob", pb.TYPE_FP32, [-1])])
-    configs["sampler"] = sampler
-
     decode = python_model(model_name(name, "decode"), max_batch_size=max_batch_size, decoupled=True,
-                          device=device, parameters={"engine": "engine", "max_waiting": "64",
-                                      # below tritonserver's default --exit-timeout-secs (30): see scheduler.drain
-                                      "shutdown_grace_seconds": "20", "stream_interval": "1", **dev})
-    add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1])] + KV + [
-        ("first_token", pb.TYPE_INT32, [-1]), ("first_logprob", pb.TYPE_FP32, [-1]),
+                          device=device, parameters={
+                              "engine": "engine", "max_waiting": "64",
+                              # below tritonserver's default --exit-timeout-secs (30): see scheduler.drain
+                              "shutdown_grace_seconds": "20", "stream_interval": "1",
+                              # the paged KV cache: its size in bytes (empty: a share of the machine's memory,
+                              # engine/kv_pool.py), prompt tokens prefilled per step beside running streams
+                              "kv_cache_bytes": "", "enable_prefix_caching": "true",
+                              "prefill_budget": str(DEFAULT_PREFILL_BUDGET), **dev})
+    add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
         ("request_key", pb.TYPE_STRING, [1])], optional=True)
     add_tensors(decode.input, [("stop_key", pb.TYPE_STRING, [1])], optional=True)
@@ -164,7 +156,7 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
 
 
 def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelConfig:
-    """tokenizer -> prefill -> sampler -> decode (decoupled), as a Triton ensemble.
+    """tokenizer -> decode (decoupled), as a Triton ensemble.
 
     Decode is the last step on purpose: its token responses leave the ensemble without another internal
     request. On SIGTERM tritonserver 2.51 stops every model's scheduler at once; an ensemble whose next step is
@@ -183,12 +175,8 @@ def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelCon
 
     step("tokenizer", {"text_input": "text_input", "params_json": "params_json"},
          {"input_ids": "_ids", "params_json": "_params", "word_ids": "_words"})
-    step("prefill", {"input_ids": "_ids"}, {"logits": "_logits", "kv_keys": "_kv_keys", "kv_values": "_kv_values"})
-    step("sampler", {"logits": "_logits", "input_ids": "_ids", "params_json": "_params", "word_ids": "_words"},
-         {"first_token": "_first_token", "first_logprob": "_first_logprob"})
-    step("decode", {"input_ids": "_ids", "kv_keys": "_kv_keys", "kv_values": "_kv_values",
-                    "first_token": "_first_token", "first_logprob": "_first_logprob", "params_json": "_params",
-                    "word_ids": "_words", "request_key": "request_key"},
+    step("decode", {"input_ids": "_ids", "params_json": "_params", "word_ids": "_words",
+                    "request_key": "request_key"},
          {o[0]: o[0] for o in STEP_OUTPUTS})
     return config
 

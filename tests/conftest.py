@@ -130,25 +130,19 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
 
-def engine_of(repository: Path, name: str):
-    """One Engine running both the prefill and the decode graphs of the converted model `name` (the test process
-    holds all graphs; the served models split them between two processes)."""
+def engine_of(repository: Path, name: str, **engine_args):
+    """An Engine over the converted model `name`'s engine: the graphs its decode model runs."""
     from mstriton.engine.engine import Engine
     from mstriton.engine.graphs import EngineGraphs
 
-    prefill = EngineGraphs(repository / f"{name}_prefill" / "1" / "engine")
-    decode = EngineGraphs(repository / f"{name}_decode" / "1" / "engine")
-    decode.manifest["prefill"] = str(prefill.dir / prefill.manifest["prefill"])
-    if prefill.manifest.get("prefill_chunk"):
-        decode.manifest["prefill_chunk"]["file"] = str(prefill.dir / prefill.manifest["prefill_chunk"]["file"])
-    return Engine(decode)
+    return Engine(EngineGraphs(repository / f"{name}_decode" / "1" / "engine"), **engine_args)
 
 
 def logit_errors(engine, reference, prompt: list[int], steps: int = 16) -> list[float]:
     """Relative errors of our logits against transformers' after prefill and after each of `steps` decode steps
     (fed transformers' own greedy tokens)."""
     expected_tokens, expected_logits = greedy_reference(reference, prompt, steps + 1)
-    (sequence,), logits = engine.prefill([prompt])
+    (sequence,), logits = engine.prefill_prompts([prompt])
     errors = [relative_error(logits[0], expected_logits[0])]
     for step in range(steps):
         logits = engine.decode([expected_tokens[step]])

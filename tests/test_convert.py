@@ -29,8 +29,7 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert result.returncode == 0, result.stderr
     assert "exported decode graph 4/4" in result.stdout and "converted tiny" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "tiny", "tiny_decode", "tiny_pipeline", "tiny_prefill", "tiny_sampler",
-        "tiny_tokenizer", "tiny_unary"]
+        "tiny", "tiny_decode", "tiny_pipeline", "tiny_tokenizer", "tiny_unary"]
     for folder in tmp_path.iterdir():
         config = read_config(folder)
         assert config.name == folder.name
@@ -39,12 +38,10 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert read_config(tmp_path / "tiny_pipeline").platform == "ensemble"
     assert read_config(tmp_path / "tiny_decode").model_transaction_policy.decoupled
     assert read_config(tmp_path / "tiny").model_transaction_policy.decoupled
-    prefill_engine, decode_engine = tmp_path / "tiny_prefill/1/engine", tmp_path / "tiny_decode/1/engine"
+    decode_engine = tmp_path / "tiny_decode/1/engine"  # the decode model runs every graph
     assert sorted(p.name for p in decode_engine.glob("decode_*.mindir")) == [
         "decode_b1_s128.mindir", "decode_b1_s64.mindir", "decode_b2_s128.mindir", "decode_b2_s64.mindir"]
-    assert (prefill_engine / "prefill.mindir").exists() and not list(prefill_engine.glob("decode_*"))
-    # One weights file on disk, linked into both engines.
-    assert os.stat(prefill_engine / "weights.ckpt").st_ino == os.stat(decode_engine / "weights.ckpt").st_ino
+    assert (decode_engine / "prefill.mindir").exists() and (decode_engine / "prefill_chunk.mindir").exists()
     assert (tmp_path / "tiny_tokenizer/1/tokenizer.model").exists()
     manifest = json.loads((decode_engine / "manifest.json").read_text())
     assert manifest["max_seq_len"] == 128 and manifest["batch_buckets"] == [1, 2]
@@ -65,10 +62,11 @@ def test_rerun_replaces_the_model_and_a_failed_run_leaves_it_untouched(tmp_path,
     convert(checkpoint, "m", tmp_path, max_batch_size=1, max_seq_len=64, **QUIET)
     (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").write_text("from the previous conversion")
     (tmp_path / "other_model").mkdir()
-    (tmp_path / "m_detokenizer" / "1").mkdir(parents=True)  # a step earlier versions wrote
+    for retired in ("m_detokenizer", "m_prefill", "m_sampler"):  # steps earlier versions wrote
+        (tmp_path / retired / "1").mkdir(parents=True, exist_ok=True)
     convert(checkpoint, "m", tmp_path, max_batch_size=2, max_seq_len=64, **QUIET)
     assert not (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").exists()
-    assert not (tmp_path / "m_detokenizer").exists()
+    assert not any((tmp_path / retired).exists() for retired in ("m_detokenizer", "m_prefill", "m_sampler"))
     assert json.loads((tmp_path / "m_decode/1/engine/manifest.json").read_text())["max_batch_size"] == 2
     assert (tmp_path / "other_model").exists()
 
@@ -86,10 +84,8 @@ def test_float16_engine_runs_close_to_float32(tmp_path, hf_checkpoint_factory):
     logits = {}
     for dtype in ("float32", "float16"):
         convert(checkpoint, dtype, tmp_path, max_batch_size=1, max_seq_len=64, dtype=dtype, **QUIET)
-        graphs = EngineGraphs(tmp_path / f"{dtype}_decode/1/engine")
-        graphs.manifest["prefill"] = str(tmp_path / f"{dtype}_prefill/1/engine/prefill.mindir")
-        engine = Engine(graphs)
-        _, first = engine.prefill([[1, 5, 9, 22]])
+        engine = Engine(EngineGraphs(tmp_path / f"{dtype}_decode/1/engine"), kv_cache_bytes=4 << 20)
+        _, first = engine.prefill_prompts([[1, 5, 9, 22]])
         second = engine.decode([int(first[0].argmax())])
         logits[dtype] = np.concatenate([first, second])
     assert logits["float16"].dtype == np.float32

@@ -92,7 +92,8 @@ def test_mixed_length_batch_equals_single_runs(case):
     assert batched == singles
     for prompt, n, ours in zip(PROMPTS, lengths, batched):
         assert ours == greedy_reference(reference, prompt, n)[0]
-    assert engine.pool.n_active == 0
+    assert engine.blocks.num_used == 0 and not engine.running
+    engine.blocks.check()
 
 
 # ---- what the golden configs exercise (so that the tests above cannot pass vacuously) ---------------------------

@@ -106,21 +106,57 @@ def reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads):
     return out, k_new, v_new
 
 
-@pytest.mark.parametrize("heads,kv,d", [(9, 3, 64), (4, 4, 32), (6, 2, 20)])
-def test_decode_attention_equals_the_formula(isa, heads, kv, d):
+def paged(k_cache, v_cache, block_size, rng):
+    """The contiguous caches [B, Hkv, D, S] / [B, Hkv, S, D] as a pool of blocks in shuffled rows (row 0 left as
+    scratch), and each sequence's block table."""
+    b, kv, d, seq = k_cache.shape
+    per_row = -(-seq // block_size)
+    rows = rng.permutation(b * per_row) + 1  # scattered, as a pool in use is
+    k_pool = np.zeros((b * per_row + 1, kv, d, block_size), np.float32)
+    v_pool = np.zeros((b * per_row + 1, kv, block_size, d), np.float32)
+    table = rows.reshape(b, per_row).astype(np.int32)
+    for row in range(b):
+        for i in range(per_row):
+            n = min(block_size, seq - i * block_size)
+            k_pool[table[row, i], :, :, :n] = k_cache[row, :, :, i * block_size:i * block_size + n]
+            v_pool[table[row, i], :, :n] = v_cache[row, :, i * block_size:i * block_size + n]
+    return k_pool, v_pool, table
+
+
+@pytest.mark.parametrize("heads,kv,d,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (6, 2, 20, 5)])
+def test_paged_decode_attention_equals_the_formula_and_stores_the_new_token(isa, heads, kv, d, block_size):
     rng = np.random.default_rng(heads)
-    b, seq, table = 5, 37, 64
+    b, seq, table_len = 5, 40, 64
     qkv = rng.standard_normal((b, (heads + 2 * kv) * d)).astype(np.float32)
-    positions = np.array([0, 1, 17, 36, 37], np.int32)  # an empty cache, a full one, and between
-    angles = np.outer(np.arange(table), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    positions = np.array([0, 1, 17, 36, 39], np.int32)  # an empty cache, a nearly full one, and between
+    angles = np.outer(np.arange(table_len), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
     angles = np.concatenate([angles, angles], -1)
     cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
     k_cache = rng.standard_normal((b, kv, d, seq)).astype(np.float32)
     v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
-    got = kernels.decode_attention(qkv, positions, cos, sin, k_cache, v_cache, heads)
-    for name, a, e in zip(("out", "k_new", "v_new"), got, reference_attention(qkv, positions, cos, sin, k_cache,
-                                                                               v_cache, heads)):
-        assert relative(a, e) < 1e-5, f"{isa} {name}"
+    k_pool, v_pool, table = paged(k_cache, v_cache, block_size, rng)
+    expected, k_new, v_new = reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads)
+    got = kernels.decode_attention(qkv, positions, cos, sin, k_pool, v_pool, table, heads)
+    assert relative(got, expected) < 1e-5, isa
+    for row, p in enumerate(positions):  # the new token's K/V landed in its block at its offset
+        block, offset = table[row, p // block_size], p % block_size
+        assert relative(k_pool[block, :, :, offset], k_new[row]) < 1e-6
+        assert relative(v_pool[block, :, offset], v_new[row]) < 1e-6
+
+
+def test_paged_attention_padding_rows_touch_only_the_scratch_block(isa):
+    rng = np.random.default_rng(7)
+    heads, kv, d, bs = 4, 2, 16, 8
+    k_pool = rng.standard_normal((6, kv, d, bs)).astype(np.float32)
+    v_pool = rng.standard_normal((6, kv, bs, d)).astype(np.float32)
+    before_k, before_v = k_pool[1:].copy(), v_pool[1:].copy()
+    qkv = rng.standard_normal((3, (heads + 2 * kv) * d)).astype(np.float32)
+    cos, sin = np.ones((32, d), np.float32), np.zeros((32, d), np.float32)
+    out = kernels.decode_attention(qkv, np.zeros(3, np.int32), cos, sin, k_pool, v_pool, np.zeros((3, 2), np.int32),
+                                   heads)
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(k_pool[1:], before_k)
+    np.testing.assert_array_equal(v_pool[1:], before_v)
 
 
 def test_bfloat16_rounding_is_torchs():

@@ -1,5 +1,7 @@
 """Continuous batching in the decode loop, without a server: joins between steps, per-request results equal
-single runs, cancellation frees the slot, a full queue refuses with "server busy"."""
+single runs, cancellation frees the slot, a full queue refuses with "server busy"; the paged KV cache under the
+scheduler: prefill beside decode within its budget, preemption when blocks run out, prefix-cache hits, refusal
+of what could never fit."""
 
 from __future__ import annotations
 
@@ -21,18 +23,14 @@ def graphs(hf_checkpoint_factory, tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo-sched")
     convert(hf_checkpoint_factory("mha"), "tiny", repo, max_batch_size=4, max_seq_len=128,
             progress=lambda _: None)
-    graphs = EngineGraphs(repo / "tiny_decode/1/engine")
-    graphs.manifest["prefill"] = str(repo / "tiny_prefill/1/engine/prefill.mindir")
-    return graphs
+    return EngineGraphs(repo / "tiny_decode/1/engine")
 
 
 def make_request(graphs, key, prompt, events, **params):
-    """What the prefill and sampler models hand the decode model: the prompt cache and the first token."""
-    logits, keys, values = graphs.prefill(np.array([prompt], np.int32), np.array([len(prompt)], np.int32))
+    """What the tokenizer hands the decode model: the prompt's ids and the settings."""
     params.setdefault("temperature", 0.0)
-    return DecodeRequest(key=key, prompt_ids=prompt, first_token=int(logits[0].argmax()), first_logprob=0.0,
-                         keys=[k[0] for k in keys], values=[v[0] for v in values],
-                         params=GenerationParams(**params), emit=events.setdefault(key, []).append)
+    return DecodeRequest(key=key, prompt_ids=list(prompt), params=GenerationParams(**params),
+                         emit=events.setdefault(key, []).append)
 
 
 def run_until_idle(scheduler, limit=500):
@@ -63,7 +61,8 @@ def test_requests_joining_between_steps_each_get_their_single_run_result(graphs)
     for i in range(5):
         assert tokens_of(events[f"r{i}"]) == expected[i], i
         assert events[f"r{i}"][-1].finish_reason == "length"
-    assert scheduler.engine.pool.n_active == 0
+    assert scheduler.engine.blocks.num_used == 0
+    scheduler.engine.blocks.check()
 
 
 def test_cancel_frees_the_slot_for_the_next_request(graphs):
@@ -91,11 +90,11 @@ def test_state_hook_sees_a_cancel_that_empties_the_batch_at_once(graphs):
     events = {}
     scheduler.submit(make_request(graphs, "only", PROMPTS[0], events, max_tokens=100))
     scheduler.step()
-    assert seen[-1]["running"] == 1 and seen[-1]["kv_slots_used"] == 1
+    assert seen[-1]["running"] == 1 and seen[-1]["kv_blocks_used"] == 1
     assert scheduler.cancel("only")
     scheduler.step()
     assert events["only"][-1].finish_reason == "cancelled"
-    assert seen[-1]["running"] == 0 and seen[-1]["kv_slots_used"] == 0 and seen[-1]["kv_tokens_used"] == 0
+    assert seen[-1]["running"] == 0 and seen[-1]["kv_blocks_used"] == 0 and seen[-1]["kv_tokens_used"] == 0
 
 
 def test_full_queue_refuses_with_server_busy(graphs):
@@ -173,3 +172,85 @@ def test_drain_lets_accepted_requests_run_for_the_grace_then_ends_the_rest_with_
     for key in ("long", "waiting"):
         assert events[key][-1].finish_reason == "cancelled" and "shutting down" in events[key][-1].error
     assert 3 <= len(tokens_of(events["long"])) < 100 and tokens_of(events["waiting"]) == []
+
+
+# ---- the paged KV cache under the scheduler -------------------------------------------------------------------
+
+def block_bytes(graphs) -> int:
+    from mstriton.engine.kv_pool import KVPool
+
+    c = graphs.config
+    return KVPool.block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, graphs.block_size)
+
+
+def test_preemption_under_a_tiny_pool_still_ends_every_request_with_its_single_run_result(graphs):
+    """Four requests of up to 5 + 40 tokens in a pool of 8 blocks (16 tokens each): they cannot all hold their
+    blocks at once. The newest are preempted and recomputed; every one ends with the tokens of its solo run."""
+    lengths = [40, 40, 36, 30]
+    expected = [greedy_generate(Engine(graphs, max_slots=1), [p], n)[0] for p, n in zip(PROMPTS, lengths)]
+    engine = Engine(graphs, max_slots=4, kv_cache_bytes=9 * block_bytes(graphs))
+    assert engine.blocks.usable_blocks == 8
+    scheduler = Scheduler(engine, max_waiting=8)
+    events = {}
+    for i, n in enumerate(lengths):
+        scheduler.submit(make_request(graphs, f"r{i}", PROMPTS[i], events, max_tokens=n))
+    run_until_idle(scheduler, limit=2000)
+    assert engine.blocks.stats.preemptions > 0
+    for i in range(len(lengths)):
+        assert tokens_of(events[f"r{i}"]) == expected[i], i
+        assert events[f"r{i}"][-1].finish_reason == "length" and events[f"r{i}"][-1].error is None
+    assert engine.blocks.num_used == 0
+    engine.blocks.check()
+
+
+def test_a_request_that_could_never_fit_the_pool_is_refused_at_once_with_the_numbers(graphs):
+    engine = Engine(graphs, max_slots=2, kv_cache_bytes=3 * block_bytes(graphs))  # 2 blocks: 32 tokens
+    scheduler = Scheduler(engine)
+    events = {}
+    scheduler.submit(make_request(graphs, "huge", list(range(1, 41)), events, max_tokens=4))
+    scheduler.submit(make_request(graphs, "small", PROMPTS[1], events, max_tokens=4))
+    run_until_idle(scheduler)
+    assert events["huge"][-1].finish_reason == "length"
+    assert "needs 3 KV blocks" in events["huge"][-1].error and "the whole pool has 2" in events["huge"][-1].error
+    assert len(tokens_of(events["small"])) == 4
+
+
+def test_prompts_prefill_in_budgeted_chunks_beside_running_streams(graphs):
+    """A long prompt arriving while a stream decodes is computed budget tokens per step: the stream gets a
+    token at every step meanwhile, and both end with their solo results."""
+    long_prompt = [1] + list(range(2, 90))
+    expected_long = greedy_generate(Engine(graphs, max_slots=1), [long_prompt], 4)[0]
+    expected_stream = greedy_generate(Engine(graphs, max_slots=1), [PROMPTS[0]], 30)[0]
+    engine = Engine(graphs, max_slots=2)
+    scheduler = Scheduler(engine, prefill_budget=16)
+    events = {}
+    scheduler.submit(make_request(graphs, "stream", PROMPTS[0], events, max_tokens=30))
+    scheduler.step()
+    scheduler.submit(make_request(graphs, "long", long_prompt, events, max_tokens=4))
+    steps_to_first = 0
+    while not tokens_of(events.get("long", [])):
+        before = len(tokens_of(events["stream"]))
+        scheduler.step()
+        steps_to_first += 1
+        assert len(tokens_of(events["stream"])) == before + 1  # never a step without the stream's token
+    assert steps_to_first == -(-len(long_prompt) // 16)
+    run_until_idle(scheduler)
+    assert tokens_of(events["long"]) == expected_long and tokens_of(events["stream"]) == expected_stream
+
+
+def test_a_prompt_sharing_a_cached_prefix_computes_only_the_rest_and_equals_a_cold_run(graphs):
+    engine = Engine(graphs, max_slots=1)
+    cold = Engine(graphs, max_slots=1, enable_prefix_caching=False)
+    system = [1] + list(range(20, 60))  # 41 tokens: two full blocks of 16 are cached
+    first, second = system + [5, 6, 7], system + [9, 9]
+    (a,), _ = engine.prefill_prompts([first])
+    engine.release(a)
+    hits = engine.blocks.stats.prefix_hits
+    (b,), warm_logits = engine.prefill_prompts([second])
+    assert engine.blocks.stats.prefix_hits - hits == 32
+    (c,), cold_logits = cold.prefill_prompts([second])
+    np.testing.assert_allclose(warm_logits, cold_logits, rtol=0, atol=1e-5)
+    for _ in range(5):  # and the decode steps after it
+        token = int(warm_logits[0].argmax())
+        warm_logits, cold_logits = engine.decode([token]), cold.decode([token])
+        np.testing.assert_allclose(warm_logits, cold_logits, rtol=0, atol=1e-5)

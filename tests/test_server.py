@@ -157,7 +157,7 @@ def test_all_models_load(server):
     import tritonclient.http as httpclient
 
     client = httpclient.InferenceServerClient(server.http)
-    for suffix in ("", "_unary", "_pipeline", "_tokenizer", "_prefill", "_sampler", "_decode"):
+    for suffix in ("", "_unary", "_pipeline", "_tokenizer", "_decode"):
         assert client.is_model_ready(f"tiny{suffix}")
 
 

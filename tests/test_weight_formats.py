@@ -109,7 +109,7 @@ def test_graphs_load_from_another_folder_with_the_library_elsewhere(case, tmp_pa
 
     engine, _, repo = case
     moved = tmp_path / "elsewhere" / "engine"
-    shutil.copytree(repo / "m_prefill" / "1" / "engine", moved)
+    shutil.copytree(repo / "m_decode" / "1" / "engine", moved)
     foreign = "/opt/another/venv/lib/python3.11/site-packages/mstriton/kernels/" + LIBRARY.name
     for graph in moved.glob("*.mindir"):
         graph.chmod(0o644)

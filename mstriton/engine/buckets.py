@@ -72,20 +72,7 @@ def prefill_shape(batch: int, length: int, max_seq_len: int) -> tuple[int, int]:
     return padded_batch, smallest_fitting(prefill_lengths(max_seq_len), length)
 
 
-# Chunked prefill: a chunk starting at token `start` attends to a cache whose length is the smallest
-# chunk * 2**k >= start. Its shapes are then few (3 up to 1024 tokens for chunks of 256), and each keeps
-# memory that grows as chunk x cache, not as the square of the prompt.
+# Chunked prefill: prompts longer than this prefill in chunks of it (the engine may run shorter chunks between
+# decode steps); a chunk starting at token `start` attends to a cache of the smallest seq bucket >= start, so
+# its shapes are few and each keeps memory that grows as chunk x cache, not as the square of the prompt.
 DEFAULT_PREFILL_CHUNK = 256
-
-
-def chunk_starts(length: int, chunk: int) -> list[int]:
-    """Where each chunk after the first begins, for a prompt of `length` tokens."""
-    return list(range(chunk, length, chunk))
-
-
-def chunk_cache_length(start: int, chunk: int) -> int:
-    """The cache length the chunk beginning at `start` attends to (>= start)."""
-    size = chunk
-    while size < start:
-        size *= 2
-    return size

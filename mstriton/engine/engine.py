@@ -1,7 +1,14 @@
-"""Prefill and batched decode over the KV-cache pool: the loop the decode model and the benchmarks run.
+"""Prefill and batched decode over the paged KV cache: the loop the decode model and the benchmarks run.
 
-The engine knows sequences, slots and tokens; which token comes next (sampling) and when a sequence ends (stop
-conditions) belong to its callers.
+The engine knows sequences, blocks and tokens; which token comes next (sampling), when a sequence ends (stop
+conditions) and which sequence runs when (admission, prefill budget, preemption) belong to its callers
+(``serving/scheduler.py``).
+
+A sequence's life: add() matches its prompt against the prefix cache and gives it the blocks the rest needs
+(or None: not enough free blocks now); prefill() computes its uncomputed tokens, all or a chunk at a time, and
+hands back the logits of its last token once every token is in the cache; start_decoding() puts it in the
+decode batch, where each decode() step appends one token; release() gives its blocks back (the full ones stay
+in the prefix cache until their memory is needed).
 """
 
 from __future__ import annotations
@@ -11,16 +18,31 @@ import gc
 
 import numpy as np
 
+from .block_manager import SCRATCH_BLOCK, BlockKey, BlockManager, OutOfBlocks, block_keys
 from .buckets import prefill_lengths, smallest_fitting
-from .graphs import EngineGraphs
-from .kv_cache import KVCachePool
+from .graphs import EngineGraphs, blocks_for
+from .kv_pool import KVPool, default_pool_bytes
 
 
 @dataclasses.dataclass(eq=False)
 class Sequence:
-    """A running sequence: its slot in the pool and how many tokens its cache holds."""
-    slot: int
+    """A sequence in the cache. `tokens` are those whose K/V are in the pool or about to be (the prompt, then
+    each decoded step's input token); the first `computed` of them are there."""
+    tokens: list[int]
+    blocks: list[int]
+    computed: int
     prompt_len: int
+    keys: list[BlockKey] = dataclasses.field(default_factory=list)  # chained keys of its full blocks so far
+    registered: int = 0  # full blocks entered in the prefix cache
+    slot: int = -1       # its row in the decode batch (index in Engine.running); -1 while not decoding
+
+    @property
+    def to_compute(self) -> int:
+        return len(self.tokens) - self.computed
+
+
+class PromptTooLong(ValueError):
+    """A prompt that could never fit: longer than max_seq_len allows, or than the whole pool."""
 
 
 def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +57,8 @@ def pad_prompts(prompts) -> tuple[np.ndarray, np.ndarray]:
 # Attention scores one prefill graph call may hold: prompts x longest^2. Each compiled (batch, length) shape keeps
 # buffers in proportion to it for the life of the process (see buckets.py): with a budget of 8192 padded tokens,
 # batches of 64 x 128 tokens took the 103M model's engine alone past 21 GB and the kernel killed it. This budget
-# allows 8 prompts of 128 tokens, 2 of 256, 32 of 64 per call; larger dynamic batches run as several calls, at
-# little cost on a CPU, where 1024 tokens in one call already keep the matmuls busy.
+# allows 8 prompts of 128 tokens, 2 of 256, 32 of 64 per call; larger batches run as several calls, at little
+# cost on a CPU, where 1024 tokens in one call already keep the matmuls busy.
 PREFILL_SCORE_BUDGET = 8 * 128 * 128
 
 
@@ -54,57 +76,160 @@ def prefill_batches(lengths: list[int], budget: int = PREFILL_SCORE_BUDGET) -> l
     return chunks
 
 
-def prefill_each(graphs: EngineGraphs, prompts) -> list[tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]]:
-    """Prefill any number of prompts: those longer than the engine's prefill chunk one at a time in chunks, the
-    others as padded batches within PREFILL_SCORE_BUDGET. Returns, per prompt in order, its last-position
-    logits [V], keys [L][Hkv, D, >=len] and values [L][Hkv, >=len, D]."""
-    limit = graphs.chunk_length or graphs.max_seq_len
-    short = [i for i, p in enumerate(prompts) if len(p) <= limit]
-    results = {i: graphs.prefill_long(p) for i, p in enumerate(prompts) if len(p) > limit}
-    for batch in prefill_batches([len(prompts[i]) for i in short]):
-        rows = [short[j] for j in batch]
-        logits, keys, values = graphs.prefill(*pad_prompts([prompts[i] for i in rows]))
-        results.update({i: (logits[row], [k[row] for k in keys], [v[row] for v in values])
-                        for row, i in enumerate(rows)})
-    return [results[i] for i in range(len(prompts))]
+def pool_blocks(graphs: EngineGraphs, kv_cache_bytes: int | None) -> int:
+    """Blocks (the scratch block included) of a pool of `kv_cache_bytes` (default: default_pool_bytes())."""
+    c = graphs.config
+    block = KVPool.block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, graphs.block_size,
+                               graphs.np_dtype)
+    return max(2, (kv_cache_bytes or default_pool_bytes()) // block)
 
 
 class Engine:
-    def __init__(self, graphs: EngineGraphs, max_slots: int | None = None):
+    def __init__(self, graphs: EngineGraphs, max_slots: int | None = None, kv_cache_bytes: int | None = None,
+                 enable_prefix_caching: bool = True):
+        """`max_slots`: sequences decoding at once (at most the exported max_batch_size); `kv_cache_bytes`: the
+        pool's size."""
         self.graphs = graphs
         c = graphs.config
         self.max_slots = max_slots or graphs.max_batch_size
         if self.max_slots > graphs.max_batch_size:
             raise ValueError(f"max_slots {self.max_slots} exceeds the exported max_batch_size "
                              f"{graphs.max_batch_size}")
-        self.pool = KVCachePool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.max_slots,
-                                graphs.seq_buckets, graphs.np_dtype,
-                                rows=smallest_fitting(graphs.batch_buckets, self.max_slots))
-        self.running: list[Sequence] = []  # index = slot
+        num_blocks = pool_blocks(graphs, kv_cache_bytes)
+        self.blocks = BlockManager(num_blocks, graphs.block_size, enable_prefix_caching)
+        self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, graphs.block_size,
+                           graphs.np_dtype)
+        self.batch_rows = smallest_fitting(graphs.batch_buckets, self.max_slots)
+        self.running: list[Sequence] = []  # the decode batch; index = slot
+
+    @property
+    def max_len(self) -> int:
+        return self.graphs.max_seq_len
 
     @property
     def free_slots(self) -> int:
         return self.max_slots - len(self.running)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[list[Sequence], np.ndarray]:
-        """Run the prompts as one padded batch and give each a slot. Returns the sequences and the logits of
-        each prompt's last token [N, V]. The caller checks lengths and free slots first."""
-        if len(prompts) > self.free_slots:
-            raise ValueError(f"{len(prompts)} prompts but only {self.free_slots} free slots")
-        results = prefill_each(self.graphs, prompts)
-        sequences = [self.admit(keys, values, len(prompt)) for prompt, (_, keys, values) in zip(prompts, results)]
-        return sequences, np.stack([logits for logits, _, _ in results])
+    # ---- admission --------------------------------------------------------------------------------------
 
-    def admit(self, keys: list[np.ndarray], values: list[np.ndarray], length: int) -> Sequence:
-        """Give a prompt whose cache was computed elsewhere (the prefill model) a slot: per layer K^T
-        [Hkv, D, >=length] and V [Hkv, >=length, D]."""
-        sequence = Sequence(slot=self.pool.add(keys, values, length), prompt_len=length)
+    def check_fits(self, length: int) -> None:
+        """PromptTooLong if a prompt of `length` tokens could never run (with room for one generated token)."""
+        if length < 1:
+            raise PromptTooLong("the prompt is empty")
+        if length >= self.max_len:
+            raise PromptTooLong(f"prompt of {length} tokens leaves no room below max_seq_len {self.max_len}")
+        need = self.blocks.blocks_for(length + 1)
+        if need > self.blocks.usable_blocks:
+            raise PromptTooLong(f"prompt of {length} tokens needs {need} KV blocks of {self.blocks.block_size} "
+                                f"tokens; the whole pool has {self.blocks.usable_blocks} (kv_cache_bytes)")
+
+    def add(self, tokens) -> Sequence | None:
+        """Give `tokens` the blocks they need (and one more position, for the first generated token), reusing
+        the longest cached prefix. None when too few blocks are free now; PromptTooLong if they never will be."""
+        tokens = [int(t) for t in tokens]
+        self.check_fits(len(tokens))
+        manager, bs = self.blocks, self.blocks.block_size
+        found, keys = manager.match_prefix(tokens)
+        if len(found) * bs >= len(tokens):  # every token cached: the last must still run, for its logits
+            found = found[:-1]
+        need = manager.blocks_for(len(tokens) + 1) - len(found)
+        # cached blocks nobody holds are in the free list: taking them leaves fewer to allocate from
+        if need > manager.num_free - sum(manager.ref_counts[b] == 0 for b in found):
+            return None
+        manager.take(found)
+        blocks = found + manager.allocate(need)
+        manager.stats.prefix_queries += len(tokens)
+        manager.stats.prefix_hits += len(found) * bs
+        return Sequence(tokens=tokens, blocks=blocks, computed=len(found) * bs, prompt_len=len(tokens),
+                        keys=keys, registered=len(found))
+
+    def _register_full_blocks(self, sequence: Sequence) -> None:
+        """Enter the sequence's newly filled blocks in the prefix cache."""
+        full = sequence.computed // self.blocks.block_size
+        if full <= sequence.registered:
+            return
+        if len(sequence.keys) < full:  # keys of blocks filled by decoding: chained on from the last known
+            parent = hash(sequence.keys[-1]) if sequence.keys else None
+            start = len(sequence.keys) * self.blocks.block_size
+            sequence.keys += block_keys(sequence.tokens[start:full * self.blocks.block_size], self.blocks.block_size,
+                                        parent)
+        for i in range(sequence.registered, full):
+            self.blocks.register(sequence.blocks[i], sequence.keys[i])
+        sequence.registered = full
+
+    # ---- prefill ----------------------------------------------------------------------------------------
+
+    def prefill(self, work: list[tuple[Sequence, int]]) -> dict[Sequence, np.ndarray]:
+        """Compute the next `count` uncomputed tokens of each sequence. Returns the last-token logits [V] of
+        each sequence whose tokens are now all computed. Fresh prompts that fit one chunk run together as one
+        padded batch; the rest one chunk at a time against the cache before it (the prefix cache's blocks,
+        earlier chunks)."""
+        limit = self.graphs.chunk_length
+        whole, pieces = [], []
+        for sequence, count in work:
+            count = min(count, sequence.to_compute)
+            if sequence.computed == 0 and count == sequence.to_compute and count <= limit:
+                whole.append(sequence)
+            else:
+                pieces.append((sequence, count))
+        done: dict[Sequence, np.ndarray] = {}
+        for batch in prefill_batches([len(s.tokens) for s in whole]):
+            rows = [whole[i] for i in batch]
+            logits, keys, values = self.graphs.prefill(*pad_prompts([s.tokens for s in rows]))
+            for row, sequence in enumerate(rows):
+                self.pool.write(sequence.blocks, 0, [k[row] for k in keys], [v[row] for v in values],
+                                len(sequence.tokens))
+                sequence.computed = len(sequence.tokens)
+                self._register_full_blocks(sequence)
+                done[sequence] = logits[row]
+        for sequence, count in pieces:
+            while count > 0:
+                n = min(count, limit)
+                logits = self._prefill_piece(sequence, n)
+                count -= n
+            if sequence.to_compute == 0:
+                done[sequence] = logits
+        return done
+
+    def _prefill_piece(self, sequence: Sequence, count: int) -> np.ndarray:
+        start = sequence.computed
+        piece = np.asarray(sequence.tokens[start:start + count], np.int32)
+        if start == 0:
+            logits, keys, values = self.graphs.prefill(piece[None], np.array([count], np.int32))
+            logits, keys, values = logits[0], [k[0] for k in keys], [v[0] for v in values]
+        else:
+            width = smallest_fitting(self.graphs.seq_buckets, start)
+            past_keys, past_values = self.pool.gather(sequence.blocks, start, width)
+            logits, keys, values = self.graphs.prefill_chunk(piece, start, past_keys, past_values)
+        self.pool.write(sequence.blocks, start, keys, values, count)
+        sequence.computed += count
+        self._register_full_blocks(sequence)
+        return logits
+
+    # ---- decode -----------------------------------------------------------------------------------------
+
+    def start_decoding(self, sequence: Sequence) -> None:
+        if sequence.to_compute:
+            raise ValueError(f"{sequence.to_compute} tokens of the sequence are not computed yet")
+        if not self.free_slots:
+            raise ValueError(f"all {self.max_slots} decode slots are in use")
+        sequence.slot = len(self.running)
         self.running.append(sequence)
-        return sequence
+
+    def grow(self, sequence: Sequence) -> bool:
+        """Make sure the sequence has a block for its next token; False if none is free (the caller preempts)."""
+        if self.blocks.blocks_for(sequence.computed + 1) <= len(sequence.blocks):
+            return True
+        try:
+            sequence.blocks += self.blocks.allocate(1)
+        except OutOfBlocks:
+            return False
+        return True
 
     def decode(self, next_tokens: dict[Sequence, int] | list[int]) -> np.ndarray:
         """One decode step for every running sequence. `next_tokens` gives each sequence's newest token (by
-        sequence, or as a list in slot order). Returns logits [n_running, V] in slot order."""
+        sequence, or as a list in slot order). Every sequence must have room for it (grow()). Returns logits
+        [n_running, V] in slot order."""
         n = len(self.running)
         batch = smallest_fitting(self.graphs.batch_buckets, n)
         tokens = np.zeros(batch, np.int32)
@@ -113,26 +238,59 @@ class Engine:
                 tokens[sequence.slot] = token
         else:
             tokens[:n] = next_tokens
-        self.pool.reserve(self.pool.required())
-        positions = np.zeros(batch, np.int32)
-        positions[:n] = self.pool.lengths[:n]
-        logits, new_keys, new_values = self.graphs.decode(tokens, positions, self.pool.views(batch))
-        if new_keys is None:  # the graph stored them in the pool's arrays itself
-            self.pool.lengths[:n] += 1
-        else:
-            self.pool.append(new_keys, new_values)
+        for sequence in self.running:
+            if not self.grow(sequence):
+                raise OutOfBlocks("no free KV block for a running sequence's next token (preempt first)")
+        positions = np.zeros(batch, np.int32)  # padding rows: position 0 of the scratch block
+        positions[:n] = [s.computed for s in self.running]
+        seq = smallest_fitting(self.graphs.seq_buckets, int(positions[:n].max()) + 1)
+        tables = np.full((batch, blocks_for(seq, self.blocks.block_size)), SCRATCH_BLOCK, np.int32)
+        for row, sequence in enumerate(self.running):
+            tables[row, :len(sequence.blocks)] = sequence.blocks[:tables.shape[1]]
+        logits, new_keys, new_values = self.graphs.decode(tokens, positions, self.pool.keys, self.pool.values,
+                                                          self.pool.block_index(tables))
+        if new_keys is not None:  # MindSpore's ops: the host stores the new K/V
+            self.pool.write_tokens([s.blocks for s in self.running], positions[:n].tolist(), new_keys, new_values)
+        for row, sequence in enumerate(self.running):
+            sequence.tokens.append(int(tokens[row]))
+            sequence.computed += 1
+            if sequence.computed % self.blocks.block_size == 0:
+                self._register_full_blocks(sequence)
         return logits[:n]
 
     def length(self, sequence: Sequence) -> int:
-        return int(self.pool.lengths[sequence.slot])
+        return sequence.computed
 
     def release(self, sequence: Sequence) -> None:
-        """Free the sequence's slot at once; the last running sequence moves into it."""
-        moved = self.pool.remove(sequence.slot)
-        last = self.running.pop()
-        if moved is not None:
-            last.slot = sequence.slot
-            self.running[sequence.slot] = last
+        """Give the sequence's blocks back; if it was decoding, the last running sequence moves into its slot."""
+        self.blocks.release(sequence.blocks)
+        sequence.blocks = []
+        if sequence.slot >= 0:
+            last = self.running.pop()
+            if last is not sequence:
+                last.slot = sequence.slot
+                self.running[sequence.slot] = last
+            sequence.slot = -1
+
+    # ---- the whole of it, for tools and tests -----------------------------------------------------------
+
+    def prefill_prompts(self, prompts: list[list[int]]) -> tuple[list[Sequence], np.ndarray]:
+        """Add, prefill and start decoding each prompt at once. Returns the sequences and the logits of each
+        prompt's last token [N, V]. ValueError if the slots or blocks do not suffice."""
+        if len(prompts) > self.free_slots:
+            raise ValueError(f"{len(prompts)} prompts but only {self.free_slots} free slots")
+        sequences = []
+        for prompt in prompts:
+            sequence = self.add(prompt)
+            if sequence is None:
+                for added in sequences:
+                    self.release(added)
+                raise OutOfBlocks(f"not enough free KV blocks for {len(prompts)} prompts")
+            sequences.append(sequence)
+        done = self.prefill([(s, s.to_compute) for s in sequences])
+        for sequence in sequences:
+            self.start_decoding(sequence)
+        return sequences, np.stack([done[s] for s in sequences])
 
 
 def greedy_generate(engine: Engine, prompts: list[list[int]], max_new_tokens: list[int] | int) -> list[list[int]]:
@@ -147,7 +305,7 @@ def greedy_generate(engine: Engine, prompts: list[list[int]], max_new_tokens: li
         if waiting and engine.free_slots:
             joining = waiting[:engine.free_slots]
             del waiting[:len(joining)]
-            sequences, logits = engine.prefill([prompts[i] for i in joining])
+            sequences, logits = engine.prefill_prompts([prompts[i] for i in joining])
             for sequence, i, row in zip(sequences, joining, logits):
                 owner[sequence] = i
                 outputs[i].append(int(row.argmax()))
@@ -172,28 +330,32 @@ def settle_heap() -> None:
 
 
 def warm_up(engine: Engine) -> None:
-    """Compile every decode graph now (a few hundred ms each), so no request waits for a compile."""
+    """Compile every decode graph now (a few hundred ms each), so no request waits for a compile. The steps read
+    and write only the scratch block."""
     graphs = engine.graphs
-    c = graphs.config
     for batch in graphs.batch_buckets:
-        if batch > engine.pool.rows:
+        if batch > engine.batch_rows:
             continue
         for seq in graphs.seq_buckets:
-            caches = [np.zeros((batch, c.num_key_value_heads, c.head_dim, seq), graphs.np_dtype)
-                      for _ in range(c.num_hidden_layers)]
-            caches += [np.zeros((batch, c.num_key_value_heads, seq, c.head_dim), graphs.np_dtype)
-                       for _ in range(c.num_hidden_layers)]
-            graphs.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32), caches)
+            tables = np.full((batch, blocks_for(seq, graphs.block_size)), SCRATCH_BLOCK, np.int32)
+            graphs.decode(np.zeros(batch, np.int32), np.zeros(batch, np.int32), engine.pool.keys, engine.pool.values,
+                          engine.pool.block_index(tables))
     settle_heap()
 
 
-def warm_up_prefill(graphs: EngineGraphs) -> None:
+def warm_up_prefill(engine: Engine) -> None:
     """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), and
-    the chunked-prefill graph for every cache length a chunk attends to, so that the first prompts are not slow;
-    other batch sizes compile once, when first used."""
-    whole_up_to = min(graphs.chunk_length or graphs.max_seq_len, graphs.max_seq_len)
-    for length in prefill_lengths(whole_up_to):
+    the chunked-prefill graph for every chunk length bucket against every cache length, so that the first
+    prompts are not slow; other batch sizes compile once, when first used."""
+    graphs = engine.graphs
+    c = graphs.config
+    lengths = prefill_lengths(min(graphs.chunk_length, graphs.max_seq_len))
+    for length in lengths:
         graphs.prefill(np.ones((1, length), np.int32), np.array([length], np.int32))
-    if graphs.chunk_length:  # the longest prompt passes every chunk start, so it compiles every cache length
-        graphs.prefill_long(np.ones(graphs.max_seq_len - 1, np.int32))
+    for width in graphs.seq_buckets:
+        past_keys = [np.zeros((1, c.num_key_value_heads, c.head_dim, width), graphs.np_dtype)] * c.num_hidden_layers
+        past_values = [np.zeros((1, c.num_key_value_heads, width, c.head_dim), graphs.np_dtype)] * c.num_hidden_layers
+        for length in lengths:
+            if length < graphs.max_seq_len:
+                graphs.prefill_chunk(np.ones(length, np.int32), 1, past_keys, past_values)
     settle_heap()

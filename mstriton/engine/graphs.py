@@ -4,9 +4,9 @@ An engine directory holds:
     manifest.json          the model config, dtype, device, limits and buckets, and the file of every graph
     weights.ckpt           the weights, in the network's layout, as a MindSpore checkpoint
     prefill.mindir         one prefill graph, dynamic in batch and prompt length
-    prefill_chunk.mindir   the next chunk of a long prompt against the cache before it (when prompts may be
-                           longer than the chunk)
-    decode_b{B}_s{S}.mindir  one decode graph per static (batch, cache length) bucket
+    prefill_chunk.mindir   a chunk of a prompt against the cache of the tokens before it: long prompts, prompts
+                           whose start the prefix cache holds, prefill between decode steps
+    decode_b{B}_s{S}.mindir  one decode graph per static (batch, cache length) bucket, reading the paged pool
 Graphs take the weights as inputs, so one copy in memory serves every graph.
 """
 
@@ -24,9 +24,9 @@ from mindspore import Tensor, nn
 
 from ..config import LlamaConfig
 from ..model.llama import LlamaDecode, LlamaPrefill, LlamaPrefillChunk, weight_names
-from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, chunk_cache_length, chunk_starts, prefill_shape, \
-    seq_buckets
+from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, prefill_shape, seq_buckets
 from ..kernels.ops import portable_mindir
+from .kv_pool import DEFAULT_BLOCK_SIZE
 from .memory import aligned_copy
 from .weight_formats import check_weights, pack_engine_weights
 
@@ -34,8 +34,15 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.ckpt"
 PREFILL = "prefill.mindir"
 PREFILL_CHUNK = "prefill_chunk.mindir"
+# 2: decode graphs read a paged KV pool (kv_pool.py) and every engine has the chunked-prefill graph
+ENGINE_FORMAT = 2
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 DEVICES = ("CPU", "Ascend", "GPU")
+
+
+def blocks_for(seq: int, block_size: int) -> int:
+    """Blocks of a decode graph's block index for a cache bucket of `seq` positions."""
+    return -(-seq // block_size)
 
 
 def decode_file(batch: int, seq: int) -> str:
@@ -59,6 +66,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                   device: str, max_batch_size: int, max_seq_len: int,
                   batches: list[int] | None = None, seqs: list[int] | None = None,
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights_format: str = "float32",
+                  kv_block_size: int = DEFAULT_BLOCK_SIZE,
                   blocks: dict[str, np.ndarray] | None = None, block_types: dict[str, str] | None = None,
                   progress: Callable[[str], None] = print) -> dict:
     """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``);
@@ -77,6 +85,8 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     if prefill_chunk < 0:
         raise ValueError(f"prefill_chunk must be >= 0 (0: prefill whole prompts), got {prefill_chunk}")
+    if not 1 <= kv_block_size <= 256:
+        raise ValueError(f"kv_block_size must be in [1, 256] tokens, got {kv_block_size}")
     out_dir.mkdir(parents=True, exist_ok=True)
     ms_dtype = DTYPES[dtype]
     names = weight_names(config)
@@ -101,36 +111,39 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     _export(LlamaPrefill(config, ms_dtype, max_seq_len, **network_args),
             [Tensor(shape=[None, None], dtype=ms.int32), Tensor(shape=[None], dtype=ms.int32)] + weight_specs,
             out_dir / PREFILL)
-    chunk = None
-    if 0 < prefill_chunk < max_seq_len - 1:  # some prompts can be longer than a chunk
-        progress(f"exporting the chunked-prefill graph (prompts over {prefill_chunk} tokens)")
-        layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-        cache_specs = [Tensor(shape=[None, kv, hd, None], dtype=ms_dtype)] * layers
-        cache_specs += [Tensor(shape=[None, kv, None, hd], dtype=ms_dtype)] * layers
-        _export(LlamaPrefillChunk(config, ms_dtype, max_seq_len, **network_args),
-                [Tensor(shape=[None, None], dtype=ms.int32)] + [Tensor(shape=[None], dtype=ms.int32)] * 2
-                + cache_specs + weight_specs, out_dir / PREFILL_CHUNK)
-        chunk = {"file": PREFILL_CHUNK, "length": prefill_chunk}
+    # The chunk graph also continues prompts whose start the prefix cache holds, so every engine has it; prompts
+    # longer than `prefill_chunk` (0: none) prefill in chunks of it.
+    chunk_length = prefill_chunk if 0 < prefill_chunk < max_seq_len else max_seq_len
+    progress(f"exporting the chunked-prefill graph (chunks of up to {chunk_length} tokens)")
+    layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    cache_specs = [Tensor(shape=[None, kv, hd, None], dtype=ms_dtype)] * layers
+    cache_specs += [Tensor(shape=[None, kv, None, hd], dtype=ms_dtype)] * layers
+    _export(LlamaPrefillChunk(config, ms_dtype, max_seq_len, **network_args),
+            [Tensor(shape=[None, None], dtype=ms.int32)] + [Tensor(shape=[None], dtype=ms.int32)] * 2
+            + cache_specs + weight_specs, out_dir / PREFILL_CHUNK)
+    chunk = {"file": PREFILL_CHUNK, "length": chunk_length}
 
     # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
     batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
     decode = LlamaDecode(config, ms_dtype, max_seq_len, **network_args)
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}
-    writes_cache = decode.writes_cache  # the decode graphs store the new K/V into the caches they are given
+    writes_cache = decode.writes_cache  # the decode graphs store the new K/V into the pool they are given
     total, started = len(batches) * len(seqs), time.monotonic()
     for b in batches:
         for s in seqs:
-            inputs = [Tensor(shape=[b], dtype=ms.int32), Tensor(shape=[b], dtype=ms.int32)]
-            inputs += [Tensor(shape=[b, kv, hd, s], dtype=ms_dtype)] * layers
-            inputs += [Tensor(shape=[b, kv, s, hd], dtype=ms_dtype)] * layers
+            # the pool's block count is the server's choice (bytes): dynamic; the step's shapes are static
+            inputs = [Tensor(shape=[b], dtype=ms.int32), Tensor(shape=[b], dtype=ms.int32),
+                      Tensor(shape=[None, kv, hd, kv_block_size], dtype=ms_dtype),
+                      Tensor(shape=[None, kv, kv_block_size, hd], dtype=ms_dtype),
+                      Tensor(shape=[layers, b, blocks_for(s, kv_block_size)], dtype=ms.int32)]
             _export(decode, inputs + weight_specs, out_dir / decode_file(b, s))
             decode_files[f"{b}x{s}"] = decode_file(b, s)
             done = len(decode_files)
             eta = (time.monotonic() - started) / done * (total - done)
             progress(f"exported decode graph {done}/{total} (batch {b}, cache {s}), about {eta:.0f}s left")
 
-    manifest = {"format": 1, "config": config.to_hf_dict(), "dtype": dtype, "device": device,
+    manifest = {"format": ENGINE_FORMAT, "kv_block_size": kv_block_size, "config": config.to_hf_dict(), "dtype": dtype, "device": device,
                 "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
                 "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
                 "weights_format": weights_format, "weight_formats": formats, "weight_aliases": aliases,
@@ -175,6 +188,11 @@ class EngineGraphs:
     def __init__(self, engine_dir: str | Path, device: str | None = None, device_id: int = 0):
         self.dir = Path(engine_dir)
         self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        if self.manifest.get("format", 1) != ENGINE_FORMAT:
+            raise ValueError(f"{self.dir} was converted by an older mstriton (engine format "
+                             f"{self.manifest.get('format', 1)}, this one reads {ENGINE_FORMAT}: decode graphs over a "
+                             f"paged KV cache); convert the checkpoint again")
+        self.block_size = self.manifest["kv_block_size"]
         self.config = LlamaConfig.from_hf_dict(self.manifest["config"])
         self.device = device or self.manifest["device"]
         set_device(self.device, device_id)
@@ -197,9 +215,8 @@ class EngineGraphs:
         if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
             self.weights = [w.move_to(self.device) for w in self.weights]
         self._graphs: dict[str, nn.GraphCell] = {}
-        chunk = self.manifest.get("prefill_chunk")  # absent in engines exported before chunked prefill
-        # prompts longer than this prefill in chunks (prefill_long); shorter ones as whole prompts (prefill)
-        self.chunk_length = chunk["length"] if chunk else None
+        # prompts longer than this prefill in chunks; shorter ones may run as whole prompts (prefill)
+        self.chunk_length = self.manifest["prefill_chunk"]["length"]
 
     def weight_bytes_per_step(self) -> int:
         """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered;
@@ -231,50 +248,37 @@ class EngineGraphs:
         arrays = [o.asnumpy()[:batch] for o in outputs]
         return arrays[0], arrays[1:1 + layers], arrays[1 + layers:]
 
-    def prefill_long(self, prompt) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """One prompt longer than chunk_length, in chunks: the first as a whole prompt, each next one against the
-        cache of those before it. Returns logits [V], keys [L][Hkv, D, T'] and values [L][Hkv, T', D], T' >= the
-        prompt's length (positions past it hold nothing the caller may use)."""
-        chunk, n = self.chunk_length, len(prompt)
-        prompt = np.asarray(prompt, np.int32)
-        starts = chunk_starts(n, chunk)
-        width = max(starts[-1] + chunk, chunk_cache_length(starts[-1], chunk))
-        logits, first_keys, first_values = self.prefill(prompt[None, :chunk], np.array([chunk], np.int32))
-        c = self.config
-        keys = [np.zeros((c.num_key_value_heads, c.head_dim, width), self.np_dtype) for _ in first_keys]
-        values = [np.zeros((c.num_key_value_heads, width, c.head_dim), self.np_dtype) for _ in first_values]
-        for cache, first in zip(keys, first_keys):
-            cache[:, :, :chunk] = first[0, :, :, :chunk]
-        for cache, first in zip(values, first_values):
-            cache[:, :chunk] = first[0, :, :chunk]
-        for start in starts:
-            seq = chunk_cache_length(start, chunk)
-            tokens = np.zeros((1, chunk), np.int32)
-            piece = prompt[start:start + chunk]
-            tokens[0, :len(piece)] = piece
-            caches = [np.ascontiguousarray(k[None, :, :, :seq]) for k in keys]
-            caches += [np.ascontiguousarray(v[None, :, :seq]) for v in values]
-            with GRAPH_LOCK:
-                outputs = self._graph(self.manifest["prefill_chunk"]["file"])(
-                    Tensor(tokens), Tensor(np.array([start], np.int32)), Tensor(np.array([len(piece)], np.int32)),
-                    *[Tensor.from_numpy(a) for a in caches], *self.weights)
-            arrays = [o.asnumpy() for o in outputs]
-            logits = arrays[0]
-            for cache, new in zip(keys, arrays[1:1 + len(keys)]):
-                cache[:, :, start:start + chunk] = new[0]
-            for cache, new in zip(values, arrays[1 + len(keys):]):
-                cache[:, start:start + chunk] = new[0]
-        return logits[0], keys, values
+    def prefill_chunk(self, tokens: np.ndarray, start: int, past_keys: list[np.ndarray],
+                      past_values: list[np.ndarray]):
+        """The tokens [C'] of one sequence from position `start` on, against the cache of the `start` tokens
+        before them: per layer K^T [1, Hkv, D, S] and V [1, Hkv, S, D], S >= start (positions past `start` are
+        ignored). The chunk is padded to a length bucket. Returns the logits of its last token [V], its K^T
+        [L][Hkv, D, C'] and V [L][Hkv, C', D]."""
+        count = len(tokens)
+        padded = np.zeros((1, prefill_shape(1, count, self.max_seq_len)[1]), np.int32)
+        padded[0, :count] = tokens
+        with GRAPH_LOCK:
+            outputs = self._graph(self.manifest["prefill_chunk"]["file"])(
+                Tensor(padded), Tensor(np.array([start], np.int32)), Tensor(np.array([count], np.int32)),
+                *[Tensor.from_numpy(a) for a in past_keys], *[Tensor.from_numpy(a) for a in past_values],
+                *self.weights)
+        layers = self.config.num_hidden_layers
+        arrays = [o.asnumpy() for o in outputs]
+        return arrays[0][0], [k[0, :, :, :count] for k in arrays[1:1 + layers]], \
+            [v[0, :, :count] for v in arrays[1 + layers:]]
 
-    def decode(self, tokens: np.ndarray, positions: np.ndarray, caches: list[np.ndarray]):
-        """Run the decode graph of the bucket given by the caches' shape ([B, Hkv, D, S] views).
+    def decode(self, tokens: np.ndarray, positions: np.ndarray, k_pool: np.ndarray, v_pool: np.ndarray,
+               block_index: np.ndarray):
+        """Run the decode graph of the bucket given by the block index [L, B, blocks] over the paged pool.
         Returns logits [B, V], new keys [L][B, Hkv, D], new values [L][B, Hkv, D]; or logits, None, None when
-        the graph wrote them into the caches itself (manifest "decode_writes_cache")."""
-        batch, seq = caches[0].shape[0], caches[0].shape[-1]
+        the graph wrote them into the pool itself (manifest "decode_writes_cache")."""
+        batch = block_index.shape[1]
+        seq = min(s for s in self.seq_buckets if blocks_for(s, self.block_size) == block_index.shape[2])
         with GRAPH_LOCK:
             graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
             outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
-                            *[Tensor.from_numpy(c) for c in caches], *self.weights)
+                            Tensor.from_numpy(k_pool), Tensor.from_numpy(v_pool), Tensor.from_numpy(block_index),
+                            *self.weights)
         if self.manifest.get("decode_writes_cache"):
             return outputs[0].asnumpy(), None, None
         layers = self.config.num_hidden_layers

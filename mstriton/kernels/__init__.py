@@ -82,8 +82,8 @@ def library() -> ctypes.CDLL:
             lib.mst_linear.argtypes = [ctypes.c_int, ctypes.c_int, u8p, i64, i64, u8p, ctypes.c_float, u8p, i64,
                                        u8p, u8p, u8p]
             lib.mst_embed.argtypes = [ctypes.c_int, u8p, i64, u8p, i64, i64, u8p]
-            lib.mst_decode_attention.argtypes = [u8p, u8p, u8p, u8p, i64, u8p, u8p, i64, i64, i64, i64, i64,
-                                                 u8p, u8p, u8p]
+            lib.mst_decode_attention.argtypes = [u8p, u8p, u8p, u8p, i64, u8p, u8p, u8p, i64, i64, i64, i64, i64,
+                                                 i64, u8p]
             lib.mst_read_bandwidth.argtypes, lib.mst_read_bandwidth.restype = [u8p, i64, ctypes.c_int], \
                 ctypes.c_double
             lib.mst_fma_peak.argtypes, lib.mst_fma_peak.restype = [i64], ctypes.c_double
@@ -147,16 +147,21 @@ def embed(fmt: str, tokens: np.ndarray, table: np.ndarray, dim: int) -> np.ndarr
     return out
 
 
-def decode_attention(qkv, positions, cos, sin, k_cache, v_cache, heads: int):
-    """(out [B, H*D], k_new [B, Hkv, D], v_new [B, Hkv, D]); see csrc/attention.h."""
-    qkv, cos, sin, k_cache, v_cache = (_f32(a) for a in (qkv, cos, sin, k_cache, v_cache))
+def decode_attention(qkv, positions, cos, sin, k_pool, v_pool, block_table, heads: int) -> np.ndarray:
+    """out [B, H*D] of attention over a paged cache (csrc/attention.h); writes each new token's K/V into
+    k_pool [R, Hkv, D, bs] and v_pool [R, Hkv, bs, D] (float32, C-contiguous: changed in place) at its position
+    through block_table [B, blocks] (pool rows)."""
+    qkv, cos, sin = (_f32(a) for a in (qkv, cos, sin))
+    if not (k_pool.dtype == v_pool.dtype == np.float32 and k_pool.flags.c_contiguous and v_pool.flags.c_contiguous):
+        raise ValueError("the pools must be C-contiguous float32 arrays (they are written in place)")
     positions = np.ascontiguousarray(positions, np.int32)
-    b, kv, d, s = k_cache.shape
+    table = np.ascontiguousarray(block_table, np.int32)
+    _, kv, d, bs = k_pool.shape
+    b, blocks = table.shape
     out = np.empty((b, heads * d), np.float32)
-    k_new, v_new = np.empty((b, kv, d), np.float32), np.empty((b, kv, d), np.float32)
-    library().mst_decode_attention(_ptr(qkv), _ptr(positions), _ptr(cos), _ptr(sin), cos.shape[0], _ptr(k_cache),
-                                   _ptr(v_cache), b, heads, kv, d, s, _ptr(out), _ptr(k_new), _ptr(v_new))
-    return out, k_new, v_new
+    library().mst_decode_attention(_ptr(qkv), _ptr(positions), _ptr(cos), _ptr(sin), cos.shape[0], _ptr(k_pool),
+                                   _ptr(v_pool), _ptr(table), blocks, bs, b, heads, kv, d, _ptr(out))
+    return out
 
 
 def kernel_time() -> tuple[float, int]:

@@ -61,15 +61,18 @@ def embed(fmt: str):
 
 
 def decode_attention():
-    return custom_op("MstDecodeAttention", ("float32", "int32", "float32", "float32", "float32", "float32"),
-                     ("float32",) * 3)
+    """Inputs: qkv, positions, cos, sin, k_pool, v_pool, block_index [L, B, blocks], layer [1]. Output: the
+    attention [B, H*D]; the new token's K/V are written into the pools (csrc/attention.h)."""
+    return custom_op("MstDecodeAttention", ("float32", "int32", "float32", "float32", "float32", "float32", "int32",
+                                            "int32"), ("float32",))
 
 
 def decode_layer(fmt: str):
     """A whole decoder layer of a decode step (no biases, the layer's matrices in one format), writing the new
-    token's K/V into the caches themselves. Inputs: x, positions, cos, sin, k_cache, v_cache, attention_norm, eps,
-    wqkv, wo, ffn_norm, w_gate_up, w_down. Output: x."""
-    inputs = ("float32", "int32") + ("float32",) * 6 + ("uint8", "uint8", "float32", "uint8", "uint8")
+    token's K/V into the pools itself. Inputs: x, positions, cos, sin, k_pool, v_pool, block_index, layer,
+    attention_norm, eps, wqkv, wo, ffn_norm, w_gate_up, w_down. Output: x."""
+    inputs = ("float32", "int32", "float32", "float32", "float32", "float32", "int32", "int32", "float32", "float32",
+              "uint8", "uint8", "float32", "uint8", "uint8")
     return custom_op(f"MstDecodeLayerInPlace_{fmt}", inputs, ("float32",))
 
 

@@ -190,13 +190,14 @@ class Network(nn.Cell):
         self.op_head = kernel_ops.linear(formats["lm_head"], "rmsnorm", 0)
         self.op_embed = kernel_ops.embed(formats["embed_tokens"])
         self.op_attention = kernel_ops.decode_attention()
+        # which layer's rows of the block index each attention call reads: constants of the graph
+        self.layer_ids = tuple(Tensor(np.array([i], np.int32)) for i in range(c.num_hidden_layers))
         # A layer without biases whose matrices share one format decodes as one operator (kernel launches cost
-        # tens of microseconds each here); others as the separate steps.
+        # tens of microseconds each here); others as the separate steps. Either way the kernels write each new
+        # token's K/V into the pool in place: a step returns only the logits (LlamaDecode.writes_cache).
         biases = c.attention_bias or c.o_proj_bias or c.mlp_bias
         fused = not biases and all(len(set(f.values())) == 1 for f in per_layer)
-        # When every layer is one operator, each writes its new K/V into the caches in place: a step then returns
-        # only the logits, and the host stores nothing (LlamaDecode.writes_cache).
-        self.writes_cache = fused
+        self.writes_cache = True
         self.op_layer = tuple(kernel_ops.decode_layer(f["wqkv"]) if fused else None for f in per_layer)
 
     def layer(self, weights, i):
@@ -316,13 +317,31 @@ class Network(nn.Cell):
         out = (out / denom.astype(out.dtype)).reshape(b, self.n_heads * self.head_dim)
         return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v.reshape(b, self.n_kv, self.head_dim)
 
-    def decode_block_kernels(self, w, x, positions, k_cache, v_cache, i):
-        """decode_block as kernel operators: norm + q/k/v, attention over the cache in place (rotary included),
-        o-projection + residual, norm + gate/up, SwiGLU + down + residual (decode() runs a model whose layers
-        are each one operator through op_layer instead)."""
+    def decode_block_kernels(self, w, x, positions, pool, i):
+        """decode_block as kernel operators: norm + q/k/v, attention over the paged cache in place (rotary and the
+        cache update included), o-projection + residual, norm + gate/up, SwiGLU + down + residual; or all of it
+        as one operator (op_layer) when the layer's matrices share a format."""
+        k_pool, v_pool, block_index = pool
+        if self.op_layer[i] is not None:
+            return self.op_layer[i](x, positions, self.cos, self.sin, k_pool, v_pool, block_index, self.layer_ids[i],
+                                    self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
+                                    self.weight(w, "wo"), self.weight(w, "ffn_norm"), self.weight(w, "w_gate_up"),
+                                    self.weight(w, "w_down"))
         qkv = self.qkv_product(w, x, i)
-        out, k, v = self.op_attention(qkv, positions, self.cos, self.sin, k_cache, v_cache)
-        return self.mlp(w, self.attention_projection(w, x, out, i), i), k, v
+        out = self.op_attention(qkv, positions, self.cos, self.sin, k_pool, v_pool, block_index, self.layer_ids[i])
+        return self.mlp(w, self.attention_projection(w, x, out, i), i)
+
+    def gather_blocks(self, k_pool, v_pool, index):
+        """One layer's cache of each sequence from its blocks: index [B, blocks] of pool rows -> K^T
+        [B, Hkv, D, blocks * bs] and V [B, Hkv, blocks * bs, D] (MindSpore's ops: the path for Ascend and GPU,
+        where the kernels' in-place attention does not run)."""
+        b, n = index.shape
+        bs = k_pool.shape[-1]
+        k = ops.gather(k_pool, index.reshape(-1), 0).reshape(b, n, self.n_kv, self.head_dim, bs)
+        v = ops.gather(v_pool, index.reshape(-1), 0).reshape(b, n, self.n_kv, bs, self.head_dim)
+        k = k.transpose(0, 2, 3, 1, 4).reshape(b, self.n_kv, self.head_dim, n * bs)
+        v = v.transpose(0, 2, 1, 3, 4).reshape(b, self.n_kv, n * bs, self.head_dim)
+        return k, v
 
     def causal_mask(self, t: int):
         """[G*T, T]: the mask of T queries, repeated for the G query heads that share a KV head."""
@@ -377,32 +396,20 @@ class Network(nn.Cell):
             values += (v,)
         return (self.last_logits(weights, x, lengths),) + keys + values
 
-    def decode(self, weights, tokens, positions, caches):
+    def decode(self, weights, tokens, positions, k_pool, v_pool, block_index):
         b = tokens.shape[0]
         x = self.embed(weights, tokens)
-        if self.kernels and self.writes_cache:
-            for i in range(self.n_layers):
-                w = self.layer(weights, i)
-                x = self.op_layer[i](x, positions, self.cos, self.sin, caches[i], caches[self.n_layers + i],
-                                     self.weight(w, "attention_norm"), self.eps_tensor, self.weight(w, "wqkv"),
-                                     self.weight(w, "wo"), self.weight(w, "ffn_norm"), self.weight(w, "w_gate_up"),
-                                     self.weight(w, "w_down"))
-            return (self.head(weights, x),)
         if self.kernels:
-            new_k, new_v = (), ()
             for i in range(self.n_layers):
-                x, k, v = self.decode_block_kernels(self.layer(weights, i), x, positions, caches[i],
-                                                    caches[self.n_layers + i], i)
-                new_k += (k,)
-                new_v += (v,)
-            return (self.head(weights, x),) + new_k + new_v
+                x = self.decode_block_kernels(self.layer(weights, i), x, positions, (k_pool, v_pool, block_index), i)
+            return (self.head(weights, x),)
         cos = ops.gather(self.cos, positions, 0).reshape(b, 1, self.head_dim)
         sin = ops.gather(self.sin, positions, 0).reshape(b, 1, self.head_dim)
-        key_mask = self.cache_mask(caches[0].shape[-1], positions)
+        key_mask = self.cache_mask(block_index.shape[-1] * k_pool.shape[-1], positions)
         new_k, new_v = (), ()
         for i in range(self.n_layers):
-            x, k, v = self.decode_block(self.layer(weights, i), x, cos, sin, key_mask, caches[i],
-                                        caches[self.n_layers + i], i)
+            k_cache, v_cache = self.gather_blocks(k_pool, v_pool, block_index[i])
+            x, k, v = self.decode_block(self.layer(weights, i), x, cos, sin, key_mask, k_cache, v_cache, i)
             new_k += (k,)
             new_v += (v,)
         return (self.head(weights, x),) + new_k + new_v
@@ -437,14 +444,15 @@ class LlamaPrefillChunk(Network):
 
 class LlamaDecode(Network):
     """Graph inputs: tokens [B] int32, positions [B] int32 (where each token goes; the cache holds the positions
-    below it), K^T caches [B, Hkv, D, S] per layer, V caches [B, Hkv, S, D] per layer, then the weights.
-    Outputs: logits [B, V] float32, the new token's K [B, Hkv, D] per layer and V [B, Hkv, D] per layer, for the
-    caller to store at ``positions``.
+    below it), the paged pool K^T [L * N, Hkv, D, bs] and V [L * N, Hkv, bs, D], the block index [L, B, blocks]
+    int32 (each sequence's pool rows, per layer; see ``engine/kv_pool.py``), then the weights.
+    Outputs: logits [B, V] float32; on MindSpore's ops also the new token's K [B, Hkv, D] and V [B, Hkv, D] per
+    layer, for the caller to store at ``positions`` (the CPU kernels store them in the pool themselves:
+    ``writes_cache``).
     """
 
-    def construct(self, tokens, positions, *rest):
-        n_cache = 2 * self.n_layers
-        return self.decode(rest[n_cache:], tokens, positions, rest[:n_cache])
+    def construct(self, tokens, positions, k_pool, v_pool, block_index, *weights):
+        return self.decode(weights, tokens, positions, k_pool, v_pool, block_index)
 
 
 class LlamaLM(Network):

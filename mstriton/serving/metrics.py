@@ -22,12 +22,25 @@ class DecodeMetrics:
             return self.families[-1]
 
         self.running = family("mstriton_requests_running", "Requests generating in the decode batch").Metric(labels)
-        self.waiting = family("mstriton_requests_waiting", "Requests queued for a free KV-cache slot").Metric(labels)
-        self.slots_used = family("mstriton_kv_cache_slots_used", "KV-cache slots in use").Metric(labels)
-        self.slots_total = family("mstriton_kv_cache_slots_total", "KV-cache slots in the pool").Metric(labels)
-        self.tokens_used = family("mstriton_kv_cache_tokens_used", "Tokens held in the KV cache").Metric(labels)
-        self.usage = family("mstriton_kv_cache_usage_ratio", "Tokens held / token capacity of the KV cache") \
+        self.prefilling = family("mstriton_requests_prefilling", "Admitted requests whose prompt is being computed") \
             .Metric(labels)
+        self.waiting = family("mstriton_requests_waiting", "Requests queued for KV-cache blocks or a decode slot") \
+            .Metric(labels)
+        self.blocks_used = family("mstriton_kv_cache_blocks_used", "KV-cache blocks held by sequences") \
+            .Metric(labels)
+        self.blocks_total = family("mstriton_kv_cache_blocks_total", "KV-cache blocks in the pool").Metric(labels)
+        self.tokens_used = family("mstriton_kv_cache_tokens_used", "Tokens held in the KV cache").Metric(labels)
+        self.usage = family("mstriton_kv_cache_usage_ratio", "Blocks held / blocks in the KV-cache pool") \
+            .Metric(labels)
+        counter = pb_utils.MetricFamily.COUNTER
+        # vLLM's names, so that its dashboards read ours: prefix-cache lookups and hits counted in prompt tokens
+        self.prefix_queries = family("vllm:prefix_cache_queries_total",
+                                     "Prompt tokens looked up in the prefix cache", counter).Metric(labels)
+        self.prefix_hits = family("vllm:prefix_cache_hits_total", "Prompt tokens found in the prefix cache",
+                                  counter).Metric(labels)
+        self.preemptions = family("vllm:num_preemptions_total", "Sequences preempted for KV-cache blocks",
+                                  counter).Metric(labels)
+        self.counted: dict[str, int] = {}  # counter -> the total already added
         self.batch = family("mstriton_decode_batch_size", "Sequences in the last decode step").Metric(labels)
         self.step_time = family("mstriton_decode_step_seconds", "Duration of decode steps",
                                 pb_utils.MetricFamily.HISTOGRAM).Metric(labels, buckets=LATENCY_BUCKETS)
@@ -35,11 +48,18 @@ class DecodeMetrics:
     def on_queue(self, scheduler) -> None:
         stats = scheduler.stats()
         self._set(self.running, stats["running"])
+        self._set(self.prefilling, stats["prefilling"])
         self._set(self.waiting, stats["waiting"])
-        self._set(self.slots_used, stats["kv_slots_used"])
-        self._set(self.slots_total, stats["kv_slots_total"])
+        self._set(self.blocks_used, stats["kv_blocks_used"])
+        self._set(self.blocks_total, stats["kv_blocks_total"])
         self._set(self.tokens_used, stats["kv_tokens_used"])
-        self._set(self.usage, stats["kv_tokens_used"] / max(stats["kv_tokens_capacity"], 1))
+        self._set(self.usage, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
+        for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
+                             (self.preemptions, "preemptions")):
+            added = stats[key] - self.counted.get(key, 0)
+            if added:
+                counter.increment(added)
+                self.counted[key] = stats[key]
 
     def on_step(self, scheduler, batch: int, seconds: float) -> None:
         self._set(self.batch, batch)

@@ -1,10 +1,20 @@
-"""Continuous batching over the engine: the loop inside the decode model.
+"""Continuous batching over the engine: the loop inside the decode model, which owns the paged KV cache.
 
-Requests arrive with their prompt's KV cache (from the prefill model) and their first token (from the sampler).
-Each step admits waiting requests into free slots, runs one batched decode step over every running sequence,
-chooses each sequence's next token with its own settings, and emits it. A sequence that finishes, stops or is
-cancelled leaves before the next step and its slot is free at once. When every slot is busy, requests wait in a
-bounded queue; past that bound, submit() refuses them with ServerBusy.
+Requests arrive as prompt token ids. Each step of the loop:
+1. ends cancelled requests and frees their blocks;
+2. admits waiting requests in arrival order while a decode slot and the blocks of the prompt (beyond what the
+   prefix cache already holds) are free: the KV cache is admitted by blocks, not by worst-case length;
+3. prefills: with no stream decoding, every admitted prompt in full; beside running streams only a budget of
+   prompt tokens (chunks of the prompts, oldest first), so that a long prompt costs each stream a bounded delay
+   per token instead of a stall (chunked prefill beside decode, as in vLLM and MindIE's SplitFuse). A prompt
+   whose tokens are all computed gets its first token (the request's own sampling settings) and joins the batch;
+4. gives every decoding sequence room for its next token; when blocks run out, the newest sequence is preempted:
+   its blocks go back (full ones stay in the prefix cache), it waits at the head of the queue, and on its turn
+   is recomputed from its prompt and the tokens it has generated, then goes on where it stopped (its client sees
+   only a pause);
+5. runs one batched decode step, chooses each sequence's next token with its own settings, and emits it.
+A request that could never fit (longer than max_seq_len, or than the whole pool) is refused at once, with the
+numbers. Past the bounded queue, submit() refuses with ServerBusy.
 """
 
 from __future__ import annotations
@@ -17,9 +27,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..engine.engine import Engine, Sequence
+from ..engine.engine import Engine, PromptTooLong, Sequence
 from ..engine.sampling import SamplingState, choose_tokens
-from ..params import GenerationParams
+from ..params import DEFAULT_PREFILL_BUDGET, GenerationParams
 from .error_marks import SERVER_BUSY
 
 
@@ -44,13 +54,8 @@ class TokenEvent:
 class DecodeRequest:
     key: str
     prompt_ids: list[int]
-    first_token: int
-    first_logprob: float
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
     params: GenerationParams
     emit: Callable[[TokenEvent], None]
-    first_top: list[tuple[int, float]] = dataclasses.field(default_factory=list)  # the first token's alternatives
     end_ids: tuple[int, ...] = ()
     stop_words: list[list[int]] = dataclasses.field(default_factory=list)
     bad_words: list[list[int]] = dataclasses.field(default_factory=list)
@@ -66,25 +71,29 @@ def final_event(request: DecodeRequest, reason: str, error: str | None = None, c
 
 @dataclasses.dataclass(eq=False)
 class Running:
+    """An admitted request: prefilling (sequence.slot < 0) or decoding."""
     request: DecodeRequest
     sequence: Sequence
     sampling: SamplingState
     cum_logprob: float = 0.0
-    cancelled: bool = False
+    resumed: bool = False  # recomputing after a preemption: its next token is already known
 
 
 class Scheduler:
     def __init__(self, engine: Engine, max_waiting: int = 64,
                  on_step: Callable[["Scheduler", int, float], None] | None = None,
-                 on_state: Callable[["Scheduler"], None] | None = None):
+                 on_state: Callable[["Scheduler"], None] | None = None,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET):
         self.engine = engine
         self.max_waiting = max_waiting
+        self.prefill_budget = prefill_budget
         self.on_step = on_step  # metrics hook after each decode step: (scheduler, batch size, seconds)
         # metrics hook after every pass of the loop, decode or not: a cancel that empties the batch runs no
         # decode step, and the gauges must still drop at once
         self.on_state = on_state
-        self.waiting: collections.deque[DecodeRequest] = collections.deque()
-        self.running: list[Running] = []
+        # requests not admitted: new ones (DecodeRequest) and preempted ones (Running, at the front)
+        self.waiting: collections.deque[DecodeRequest | Running] = collections.deque()
+        self.running: list[Running] = []  # admitted: prefilling, then decoding
         self.cancelled_keys: set[str] = set()
         self.lock = threading.Condition()
         self.stopping = False
@@ -97,7 +106,7 @@ class Scheduler:
     def submit(self, request: DecodeRequest) -> None:
         with self.lock:
             # free slots count too: requests submitted together wait a moment for the loop to admit them
-            if len(self.waiting) >= self.max_waiting + self.engine.free_slots:
+            if len(self.waiting) >= self.max_waiting + self.engine.max_slots - len(self.running):
                 raise ServerBusy(f"{SERVER_BUSY}all {self.engine.max_slots} sequence slots are generating and "
                                  f"{self.max_waiting} requests already wait; retry later")
             self.waiting.append(request)
@@ -106,7 +115,8 @@ class Scheduler:
     def cancel(self, key: str) -> bool:
         """Stop the request `key` at the next step (waiting or running). Returns whether it was known."""
         with self.lock:
-            known = any(r.key == key for r in self.waiting) or any(r.request.key == key for r in self.running)
+            known = any(_request(r).key == key for r in self.waiting) or \
+                any(r.request.key == key for r in self.running)
             if known:
                 self.cancelled_keys.add(key)
                 self.lock.notify()
@@ -114,11 +124,16 @@ class Scheduler:
 
     def stats(self) -> dict[str, float]:
         with self.lock:
-            pool = self.engine.pool
-            return {"running": len(self.running), "waiting": len(self.waiting),
-                    "kv_slots_used": pool.n_active, "kv_slots_total": pool.max_slots,
-                    "kv_tokens_used": int(pool.lengths[:pool.n_active].sum()),
-                    "kv_tokens_capacity": pool.max_slots * pool.max_len}
+            blocks = self.engine.blocks
+            decoding = [r for r in self.running if r.sequence.slot >= 0]
+            return {"running": len(decoding), "prefilling": len(self.running) - len(decoding),
+                    "waiting": len(self.waiting),
+                    "kv_blocks_used": blocks.num_used, "kv_blocks_total": blocks.usable_blocks,
+                    "kv_block_size": blocks.block_size,
+                    "kv_tokens_used": sum(r.sequence.computed for r in self.running),
+                    "prefix_cache_queries": blocks.stats.prefix_queries,
+                    "prefix_cache_hits": blocks.stats.prefix_hits,
+                    "preemptions": blocks.stats.preemptions}
 
     # ---- the loop -------------------------------------------------------------------------------------
 
@@ -150,8 +165,8 @@ class Scheduler:
             with self.lock:
                 if not self.waiting:
                     return
-                request = self.waiting.popleft()
-            request.emit(final_event(request, "cancelled", error=reason))
+                entry = self.waiting.popleft()
+            self._end_waiting(entry, "cancelled", error=reason)
 
     def _loop(self) -> None:
         while True:
@@ -163,58 +178,128 @@ class Scheduler:
             self.step()
 
     def step(self) -> None:
-        """Admit, drop the cancelled, run one decode step, emit. Called by the loop (or by tests directly)."""
+        """Drop the cancelled, admit, prefill within the budget, make room, decode, emit. Called by the loop
+        (or by tests directly)."""
         if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
             self._end_all(self.drain_reason)
-        self._drop_cancelled()  # first, so a cancelled sequence's slot serves a waiting request in this step
+        self._drop_cancelled()  # first, so a cancelled sequence's blocks serve a waiting request in this step
         self._admit()
-        if self.running:
+        self._prefill()
+        self._make_room()
+        if any(r.sequence.slot >= 0 for r in self.running):
             self._decode()
         if self.on_state:
             self.on_state(self)
 
+    def _admit(self) -> None:
+        while True:
+            with self.lock:
+                if not self.waiting or len(self.running) >= self.engine.max_slots:
+                    return
+                entry = self.waiting[0]
+                request = _request(entry)
+                if request.key in self.cancelled_keys:
+                    self.waiting.popleft()
+                    self.cancelled_keys.discard(request.key)
+                    self._end_waiting(entry, "cancelled")
+                    continue
+            if isinstance(entry, Running):  # preempted: recompute its prompt and what it generated before the last
+                tokens = request.prompt_ids + entry.sampling.generated[:-1]
+            else:
+                tokens = request.prompt_ids
+            try:
+                sequence = self.engine.add(tokens)
+            except PromptTooLong as exc:  # it could never fit: refuse this one, keep serving others
+                with self.lock:
+                    self.waiting.popleft()
+                self._end_waiting(entry, "length", error=str(exc))
+                continue
+            if sequence is None:
+                return  # too few free blocks now: it keeps its place at the head of the queue
+            with self.lock:
+                self.waiting.popleft()
+            if isinstance(entry, Running):  # resumed; one preempted before its first token starts over
+                entry.sequence, entry.resumed = sequence, bool(entry.sampling.generated)
+                self.running.append(entry)
+                continue
+            sampling = SamplingState(params=request.params, end_ids=request.end_ids,
+                                     prompt_ids=request.prompt_ids, bad_words=request.bad_words)
+            self.running.append(Running(request=request, sequence=sequence, sampling=sampling))
+
+    def _prefill(self) -> None:
+        prefilling = [r for r in self.running if r.sequence.slot < 0]
+        if not prefilling:
+            return
+        decoding = len(prefilling) < len(self.running)
+        budget = self.prefill_budget if decoding else None  # nobody waits for a token: run the prompts whole
+        work = []
+        for item in prefilling:
+            count = item.sequence.to_compute if budget is None else min(item.sequence.to_compute, budget)
+            if count <= 0:
+                break
+            work.append((item, count))
+            if budget is not None:
+                budget -= count
+        done = self.engine.prefill([(item.sequence, count) for item, count in work])
+        fresh = [item for item, _ in work if item.sequence in done and not item.resumed]
+        for item, _ in work:
+            if item.sequence in done and item.resumed:  # it goes on with the token it had chosen
+                item.resumed = False
+                self.engine.start_decoding(item.sequence)
+        if not fresh:
+            return
+        logits = np.stack([done[item.sequence] for item in fresh])
+        tokens, logprobs, tops = choose_tokens(logits, [item.sampling for item in fresh])
+        for item, token, logprob, top in zip(fresh, tokens, logprobs, tops):
+            self.engine.start_decoding(item.sequence)
+            self._emit(item, int(token), float(logprob), top)
+
+    def _make_room(self) -> None:
+        """A block for every decoding sequence's next token, preempting the newest admitted requests while none
+        is free."""
+        for item in sorted([r for r in self.running if r.sequence.slot >= 0], key=self.running.index):
+            while item in self.running and not self.engine.grow(item.sequence):
+                self._preempt(self.running[-1])
+
+    def _preempt(self, item: Running) -> None:
+        self.engine.blocks.stats.preemptions += 1
+        self.engine.release(item.sequence)
+        self.running.remove(item)
+        item.resumed = False
+        with self.lock:
+            self.waiting.appendleft(item)
+
     def _decode(self) -> None:
         started = time.monotonic()
-        last_tokens = [0] * len(self.running)
-        for item in self.running:
-            last_tokens[item.sequence.slot] = item.sampling.generated[-1]
-        logits = self.engine.decode(last_tokens)
-        by_slot = sorted(self.running, key=lambda r: r.sequence.slot)
+        by_slot = sorted([r for r in self.running if r.sequence.slot >= 0], key=lambda r: r.sequence.slot)
+        logits = self.engine.decode([r.sampling.generated[-1] for r in by_slot])
         tokens, logprobs, tops = choose_tokens(logits, [r.sampling for r in by_slot])
         for item, token, logprob, top in zip(by_slot, tokens, logprobs, tops):
             self._emit(item, int(token), float(logprob), top)
         if self.on_step:
             self.on_step(self, len(by_slot), time.monotonic() - started)
 
-    def _admit(self) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting or self.engine.free_slots == 0:
-                    return
-                request = self.waiting.popleft()
-                if request.key in self.cancelled_keys:
-                    self.cancelled_keys.discard(request.key)
-                    request.emit(final_event(request, "cancelled"))
-                    continue
-            try:
-                sequence = self.engine.admit(request.keys, request.values, len(request.prompt_ids))
-            except ValueError as exc:  # the prompt leaves no room: refuse this one, keep serving others
-                request.emit(final_event(request, "length", error=str(exc)))
-                continue
-            request.keys = request.values = []  # the pool holds its own copy now
-            sampling = SamplingState(params=request.params, end_ids=request.end_ids,
-                                     prompt_ids=request.prompt_ids, bad_words=request.bad_words)
-            if sampling.rng is not None:
-                sampling.rng.random()  # the sampler model drew the first token from the same seed
-            item = Running(request=request, sequence=sequence, sampling=sampling)
-            self.running.append(item)
-            self._emit(item, request.first_token, request.first_logprob, request.first_top)
-
     def _drop_cancelled(self) -> None:
         with self.lock:
             keys, self.cancelled_keys = self.cancelled_keys, set()
         for item in [r for r in self.running if r.request.key in keys]:
             self._finish(item, "cancelled")
+        if keys:  # preempted requests waiting to resume
+            with self.lock:
+                gone = [e for e in self.waiting if isinstance(e, Running) and e.request.key in keys]
+                for entry in gone:
+                    self.waiting.remove(entry)
+            for entry in gone:
+                self._end_waiting(entry, "cancelled")
+            with self.lock:  # new requests still waiting: ended when _admit reaches them
+                self.cancelled_keys |= {k for k in keys if any(_request(e).key == k for e in self.waiting)}
+
+    def _end_waiting(self, entry, reason: str, error: str | None = None) -> None:
+        if isinstance(entry, Running):
+            entry.request.emit(final_event(entry.request, reason, error=error, cum_logprob=entry.cum_logprob,
+                                           output_ids=entry.sampling.generated))
+        else:
+            entry.emit(final_event(entry, reason, error=error))
 
     def _emit(self, item: Running, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
         item.sampling.record(token)
@@ -225,7 +310,7 @@ class Scheduler:
                            finish_reason=reason, top=top)
         try:
             item.request.emit(event)
-        except Exception:  # the client is gone: free its slot now
+        except Exception:  # the client is gone: free its blocks now
             reason = reason or "cancelled"
         if reason:
             self._release(item)
@@ -240,7 +325,7 @@ class Scheduler:
                 return "stop"
         if len(generated) >= params.max_tokens:
             return "length"
-        if self.engine.length(item.sequence) + 1 >= self.engine.pool.max_len:
+        if len(item.request.prompt_ids) + len(generated) >= self.engine.max_len:
             return "length"  # the next token would not fit in max_seq_len
         return None
 
@@ -252,3 +337,7 @@ class Scheduler:
     def _release(self, item: Running) -> None:
         self.engine.release(item.sequence)
         self.running.remove(item)
+
+
+def _request(entry: DecodeRequest | Running) -> DecodeRequest:
+    return entry.request if isinstance(entry, Running) else entry

@@ -97,20 +97,6 @@ def step_tensors(*, num_input_tokens: int, num_output_tokens: int, final: bool, 
             bytes_tensor("finish_reason", [finish_reason])]
 
 
-def first_token_tensors(token: int, logprob: float, top: list[tuple[int, float]]) -> list["pb_utils.Tensor"]:
-    """The sampler's first token for the decode model: first_token = [token, alternatives' ids...],
-    first_logprob = [its log-probability, the alternatives' ones...]."""
-    return [pb_utils.Tensor("first_token", np.array([[token, *(t for t, _ in top)]], np.int32)),
-            pb_utils.Tensor("first_logprob", np.array([[logprob, *(lp for _, lp in top)]], np.float32))]
-
-
-def read_first_token(request) -> tuple[int, float, list[tuple[int, float]]]:
-    """What first_token_tensors packed: (token, log-probability, alternatives)."""
-    ids = get(request, "first_token").reshape(-1).tolist()
-    logprobs = get(request, "first_logprob").reshape(-1).tolist()
-    return int(ids[0]), float(logprobs[0]), list(zip(ids[1:], logprobs[1:]))
-
-
 def read_step(outputs: dict[str, np.ndarray]) -> dict:
     """The fields step_tensors packed, by name (finish_reason decoded; `tops` as step_tensors took them)."""
     ints = outputs["step_ints"].reshape(-1).tolist()

@@ -1,8 +1,9 @@
-"""NAME_decode (decoupled): continuous batching over the KV-cache pool; one response per generated token, or per
-`stream_interval` tokens.
+"""NAME_decode (decoupled): the generation engine. It owns the paged KV cache (with its prefix cache), prefills
+prompts between decode steps, chooses the first token, batches decoding continuously; one response per generated
+token, or per `stream_interval` tokens.
 
-A request carries its prompt's KV cache and first token; it joins the running batch at the next step and
-streams until it finishes. A request holding only `stop_key` cancels the running request of that key (the
+A request carries its prompt's token ids and settings (from the tokenizer); it is admitted when its blocks are
+free and streams until it finishes. A request holding only `stop_key` cancels the running request of that key (the
 front model sends it when its client cancels or sends stop).
 """
 
@@ -11,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..engine.engine import Engine, warm_up
+from ..engine.engine import Engine, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
-from ..params import MAX_STREAM_INTERVAL, GenerationParams
+from ..params import DEFAULT_PREFILL_BUDGET, MAX_STREAM_INTERVAL, GenerationParams
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
@@ -56,11 +57,21 @@ class TritonPythonModel:
         graphs = EngineGraphs(common.version_dir(args) / common.parameter(config, "engine", "engine"),
                               device=common.parameter(config, "device"),
                               device_id=int(common.parameter(config, "device_id", "0")))
-        engine = Engine(graphs, max_slots=int(common.parameter(config, "max_slots", str(graphs.max_batch_size))))
+        pool_bytes = common.parameter(config, "kv_cache_bytes", "")  # empty: a share of the machine's memory
+        engine = Engine(graphs, max_slots=int(common.parameter(config, "max_slots", str(graphs.max_batch_size))),
+                        kv_cache_bytes=int(pool_bytes) if pool_bytes else None,
+                        enable_prefix_caching=common.parameter(config, "enable_prefix_caching", "true") == "true")
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: KV cache of {engine.blocks.usable_blocks} blocks of {engine.blocks.block_size} "
+            f"tokens ({engine.pool.nbytes / 2**20:.0f} MiB), prefix caching "
+            f"{'on' if engine.blocks.enable_prefix_caching else 'off'}, {engine.max_slots} decode slots")
+        warm_up_prefill(engine)
         warm_up(engine)
         self.metrics = DecodeMetrics(pb_utils, model=args["model_name"])
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
-                                   on_step=self.metrics.on_step, on_state=self.metrics.on_queue)
+                                   on_step=self.metrics.on_step, on_state=self.metrics.on_queue,
+                                   prefill_budget=int(common.parameter(config, "prefill_budget",
+                                                                       str(DEFAULT_PREFILL_BUDGET))))
         self.scheduler.start()
         self.name = args["model_name"]
         self.stream_interval = int(common.parameter(config, "stream_interval", "1"))
@@ -139,13 +150,9 @@ class TritonPythonModel:
             pending.clear()
             pending_tops.clear()
 
-        kv_keys, kv_values = common.get(request, "kv_keys")[0], common.get(request, "kv_values")[0]
-        first_token, first_logprob, first_top = common.read_first_token(request)
         return DecodeRequest(
             key=common.text(request, "request_key"),
             prompt_ids=prompt_ids,
-            first_token=first_token, first_logprob=first_logprob, first_top=first_top,
-            keys=list(kv_keys), values=list(kv_values),
             params=params,
             emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"])
 

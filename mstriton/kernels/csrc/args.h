@@ -20,12 +20,15 @@ struct LinearArgs {
   int threads;
 };
 
+// Decode attention over a paged cache (attention.h): block_index[b * blocks + i] is the pool row holding
+// positions [i * block_size, (i + 1) * block_size) of sequence b, in this layer.
 struct AttentionArgs {
   const float *qkv;
   const int32_t *positions;
   const float *cos, *sin;
-  const float *k_cache, *v_cache;
-  float *out, *k_new, *v_new;
-  int64_t batch, heads, kv_heads, dim, seq, table_len;
+  float *k_pool, *v_pool;      // [rows, Hkv, D, block_size] and [rows, Hkv, block_size, D]
+  const int32_t *block_index;  // [B, blocks]
+  float *out;                  // [B, H D]
+  int64_t batch, heads, kv_heads, dim, blocks, block_size, table_len;
   int threads;
 };

@@ -7,8 +7,8 @@
 //   MstNormLinear_<F>    x [..., K], norm [K], eps [1], w [, bias [N]]             -> y [..., N]   (RMSNorm first)
 //   MstSwigluLinear_<F>  x [..., 2K], w [, bias [N]] [, residual [..., N]]         -> y [..., N]   (silu(g) * u first)
 //   MstEmbed_<F>         tokens [...] int32, table [V, row_bytes], like [E] float32 -> [..., E]
-//   MstDecodeAttention   qkv, positions, cos, sin, k_cache, v_cache -> out, k_new, v_new   (attention.h)
-//   MstDecodeLayer_<F>   a whole decoder layer of a decode step (see run_decode_layer)
+//   MstDecodeAttention   qkv, positions, cos, sin, k_pool, v_pool, block_index, layer -> out; K/V into the pool
+//   MstDecodeLayerInPlace_<F>   a whole decoder layer of a decode step (see run_decode_layer)
 // with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
@@ -201,108 +201,98 @@ LINEAR_OPS(Q8_0)
 LINEAR_OPS(Q4_0)
 LINEAR_OPS(Q4_1)
 
+// The paged-cache arguments of decode attention from an operator's inputs: qkv at 0, positions at 1, cos, sin at
+// 2, 3, and from `pool` on: k_pool [R, Hkv, D, bs], v_pool [R, Hkv, bs, D], block_index [L, B, blocks] int32 and
+// layer [1] int32 (which layer's rows of the index this call reads). False if the shapes disagree.
+static bool paged_attention_args(void **params, int64_t **shapes, const char **dtypes, int pool, int64_t heads_width,
+                                 float *out, AttentionArgs *a) {
+  if (!is(dtypes[pool], "float32") || !is(dtypes[pool + 2], "int32") || !is(dtypes[pool + 3], "int32")) return false;
+  const int64_t *k = shapes[pool], *v = shapes[pool + 1], *index = shapes[pool + 2];
+  a->qkv = nullptr;
+  a->positions = static_cast<const int32_t *>(params[1]);
+  a->cos = static_cast<const float *>(params[2]);
+  a->sin = static_cast<const float *>(params[3]);
+  a->k_pool = static_cast<float *>(params[pool]);
+  a->v_pool = static_cast<float *>(params[pool + 1]);
+  const int32_t layer = *static_cast<const int32_t *>(params[pool + 3]);
+  a->batch = index[1];
+  a->blocks = index[2];
+  if (layer < 0 || layer >= index[0]) return false;
+  a->block_index = static_cast<const int32_t *>(params[pool + 2]) + int64_t(layer) * a->batch * a->blocks;
+  a->kv_heads = k[1];
+  a->dim = k[2];
+  a->block_size = k[3];
+  a->heads = heads_width / a->dim;
+  a->table_len = shapes[2][0];
+  a->out = out;
+  a->threads = threads();
+  return a->heads > 0 && a->heads % a->kv_heads == 0 && v[0] == k[0] && v[1] == k[1] && v[2] == k[3] &&
+         v[3] == k[2] && shapes[2][1] == a->dim;
+}
+
 extern "C" int MstDecodeAttention(AOT_ARGS) {
+  (void)ndims;
   Timed timed;
-  if (nparam != 9 || !is(dtypes[0], "float32") || !is(dtypes[1], "int32") || !is(dtypes[4], "float32")) return 1;
+  if (nparam != 9 || !is(dtypes[0], "float32") || !is(dtypes[1], "int32")) return 1;
   AttentionArgs a{};
+  const int64_t kv = shapes[4][1], d = shapes[4][2];
+  if (!paged_attention_args(params, shapes, dtypes, 4, shapes[0][1] - 2 * kv * d, static_cast<float *>(params[8]), &a))
+    return 2;
   a.qkv = static_cast<const float *>(params[0]);
-  a.positions = static_cast<const int32_t *>(params[1]);
-  a.cos = static_cast<const float *>(params[2]);
-  a.sin = static_cast<const float *>(params[3]);
-  a.k_cache = static_cast<const float *>(params[4]);
-  a.v_cache = static_cast<const float *>(params[5]);
-  a.out = static_cast<float *>(params[6]);
-  a.k_new = static_cast<float *>(params[7]);
-  a.v_new = static_cast<float *>(params[8]);
-  a.batch = shapes[0][0];
-  a.kv_heads = shapes[4][1];
-  a.dim = shapes[4][2];
-  a.seq = shapes[4][3];
-  a.heads = shapes[0][1] / a.dim - 2 * a.kv_heads;
-  a.table_len = shapes[2][0];
-  if (a.heads <= 0 || a.heads % a.kv_heads || shapes[5][2] != a.seq || shapes[2][1] != a.dim) return 2;
-  a.threads = threads();
+  if (a.batch != shapes[0][0]) return 2;
   isa().decode_attention(a);
   return 0;
 }
 
 // One whole decoder layer of a decode step (a model without biases, its four matrices in one format):
-//   x [B, E], positions, cos, sin, k_cache, v_cache, attention_norm [E], eps [1], wqkv, wo, ffn_norm [E],
-//   w_gate_up, w_down  ->  x_out [B, E], k_new, v_new
+//   x [B, E], positions, cos, sin, k_pool, v_pool, block_index, layer, attention_norm [E], eps [1], wqkv, wo,
+//   ffn_norm [E], w_gate_up, w_down  ->  x_out [B, E]
 // the same five steps as the separate operators (norm + q/k/v, attention, o-projection + residual, norm +
 // gate/up, SwiGLU + down + residual) in one call: each MindSpore kernel launch costs tens of microseconds on
-// this CPU, and a step of 30 layers made 150 of them.
-// in_place: the new token's K and V go straight into the caches at its position (the caches are the caller's
-// memory, passed zero-copy), and x_out is the only output; otherwise they are outputs 14 and 15.
-int run_decode_layer(int format, bool in_place, int nparam, void **params, int64_t **shapes, const char **dtypes) {
+// this CPU, and a step of 30 layers made 150 of them. The new token's K and V go straight into the pool (the
+// caller's memory, passed zero-copy).
+int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, const char **dtypes) {
   Timed timed;
-  if (nparam != (in_place ? 14 : 16) || !is(dtypes[0], "float32") || !is(dtypes[8], "uint8")) return 1;
-  const int64_t b = shapes[0][0], e = shapes[0][1], kv = shapes[4][1], d = shapes[4][2], seq = shapes[4][3];
-  const int64_t width = shapes[8][0], heads = width / d - 2 * kv, ffn = shapes[11][0] / 2;
-  if (heads <= 0 || heads % kv || shapes[8][1] != row_bytes(format, e) || shapes[9][1] != row_bytes(format, heads * d) ||
-      shapes[11][1] != row_bytes(format, e) || shapes[12][1] != row_bytes(format, ffn) || shapes[9][0] != e ||
-      shapes[12][0] != e)
+  if (nparam != 16 || !is(dtypes[0], "float32") || !is(dtypes[10], "uint8")) return 1;
+  const int64_t b = shapes[0][0], e = shapes[0][1], kv = shapes[4][1], d = shapes[4][2];
+  const int64_t width = shapes[10][0], heads = width / d - 2 * kv, ffn = shapes[13][0] / 2;
+  if (heads <= 0 || heads % kv || shapes[10][1] != row_bytes(format, e) ||
+      shapes[11][1] != row_bytes(format, heads * d) || shapes[13][1] != row_bytes(format, e) ||
+      shapes[14][1] != row_bytes(format, ffn) || shapes[11][0] != e || shapes[14][0] != e)
     return 2;
   const float *x = static_cast<const float *>(params[0]);
-  const float eps = *static_cast<const float *>(params[7]);
-  float *out = static_cast<float *>(params[13]);
+  const float eps = *static_cast<const float *>(params[9]);
+  float *out = static_cast<float *>(params[15]);
   float *qkv = static_cast<float *>(mst_scratch(2, b * std::max(width, 2 * ffn) * sizeof(float)));
-  float *attention = static_cast<float *>(mst_scratch(3, (b * heads * d + 2 * b * kv * d) * sizeof(float)));
-  float *k_new = in_place ? attention + b * heads * d : static_cast<float *>(params[14]);
-  float *v_new = in_place ? k_new + b * kv * d : static_cast<float *>(params[15]);
+  float *attention = static_cast<float *>(mst_scratch(3, b * heads * d * sizeof(float)));
+  AttentionArgs a{};
+  if (!paged_attention_args(params, shapes, dtypes, 4, heads * d, attention, &a) || a.batch != b) return 2;
+  a.qkv = qkv;
   const Isa &kernels = isa();
   const int t = threads();
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, b, e, static_cast<const float *>(params[6]), eps,
-                            static_cast<const uint8_t *>(params[8]), width, nullptr, nullptr, qkv, t});
-  kernels.decode_attention(AttentionArgs{qkv, static_cast<const int32_t *>(params[1]),
-                                         static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
-                                         static_cast<const float *>(params[4]), static_cast<const float *>(params[5]),
-                                         attention, k_new, v_new, b, heads, kv, d, seq, shapes[2][0], t});
-  if (in_place) {
-    float *k_cache = static_cast<float *>(params[4]), *v_cache = static_cast<float *>(params[5]);
-    const int32_t *positions = static_cast<const int32_t *>(params[1]);
-    for (int64_t row = 0; row < b; row++) {
-      const int64_t pos = positions[row];
-      if (pos < 0 || pos >= seq) continue;  // never outside the cache; the engine reserves the room first
-      for (int64_t g = 0; g < kv; g++) {
-        const float *k = k_new + (row * kv + g) * d;
-        float *kc = k_cache + ((row * kv + g) * d) * seq + pos;  // K^T: [b, g, dim, position]
-        for (int64_t e = 0; e < d; e++) kc[e * seq] = k[e];
-        std::memcpy(v_cache + ((row * kv + g) * seq + pos) * d, v_new + (row * kv + g) * d, d * sizeof(float));
-      }
-    }
-  }
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, b, e, static_cast<const float *>(params[8]), eps,
+                            static_cast<const uint8_t *>(params[10]), width, nullptr, nullptr, qkv, t});
+  kernels.decode_attention(a);
   kernels.linear(LinearArgs{format, PRE_NONE, attention, b, heads * d, nullptr, 0.0f,
-                            static_cast<const uint8_t *>(params[9]), e, nullptr, x, out, t});
+                            static_cast<const uint8_t *>(params[11]), e, nullptr, x, out, t});
   float *gate_up = qkv;  // q/k/v are used up
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, b, e, static_cast<const float *>(params[10]), eps,
-                            static_cast<const uint8_t *>(params[11]), 2 * ffn, nullptr, nullptr, gate_up, t});
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, b, e, static_cast<const float *>(params[12]), eps,
+                            static_cast<const uint8_t *>(params[13]), 2 * ffn, nullptr, nullptr, gate_up, t});
   // the residual is the output itself: each element is read, then written, by one thread
   kernels.linear(LinearArgs{format, PRE_SWIGLU, gate_up, b, ffn, nullptr, 0.0f,
-                            static_cast<const uint8_t *>(params[12]), e, nullptr, out, out, t});
+                            static_cast<const uint8_t *>(params[14]), e, nullptr, out, out, t});
   return 0;
 }
 
 #define DECODE_LAYER(F)                                                                                          \
-  extern "C" int MstDecodeLayer_##F(AOT_ARGS) {                                                                  \
-    (void)ndims;                                                                                                 \
-    return run_decode_layer(F, false, nparam, params, shapes, dtypes);                                           \
-  }                                                                                                             \
   extern "C" int MstDecodeLayerInPlace_##F(AOT_ARGS) {                                                           \
     (void)ndims;                                                                                                 \
-    return run_decode_layer(F, true, nparam, params, shapes, dtypes);                                            \
+    return run_decode_layer(F, nparam, params, shapes, dtypes);                                                  \
   }                                                                                                             \
   extern "C" std::vector<int64_t> MstDecodeLayerInPlace_##F##InferShape(int *, int64_t **shapes, AotExtra *) {    \
     return {shapes[0][0], shapes[0][1]};                                                                         \
   }                                                                                                             \
-  extern "C" TypeId MstDecodeLayerInPlace_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; } \
-  extern "C" std::vector<std::vector<int64_t>> MstDecodeLayer_##F##InferShape(int *, int64_t **shapes, AotExtra *) { \
-    return {{shapes[0][0], shapes[0][1]}, {shapes[0][0], shapes[4][1], shapes[4][2]},                            \
-            {shapes[0][0], shapes[4][1], shapes[4][2]}};                                                         \
-  }                                                                                                             \
-  extern "C" std::vector<TypeId> MstDecodeLayer_##F##InferType(std::vector<TypeId> types, AotExtra *) {           \
-    return {types[0], types[0], types[0]};                                                                       \
-  }
+  extern "C" TypeId MstDecodeLayerInPlace_##F##InferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }
 DECODE_LAYER(F32)
 DECODE_LAYER(BF16)
 DECODE_LAYER(INT8)
@@ -310,14 +300,11 @@ DECODE_LAYER(Q8_0)
 DECODE_LAYER(Q4_0)
 DECODE_LAYER(Q4_1)
 
-extern "C" std::vector<std::vector<int64_t>> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
-  const int64_t b = shapes[0][0], kv = shapes[4][1], d = shapes[4][2];
-  const int64_t heads = shapes[0][1] < 0 ? -1 : shapes[0][1] / d - 2 * kv;
-  return {{b, heads < 0 ? -1 : heads * d}, {b, kv, d}, {b, kv, d}};
+extern "C" std::vector<int64_t> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
+  const int64_t kv = shapes[4][1], d = shapes[4][2];
+  return {shapes[0][0], shapes[0][1] < 0 ? -1 : shapes[0][1] - 2 * kv * d};
 }
-extern "C" std::vector<TypeId> MstDecodeAttentionInferType(std::vector<TypeId> types, AotExtra *) {
-  return {types[0], types[0], types[0]};
-}
+extern "C" TypeId MstDecodeAttentionInferType(std::vector<TypeId> types, AotExtra *) { return types[0]; }
 
 // ---- C API (ctypes) -----------------------------------------------------------------------------------------
 
@@ -366,11 +353,13 @@ int mst_embed(int format, const int32_t *tokens, int64_t count, const uint8_t *t
   return 0;
 }
 
+// Decode attention over a paged cache for one layer (block_index [B, blocks], that layer's rows); writes the new
+// K/V into the pool.
 int mst_decode_attention(const float *qkv, const int32_t *positions, const float *cos, const float *sin,
-                         int64_t table_len, const float *k_cache, const float *v_cache, int64_t batch, int64_t heads,
-                         int64_t kv_heads, int64_t dim, int64_t seq, float *out, float *k_new, float *v_new) {
-  AttentionArgs a{qkv, positions, cos, sin, k_cache, v_cache, out, k_new, v_new,
-                  batch, heads, kv_heads, dim, seq, table_len, threads()};
+                         int64_t table_len, float *k_pool, float *v_pool, const int32_t *block_index, int64_t blocks,
+                         int64_t block_size, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, float *out) {
+  AttentionArgs a{qkv, positions, cos, sin, k_pool, v_pool, block_index, out,
+                  batch, heads, kv_heads, dim, blocks, block_size, table_len, threads()};
   isa().decode_attention(a);
   return 0;
 }

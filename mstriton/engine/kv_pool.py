@@ -1,0 +1,105 @@
+"""The paged KV-cache pool: the memory the block manager's blocks name.
+
+Two arrays hold every layer's blocks, layer-major, so that a decode graph takes the whole cache as two inputs
+(each graph input costs about 11 us per call on this CPU; per-layer arrays made 60 of them for SmolLM2):
+    K^T: [L * N, Hkv, D, block_size]      V: [L * N, Hkv, block_size, D]
+Row l * N + b is block b of layer l. Within a block, K is stored transposed as the decode attention reads it
+(positions contiguous for one dimension), V by position. The decode graphs read the blocks in place through a
+block index [L, B, blocks] (block ids plus each layer's offset) and, on the CPU kernels, write the new token's K/V
+into them; prefill results are copied in here.
+
+The pool is sized in bytes: its memory is mapped at start but pages are only touched as blocks fill.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .memory import aligned_zeros
+
+DEFAULT_BLOCK_SIZE = 16
+# Without a configured size the pool takes this share of the machine's memory, within the bounds below.
+DEFAULT_MEMORY_SHARE = 0.1
+DEFAULT_MAX_BYTES = 4 << 30
+
+
+def machine_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_pool_bytes() -> int:
+    return int(min(machine_memory_bytes() * DEFAULT_MEMORY_SHARE, DEFAULT_MAX_BYTES))
+
+
+class KVPool:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE, dtype=np.float32):
+        self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, np.dtype(dtype)
+        rows = n_layers * num_blocks
+        self.keys = aligned_zeros((rows, n_kv_heads, head_dim, block_size), self.dtype)
+        self.values = aligned_zeros((rows, n_kv_heads, block_size, head_dim), self.dtype)
+        self.layer_offsets = (np.arange(n_layers, dtype=np.int32) * num_blocks).reshape(-1, 1, 1)
+
+    @staticmethod
+    def block_bytes(n_layers: int, n_kv_heads: int, head_dim: int, block_size: int, dtype=np.float32) -> int:
+        """Bytes of one block across all layers, K and V."""
+        return 2 * n_layers * n_kv_heads * head_dim * block_size * np.dtype(dtype).itemsize
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+    def block_index(self, tables: np.ndarray) -> np.ndarray:
+        """Block tables [B, blocks] (block ids) -> the rows of every layer [L, B, blocks], int32."""
+        return np.ascontiguousarray(tables[None] + self.layer_offsets, dtype=np.int32)
+
+    def write(self, blocks: list[int], start: int, keys: list[np.ndarray], values: list[np.ndarray],
+              count: int, source_start: int = 0) -> None:
+        """Store `count` positions from `start` on, of a sequence whose block table is `blocks`: per layer K^T
+        [Hkv, D, >= source_start + count] and V [Hkv, >= ..., D], read from `source_start`."""
+        bs, position, end = self.block_size, start, start + count
+        while position < end:
+            block, offset = blocks[position // bs], position % bs
+            n = min(bs - offset, end - position)
+            src = source_start + position - start
+            for layer in range(self.n_layers):
+                row = layer * self.num_blocks + block
+                self.keys[row, :, :, offset:offset + n] = keys[layer][:, :, src:src + n]
+                self.values[row, :, offset:offset + n] = values[layer][:, src:src + n]
+            position += n
+
+    def write_tokens(self, tables: list[list[int]], positions: list[int], keys: list[np.ndarray],
+                     values: list[np.ndarray]) -> None:
+        """Store one new token per sequence (row i at positions[i]): per layer K [>= n, Hkv, D], V the same."""
+        bs = self.block_size
+        rows = np.array([t[p // bs] for t, p in zip(tables, positions)], np.int64)
+        offsets = np.array([p % bs for p in positions], np.int64)
+        n = len(rows)
+        for layer in range(self.n_layers):
+            layer_rows = rows + layer * self.num_blocks
+            self.keys[layer_rows, :, :, offsets] = keys[layer][:n]
+            self.values[layer_rows, :, offsets] = values[layer][:n]
+
+    def gather(self, blocks: list[int], length: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The first `length` positions of a sequence as contiguous per-layer K^T [1, Hkv, D, width] and V
+        [1, Hkv, width, D] (zero past `length`): what the chunked-prefill graph attends to."""
+        bs = self.block_size
+        n_blocks = -(-length // bs)
+        ids = np.asarray(blocks[:n_blocks], np.int64)
+        keys, values = [], []
+        for layer in range(self.n_layers):
+            rows = ids + layer * self.num_blocks
+            k = np.zeros((1, self.n_kv_heads, self.head_dim, width), self.dtype)
+            v = np.zeros((1, self.n_kv_heads, width, self.head_dim), self.dtype)
+            if n_blocks:
+                # [n, Hkv, D, bs] -> [Hkv, D, n * bs];  [n, Hkv, bs, D] -> [Hkv, n * bs, D]
+                k_blocks = self.keys[rows].transpose(1, 2, 0, 3).reshape(self.n_kv_heads, self.head_dim, -1)
+                v_blocks = self.values[rows].transpose(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
+                k[0, :, :, :length] = k_blocks[:, :, :length]
+                v[0, :, :length] = v_blocks[:, :length]
+            keys.append(k)
+            values.append(v)
+        return keys, values
