@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
@@ -153,10 +154,12 @@ def logit_errors(engine, reference, prompt: list[int], steps: int = 16) -> list[
 
 @contextlib.contextmanager
 def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
-                                 decode_parameters: dict[str, dict[str, str]] | None = None):
+                                 decode_parameters: dict[str, dict[str, str]] | None = None,
+                                 kv_cache_blocks: dict[str, int] | None = None):
     """The real tritonserver serving the streaming test checkpoint, converted once per name in
     `max_batch_sizes` (128 tokens per sequence); `server.checkpoint` is the checkpoint folder.
-    `decode_parameters` {name: {key: value}} edits a decode model's config.pbtxt parameters, as a user would."""
+    `decode_parameters` {name: {key: value}} edits a decode model's config.pbtxt parameters, as a user would;
+    `kv_cache_blocks` {name: blocks} sizes a decode model's KV pool (its kv_cache_bytes) in blocks."""
     from mstriton.convert import convert
     from mstriton.repository import read_config, write_config
     from mstriton.server_process import running_server
@@ -166,7 +169,10 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
     for name, max_batch_size in max_batch_sizes.items():
         convert(checkpoint, name, repository, max_batch_size=max_batch_size, max_seq_len=128,
                 progress=lambda _: None)
-    for name, parameters in (decode_parameters or {}).items():
+    decode_parameters = {name: dict(p) for name, p in (decode_parameters or {}).items()}
+    for name, blocks in (kv_cache_blocks or {}).items():
+        decode_parameters.setdefault(name, {})["kv_cache_bytes"] = str(pool_bytes_for(repository, name, blocks))
+    for name, parameters in decode_parameters.items():
         folder = repository / f"{name}_decode"
         config = read_config(folder)
         for key, value in parameters.items():
@@ -175,6 +181,17 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
     with running_server(repository, root / "server.log") as server:
         server.checkpoint = checkpoint
         yield server
+
+
+def pool_bytes_for(repository: Path, name: str, blocks: int) -> int:
+    """kv_cache_bytes of a pool of `blocks` usable blocks for the converted model `name`."""
+    from mstriton.config import LlamaConfig
+    from mstriton.engine.kv_pool import KVPool
+
+    manifest = json.loads((repository / f"{name}_decode" / "1" / "engine" / "manifest.json").read_text())
+    c = LlamaConfig.from_hf_dict(manifest["config"])
+    return (blocks + 1) * KVPool.block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                             manifest["kv_block_size"])
 
 
 def save_random_hf_qwen2(folder: Path, seed: int = 0, **overrides) -> Path:

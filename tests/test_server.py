@@ -26,8 +26,11 @@ PROMPTS = ["The quick brown fox", "Streaming keeps every space", "MindSpore å›¾æ
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    # tiny's KV pool: 40 blocks of 16 tokens, far less than its 16 slots of 128 tokens could hold (128 blocks):
+    # concurrent streams preempt each other and must still end as their single runs do
     with serving_streaming_checkpoint(tmp_path_factory.mktemp("server"), {"tiny": 16, "tiny1": 1},
-                                      decode_parameters={"tiny1": {"shutdown_grace_seconds": "0.3"}}) as triton:
+                                      decode_parameters={"tiny1": {"shutdown_grace_seconds": "0.3"}},
+                                      kv_cache_blocks={"tiny": 40}) as triton:
         yield triton
 
 
@@ -369,9 +372,23 @@ def test_metrics_move(server):
                  "mstriton_request_latency_seconds_count", "mstriton_prompt_tokens_total",
                  "mstriton_generation_tokens_total"):
         assert metric_value(text, name, model="tiny") > 0, name
-    assert metric_value(text, "mstriton_kv_cache_slots_total", model="tiny_decode") == 16
+    assert metric_value(text, "mstriton_kv_cache_blocks_total", model="tiny_decode") == 40
     assert "mstriton_requests_running" in text and "mstriton_requests_waiting" in text
     assert "mstriton_kv_cache_usage_ratio" in text
+    # a prompt of more than two blocks, twice: the second time its full blocks come from the prefix cache
+    # (vLLM's counters, in prompt tokens)
+    long_prompt = PROMPTS[5] + " " + PROMPTS[5]
+    grpc_stream(server, "tiny", long_prompt, 2)
+    time.sleep(1)
+    text = server.metrics()
+    queries = metric_value(text, "vllm:prefix_cache_queries_total", model="tiny_decode")
+    hits = metric_value(text, "vllm:prefix_cache_hits_total", model="tiny_decode")
+    grpc_stream(server, "tiny", long_prompt, 2)
+    time.sleep(1)
+    text = server.metrics()
+    asked = metric_value(text, "vllm:prefix_cache_queries_total", model="tiny_decode") - queries
+    found = metric_value(text, "vllm:prefix_cache_hits_total", model="tiny_decode") - hits
+    assert asked > 32 and found == (asked - 1) // 16 * 16, (asked, found)
 
 
 def test_perf_analyzer_streaming_reports(server, tmp_path):

@@ -48,13 +48,15 @@ def decode_step_time(graphs, batch: int, repeats: int) -> float:
     from mstriton.engine.engine import settle_heap
 
     engine = Engine(graphs, max_slots=batch)
-    sequences, _ = engine.prefill([[1] * CACHED] * batch)
+    sequences, _ = engine.prefill_prompts([[1] * CACHED] * batch)
     settle_heap()  # as the served decode model does after its warm-up
     tokens = [5] * batch
 
     def step():  # a step appends to the cache: keep its length at CACHED + 1 so every step reads the same
         engine.decode(tokens)
-        engine.pool.lengths[:batch] = CACHED
+        for sequence in sequences:
+            sequence.computed = CACHED
+            del sequence.tokens[CACHED:]
 
     seconds = median_time(step, 3, repeats)
     for sequence in sequences:

@@ -275,7 +275,7 @@ def run_ours_and_engine(results, name, repository, workload, concurrencies, max_
 
 def prefill_chunk_length(repository: Path, name: str) -> int:
     """Prompts longer than this prefill alone in chunks (the converted engine's setting; no limit if none)."""
-    manifest = json.loads((repository / f"{name}_prefill" / "1" / "engine" / "manifest.json").read_text())
+    manifest = json.loads((repository / f"{name}_decode" / "1" / "engine" / "manifest.json").read_text())
     return (manifest.get("prefill_chunk") or {}).get("length") or manifest["max_seq_len"]
 
 

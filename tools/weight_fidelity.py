@@ -51,7 +51,7 @@ def engine_logits(graphs, ids: list[int]) -> np.ndarray:
     from mstriton.engine.engine import Engine
 
     engine = Engine(graphs, max_slots=1)
-    (sequence,), first = engine.prefill([ids[:1]])
+    (sequence,), first = engine.prefill_prompts([ids[:1]])
     rows = [first[0]]
     for token in ids[1:-1]:
         rows.append(engine.decode([token])[0])

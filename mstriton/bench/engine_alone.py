@@ -1,68 +1,33 @@
-"""The engine alone: the same prefill and continuous-batching decode loop that the Triton models run, in one
-process with no server, driven by closed-loop clients. Served tokens/s over these tokens/s is the serving
-efficiency (what Triton, the ensemble and the Python steps cost).
-
-As in the model repository: a prefill worker runs every prompt that has arrived as one padded batch (the
-prefill model's dynamic batcher) and picks each first token (the sampler model); the Scheduler (the decode
-model's loop) admits them and decodes every running sequence in one batched step.
+"""The engine alone: the same scheduler the decode model runs (paged KV cache, prefill beside decode, continuous
+batching), in one process with no server, driven by closed-loop clients. Served tokens/s over these tokens/s is
+the serving efficiency (what Triton, the ensemble, the tokenizer and front models and their hops cost).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
-from ..engine.engine import Engine, prefill_each, warm_up, warm_up_prefill
+from ..engine.engine import Engine, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
-from ..engine.sampling import SamplingState, choose_tokens
 from ..params import GenerationParams
-from ..serving.scheduler import DecodeRequest, Scheduler, final_event
-from .arrivals import next_batch
+from ..serving.scheduler import DecodeRequest, Scheduler
 from .timing import RequestTiming, closed_loop
 
 
 class EngineAlone:
     def __init__(self, repository: Path, name: str, max_slots: int):
-        """Loads the engine folders of the converted models NAME_prefill and NAME_decode in `repository`."""
-        self.prefill_graphs = EngineGraphs(Path(repository) / f"{name}_prefill" / "1" / "engine")
-        self.graphs = EngineGraphs(Path(repository) / f"{name}_decode" / "1" / "engine")  # as two models do
+        """Loads the engine of the converted model NAME_decode in `repository`, as the decode model does."""
+        self.graphs = EngineGraphs(Path(repository) / f"{name}_decode" / "1" / "engine")
         self.engine = Engine(self.graphs, max_slots=max_slots)
+        warm_up_prefill(self.engine)
         warm_up(self.engine)
-        warm_up_prefill(self.prefill_graphs)
         self.scheduler = Scheduler(self.engine, max_waiting=1 << 20)
         self.scheduler.start()
-        self.arrivals: queue.Queue = queue.Queue()
-        threading.Thread(target=self._prefill_loop, name="bench-prefill", daemon=True).start()
 
     def close(self) -> None:
-        self.arrivals.put(None)
         self.scheduler.shutdown()
-
-    def _prefill_loop(self) -> None:
-        while True:
-            batch = next_batch(self.arrivals, lambda _: self.graphs.max_batch_size)
-            if batch[0] is None:
-                return
-            self._prefill(batch)
-
-    def _prefill(self, batch: list[DecodeRequest]) -> None:
-        try:
-            results = prefill_each(self.prefill_graphs, [r.prompt_ids for r in batch])
-            states = [SamplingState(params=r.params, end_ids=r.end_ids, prompt_ids=r.prompt_ids) for r in batch]
-            tokens, logprobs, tops = choose_tokens(np.stack([logits for logits, _, _ in results]), states)
-        except Exception as exc:  # noqa: BLE001 - end these requests with the error, keep serving
-            for request in batch:
-                request.emit(final_event(request, "cancelled", error=f"prefill failed: {exc}"))
-            return
-        for row, (request, (_, keys, values)) in enumerate(zip(batch, results)):
-            request.first_token, request.first_logprob = int(tokens[row]), float(logprobs[row])
-            request.first_top = tops[row]
-            request.keys, request.values = keys, values
-            self.scheduler.submit(request)
 
     def run(self, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[RequestTiming]:
         params = GenerationParams(max_tokens=output_tokens, min_tokens=output_tokens)
@@ -79,8 +44,8 @@ class EngineAlone:
                 if event.finish_reason:
                     done.set()
 
-            self.arrivals.put(DecodeRequest(key=f"bench-{index}", prompt_ids=prompt, first_token=-1,
-                                            first_logprob=0.0, keys=[], values=[], params=params, emit=emit))
+            self.scheduler.submit(DecodeRequest(key=f"bench-{index}", prompt_ids=list(prompt), params=params,
+                                                emit=emit))
             done.wait()
             if errors:
                 raise RuntimeError(errors[0])
@@ -109,9 +74,18 @@ def _run(prompts, output_tokens, concurrency) -> list[RequestTiming]:
 
 
 def _prefill_ms(prompt) -> float:
-    started = time.perf_counter()
-    prefill_each(_ENGINE.prefill_graphs, [prompt])
-    return (time.perf_counter() - started) * 1e3
+    """One prompt's prefill, computed whole (not from the prefix cache)."""
+    engine = _ENGINE.engine  # its scheduler is idle between the benchmark's runs
+    engine.blocks.enable_prefix_caching = False
+    try:
+        started = time.perf_counter()
+        sequence = engine.add(prompt)
+        engine.prefill([(sequence, sequence.to_compute)])
+        elapsed = time.perf_counter() - started
+        engine.release(sequence)
+    finally:
+        engine.blocks.enable_prefix_caching = True
+    return elapsed * 1e3
 
 
 class EngineAloneProcess:
