@@ -184,7 +184,7 @@ class Engine:
                 done[sequence] = logits[row]
         for sequence, count in pieces:
             while count > 0:
-                n = min(count, limit)
+                n = min(count, limit if sequence.computed == 0 else self.graphs.continuation)
                 logits = self._prefill_piece(sequence, n)
                 count -= n
             if sequence.to_compute == 0:
@@ -192,6 +192,8 @@ class Engine:
         return done
 
     def _prefill_piece(self, sequence: Sequence, count: int) -> np.ndarray:
+        """The next `count` tokens: from the start as a whole prompt (up to chunk_length), after it through the
+        chunk graph (up to graphs.continuation)."""
         start = sequence.computed
         piece = np.asarray(sequence.tokens[start:start + count], np.int32)
         if start == 0:
@@ -345,8 +347,8 @@ def warm_up(engine: Engine) -> None:
 
 def warm_up_prefill(engine: Engine) -> None:
     """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), and
-    the chunked-prefill graph for every chunk length bucket against every cache length, so that the first
-    prompts are not slow; other batch sizes compile once, when first used."""
+    the chunked-prefill graph against every cache length, so that the first prompts are not slow; other batch
+    sizes compile once, when first used."""
     graphs = engine.graphs
     c = graphs.config
     lengths = prefill_lengths(min(graphs.chunk_length, graphs.max_seq_len))
@@ -355,7 +357,5 @@ def warm_up_prefill(engine: Engine) -> None:
     for width in graphs.seq_buckets:
         past_keys = [np.zeros((1, c.num_key_value_heads, c.head_dim, width), graphs.np_dtype)] * c.num_hidden_layers
         past_values = [np.zeros((1, c.num_key_value_heads, width, c.head_dim), graphs.np_dtype)] * c.num_hidden_layers
-        for length in lengths:
-            if length < graphs.max_seq_len:
-                graphs.prefill_chunk(np.ones(length, np.int32), 1, past_keys, past_values)
+        graphs.prefill_chunk(np.ones(graphs.continuation, np.int32), 1, past_keys, past_values)
     settle_heap()

@@ -40,6 +40,16 @@ DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 DEVICES = ("CPU", "Ascend", "GPU")
 
 
+# Chunks after a prompt's first piece run at one length: every (chunk, cache) shape MindSpore compiles keeps its
+# buffers for the life of the process, and with chunks of 64 to 256 tokens against caches of 64 to 2048 (24
+# shapes) SmolLM2's warm-up took 94 s and 21 GB. At 64 tokens a chunk still keeps the kernels' products busy.
+CONTINUATION_TOKENS = 64
+
+
+def continuation_tokens(chunk_length: int) -> int:
+    return min(CONTINUATION_TOKENS, chunk_length)
+
+
 def blocks_for(seq: int, block_size: int) -> int:
     """Blocks of a decode graph's block index for a cache bucket of `seq` positions."""
     return -(-seq // block_size)
@@ -217,6 +227,8 @@ class EngineGraphs:
         self._graphs: dict[str, nn.GraphCell] = {}
         # prompts longer than this prefill in chunks; shorter ones may run as whole prompts (prefill)
         self.chunk_length = self.manifest["prefill_chunk"]["length"]
+        # what the chunk graph computes per call after the first piece (continuation_tokens)
+        self.continuation = continuation_tokens(self.chunk_length)
 
     def weight_bytes_per_step(self) -> int:
         """Bytes one decode step reads from the weights: everything but the embedding table (rows are gathered;
@@ -250,12 +262,14 @@ class EngineGraphs:
 
     def prefill_chunk(self, tokens: np.ndarray, start: int, past_keys: list[np.ndarray],
                       past_values: list[np.ndarray]):
-        """The tokens [C'] of one sequence from position `start` on, against the cache of the `start` tokens
-        before them: per layer K^T [1, Hkv, D, S] and V [1, Hkv, S, D], S >= start (positions past `start` are
-        ignored). The chunk is padded to a length bucket. Returns the logits of its last token [V], its K^T
-        [L][Hkv, D, C'] and V [L][Hkv, C', D]."""
+        """The tokens [C'] (at most `continuation`) of one sequence from position `start` on, against the cache of
+        the `start` tokens before them: per layer K^T [1, Hkv, D, S] and V [1, Hkv, S, D], S >= start (positions
+        past `start` are ignored). Returns the logits of its last token [V], its K^T [L][Hkv, D, C'] and V
+        [L][Hkv, C', D]."""
         count = len(tokens)
-        padded = np.zeros((1, prefill_shape(1, count, self.max_seq_len)[1]), np.int32)
+        if count > self.continuation:
+            raise ValueError(f"a chunk of {count} tokens; the chunk graph runs at most {self.continuation}")
+        padded = np.zeros((1, self.continuation), np.int32)  # one chunk length: one compiled shape per S
         padded[0, :count] = tokens
         with GRAPH_LOCK:
             outputs = self._graph(self.manifest["prefill_chunk"]["file"])(

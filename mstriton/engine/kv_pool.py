@@ -85,21 +85,18 @@ class KVPool:
 
     def gather(self, blocks: list[int], length: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The first `length` positions of a sequence as contiguous per-layer K^T [1, Hkv, D, width] and V
-        [1, Hkv, width, D] (zero past `length`): what the chunked-prefill graph attends to."""
+        [1, Hkv, width, D] (zero past `length`): what the chunked-prefill graph attends to. Block by block:
+        plain slice copies, no index arrays or transposed temporaries."""
         bs = self.block_size
-        n_blocks = -(-length // bs)
-        ids = np.asarray(blocks[:n_blocks], np.int64)
         keys, values = [], []
         for layer in range(self.n_layers):
-            rows = ids + layer * self.num_blocks
+            base = layer * self.num_blocks
             k = np.zeros((1, self.n_kv_heads, self.head_dim, width), self.dtype)
             v = np.zeros((1, self.n_kv_heads, width, self.head_dim), self.dtype)
-            if n_blocks:
-                # [n, Hkv, D, bs] -> [Hkv, D, n * bs];  [n, Hkv, bs, D] -> [Hkv, n * bs, D]
-                k_blocks = self.keys[rows].transpose(1, 2, 0, 3).reshape(self.n_kv_heads, self.head_dim, -1)
-                v_blocks = self.values[rows].transpose(1, 0, 2, 3).reshape(self.n_kv_heads, -1, self.head_dim)
-                k[0, :, :, :length] = k_blocks[:, :, :length]
-                v[0, :, :length] = v_blocks[:, :length]
+            for i, start in enumerate(range(0, length, bs)):
+                n = min(bs, length - start)
+                k[0, :, :, start:start + n] = self.keys[base + blocks[i], :, :, :n]
+                v[0, :, start:start + n] = self.values[base + blocks[i], :, :n]
             keys.append(k)
             values.append(v)
         return keys, values
