@@ -38,24 +38,25 @@ demo: install
 	$(PY) tools/make_demo_model.py --out build/demo_model --if-stale
 	@if [ ! -f model_repository/demo_decode/1/engine/manifest.json ] || \
 	    [ build/demo_model/training.json -nt model_repository/demo_decode/1/engine/manifest.json ] || \
-	    [ mstriton/repository.py -nt model_repository/demo_decode/1/engine/manifest.json ]; then \
+	    [ mstriton/repository.py -nt model_repository/demo_decode/1/engine/manifest.json ] || \
+	    ! grep -q '"kv_block_size"' model_repository/demo_decode/1/engine/manifest.json; then \
 		echo "make demo: converting build/demo_model into model_repository/ as 'demo'"; \
 		$(PY) tools/convert.py --checkpoint build/demo_model --name demo --model-repository model_repository \
 			$(DEMO_CONVERT_ARGS); \
 	else echo "make demo: model_repository/demo is up to date"; fi
 
-# SmolLM2's context is 8192 tokens. 1024 per sequence and 4 slots keep its KV cache at 0.19 GB and the decode
-# graphs that are exported and compiled at start to 15 (3 batch x 5 cache-length buckets), so that `make run`
-# is ready within 5 minutes on 2 cores; 8192 and 16 slots need about 6 GB and take several times as long.
+# SmolLM2's context is 8192 tokens. The KV cache is paged (sized in bytes, not by slots x max_seq_len), so the
+# limits here only set the decode graphs exported and compiled at start: 16 sequences decoding at once and 2048
+# tokens per sequence make 30 (5 batch x 6 cache-length buckets), ready within a few minutes on 2 cores.
 # --weights Q4_1 keeps the file's own Q4_1 / Q8_0 blocks (97 MB) and runs them on the CPU kernels.
-SMOLLM2_CONVERT_ARGS ?= --max-batch-size 4 --max-seq-len 1024 --weights Q4_1
+SMOLLM2_CONVERT_ARGS ?= --max-batch-size 16 --max-seq-len 2048 --weights Q4_1
 SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
 
 smollm2: install
 	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
 	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ] || \
 	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ] || \
-	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST); then \
+	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST) || ! grep -q '"kv_block_size"' $(SMOLLM2_MANIFEST); then \
 		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
 		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
 			$(SMOLLM2_CONVERT_ARGS); \

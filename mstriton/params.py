@@ -10,8 +10,8 @@ import dataclasses
 
 
 # Prompt tokens the decode model prefills per step while streams decode (its `prefill_budget` parameter; when none
-# decode, prompts run whole): with SmolLM2 on 2 cores, 64 tokens cost about one decode step of 16 streams.
-DEFAULT_PREFILL_BUDGET = 64
+# decode, prompts run whole); 0: as many as take a fixed share of a decode step's time (serving/scheduler.py).
+DEFAULT_PREFILL_BUDGET = 0
 MAX_STREAM_INTERVAL = 256
 # The most alternatives a request may ask log-probabilities for at each step (OpenAI's top_logprobs bound).
 MAX_TOP_LOGPROBS = 20

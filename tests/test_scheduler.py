@@ -254,3 +254,17 @@ def test_a_prompt_sharing_a_cached_prefix_computes_only_the_rest_and_equals_a_co
         token = int(warm_logits[0].argmax())
         warm_logits, cold_logits = engine.decode([token]), cold.decode([token])
         np.testing.assert_allclose(warm_logits, cold_logits, rtol=0, atol=1e-5)
+
+
+def test_the_auto_prefill_budget_takes_a_share_of_the_decode_step_in_whole_chunks(graphs):
+    from mstriton.serving.scheduler import PREFILL_TIME_SHARE
+
+    scheduler = Scheduler(Engine(graphs, max_slots=2), prefill_budget=0)
+    chunk = graphs.continuation
+    assert scheduler.budget() == chunk  # nothing measured yet: one chunk
+    scheduler.decode_seconds, scheduler.prefill_token_seconds = 0.1, 0.001
+    expected = int(PREFILL_TIME_SHARE * 0.1 / 0.001) // chunk * chunk
+    assert scheduler.budget() == expected > chunk
+    scheduler.prefill_token_seconds = 1.0  # slow prefill: still one chunk a step, never none
+    assert scheduler.budget() == chunk
+    assert Scheduler(Engine(graphs, max_slots=2), prefill_budget=48).budget() == 48

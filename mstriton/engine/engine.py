@@ -196,11 +196,11 @@ class Engine:
         chunk graph (up to graphs.continuation)."""
         start = sequence.computed
         piece = np.asarray(sequence.tokens[start:start + count], np.int32)
-        if start == 0:
+        if start == 0 and count > self.graphs.continuation:
             logits, keys, values = self.graphs.prefill(piece[None], np.array([count], np.int32))
             logits, keys, values = logits[0], [k[0] for k in keys], [v[0] for v in values]
         else:
-            width = smallest_fitting(self.graphs.seq_buckets, start)
+            width = smallest_fitting(self.graphs.seq_buckets, max(start, 1))  # start 0: nothing before, all masked
             past_keys, past_values = self.pool.gather(sequence.blocks, start, width)
             logits, keys, values = self.graphs.prefill_chunk(piece, start, past_keys, past_values)
         self.pool.write(sequence.blocks, start, keys, values, count)

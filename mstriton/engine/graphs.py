@@ -42,8 +42,10 @@ DEVICES = ("CPU", "Ascend", "GPU")
 
 # Chunks after a prompt's first piece run at one length: every (chunk, cache) shape MindSpore compiles keeps its
 # buffers for the life of the process, and with chunks of 64 to 256 tokens against caches of 64 to 2048 (24
-# shapes) SmolLM2's warm-up took 94 s and 21 GB. At 64 tokens a chunk still keeps the kernels' products busy.
-CONTINUATION_TOKENS = 64
+# shapes) SmolLM2's warm-up took 94 s and 21 GB. The length is also the grain of prefill beside decode: a step
+# of 16 SmolLM2 streams takes about 90 ms here and a 64-token chunk against a 1000-token cache about 280 ms more
+# (streams' inter-token p99 7.6x their p50 with long prompts arriving, benchmarks/kv_cache.md); 32 tokens halve it.
+CONTINUATION_TOKENS = 32
 
 
 def continuation_tokens(chunk_length: int) -> int:

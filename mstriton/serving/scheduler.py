@@ -6,7 +6,10 @@ Requests arrive as prompt token ids. Each step of the loop:
    prefix cache already holds) are free: the KV cache is admitted by blocks, not by worst-case length;
 3. prefills: with no stream decoding, every admitted prompt in full; beside running streams only a budget of
    prompt tokens (chunks of the prompts, oldest first), so that a long prompt costs each stream a bounded delay
-   per token instead of a stall (chunked prefill beside decode, as in vLLM and MindIE's SplitFuse). A prompt
+   per token instead of a stall (chunked prefill beside decode, as in vLLM and MindIE's SplitFuse). The budget
+   is a number of tokens, or by default (0) the tokens that take PREFILL_TIME_SHARE of the last decode steps'
+   time, from the prefill time per token measured so far: the delay is then the same share of a step whether
+   4 or 64 streams run, and a big batch (slow steps) takes prompts in faster. A prompt
    whose tokens are all computed gets its first token (the request's own sampling settings) and joins the batch;
 4. gives every decoding sequence room for its next token; when blocks run out, the newest sequence is preempted:
    its blocks go back (full ones stay in the prefix cache), it waits at the head of the queue, and on its turn
@@ -31,6 +34,11 @@ from ..engine.engine import Engine, PromptTooLong, Sequence
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import DEFAULT_PREFILL_BUDGET, GenerationParams
 from .error_marks import SERVER_BUSY
+
+# Beside running streams, prefill per step may take this share of a decode step's time (auto budget): the gap
+# between two tokens of a stream is then at most about 1 + share decode steps.
+PREFILL_TIME_SHARE = 1.5
+SMOOTHING = 0.2  # weight of the newest measurement in the running averages of step and prefill times
 
 
 class ServerBusy(RuntimeError):
@@ -86,7 +94,9 @@ class Scheduler:
                  prefill_budget: int = DEFAULT_PREFILL_BUDGET):
         self.engine = engine
         self.max_waiting = max_waiting
-        self.prefill_budget = prefill_budget
+        self.prefill_budget = prefill_budget  # tokens per step beside decode; 0: auto (PREFILL_TIME_SHARE)
+        self.decode_seconds: float | None = None         # running average of a decode step
+        self.prefill_token_seconds: float | None = None  # running average of prefill time per prompt token
         self.on_step = on_step  # metrics hook after each decode step: (scheduler, batch size, seconds)
         # metrics hook after every pass of the loop, decode or not: a cancel that empties the batch runs no
         # decode step, and the gauges must still drop at once
@@ -231,7 +241,7 @@ class Scheduler:
         if not prefilling:
             return
         decoding = len(prefilling) < len(self.running)
-        budget = self.prefill_budget if decoding else None  # nobody waits for a token: run the prompts whole
+        budget = self.budget() if decoding else None  # nobody waits for a token: run the prompts whole
         work = []
         for item in prefilling:
             count = item.sequence.to_compute if budget is None else min(item.sequence.to_compute, budget)
@@ -240,7 +250,10 @@ class Scheduler:
             work.append((item, count))
             if budget is not None:
                 budget -= count
+        started = time.monotonic()
         done = self.engine.prefill([(item.sequence, count) for item, count in work])
+        self.prefill_token_seconds = _average(self.prefill_token_seconds,
+                                              (time.monotonic() - started) / sum(c for _, c in work))
         fresh = [item for item, _ in work if item.sequence in done and not item.resumed]
         for item, _ in work:
             if item.sequence in done and item.resumed:  # it goes on with the token it had chosen
@@ -253,6 +266,17 @@ class Scheduler:
         for item, token, logprob, top in zip(fresh, tokens, logprobs, tops):
             self.engine.start_decoding(item.sequence)
             self._emit(item, int(token), float(logprob), top)
+
+    def budget(self) -> int:
+        """Prompt tokens to prefill in this step beside running streams: the configured number, or (0) what
+        takes PREFILL_TIME_SHARE of a decode step, at least one chunk."""
+        if self.prefill_budget:
+            return self.prefill_budget
+        least = self.engine.graphs.continuation
+        if not self.decode_seconds or not self.prefill_token_seconds:
+            return least
+        tokens = int(PREFILL_TIME_SHARE * self.decode_seconds / self.prefill_token_seconds)
+        return max(least, tokens // least * least)
 
     def _make_room(self) -> None:
         """A block for every decoding sequence's next token, preempting the newest admitted requests while none
@@ -276,6 +300,7 @@ class Scheduler:
         tokens, logprobs, tops = choose_tokens(logits, [r.sampling for r in by_slot])
         for item, token, logprob, top in zip(by_slot, tokens, logprobs, tops):
             self._emit(item, int(token), float(logprob), top)
+        self.decode_seconds = _average(self.decode_seconds, time.monotonic() - started)
         if self.on_step:
             self.on_step(self, len(by_slot), time.monotonic() - started)
 
@@ -337,6 +362,10 @@ class Scheduler:
     def _release(self, item: Running) -> None:
         self.engine.release(item.sequence)
         self.running.remove(item)
+
+
+def _average(previous: float | None, value: float) -> float:
+    return value if previous is None else previous + SMOOTHING * (value - previous)
 
 
 def _request(entry: DecodeRequest | Running) -> DecodeRequest:
