@@ -2,7 +2,8 @@
 
 Everything is built in a staging folder inside the repository; only when the whole model is built do its
 folders move into place (a rename each), replacing any previous conversion of the same name. A failed or
-interrupted run leaves the repository as it was, apart from a hidden staging folder that the next run removes.
+interrupted run leaves the repository as it was, apart from a hidden staging folder, which the next conversion
+of that name removes.
 """
 
 from __future__ import annotations

@@ -152,6 +152,28 @@ def logit_errors(engine, reference, prompt: list[int], steps: int = 16) -> list[
     return errors
 
 
+def cache_hit_errors(engine, shared: list[int], tails: tuple[list[int], list[int]], steps: int = 4) -> list[float]:
+    """Relative logit errors (as relative_error), after prefill and `steps` greedy decode steps, between a prompt whose
+    start the prefix cache holds (`shared` + tails[1], after `shared` + tails[0] ran) and the same prompt on a
+    cold engine (prefix caching off, the same graphs). Also checks that the cache was hit."""
+    from mstriton.engine.engine import Engine
+
+    cold = Engine(engine.graphs, max_slots=1, kv_cache_bytes=64 << 20, enable_prefix_caching=False)
+    warm = Engine(engine.graphs, max_slots=1, kv_cache_bytes=64 << 20)
+    (first,), _ = warm.prefill_prompts([shared + tails[0]])
+    warm.release(first)
+    hits = warm.blocks.stats.prefix_hits
+    (sequence,), warm_logits = warm.prefill_prompts([shared + tails[1]])
+    assert warm.blocks.stats.prefix_hits - hits >= len(shared) // warm.blocks.block_size * warm.blocks.block_size
+    (cold_sequence,), cold_logits = cold.prefill_prompts([shared + tails[1]])
+    errors = [relative_error(warm_logits, cold_logits)]
+    for _ in range(steps):
+        token = int(cold_logits[0].argmax())
+        warm_logits, cold_logits = warm.decode([token]), cold.decode([token])
+        errors.append(relative_error(warm_logits, cold_logits))
+    return errors
+
+
 @contextlib.contextmanager
 def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
                                  decode_parameters: dict[str, dict[str, str]] | None = None,

@@ -12,7 +12,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from conftest import copy_test_hf_tokenizer, engine_of, greedy_reference, logit_errors, save_random_hf_qwen2
+from conftest import cache_hit_errors, copy_test_hf_tokenizer, engine_of, greedy_reference, logit_errors, \
+    save_random_hf_qwen2
 
 # llama3 scaling with an original context of 64: with head_dim 16 and theta 10000 the wavelengths are 6.3, 20, 63,
 # 199, ... so one frequency pair is kept (< 64/4), two are blended (between 16 and 64) and five are divided by 4.
@@ -94,6 +95,13 @@ def test_mixed_length_batch_equals_single_runs(case):
         assert ours == greedy_reference(reference, prompt, n)[0]
     assert engine.blocks.num_used == 0 and not engine.running
     engine.blocks.check()
+
+
+def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_run(case):
+    engine, _ = case
+    shared = [1] + list(range(10, 50))  # 41 tokens: two full blocks of 16 come from the cache
+    errors = cache_hit_errors(engine, shared, ([5, 6, 7], [9, 22, 7, 3]))
+    assert max(errors) <= 1e-5, errors
 
 
 # ---- what the golden configs exercise (so that the tests above cannot pass vacuously) ---------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import engine_of, greedy_reference, logit_errors
+from conftest import cache_hit_errors, engine_of, greedy_reference, logit_errors
 from mstriton.pretrained import smollm2_gguf
 
 CHUNK = 32  # the long prompt below (79 tokens) prefills in three chunks
@@ -69,3 +69,12 @@ def test_the_model_answers_the_question(models):
     engine, _, tokenizer = models
     (ours,) = greedy_generate(engine, [prompts(tokenizer)["chat question"]], 12)
     assert tokenizer.decode(ours, skip_special_tokens=True).startswith("The capital of France is Paris.")
+
+
+def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_run(models):
+    """Two chat turns sharing a system prompt: the second's cached blocks give the logits of a cold run."""
+    engine, _, tokenizer = models
+    system = tokenizer(LONG_TEXT, add_special_tokens=False)["input_ids"]
+    tails = tuple(tokenizer(q, add_special_tokens=False)["input_ids"] for q in (" What is Triton?", " And MindIR?"))
+    errors = cache_hit_errors(engine, system, tails)
+    assert max(errors) <= 1e-5, errors

@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 
 from mstriton.bench import scenarios as sc  # noqa: E402
 from mstriton.bench.report import machine_description, write_atomically  # noqa: E402
+from mstriton.bench.timing import run_clients  # noqa: E402
 
 SCENARIOS = ("shared-prefix", "multi-turn", "long-prompts", "capacity")
 # the decode model's gauges (mstriton/serving/metrics.py, DecodeMetrics)
@@ -190,13 +191,7 @@ def closed_loop(url: str, model: str, prompts: list[str], max_tokens: int, concu
         finally:
             stream.close()
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(min(concurrency, len(prompts)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
+    run_clients(client, min(concurrency, len(prompts)), errors)
     return results  # type: ignore[return-value]
 
 

@@ -83,14 +83,19 @@ def closed_loop(prompts: list, concurrency: int, send) -> list[RequestTiming]:
             with lock:
                 timings.append(timing)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    run_clients(client, concurrency, errors)
+    return timings
+
+
+def run_clients(client, count: int, errors: list[BaseException]) -> None:
+    """`count` threads each running `client`, waited for; then the first error the clients put in `errors`."""
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if errors:
         raise errors[0]
-    return timings
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:
