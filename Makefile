@@ -7,6 +7,7 @@
 #                       metrics 8002) and the HTTP frontend (OpenAI, MindSpore Serving, TGI APIs on 9000)
 #   make bench          serving benchmark on SmolLM2 by weight format: tritonserver vs llama.cpp on the same weights
 #                       and transformers (BENCH_ARGS narrows it), then bench-frontend
+#   make bench-kv-cache the paged KV cache's scenarios on SmolLM2 (shared prefix, multi-turn, long prompts, capacity)
 #   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
 #                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
 #   make bench-engine   the engine alone on SmolLM2 by weight format, against the measured floors and transformers
@@ -22,7 +23,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test demo smollm2 run bench bench-frontend bench-engine clean docker-lint docker-test
+.PHONY: all install test demo smollm2 run bench bench-kv-cache bench-frontend bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -77,7 +78,21 @@ BENCH_FRONTEND_ARGS ?=
 
 bench: install
 	$(PY) tools/bench_serving.py $(BENCH_ARGS)
+	$(MAKE) bench-kv-cache
 	$(PY) tools/bench_frontend.py $(BENCH_FRONTEND_ARGS)
+
+# The paged KV cache's scenarios (shared prefix, multi-turn, long prompts beside streams, capacity) on SmolLM2 with
+# 64 decode slots and 2048 tokens per sequence, its pool the memory 16 slots of 2048 tokens took in the slot pool.
+KV_BENCH_REPO := build/bench/repo_kv
+bench-kv-cache: install
+	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
+	if [ ! -f $(KV_BENCH_REPO)/smollm2_decode/1/engine/manifest.json ] || \
+	   [ mstriton/repository.py -nt $(KV_BENCH_REPO)/smollm2_decode/1/engine/manifest.json ]; then \
+		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository $(KV_BENCH_REPO) \
+			--weights Q4_1 --max-batch-size 64 --max-seq-len 2048; \
+	fi
+	$(PY) tools/bench_kv_cache.py --repository $(KV_BENCH_REPO) --model smollm2 --out benchmarks/kv_cache \
+		--decode-parameter kv_cache_bytes=1509949440
 
 bench-frontend: install
 	$(PY) tools/bench_frontend.py $(BENCH_FRONTEND_ARGS)

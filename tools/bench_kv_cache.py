@@ -789,6 +789,23 @@ def repository_settings(repository: Path, model: str) -> str:
             f"{(manifest.get('prefill_chunk') or {}).get('length', 'none')}")
 
 
+def set_decode_parameters(repository: Path, model: str, settings: list[str]) -> None:
+    """KEY=VALUE settings into the decode model's config.pbtxt, as a user would edit them."""
+    from mstriton.repository import read_config, write_config
+
+    if not settings:
+        return
+    folder = repository / f"{model}_decode"
+    config = read_config(folder)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or key not in config.parameters:
+            raise SystemExit(f"--decode-parameter {setting!r}: KEY=VALUE with KEY one of {sorted(config.parameters)}")
+        config.parameters[key].string_value = value
+        say(f"{folder.name}/config.pbtxt: {key} = {value}")
+    write_config(folder, config)
+
+
 def start_server(repository: Path, log: Path, pythonpath: Path | None):
     from mstriton.server_process import TritonServer
 
@@ -822,6 +839,9 @@ def parse_args(argv=None):
                    help="a folder holding an mstriton package for the server's model processes to import")
     p.add_argument("--log", type=Path, help="tritonserver's log (default: build/bench/tritonserver_kv_cache.log)")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    p.add_argument("--decode-parameter", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a parameter of MODEL_decode/config.pbtxt before the server starts (repeatable), "
+                        "e.g. kv_cache_bytes=1509949440")
     p.add_argument("--min-available-gib", type=float, default=2.0,
                    help="stop the server when the machine's available memory falls below this (default %(default)s)")
     g = p.add_argument_group("shared-prefix")
@@ -896,6 +916,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--server-pythonpath: {pythonpath} holds no mstriton package")
     from mstriton.tokenizer import load_tokenizer
 
+    set_decode_parameters(repository, args.model, args.decode_parameter)
     tokenizer = load_tokenizer(repository / f"{args.model}_tokenizer" / "1")
     stem = args.out if args.out.is_absolute() else Path.cwd() / args.out
     results = {"scenarios": {}}
