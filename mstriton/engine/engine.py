@@ -31,7 +31,6 @@ class Sequence:
     tokens: list[int]
     blocks: list[int]
     computed: int
-    prompt_len: int
     keys: list[BlockKey] = dataclasses.field(default_factory=list)  # chained keys of its full blocks so far
     registered: int = 0  # full blocks entered in the prefix cache
     slot: int = -1       # its row in the decode batch (index in Engine.running); -1 while not decoding
@@ -140,7 +139,7 @@ class Engine:
         blocks = found + manager.allocate(need)
         manager.stats.prefix_queries += len(tokens)
         manager.stats.prefix_hits += len(found) * bs
-        return Sequence(tokens=tokens, blocks=blocks, computed=len(found) * bs, prompt_len=len(tokens),
+        return Sequence(tokens=tokens, blocks=blocks, computed=len(found) * bs,
                         keys=keys, registered=len(found))
 
     def _register_full_blocks(self, sequence: Sequence) -> None:
@@ -259,9 +258,6 @@ class Engine:
             if sequence.computed % self.blocks.block_size == 0:
                 self._register_full_blocks(sequence)
         return logits[:n]
-
-    def length(self, sequence: Sequence) -> int:
-        return sequence.computed
 
     def release(self, sequence: Sequence) -> None:
         """Give the sequence's blocks back; if it was decoding, the last running sequence moves into its slot."""
