@@ -64,11 +64,13 @@ smollm2: install
 	else echo "make smollm2: model_repository/smollm2 is up to date"; fi
 
 # The two models are built side by side: exporting graphs keeps one core busy, and so the demo's training and
-# SmolLM2's conversion share the two.
+# SmolLM2's conversion share the two. tritonserver's admin APIs are closed behind the key in $MSTRITON_ADMIN_KEY,
+# or one printed at start; SERVE_ARGS are mstriton.serve's or tritonserver's options, e.g. "--open-api all".
+SERVE_ARGS ?=
 run: install
 	$(MAKE) -j2 --output-sync=line demo smollm2
 	$(PY) -m mstriton.serve --model-repository model_repository --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT) --frontend-port $(FRONTEND_PORT)
+		--metrics-port $(METRICS_PORT) --frontend-port $(FRONTEND_PORT) $(SERVE_ARGS)
 
 # SmolLM2 by weight format against llama.cpp on the same weights and transformers (several hours for every
 # system, shape and concurrency; narrow it, e.g. BENCH_ARGS="--models smollm2 --systems ours-q4_1,llamacpp-q4_1").

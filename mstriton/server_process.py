@@ -13,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from .serve import ADMIN_KEY_VARIABLE, restricted_api_args
+
 
 SHM, SHM_PATTERN = Path("/dev/shm"), "triton_python_backend_shm_region_*"
 
@@ -64,18 +66,22 @@ def wait_until_healthy(process: subprocess.Popen, url: str, name: str, log_tail,
 
 
 class TritonServer:
-    def __init__(self, repository: Path, log: Path):
+    """`admin_key`: close the admin APIs behind it, as `make run` does (mstriton.serve); by default every API is
+    open, as plain `tritonserver` leaves them."""
+
+    def __init__(self, repository: Path, log: Path, admin_key: str | None = None):
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         binary = Path(sys.prefix) / "bin" / "tritonserver"
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make install`")
         self.log = log
+        self.admin_key = admin_key
         self.shm_before = set(SHM.glob(SHM_PATTERN))
         self.process = subprocess.Popen(
             [str(binary), "--model-repository", str(repository), "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
              # tritonserver's default, above the decode model's default shutdown_grace_seconds (20)
-             "--exit-timeout-secs", "30"],
+             "--exit-timeout-secs", "30", *(restricted_api_args(admin_key) if admin_key else [])],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True, env=python_environment())
 
     @property
@@ -125,10 +131,10 @@ class TritonServer:
 
 
 @contextlib.contextmanager
-def running_server(repository: Path, log: Path):
+def running_server(repository: Path, log: Path, admin_key: str | None = None):
     """A ready TritonServer, stopped at the end with SIGTERM; fails if it did not exit with 0 then (unless a
     test stopped it itself and set `stopped_by_test`). The log's tail is printed for the test report."""
-    server = TritonServer(repository, log)
+    server = TritonServer(repository, log, admin_key)
     try:
         server.wait_ready()
         yield server
@@ -151,7 +157,8 @@ def metric_value(text: str, name: str, **labels) -> float:
 
 
 class FrontendServer:
-    """The HTTP frontend (`python -m mstriton.frontend`) in front of a TritonServer, on a free port."""
+    """The HTTP frontend (`python -m mstriton.frontend`) in front of a TritonServer, on a free port, given the
+    server's admin key when it has one (as mstriton.serve gives it: in the environment)."""
 
     def __init__(self, triton: TritonServer, log: Path, api_key: str | None = None):
         self.port = free_port()
@@ -161,8 +168,11 @@ class FrontendServer:
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         if api_key:
             command += ["--api-key", api_key]
+        environment = python_environment()
+        if triton.admin_key:
+            environment[ADMIN_KEY_VARIABLE] = triton.admin_key
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True, env=python_environment())
+                                        start_new_session=True, env=environment)
 
     @property
     def url(self) -> str:

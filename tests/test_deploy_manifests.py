@@ -1,6 +1,7 @@
 """The deployment files (docker/) without building or deploying anything: hadolint on both Dockerfiles, the
 KServe manifests' structure, and that the Dockerfiles, the manifests, the image test and the client examples
-agree on ports, image name, model names, protocol and user. `make docker-test` is what builds and serves."""
+agree on ports, image name, model names, protocol, user and the closed admin APIs; and the image test's Debian
+mirror lookup and error reports, run alone. `make docker-test` is what builds and serves."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from mstriton import serve
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -116,8 +119,19 @@ def test_serving_stage_user_ports_healthcheck_and_command(dockerfile):
     assert exposed == set(PORTS.values()), f"{path.name}: EXPOSE {sorted(exposed)}"
     health = [rest for k, rest in stage if k == "HEALTHCHECK"]
     assert health and f"127.0.0.1:{PORTS['http']}/v2/health/ready" in health[-1]
-    cmd = cmd_of(steps)
-    assert cmd[0] == "tritonserver" and option(cmd, "--model-repository"), f"{path.name}: CMD {cmd}"
+    check_serve_command(cmd_of(steps), f"{path.name}: CMD")
+
+
+def check_serve_command(argv: list[str], where: str):
+    """The images' and the runtime's command: mstriton.serve's console script running tritonserver alone with the
+    admin APIs closed (no --open-api), every option its own; its parsed options."""
+    assert argv[0] == "mstriton-serve", f"{where} {argv}"
+    scripts = re.search(r"\[project\.scripts\]\n(.*?)\n\n", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
+    assert 'mstriton-serve = "mstriton.serve:main"' in scripts
+    args, passthrough = serve.parse_args(argv[1:])
+    assert args.no_frontend and not args.open_api and not passthrough, f"{where} {argv}"
+    assert option(argv, "--model-repository") == args.model_repository
+    return args
 
 
 def test_demo_model_device_target(dockerfile):
@@ -237,11 +251,16 @@ def test_serving_runtime(kserve):
 
     # the command: the image's CMD program and model repository, with the image's ports
     args = container["args"]
+    parsed = check_serve_command(args, "ServingRuntime args")
     cmd = cmd_of(instructions(DOCKERFILES["cpu"]))
-    assert args[0] == cmd[0] == "tritonserver"
-    assert option(args, "--model-repository") == option(cmd, "--model-repository")
+    assert args[0] == cmd[0]
+    assert parsed.model_repository == option(cmd, "--model-repository")
     for kind, port in PORTS.items():
-        assert option(args, f"--{kind}-port") == str(port), f"--{kind}-port must be {port}"
+        assert getattr(parsed, f"{kind}_port") == port, f"--{kind}-port must be {port}"
+    # the admin key from a Secret the cluster may hold; without it the server makes one and logs it
+    [key] = [e for e in container["env"] if e["name"] == serve.ADMIN_KEY_VARIABLE]
+    secret = key["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and secret["key"] and secret["optional"] is True
     assert [p["containerPort"] for p in container["ports"]] == [PORTS["http"]]
     assert container["ports"][0]["name"] == "http1", "Knative's name for an HTTP/1 port"
     assert spec["annotations"]["prometheus.kserve.io/port"] == str(PORTS["metrics"])
@@ -300,9 +319,109 @@ def test_clients_call_the_models_the_image_serves():
 
 def test_docker_readme_commands_match():
     readme = (DOCKER / "README.md").read_text()
+    runtime = (KSERVE / "servingruntime.yaml").read_text()
+    secret = re.search(r"secretKeyRef:\s+name: (\S+)\s+key: (\S+)", runtime)
     for needed in ("make docker-test", "make docker-lint", "docker/Dockerfile.ascend", "--device=/dev/davinci0",
                    "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc", "/usr/local/Ascend/driver",
-                   "--shm-size", "kubectl apply -f docker/kserve/"):
+                   "--shm-size", "kubectl apply -f docker/kserve/", serve.ADMIN_KEY_VARIABLE, serve.ADMIN_HEADER,
+                   serve.GRPC_ADMIN_HEADER, "--open-api", f"create secret generic {secret.group(1)}",
+                   f"--from-literal={secret.group(2)}="):
         assert needed in readme, f"docker/README.md does not mention {needed}"
     for port in PORTS.values():
         assert f"{port}:{port}" in readme, f"docker/README.md: no -p {port}:{port}"
+
+
+def test_image_test_closes_the_admin_apis_with_a_key_of_its_own():
+    test_script = (ROOT / "tools" / "docker_test.sh").read_text()
+    assert f'"{serve.ADMIN_KEY_VARIABLE}=$ADMIN_KEY"' in test_script
+    assert f'http_status POST "$index" {serve.ADMIN_HEADER} "$ADMIN_KEY"' in test_script
+
+
+# --------------------------------------------------------------------------------------------------------
+# tools/docker_test.sh's parts, sourced alone (the script stops after its functions when sourced)
+
+DOCKER_TEST = ROOT / "tools" / "docker_test.sh"
+DEBIAN_12_SOURCES = """Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+DEBIAN_13_SOURCES = """Types: deb
+URIs: https://mirror.example.org/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb deb-src
+URIs: https://mirror.example.org/debian
+Suites: trixie
+ trixie-updates
+Components: main non-free-firmware
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+DEBIAN_12_LIST = """# deb cdrom:[Debian GNU/Linux 12]/ bookworm main
+deb http://security.debian.org/debian-security bookworm-security main
+deb [arch=amd64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://ftp.de.debian.org/debian bookworm main contrib
+deb http://ftp.de.debian.org/debian bookworm-updates main
+"""
+DEBIAN_13_LIST = "deb http://ftp.fr.debian.org/debian/ trixie main\ndeb http://security.debian.org/ trixie-security main\n"
+
+
+def bash(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f'source "{DOCKER_TEST}"; {script}', "bash", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def apt_dir(root: Path, files: dict[str, str]) -> Path:
+    (root / "sources.list.d").mkdir(parents=True)
+    for name, text in files.items():
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize("files,mirror", [
+    # Debian 12 and 13 hosts made from recent images: deb822 only, no /etc/apt/sources.list (the case that stopped
+    # the script at once, without a word)
+    ({"sources.list.d/debian.sources": DEBIAN_12_SOURCES}, "http://deb.debian.org/debian"),
+    ({"sources.list.d/debian.sources": DEBIAN_13_SOURCES}, "https://mirror.example.org/debian"),
+    # the classic one-line format, with options in brackets; the security archive first is skipped
+    ({"sources.list": DEBIAN_12_LIST}, "http://ftp.de.debian.org/debian"),
+    ({"sources.list": DEBIAN_13_LIST}, "http://ftp.fr.debian.org/debian/"),
+    # a bookworm entry is preferred to an earlier other suite; third-party (no component main), disabled and
+    # renamed-away files do not count
+    ({"sources.list.d/a-docker.list": "deb [arch=amd64] https://download.docker.com/linux/debian bookworm stable\n",
+      "sources.list.d/b-off.sources": "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: bookworm\n"
+                                      "Components: main\n",
+      "sources.list.d/c.sources": "types: deb\nuris: http://trixie.example/debian\nsuites: trixie\ncomponents: main\n",
+      "sources.list.d/d.list": "deb [ arch=amd64 ] http://bookworm.example/debian bookworm-updates main\n",
+      "sources.list.d/e.list.disabled": "deb http://disabled.example/debian bookworm main\n"},
+     "http://bookworm.example/debian"),
+    ({"sources.list.d/only-security.sources": DEBIAN_12_SOURCES.split("\n\n")[1]}, ""),
+    ({}, ""),
+])
+def test_debian_mirror_from_either_apt_sources_format(tmp_path, files, mirror):
+    result = bash('out="$(debian_mirror "$1")"; echo "mirror=$out"', str(apt_dir(tmp_path / "apt", files)))
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"mirror={mirror}\n", "")
+
+
+def test_debian_mirror_without_any_apt_directory(tmp_path):
+    result = bash('out="$(debian_mirror "$1")"; echo "mirror=$out"', str(tmp_path / "missing"))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "mirror=\n", "")
+
+
+def test_a_failing_command_says_which_where_and_why(tmp_path):
+    result = bash('step() { ls "$1"/none >/dev/null 2>&1; }\nx="$(true)"\nstep "$1"\necho not reached', str(tmp_path))
+    assert result.returncode == 2 and "not reached" not in result.stdout
+    assert 'docker_test.sh: FAILED: `ls "$1"/none > /dev/null 2>&1` exited with status 2' in result.stderr
+    assert "line 1, in step)" in result.stderr
+    # a failure inside a command substitution is reported once, by the command that holds it
+    result = bash('x="$(false | cat)"\necho not reached')
+    assert result.returncode == 1 and result.stderr.count("FAILED") == 1 and "x=\"$(false | cat)\"" in result.stderr

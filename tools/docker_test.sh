@@ -15,11 +15,80 @@
 #     --keep-image   (default) / --remove-image: remove the built image at the end
 #
 # Environment: IMAGE (default localhost/mstriton:cpu), BASE_IMAGE (default localhost/debian:bookworm-minbase,
-# made with debootstrap when absent), DEBIAN_MIRROR (default: the bookworm mirror of this host's apt sources),
+# made with debootstrap when absent), DEBIAN_MIRROR (default: the Debian mirror of this host's apt sources, in
+# either format: sources.list / *.list lines or deb822 *.sources stanzas; else deb.debian.org),
 # PIP_CA (CA bundle handed to the build as the secret pip-ca; default /etc/ssl/certs/ca-certificates.crt,
 # for hosts behind a TLS-intercepting proxy), HTTP_PORT/GRPC_PORT/METRICS_PORT (default 18000/18001/18002),
 # READY_TIMEOUT (seconds, default 600), VENV (the host environment the clients run from, default .venv).
-set -euo pipefail
+set -Eeuo pipefail
+
+# set -e alone stops at a failing command without a word: say which command, where, and with what status.
+# Only the main shell speaks (a failure inside $(...) or a pipeline is reported by the command that holds it).
+on_error() {
+  local status=$1 line=$2
+  [ "$BASH_SUBSHELL" = 0 ] || return 0
+  printf '\ndocker_test.sh: FAILED: `%s` exited with status %d (%s line %d%s)\n' "$BASH_COMMAND" "$status" \
+    "$(basename "${BASH_SOURCE[1]:-$0}")" "$line" "${FUNCNAME[1]:+, in ${FUNCNAME[1]}}" >&2
+}
+trap 'on_error $? $LINENO' ERR
+
+# The first Debian archive in the apt sources under APT_DIR (default /etc/apt), for debootstrap: a `deb` entry
+# with the component main that is not the security archive, one that lists bookworm first, else any (a Debian
+# 13 host's mirror serves bookworm too). Reads both formats apt reads: one-line entries (sources.list,
+# sources.list.d/*.list) and deb822 stanzas (sources.list.d/*.sources, all a Debian 12/13 host made from a
+# recent image has). Prints nothing when there is none; never fails (a missing file is no error).
+debian_mirror() {
+  local apt_dir="${1:-/etc/apt}" file files=()
+  [ -r "$apt_dir/sources.list" ] && files+=("$apt_dir/sources.list")
+  for file in "$apt_dir"/sources.list.d/*; do  # in name order, as apt reads them
+    case "$file" in *.list | *.sources) [ -r "$file" ] && files+=("$file") ;; esac
+  done
+  [ ${#files[@]} -gt 0 ] || return 0
+  awk '
+    function consider(uri, suites, components,   n, i, suite, archive, bookworm) {
+      if (uri !~ /^(https?|ftp|file):/ || (" " components " ") !~ /[ \t]main[ \t]/) return
+      n = split(suites, suite)
+      for (i = 1; i <= n; i++) {
+        if (suite[i] ~ /-security$/) continue
+        archive = 1
+        if (suite[i] ~ /^bookworm(-updates|-backports)?$/) bookworm = 1
+      }
+      if (!archive) return
+      if (first == "") first = uri
+      if (bookworm && preferred == "") preferred = uri
+    }
+    function end_stanza(   uri) {  # deb822: what the stanza read so far declares
+      split(fields["uris"], uri)
+      if (fields["enabled"] !~ /^[ \t]*no[ \t]*$/ && (" " fields["types"] " ") ~ /[ \t]deb[ \t]/)
+        consider(uri[1], fields["suites"], fields["components"])
+      split("", fields); field = ""
+    }
+    FNR == 1 { end_stanza(); deb822 = FILENAME ~ /\.sources$/ }
+    deb822 && /^#/ { next }
+    deb822 && /^[ \t]*$/ { end_stanza(); next }
+    deb822 && /^[ \t]/ { if (field != "") fields[field] = fields[field] " " $0; next }  # a continued value
+    deb822 && index($0, ":") {
+      field = tolower(substr($0, 1, index($0, ":") - 1))
+      fields[field] = substr($0, index($0, ":") + 1)
+      next
+    }
+    !deb822 {
+      sub(/#.*/, "")
+      if ($1 != "deb") next
+      i = 2
+      if ($2 ~ /^\[/) { while (i < NF && $i !~ /\]$/) i++; i++ }  # [ options ]
+      components = ""
+      for (j = i + 2; j <= NF; j++) components = components " " $j
+      consider($i, $(i + 1), components)
+    }
+    END {
+      end_stanza()
+      if (preferred != "") print preferred; else if (first != "") print first
+    }' "${files[@]}"
+}
+
+# Sourced (by tests/test_deploy_manifests.py): the functions above only.
+if [[ "${BASH_SOURCE[0]}" != "$0" ]]; then return 0; fi
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -94,16 +163,21 @@ chrooted_pids() {
 }
 kill_chrooted() { local pids; mapfile -t pids < <(chrooted_pids); [ ${#pids[@]} = 0 ] || kill "-$1" "${pids[@]}" 2>/dev/null || true; }
 
-http_get() {  # URL -> exit status 0 when it answers 200
-  "$PY" - "$1" <<'PY'
-import sys, urllib.request
+http_status() {  # METHOD URL [HEADER VALUE] -> prints the HTTP status (000: no answer)
+  "$PY" - "$@" <<'PY'
+import sys, urllib.error, urllib.request
+method, url, header = sys.argv[1], sys.argv[2], sys.argv[3:5]
+request = urllib.request.Request(url, method=method, headers=dict([header]) if header else {})
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=3) as r:
-        sys.exit(0 if r.status == 200 else 1)
+    with urllib.request.urlopen(request, timeout=3) as r:
+        print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
 except Exception:
-    sys.exit(1)
+    print("000")
 PY
 }
+http_get() { [ "$(http_status GET "$1")" = 200 ]; }  # URL -> exit status 0 when it answers 200
 port_free() {
   "$PY" - "$1" <<'PY'
 import socket, sys
@@ -139,17 +213,13 @@ step "base image $BASE_IMAGE"
 if podman image exists "$BASE_IMAGE"; then
   say "present (remove it with 'podman rmi $BASE_IMAGE' to make it again)"
 else
-  mirror="${DEBIAN_MIRROR:-}"
-  if [ -z "$mirror" ]; then  # the first bookworm (non-security) mirror of this host's apt sources
-    mirror="$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
-              | awk '$1 == "deb" && $3 == "bookworm" {print $2; exit}')"
+  if [ -n "${DEBIAN_MIRROR:-}" ]; then
+    mirror="$DEBIAN_MIRROR"; mirror_from="DEBIAN_MIRROR"
+  else
+    mirror="$(debian_mirror)"; mirror_from="this host's apt sources"
   fi
-  if [ -z "$mirror" ]; then
-    mirror="$(awk 'tolower($1) == "uris:" {uri = $2} tolower($1) == "suites:" && / bookworm( |$)/ && uri != "" {print uri; exit}' \
-              /etc/apt/sources.list.d/*.sources 2>/dev/null || true)"
-  fi
-  mirror="${mirror:-http://deb.debian.org/debian}"
-  say "debootstrap --variant=minbase bookworm from $mirror (a few minutes)"
+  [ -n "$mirror" ] || { mirror="http://deb.debian.org/debian"; mirror_from="none in this host's apt sources"; }
+  say "debootstrap --variant=minbase bookworm from $mirror ($mirror_from; a few minutes)"
   t0=$SECONDS
   debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" > "$WORK/debootstrap.log" 2>&1 \
     || { tail -n 20 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
@@ -188,7 +258,7 @@ say "built in ${BUILD_SECONDS}s; image size $IMAGE_SIZE"
 # ---------------------------------------------------------------------------------------------------------
 step "the image's configuration"
 podman image inspect "$IMAGE" > "$WORK/inspect.json"
-eval "$("$PY" - "$WORK/inspect.json" <<'PY'
+image_config="$("$PY" - "$WORK/inspect.json" <<'PY'
 import json, shlex, sys
 image = json.load(open(sys.argv[1]))[0]
 c = dict(image["Config"], Healthcheck=image.get("Healthcheck") or image["Config"].get("Healthcheck"))
@@ -200,7 +270,8 @@ print("IMG_ENV=(" + " ".join(shlex.quote(e) for e in c.get("Env") or []) + ")")
 print("IMG_PORTS=" + shlex.quote(" ".join(sorted(c.get("ExposedPorts") or {}))))
 print("IMG_HEALTH=" + shlex.quote(" ".join((c.get("Healthcheck") or {}).get("Test") or [])))
 PY
-)"
+)" || die "could not read the image's configuration from podman image inspect ($WORK/inspect.json)"
+eval "$image_config"
 say "user $IMG_USER, working directory $IMG_WORKDIR, exposes $IMG_PORTS"
 say "command: ${IMG_CMD[*]}"
 say "health check: $IMG_HEALTH"
@@ -230,7 +301,10 @@ say "running as uid $uid gid $gid (home ${home:-none})"
 
 # ---------------------------------------------------------------------------------------------------------
 step "starting the image's command in it (chroot), HTTP $HTTP_PORT, gRPC $GRPC_PORT, metrics $METRICS_PORT"
-env_args=("${IMG_ENV[@]}")
+# The admin key, as a deployment gives it (MSTRITON_ADMIN_KEY): the image's command closes tritonserver's admin
+# APIs behind it, which the step after readiness checks.
+ADMIN_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+env_args=("${IMG_ENV[@]}" "MSTRITON_ADMIN_KEY=$ADMIN_KEY")
 [ -n "$home" ] && env_args=("HOME=$home" "${env_args[@]}")
 t0=$SECONDS
 chroot --userspec="$uid:$gid" "$MNT" /usr/bin/env -i -C "$IMG_WORKDIR" "${env_args[@]}" "${IMG_CMD[@]}" \
@@ -240,7 +314,7 @@ SERVER_PID=$!
 say "server pid $SERVER_PID; waiting for /v2/health/ready (log: $LOGS/server.log)"
 while ! http_get "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; do
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
-    grep -E '^E[0-9]|rror' "$LOGS/server.log" | cut -c1-400 | head -n 20 >&2
+    grep -E '^E[0-9]|rror' "$LOGS/server.log" | cut -c1-400 | head -n 20 >&2 || true  # no such line: die says why
     die "the server exited before it was ready (whole log: $LOGS/server.log)"
   fi
   if [ $((SECONDS - t0)) -gt "$READY_TIMEOUT" ]; then
@@ -258,6 +332,16 @@ for pid in $(chrooted_pids); do
   rss_kb=$((rss_kb + ${kb:-0})); nproc_chroot=$((nproc_chroot + 1))
 done
 say "memory: $((rss_kb / 1024)) MiB resident in $nproc_chroot processes; /dev/shm used: $(df -h --output=used "$MNT/dev/shm" | tail -n1 | tr -d ' ')"
+
+# ---------------------------------------------------------------------------------------------------------
+step "admin APIs closed behind the key (header admin-key)"
+index="http://127.0.0.1:$HTTP_PORT/v2/repository/index"
+without="$(http_status POST "$index")"
+with="$(http_status POST "$index" admin-key "$ADMIN_KEY")"
+say "POST /v2/repository/index: $without without the key, $with with it"
+[ "$without" = 403 ] || die "the repository index answered $without without the admin key (403 expected)"
+[ "$with" = 200 ] || die "the repository index answered $with with the admin key (200 expected)"
+! grep -qF -- "$ADMIN_KEY" "$LOGS/server.log" || die "the server log shows the admin key it was given"
 
 # ---------------------------------------------------------------------------------------------------------
 step "gRPC token stream from outside: client_examples/grpc_stream.py"

@@ -8,6 +8,7 @@ import os
 
 import uvicorn
 
+from ..serve import ADMIN_KEY_VARIABLE
 from .app import create_app
 from .triton import Triton
 
@@ -26,12 +27,16 @@ def main(argv=None) -> None:
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_VARIABLE),
                         help=f"require 'Authorization: Bearer KEY' on every route but /health and /metrics "
                              f"(default: ${API_KEY_VARIABLE}; none: open)")
+    parser.add_argument("--triton-admin-key", default=os.environ.get(ADMIN_KEY_VARIABLE),
+                        help=f"the key of tritonserver's admin APIs, which the frontend reads the models from "
+                             f"(default: ${ADMIN_KEY_VARIABLE}, as `python -m mstriton.serve` sets it)")
     parser.add_argument("--default-model", default=None,
                         help="the model TGI's routes serve (default: the first LLM the server serves)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
-    app = create_app(Triton(args.triton_grpc, args.triton_metrics), api_key=args.api_key or None,
+    app = create_app(Triton(args.triton_grpc, args.triton_metrics, args.triton_admin_key or None),
+                     api_key=args.api_key or None,
                      default_model=args.default_model)
     logging.getLogger("mstriton.frontend").info(
         "serving OpenAI /v1, MindSpore Serving /models and TGI /generate on %s:%d for tritonserver at %s%s",

@@ -20,6 +20,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
+from ..serve import grpc_admin_headers
 from .errors import ApiError, busy, from_triton
 
 # The front model's inputs -> their wire datatypes (a config's TYPE_STRING is BYTES on the wire)
@@ -39,8 +40,10 @@ class LlmInfo:
 
 
 class Triton:
-    def __init__(self, grpc_url: str, metrics_url: str | None = None):
+    def __init__(self, grpc_url: str, metrics_url: str | None = None, admin_key: str | None = None):
         self.grpc_url = grpc_url
+        # the repository index and model configs are admin APIs, closed behind this key (mstriton.serve)
+        self._admin_headers = grpc_admin_headers(admin_key) or None
         host = grpc_url.rsplit(":", 1)[0]
         self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
         self._client: grpcclient.InferenceServerClient | None = None
@@ -66,7 +69,7 @@ class Triton:
     async def llms(self) -> list[str]:
         """The LLMs the server serves now: front models whose pipeline and decode models are loaded."""
         try:
-            index = await self.client.get_model_repository_index(as_json=True)
+            index = await self.client.get_model_repository_index(headers=self._admin_headers, as_json=True)
         except InferenceServerException as exc:
             raise busy(f"tritonserver at {self.grpc_url} did not answer: {exc.message()}") from None
         ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
@@ -90,7 +93,7 @@ class Triton:
 
     async def _config(self, name: str) -> dict:
         try:
-            return (await self.client.get_model_config(name, as_json=True))["config"]
+            return (await self.client.get_model_config(name, headers=self._admin_headers, as_json=True))["config"]
         except InferenceServerException as exc:
             raise from_triton(exc.message() or str(exc)) from None
 
