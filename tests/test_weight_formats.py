@@ -121,3 +121,30 @@ def test_graphs_load_from_another_folder_with_the_library_elsewhere(case, tmp_pa
                    cwd=tmp_path, timeout=300)
     expected, _, _ = engine.graphs.prefill(np.array([[1, 5, 9, 22, 7]], np.int32), np.array([5], np.int32))
     np.testing.assert_allclose(np.load(out), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", MODELS)  # the fused decoder layer (no biases) and the separate operators
+def test_padding_rows_of_a_batch_bucket_are_skipped_and_change_nothing(model, hf_checkpoint_factory, tmp_path):
+    """Three sequences decode in the 4-row graph: the kernels skip its padding row (position -1), and each
+    sequence's logits equal those of its run alone, prefill and decode steps."""
+    from mstriton.convert import convert
+
+    folder = hf_checkpoint_factory(model, **CONFIGS[model])
+    convert(folder, "m", tmp_path, max_batch_size=4, max_seq_len=64, weights="Q4_1", progress=lambda _: None)
+    engine = engine_of(tmp_path, "m", enable_prefix_caching=False)
+    assert engine.padding_position == -1 and engine.graphs.batch_buckets[:3] == [1, 2, 4]
+    prompts = [[1, 5, 9, 22, 7], [1, 3, 4], [1, 8, 8, 8, 2, 11, 13, 17]]
+
+    def run(batch: list[list[int]], steps: int = 6) -> np.ndarray:
+        sequences, logits = engine.prefill_prompts(batch)
+        out = [logits]
+        for _ in range(steps):
+            logits = engine.decode(logits.argmax(-1).tolist())
+            out.append(logits)
+        for sequence in sequences:
+            engine.release(sequence)
+        return np.stack(out, 1)  # [sequences, steps + 1, vocab]
+
+    together = run(prompts)
+    alone = np.concatenate([run([p]) for p in prompts])
+    assert np.abs(together - alone).max() / np.abs(alone).max() < 1e-5

@@ -99,6 +99,9 @@ class Engine:
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, graphs.block_size,
                            graphs.np_dtype)
         self.batch_rows = smallest_fitting(graphs.batch_buckets, self.max_slots)
+        # Where the padding rows of a decode batch bucket write: the CPU kernels (packed weight formats) skip rows
+        # at position -1 altogether; MindSpore's ops (float32) compute them at position 0 of the scratch block.
+        self.padding_position = 0 if graphs.weights_format == "float32" else -1
         self.running: list[Sequence] = []  # the decode batch; index = slot
 
     @property
@@ -242,7 +245,7 @@ class Engine:
         for sequence in self.running:
             if not self.grow(sequence):
                 raise OutOfBlocks("no free KV block for a running sequence's next token (preempt first)")
-        positions = np.zeros(batch, np.int32)  # padding rows: position 0 of the scratch block
+        positions = np.full(batch, self.padding_position, np.int32)
         positions[:n] = [s.computed for s in self.running]
         seq = smallest_fitting(self.graphs.seq_buckets, int(positions[:n].max()) + 1)
         tables = np.full((batch, blocks_for(seq, self.blocks.block_size)), SCRATCH_BLOCK, np.int32)

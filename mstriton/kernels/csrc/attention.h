@@ -37,10 +37,9 @@ void decode_attention(const AttentionArgs &a) {
   const int64_t bs = a.block_size, capacity = a.blocks * bs;
   const float scale = 1.0f / std::sqrt(float(d));
   const int64_t tasks = a.batch * a.kv_heads;
-  parallel(a.threads, [&](int t, int nt) {
+  // (sequence, KV head) tasks in runs from a shared counter (pool.h: a descheduled thread delays one run only)
+  parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
     std::vector<float> q(groups * d), k(d), scores(groups * (capacity + 1)), acc(groups * d);
-    int64_t first, last;
-    share(tasks, t, nt, &first, &last);
     for (int64_t task = first; task < last; task++) {
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       const int64_t pos = std::max<int32_t>(a.positions[b], 0);

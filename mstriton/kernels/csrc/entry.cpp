@@ -201,6 +201,9 @@ LINEAR_OPS(Q8_0)
 LINEAR_OPS(Q4_0)
 LINEAR_OPS(Q4_1)
 
+// Rows of the batch the block index [L, B, blocks] at input `pool` + 2 was made for.
+static int64_t index_rows(int64_t **shapes, int pool) { return shapes[pool + 2][1]; }
+
 // The paged-cache arguments of decode attention from an operator's inputs: qkv at 0, positions at 1, cos, sin at
 // 2, 3, and from `pool` on: k_pool [R, Hkv, D, bs], v_pool [R, Hkv, bs, D], block_index [L, B, blocks] int32 and
 // layer [1] int32 (which layer's rows of the index this call reads). False if the shapes disagree.
@@ -226,6 +229,9 @@ static bool paged_attention_args(void **params, int64_t **shapes, const char **d
   a->table_len = shapes[2][0];
   a->out = out;
   a->threads = threads();
+  // The engine marks the padding rows of a batch bucket (after its sequences) with position -1: no work for
+  // them (17 sequences run in the 32-row graph; the 15 padding rows would nearly double a step's products).
+  while (a->batch > 0 && a->positions[a->batch - 1] < 0) a->batch--;
   return a->heads > 0 && a->heads % a->kv_heads == 0 && v[0] == k[0] && v[1] == k[1] && v[2] == k[3] &&
          v[3] == k[2] && shapes[2][1] == a->dim;
 }
@@ -239,7 +245,10 @@ extern "C" int MstDecodeAttention(AOT_ARGS) {
   if (!paged_attention_args(params, shapes, dtypes, 4, shapes[0][1] - 2 * kv * d, static_cast<float *>(params[8]), &a))
     return 2;
   a.qkv = static_cast<const float *>(params[0]);
-  if (a.batch != shapes[0][0]) return 2;
+  if (a.batch > shapes[0][0] || index_rows(shapes, 4) != shapes[0][0]) return 2;
+  float *out = static_cast<float *>(params[8]);
+  const int64_t row = shapes[0][1] - 2 * kv * d;
+  std::memset(out + a.batch * row, 0, (shapes[0][0] - a.batch) * row * sizeof(float));  // padding rows
   isa().decode_attention(a);
   return 0;
 }
@@ -266,20 +275,23 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
   float *qkv = static_cast<float *>(mst_scratch(2, b * std::max(width, 2 * ffn) * sizeof(float)));
   float *attention = static_cast<float *>(mst_scratch(3, b * heads * d * sizeof(float)));
   AttentionArgs a{};
-  if (!paged_attention_args(params, shapes, dtypes, 4, heads * d, attention, &a) || a.batch != b) return 2;
+  if (!paged_attention_args(params, shapes, dtypes, 4, heads * d, attention, &a) || index_rows(shapes, 4) != b)
+    return 2;
   a.qkv = qkv;
   const Isa &kernels = isa();
   const int t = threads();
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, b, e, static_cast<const float *>(params[8]), eps,
+  std::memset(out + a.batch * e, 0, (b - a.batch) * e * sizeof(float));  // padding rows: zeros, not computed
+  const int64_t rows = a.batch;
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, rows, e, static_cast<const float *>(params[8]), eps,
                             static_cast<const uint8_t *>(params[10]), width, nullptr, nullptr, qkv, t});
   kernels.decode_attention(a);
-  kernels.linear(LinearArgs{format, PRE_NONE, attention, b, heads * d, nullptr, 0.0f,
+  kernels.linear(LinearArgs{format, PRE_NONE, attention, rows, heads * d, nullptr, 0.0f,
                             static_cast<const uint8_t *>(params[11]), e, nullptr, x, out, t});
   float *gate_up = qkv;  // q/k/v are used up
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, b, e, static_cast<const float *>(params[12]), eps,
+  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, rows, e, static_cast<const float *>(params[12]), eps,
                             static_cast<const uint8_t *>(params[13]), 2 * ffn, nullptr, nullptr, gate_up, t});
   // the residual is the output itself: each element is read, then written, by one thread
-  kernels.linear(LinearArgs{format, PRE_SWIGLU, gate_up, b, ffn, nullptr, 0.0f,
+  kernels.linear(LinearArgs{format, PRE_SWIGLU, gate_up, rows, ffn, nullptr, 0.0f,
                             static_cast<const uint8_t *>(params[14]), e, nullptr, out, out, t});
   return 0;
 }

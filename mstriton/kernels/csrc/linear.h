@@ -12,7 +12,7 @@
 // - M > 32 (prefill): a GEMM. Each thread decodes a panel of 2W output channels into an [K, 2W] float32 buffer that
 //   stays in L2, then runs a register-blocked outer-product micro-kernel over all rows (MR rows x 2W channels of
 //   accumulators, one broadcast of x per FMA pair): compute-bound, the decode cost shared by all M rows.
-// Output channels are split between the pool's threads (pool.h) in contiguous ranges.
+// Output channels are handed to the pool's threads (pool.h) in runs of contiguous channels from a shared counter.
 #pragma once
 
 #include <algorithm>
@@ -94,13 +94,14 @@ static void gemv(const LinearArgs &a, const float *xp, int64_t kp) {
   constexpr int NC = 8 / MR;
   const int64_t rb = row_bytes(a.format, a.k);
   const int64_t groups = a.n / NC;
-  parallel(a.threads, [&](int t, int nt) {
-    int64_t g0, g1;
-    share(groups, t, nt, &g0, &g1);
-    for (int64_t g = g0; g < g1; g++) gemv_tile<D, MR, NC>(a, xp, kp, rb, g * NC);
-    // Channels left over by the grouping, one at a time, by the last thread.
-    if (t == nt - 1)
-      for (int64_t c = groups * NC; c < a.n; c++) gemv_tile<D, MR, 1>(a, xp, kp, rb, c);
+  // Runs of channel groups from a shared counter (pool.h); the channels left over by the grouping, one at a
+  // time, are the last items.
+  const int64_t extra = a.n - groups * NC;
+  parallel_runs(a.threads, groups + extra, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++) {
+      if (i < groups) gemv_tile<D, MR, NC>(a, xp, kp, rb, i * NC);
+      else gemv_tile<D, MR, 1>(a, xp, kp, rb, groups * NC + (i - groups));
+    }
   });
 }
 
@@ -157,13 +158,13 @@ static inline void decoded_group(const LinearArgs &a, const float *xp, int64_t k
 template <class D>
 static void gemv_decoded(const LinearArgs &a, const float *xp, int64_t kp) {
   const int64_t rb = row_bytes(a.format, a.k), groups = a.n / CT;
-  parallel(a.threads, [&](int t, int nt) {
+  const int64_t extra = a.n - groups * CT;  // channels left over by the grouping: the last items, one each
+  parallel_runs(a.threads, groups + extra, [&](int64_t i0, int64_t i1) {
     float *wbuf = static_cast<float *>(mst_scratch(1, CT * kp * sizeof(float)));
-    int64_t g0, g1;
-    share(groups, t, nt, &g0, &g1);
-    for (int64_t g = g0; g < g1; g++) decoded_group<D, CT>(a, xp, kp, rb, wbuf, g * CT);
-    if (t == nt - 1)
-      for (int64_t c = groups * CT; c < a.n; c++) decoded_group<D, 1>(a, xp, kp, rb, wbuf, c);
+    for (int64_t i = i0; i < i1; i++) {
+      if (i < groups) decoded_group<D, CT>(a, xp, kp, rb, wbuf, i * CT);
+      else decoded_group<D, 1>(a, xp, kp, rb, wbuf, groups * CT + (i - groups));
+    }
   });
 }
 
@@ -209,11 +210,9 @@ template <class D>
 static void gemm(const LinearArgs &a, const float *xp, int64_t kp) {
   const int64_t rb = row_bytes(a.format, a.k), nb = kp / QK;
   const int64_t panels = (a.n + NR - 1) / NR;
-  parallel(a.threads, [&](int t, int nt) {
+  parallel_runs(a.threads, panels, [&](int64_t p0, int64_t p1) {
     float *panel = static_cast<float *>(mst_scratch(1, kp * NR * sizeof(float)));
     alignas(64) float block[QK];
-    int64_t p0, p1;
-    share(panels, t, nt, &p0, &p1);
     for (int64_t p = p0; p < p1; p++) {
       const int64_t c0 = p * NR;
       for (int c = 0; c < NR; c++) {  // decode the panel's channels, transposed to [K, NR]

@@ -9,6 +9,8 @@
 // runs on its caller's thread alone.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 // Run fn(ctx, t, n) for t in [0, n) on n threads (the caller is thread 0); n is capped at the pool's size.
@@ -27,4 +29,22 @@ static inline void parallel(int threads, F &&f) {
 static inline void share(int64_t count, int t, int n, int64_t *begin, int64_t *end) {
   *begin = count * t / n;
   *end = count * (t + 1) / n;
+}
+
+// Items [0, count) run as f(begin, end) on up to `threads` threads, handed out from a shared counter in runs of
+// about count / (threads * RUNS_PER_THREAD) items. Why not fixed shares: on a machine whose few cores the
+// kernels share with other processes (tritonserver, the front model), one of the threads is often descheduled
+// for a while in the middle of a call. With fixed shares the whole call then waits for that thread's half;
+// here the others take the remaining runs, and the call waits at most for the one run in progress.
+constexpr int64_t RUNS_PER_THREAD = 4;
+
+template <class F>
+static inline void parallel_runs(int threads, int64_t count, F &&f) {
+  if (count <= 0) return;
+  const int64_t run = std::max<int64_t>(1, count / (std::max(threads, 1) * RUNS_PER_THREAD));
+  std::atomic<int64_t> next{0};
+  parallel(threads, [&](int, int) {
+    for (int64_t begin; (begin = next.fetch_add(run, std::memory_order_relaxed)) < count;)
+      f(begin, std::min(begin + run, count));
+  });
 }
