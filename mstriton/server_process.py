@@ -25,6 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What importing mindspore sets with C's setenv (see python_environment).
+MINDSPORE_C_VARIABLES = ("OMP_NUM_THREADS", "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION")
+
+
 def python_environment() -> dict[str, str]:
     """The environment for a child process, as Python sees it (os.environ). Importing mindspore sets
     OMP_NUM_THREADS=1 and PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python with C's setenv, which os.environ does

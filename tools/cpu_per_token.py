@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""CPU time per generated token in each process of the served path, at one concurrency: where a token's cost
-goes (tritonserver, the front model, decode, prefill, ...). Serves a converted repository, drives NAME with
-perf_analyzer --streaming for about 30 s, and divides each process's CPU time (/proc/PID/stat) by the tokens
-the server's own counter (mstriton_generation_tokens_total) says it generated.
+"""CPU time per generated token in each process of the served path, against the engine alone, at one
+concurrency: where a token's cost goes (tritonserver, the front model, the decode model, ...), and what the
+served path costs over the engine's own work.
 
-    python tools/cpu_per_token.py --repository build/bench/repo_demo --name demo --tokenizer \
-        build/demo_model/tokenizer.model [--concurrency 16]
+    python tools/cpu_per_token.py --repository build/bench/repo_smollm2_q4_1 --name smollm2 \
+        --tokenizer build/bench/repo_smollm2_q4_1/smollm2_tokenizer/1 [--concurrency 16] [--out STEM]
+
+Serves the converted repository, drives NAME with perf_analyzer --streaming for about 30 s, and divides each
+process's CPU time (/proc/PID/stat) by the tokens the server's own counter (mstriton_generation_tokens_total)
+says it generated. Then, with the server stopped, the engine alone (the same scheduler and graphs in one
+process, mstriton/bench/engine_alone.py) runs the same prompts at the same concurrency; its process's CPU time
+is divided by the tokens it generated. Prints a table and, with --out, saves it as STEM.md and STEM.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import re
@@ -22,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mstriton.bench.report import machine_description  # noqa: E402
 from mstriton.bench.triton_run import PERF_ANALYZER, input_data  # noqa: E402
 from mstriton.bench.workload import make_prompts  # noqa: E402
 from mstriton.server_process import metric_value, running_server  # noqa: E402
@@ -34,57 +41,124 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
+def parent_pid(proc: Path) -> int:
+    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def served_processes(server_pid: int) -> dict[str, int]:
-    """tritonserver and every Python-backend stub, by the model it runs."""
+    """tritonserver and every Python-backend stub it started (not another server's), by the model it runs."""
     found = {"tritonserver": server_pid}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = parent_pid(proc)
         except OSError:
             continue
-        if len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
+        if parent == server_pid and len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
             model = re.search(rb"/([^/]+)/\d+/model\.py", argv[1])
             if model:
                 found[model.group(1).decode()] = int(proc.name)
     return found
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, required=True)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--tokenizer", type=Path, required=True)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed response")
-    args = parser.parse_args(argv)
+def measure_served(args, prompts: list[str]) -> dict:
+    """CPU seconds per process and tokens generated while perf_analyzer streams at args.concurrency."""
     with running_server(args.repository, Path("/tmp") / f"cpu_per_token_{args.name}.log") as server:
         data = Path("/tmp") / f"cpu_per_token_{args.name}.json"
-        prompts = make_prompts(args.tokenizer, 4 * args.concurrency, args.prompt_tokens, seed=1)
         data.write_text(json.dumps(input_data(prompts, args.output_tokens, args.stream_interval)))
+        warm = data.with_suffix(".warm.json")  # compile the batch shapes before measuring
+        warm.write_text(json.dumps(input_data(prompts[:args.concurrency], 4)))
+        subprocess.run([str(PERF_ANALYZER), "-m", args.name, "-i", "grpc", "--streaming", "-u", server.grpc,
+                        "--input-data", str(warm), "--concurrency-range", str(args.concurrency),
+                        "--measurement-mode", "count_windows", "--measurement-request-count",
+                        str(args.concurrency), "--stability-percentage", "999", "--max-trials", "1"],
+                       capture_output=True)
         processes = served_processes(server.process.pid)
         before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         tokens_before = metric_value(server.metrics(), "mstriton_generation_tokens_total", model=args.name)
         started = time.monotonic()
-        # Two 15 s windows; on a shared CPU perf_analyzer may call them unstable, which does not matter here:
-        # the figures come from the server's token counter and /proc, not from perf_analyzer.
+        # Two windows; on a shared CPU perf_analyzer may call them unstable, which does not matter here: the
+        # figures come from the server's token counter and /proc, not from perf_analyzer.
         subprocess.run([str(PERF_ANALYZER), "-m", args.name, "-i", "grpc", "--streaming", "-u", server.grpc,
                         "--input-data", str(data), "--concurrency-range", str(args.concurrency),
-                        "--measurement-mode", "time_windows", "--measurement-interval", "15000",
+                        "--measurement-mode", "time_windows", "--measurement-interval", str(args.window_ms),
                         "--stability-percentage", "999", "--max-trials", "2"], capture_output=True)
         seconds = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in processes.items()}
         tokens = metric_value(server.metrics(), "mstriton_generation_tokens_total", model=args.name) - tokens_before
     if tokens <= 0:
         raise SystemExit("no tokens were generated; see the server log")
-    print(f"{tokens:.0f} tokens in {seconds:.0f} s ({tokens / seconds:.0f} tokens/s) at concurrency "
-          f"{args.concurrency}")
-    print("| process | CPU per token (us) |\n|---|---:|")
-    costs = {name: (after[name] - before[name]) / tokens * 1e6 for name in processes}
-    for name, cost in sorted(costs.items(), key=lambda item: -item[1]):
-        print(f"| {name} | {cost:.0f} |")
-    print(f"| total | {sum(costs.values()):.0f} |")
+    return {"tokens": tokens, "seconds": seconds,
+            "us_per_token": {name: (after[name] - before[name]) / tokens * 1e6 for name in processes}}
+
+
+def measure_engine_alone(args, prompt_ids: list[list[int]]) -> dict:
+    """The engine alone's CPU seconds per generated token on the same prompts, in a process of its own."""
+    from mstriton.bench.engine_alone import EngineAloneProcess
+
+    engine = EngineAloneProcess(args.repository, args.name, max_slots=args.concurrency)
+    try:
+        pid = next(iter(engine.pool._processes))  # the one worker process that holds the engine
+        engine.run(prompt_ids[:args.concurrency], 4, args.concurrency)  # compile the batch shapes
+        before, started = cpu_seconds(pid), time.monotonic()
+        timings = engine.run(prompt_ids, args.output_tokens, args.concurrency)
+        seconds, cpu = time.monotonic() - started, cpu_seconds(pid) - before
+    finally:
+        engine.close()
+    tokens = sum(len(t.token_times) for t in timings)
+    return {"tokens": tokens, "seconds": seconds, "us_per_token": cpu / tokens * 1e6}
+
+
+def report(args, served: dict, engine: dict) -> str:
+    costs = served["us_per_token"]
+    served_total = sum(costs.values())
+    served_rate, engine_rate = served["tokens"] / served["seconds"], engine["tokens"] / engine["seconds"]
+    lines = [f"# CPU per generated token, served path against the engine alone, {datetime.date.today()}", "",
+             f"`tools/cpu_per_token.py --name {args.name} --concurrency {args.concurrency} --prompt-tokens "
+             f"{args.prompt_tokens} --output-tokens {args.output_tokens} --stream-interval {args.stream_interval}` "
+             f"on {args.repository.name}. Machine: {machine_description()}. The served path streamed "
+             f"{served['tokens']:.0f} tokens in {served['seconds']:.0f} s (perf_analyzer --streaming, gRPC); "
+             f"then, with the server stopped, the engine alone {engine['tokens']} tokens in "
+             f"{engine['seconds']:.0f} s on the same prompts at the same concurrency.", "",
+             "| process | CPU per generated token (us) |", "|---|---:|"]
+    lines += [f"| {name} | {cost:.0f} |" for name, cost in sorted(costs.items(), key=lambda item: -item[1])]
+    lines += [f"| **served path, total** | **{served_total:.0f}** |",
+              f"| engine alone | {engine['us_per_token']:.0f} |",
+              f"| **served / engine alone, CPU per token** | **{served_total / engine['us_per_token']:.2f}** |",
+              f"| served tokens/s | {served_rate:.1f} |",
+              f"| engine alone tokens/s | {engine_rate:.1f} |",
+              f"| **serving efficiency (served / engine alone tokens/s)** | **{served_rate / engine_rate:.2f}** |"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer file or folder for the prompts")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed response")
+    parser.add_argument("--window-ms", type=int, default=15000, help="each of perf_analyzer's two windows")
+    parser.add_argument("--out", type=Path, help="save the table as OUT.md and the figures as OUT.json")
+    args = parser.parse_args(argv)
+    from mstriton.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    prompts = make_prompts(tokenizer, 4 * args.concurrency, args.prompt_tokens, seed=1)
+    print(f"serving {args.name} at concurrency {args.concurrency}", flush=True)
+    served = measure_served(args, prompts)
+    print(f"the engine alone at concurrency {args.concurrency}", flush=True)
+    engine = measure_engine_alone(args, [tokenizer.encode(p) for p in prompts])
+    table = report(args, served, engine)
+    print(table)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".md").write_text(table)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "served": served, "engine_alone": engine},
+            indent=1))
     return 0
 
 

@@ -5,6 +5,7 @@ the serving efficiency (what Triton, the ensemble, the tokenizer and front model
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -88,6 +89,22 @@ def _prefill_ms(prompt) -> float:
     return elapsed * 1e3
 
 
+def spawn_with_python_environment() -> None:
+    """Make the C-level environment, which a spawned child inherits, what Python's os.environ says for the
+    variables importing MindSpore sets with C's setenv (server_process.python_environment): the engine alone must
+    run as the decode model does under tritonserver. Spawned from a process that had imported MindSpore, it ran
+    MindSpore's own CPU operators (prefill attention, among others) on one thread (OMP_NUM_THREADS=1), which
+    made it slower than the served path at 16 streams."""
+    from ..server_process import MINDSPORE_C_VARIABLES, python_environment
+
+    wanted = python_environment()
+    for key in MINDSPORE_C_VARIABLES:
+        if key in wanted:
+            os.environ[key] = wanted[key]
+        else:
+            os.unsetenv(key)
+
+
 class EngineAloneProcess:
     """EngineAlone's run(), and the time of one prompt's prefill, served by a child process."""
 
@@ -95,6 +112,7 @@ class EngineAloneProcess:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        spawn_with_python_environment()
         self.pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_load, initargs=(Path(repository), name, max_slots))
         self.pool.submit(int).result()  # wait for the load; a failure to load raises here
