@@ -28,9 +28,7 @@ namespace MST_NS {
 
 // The rows of pre(x), each padded with zeros to whole blocks: xp[M, kp].
 static void prepare_rows(const LinearArgs &a, float *xp, int64_t kp) {
-  parallel(a.m > 4 ? a.threads : 1, [&](int t, int n) {
-  int64_t r0, r1;
-  share(a.m, t, n, &r0, &r1);
+  parallel_runs(a.m > 4 ? a.threads : 1, a.m, [&](int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; r++) {
     float *out = xp + r * kp;
     if (a.pre == PRE_SWIGLU) {

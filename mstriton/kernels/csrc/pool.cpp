@@ -21,18 +21,46 @@ namespace {
 constexpr double SPIN_SECONDS = 0.0001;
 constexpr double YIELD_SECONDS = 0.002;
 constexpr int MAX_THREADS = 256;
+// `joined` of a task of runs: the workers inside it, and this bit once its caller has taken the last run.
+constexpr int CLOSED = 1 << 30;
 
 struct Pool {
   std::atomic<uint64_t> generation{0};  // bumped once per task
-  std::atomic<int> pending{0};          // workers still running the current task
+  std::mutex busy;                      // one task at a time
+  std::mutex sleep_mu;                  // with `wake`, for workers past their spin
+  std::condition_variable wake;
   std::atomic<int> sleeping{0};
+  std::vector<std::thread> workers;
+
+  // The current task, written by its caller before the generation bump. Either fixed shares: fn(ctx, t, n) for
+  // every t, the caller waiting for `pending` workers; or runs: fn_runs(ctx, begin, end) over [0, count) in runs
+  // taken from `next`, where the caller waits only for the workers that joined before it closed the task.
+  std::atomic<bool> runs{false};
   void (*fn)(void *, int, int) = nullptr;
+  void (*fn_runs)(void *, int64_t, int64_t) = nullptr;
   void *ctx = nullptr;
   int n = 1;
-  std::mutex busy;      // one task at a time
-  std::mutex sleep_mu;  // with `wake`, for workers past their spin
-  std::condition_variable wake;
-  std::vector<std::thread> workers;
+  int64_t count = 0, run = 1;
+  std::atomic<int64_t> next{0};
+  std::atomic<int> pending{0};
+  std::atomic<int> joined{0};
+
+  void take_runs() {
+    for (int64_t begin; (begin = next.fetch_add(run, std::memory_order_relaxed)) < count;)
+      fn_runs(ctx, begin, std::min(begin + run, count));
+  }
+
+  // A task of runs, from a worker that saw generation `seen`: join it unless it is closed or already another.
+  void join_runs(uint64_t seen) {
+    if (joined.fetch_add(1, std::memory_order_acq_rel) & CLOSED) {
+      joined.fetch_sub(1, std::memory_order_acq_rel);
+      return;
+    }
+    // Joined and not closed: the caller waits for us, so the task cannot change under us from here on
+    // (unless it had already changed before we joined).
+    if (generation.load(std::memory_order_acquire) == seen && runs.load(std::memory_order_relaxed)) take_runs();
+    joined.fetch_sub(1, std::memory_order_acq_rel);
+  }
 
   void work(int index) {
     uint64_t seen = 0;
@@ -59,7 +87,10 @@ struct Pool {
         }
       }
       seen = now;
-      if (index < n) {
+      if (runs.load(std::memory_order_relaxed)) {
+        join_runs(now);
+      } else if (generation.load(std::memory_order_acquire) == now && index < n) {
+        // fixed shares: the caller waits for every worker, so the task is still this one
         fn(ctx, index, n);
         pending.fetch_sub(1, std::memory_order_acq_rel);
       }
@@ -74,7 +105,15 @@ struct Pool {
     }
   }
 
-  void run(int threads, void (*f)(void *, int, int), void *c) {
+  void publish() {
+    generation.fetch_add(1, std::memory_order_acq_rel);
+    if (sleeping.load() > 0) {
+      std::lock_guard<std::mutex> guard(sleep_mu);
+      wake.notify_all();
+    }
+  }
+
+  void run_shares(int threads, void (*f)(void *, int, int), void *c) {
     std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
     if (!lock.owns_lock() || threads <= 1) {  // busy (another thread's call) or nothing to share
       f(c, 0, 1);
@@ -82,17 +121,37 @@ struct Pool {
     }
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     grow(threads);
+    runs.store(false, std::memory_order_relaxed);
     fn = f;
     ctx = c;
     n = threads;
     pending.store(threads - 1, std::memory_order_relaxed);
-    generation.fetch_add(1, std::memory_order_acq_rel);
-    if (sleeping.load() > 0) {
-      std::lock_guard<std::mutex> guard(sleep_mu);
-      wake.notify_all();
-    }
+    publish();
     f(c, 0, threads);
     while (pending.load(std::memory_order_acquire) > 0) _mm_pause();
+  }
+
+  void run_runs(int threads, int64_t items, int64_t size, void (*f)(void *, int64_t, int64_t), void *c) {
+    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
+    if (!lock.owns_lock() || threads <= 1) {
+      f(c, 0, items);
+      return;
+    }
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    grow(threads);
+    runs.store(true, std::memory_order_relaxed);
+    fn_runs = f;
+    ctx = c;
+    count = items;
+    run = size;
+    next.store(0, std::memory_order_relaxed);
+    joined.store(0, std::memory_order_release);  // after the fields: a worker that joins sees them
+    publish();
+    take_runs();
+    // Every run is taken: close the task, then wait for the runs still in progress. A worker that had not
+    // joined yet (descheduled, or asleep) finds it closed and does nothing; nobody waits for it.
+    joined.fetch_or(CLOSED, std::memory_order_acq_rel);
+    while ((joined.load(std::memory_order_acquire) & ~CLOSED) != 0) _mm_pause();
   }
 };
 
@@ -103,7 +162,12 @@ Pool &pool() {
 
 }  // namespace
 
-extern "C" void mst_parallel(int n, void (*fn)(void *, int, int), void *ctx) { pool().run(n, fn, ctx); }
+extern "C" void mst_parallel(int n, void (*fn)(void *, int, int), void *ctx) { pool().run_shares(n, fn, ctx); }
+
+extern "C" void mst_parallel_runs(int threads, int64_t count, int64_t run, void (*fn)(void *, int64_t, int64_t),
+                                  void *ctx) {
+  pool().run_runs(threads, count, run, fn, ctx);
+}
 
 extern "C" void *mst_scratch(int slot, uint64_t bytes) {
   struct Buffer {

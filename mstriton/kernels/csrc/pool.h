@@ -31,20 +31,23 @@ static inline void share(int64_t count, int t, int n, int64_t *begin, int64_t *e
   *end = count * (t + 1) / n;
 }
 
-// Items [0, count) run as f(begin, end) on up to `threads` threads, handed out from a shared counter in runs of
-// about count / (threads * RUNS_PER_THREAD) items. Why not fixed shares: on a machine whose few cores the
-// kernels share with other processes (tritonserver, the front model), one of the threads is often descheduled
-// for a while in the middle of a call. With fixed shares the whole call then waits for that thread's half;
-// here the others take the remaining runs, and the call waits at most for the one run in progress.
+// Items [0, count) in runs of `run` items, fn(ctx, begin, end), on up to `threads` threads: the caller and the
+// workers take runs from a shared counter. The call returns once every run is done, waiting only for the workers
+// that joined in time; a worker that wakes after the caller took the last run does nothing.
+extern "C" void mst_parallel_runs(int threads, int64_t count, int64_t run, void (*fn)(void *, int64_t, int64_t),
+                                  void *ctx);
+
+// f(begin, end) over [0, count) in runs of about count / (threads * RUNS_PER_THREAD) items (mst_parallel_runs).
+// Why not fixed shares: on a machine whose few cores the kernels share with other processes (tritonserver, the
+// front model), one of the threads is often descheduled in the middle of a call, or still waking. With fixed
+// shares the whole call waits for that thread's half; here the others take the remaining runs, and the call
+// waits at most for a run already in progress.
 constexpr int64_t RUNS_PER_THREAD = 4;
 
 template <class F>
 static inline void parallel_runs(int threads, int64_t count, F &&f) {
   if (count <= 0) return;
   const int64_t run = std::max<int64_t>(1, count / (std::max(threads, 1) * RUNS_PER_THREAD));
-  std::atomic<int64_t> next{0};
-  parallel(threads, [&](int, int) {
-    for (int64_t begin; (begin = next.fetch_add(run, std::memory_order_relaxed)) < count;)
-      f(begin, std::min(begin + run, count));
-  });
+  auto trampoline = [](void *ctx, int64_t begin, int64_t end) { (*static_cast<F *>(ctx))(begin, end); };
+  mst_parallel_runs(threads, count, run, trampoline, &f);
 }
