@@ -13,9 +13,12 @@ printed once at start. `--open-api model-config,statistics` leaves those groups 
 group. The frontend, which reads the repository index and model configs, is given the key. Options this
 launcher does not know go to tritonserver as they are.
 
-SIGINT or SIGTERM stops both (tritonserver drains its running streams first); if either exits on its own, the
-other is stopped too and the exit status is the one that exited first, so that a supervisor sees the failure.
-With `--no-frontend` this process becomes tritonserver (exec), so a container's signals reach it directly.
+tritonserver runs under mstriton.supervisor's Supervisor, with or without the frontend: when a model process
+(a Python-backend stub) or tritonserver itself dies, tritonserver is killed, its shared memory removed and it is
+started again; more than --max-restarts restarts within --restart-window seconds and this process exits 1, for
+the container runtime to restart it. SIGINT or SIGTERM stops both (tritonserver drains its running streams first)
+and the exit status is tritonserver's (0). If the frontend exits on its own, tritonserver is stopped too and the
+exit status is the frontend's.
 """
 
 from __future__ import annotations
@@ -24,11 +27,10 @@ import argparse
 import os
 import re
 import secrets
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .supervisor import Supervisor, SupervisedTriton
 
 ADMIN_KEY_VARIABLE = "MSTRITON_ADMIN_KEY"
 ADMIN_HEADER = "admin-key"
@@ -92,7 +94,11 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                              f"one, printed once)")
     parser.add_argument("--open-api", type=api_groups, action="append", default=[], metavar="GROUP[,GROUP]|all",
                         help=f"leave these admin API groups open ({', '.join(ADMIN_APIS)}), or all of them")
-    parser.add_argument("--no-frontend", action="store_true", help="run tritonserver alone (exec)")
+    parser.add_argument("--no-frontend", action="store_true", help="run tritonserver alone")
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help="restarts of tritonserver (after it or a model process died) allowed within "
+                             "--restart-window; one more and this process exits 1 (default: 5)")
+    parser.add_argument("--restart-window", type=float, default=600, metavar="SECONDS", help="(default: 600)")
     return parser.parse_known_args(argv)
 
 
@@ -136,42 +142,27 @@ def environments(key: str | None) -> tuple[dict[str, str], dict[str, str]]:
     return triton, frontend
 
 
-def supervise(triton: subprocess.Popen, frontend: subprocess.Popen) -> int:
-    """Until either exits or a signal comes; then both are stopped. The exit status of the one that exited first."""
-    def stop(*_):
-        for process in (frontend, triton):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    while triton.poll() is None and frontend.poll() is None:
-        time.sleep(0.5)
-    first = triton if triton.poll() is not None else frontend
-    code = first.returncode
-    stop()
-    for process in (frontend, triton):
-        process.wait()
-    name = "tritonserver" if first is triton else "the frontend"
-    print(f"mstriton.serve: {name} exited with {code}; both are stopped", flush=True)
-    return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
-
-
 def main(argv=None) -> int:
     args, passthrough = parse_args(argv)
     try:
         key, restriction = admin_restriction(args)
     except ValueError as exc:  # a key tritonserver could not be given
         sys.exit(f"mstriton.serve: {exc}")
-    command = triton_command(args, restriction, passthrough)
     triton_env, frontend_env = environments(key)
-    if args.no_frontend:
-        os.execve(command[0], command, triton_env)
-    triton = subprocess.Popen(command, env=triton_env)
-    frontend = subprocess.Popen(frontend_command(args), env=frontend_env)
-    print(f"mstriton.serve: tritonserver (HTTP {args.http_port}, gRPC {args.grpc_port}, metrics "
-          f"{args.metrics_port}) and the HTTP frontend (OpenAI /v1, MindSpore Serving /models, TGI /generate on "
-          f"{args.frontend_port}); the frontend's /health turns 200 once the models are loaded", flush=True)
-    return supervise(triton, frontend)
+    triton = SupervisedTriton(triton_command(args, restriction, passthrough), triton_env, log)
+    frontend = None if args.no_frontend else frontend_command(args)
+    log(f"tritonserver (HTTP {args.http_port}, gRPC {args.grpc_port}, metrics {args.metrics_port})"
+        + ("" if args.no_frontend else
+           f" and the HTTP frontend (OpenAI /v1, MindSpore Serving /models, TGI /generate on {args.frontend_port}); "
+           f"the frontend's /health turns 200 once the models are loaded")
+        + f"; tritonserver is restarted when it or one of its model processes dies (at most {args.max_restarts} "
+          f"times in {args.restart_window:.0f} s)")
+    return Supervisor(triton, frontend, frontend_env, max_restarts=args.max_restarts, window=args.restart_window,
+                      log=log).run()
+
+
+def log(message: str) -> None:
+    print(f"mstriton.serve: {message}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from .serve import ADMIN_KEY_VARIABLE, restricted_api_args
-
-
-SHM, SHM_PATTERN = Path("/dev/shm"), "triton_python_backend_shm_region_*"
+from .supervisor import SHM, SHM_PATTERN, remove_unmapped_regions, shared_memory_regions  # noqa: F401 (SHM*: API)
 
 
 def free_port() -> int:
@@ -80,7 +78,7 @@ class TritonServer:
             raise RuntimeError(f"{binary} is missing: run `make install`")
         self.log = log
         self.admin_key = admin_key
-        self.shm_before = set(SHM.glob(SHM_PATTERN))
+        self.shm_before = shared_memory_regions()
         self.process = subprocess.Popen(
             [str(binary), "--model-repository", str(repository), "--http-port", str(self.http_port),
              "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
@@ -122,16 +120,7 @@ class TritonServer:
     def remove_orphaned_shared_memory(self) -> None:
         """A killed tritonserver leaves its python-backend regions in /dev/shm (64 MiB each, about 14 per
         server here): remove those this server made that no live process still maps."""
-        mapped = set()
-        for maps in Path("/proc").glob("[0-9]*/maps"):
-            try:
-                mapped.update(line.rsplit(" ", 1)[-1].strip() for line in maps.read_text().splitlines()
-                              if "/dev/shm/" in line)
-            except OSError:
-                pass
-        for region in set(SHM.glob(SHM_PATTERN)) - self.shm_before:
-            if str(region) not in mapped:
-                region.unlink(missing_ok=True)
+        remove_unmapped_regions(shared_memory_regions() - self.shm_before)
 
 
 @contextlib.contextmanager
