@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 
 import uvicorn
 
 from ..serve import ADMIN_KEY_VARIABLE
+from ..params import LIMIT_VARIABLES, LIMITS
 from .app import create_app
 from .triton import Triton
 
@@ -32,6 +34,11 @@ def main(argv=None) -> None:
                              f"(default: ${ADMIN_KEY_VARIABLE}, as `python -m mstriton.serve` sets it)")
     parser.add_argument("--default-model", default=None,
                         help="the model TGI's routes serve (default: the first LLM the server serves)")
+    parser.add_argument("--max-body-bytes", type=int, default=LIMITS.max_body_bytes,
+                        help=f"refuse request bodies larger than this with 413 (default: "
+                             f"${LIMIT_VARIABLES['max_body_bytes']}, else {LIMITS.max_body_bytes}); the other limits "
+                             f"(prompt bytes, stop strings, messages) are set by the environment variables "
+                             f"{', '.join('$' + v for k, v in LIMIT_VARIABLES.items() if k != 'max_body_bytes')}")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")

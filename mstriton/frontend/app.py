@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ..params import LIMITS, RequestLimits
 from . import mindspore_serving_api, openai_api, tgi_api
 from .errors import ApiError
 from .metrics import FrontendMetrics, MetricsMiddleware
@@ -18,14 +19,16 @@ from .triton import Triton
 OPEN_PATHS = {"/health", "/metrics"}
 
 
-def create_app(triton: Triton, *, api_key: str | None = None, default_model: str | None = None) -> FastAPI:
+def create_app(triton: Triton, *, api_key: str | None = None, default_model: str | None = None,
+               limits: RequestLimits = LIMITS) -> FastAPI:
+    """`limits`: what one request may hold (params.RequestLimits: by default as the environment sets them)."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         await triton.close()
 
     app = FastAPI(title="mstriton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.triton, app.state.default_model = triton, default_model
+    app.state.triton, app.state.default_model, app.state.limits = triton, default_model, limits
     metrics = FrontendMetrics()
 
     @app.exception_handler(ApiError)
@@ -81,9 +84,16 @@ class ApiKeyMiddleware:
 def error_response(request: Request, error: ApiError) -> JSONResponse:
     """OpenAI's error object on /v1 routes; TGI's {"error", "error_type"} on the others (MindSpore Serving's
     server has no error format of its own)."""
+    message, param = _encodable(error.message), _encodable(error.param)
     if request.url.path.startswith("/v1/"):
-        body = {"error": {"message": error.message, "type": error.kind, "param": error.param,
+        body = {"error": {"message": message, "type": error.kind, "param": param,
                           "code": error.code or str(error.status)}}
     else:
-        body = {"error": error.message, "error_type": error.kind}
+        body = {"error": message, "error_type": error.kind}
     return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+def _encodable(text: str | None) -> str | None:
+    """`text` as UTF-8 can hold it: an error may quote a client's field name or model name, and JSON's "\\ud800"
+    gives Python a lone surrogate, which UTF-8 cannot encode (rendering the error failed with a 500)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if text is not None else None

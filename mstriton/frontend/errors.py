@@ -23,7 +23,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                             503: "server_busy"}.get(status, "server_error")
+                             413: "invalid_request_error", 503: "server_busy"}.get(status, "server_error")
         self.headers = headers or {}
 
 

@@ -1,24 +1,72 @@
 """Reading a JSON request body field by field: each value is checked for its type and range, and a wrong one is
-refused with an ApiError naming the field as the client spelled it (`parameters.top_p`, `messages[1].role`)."""
+refused with an ApiError naming the field as the client spelled it (`parameters.top_p`, `messages[1].role`).
+Sizes are checked as the Triton doors check them (params.RequestLimits, the same functions): the body before it
+is parsed, prompts and stop strings before they go anywhere."""
 
 from __future__ import annotations
 
 import json
 import math
+import reprlib
 
-from .errors import invalid
+from ..params import (LIMITS, MAX_JSON_DEPTH, ParameterError, RequestLimits, check_text_size, check_words,
+                      json_depth_exceeds)
+from .errors import ApiError, invalid
+
+# Values quoted in error messages: short, and never walked deeper than a few levels.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlevel = 80, 80, 3
+
+
+def limits(request) -> RequestLimits:
+    return request.app.state.limits
+
+
+def too_large(limit: int, size: int | None = None) -> ApiError:
+    got = f", got {size} bytes" if size is not None else ""
+    return ApiError(413, f"the request body must be at most {limit} bytes{got}", param="body",
+                    kind="invalid_request_error", code="request_too_large")
+
+
+def checked(param: str, check, *args) -> None:
+    """One of params.py's checks (it raises ParameterError naming `param`), as a 400 naming `param`."""
+    try:
+        check(param, *args)
+    except ParameterError as exc:
+        raise invalid(param, str(exc)) from None
 
 
 async def json_body(request) -> dict:
-    """The request's body as a JSON object, or a 400 saying what is wrong with it."""
-    raw = await request.body()
+    """The request's body as a JSON object, or a 400 saying what is wrong with it. A body larger than the limit
+    gets 413 from its Content-Length before any of it is read, or, sent without one, as soon as more than the
+    limit has arrived: an oversized body is never held whole."""
+    limit = limits(request).max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit, int(declared))
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise too_large(limit)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise invalid("body", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # Python's json parses recursively: a body of ten thousand '[' ends here
+        raise invalid("body", f"the request body must not nest lists and objects more than {MAX_JSON_DEPTH} "
+                              "deep") from None
     if not isinstance(body, dict):
         raise invalid("body", f"the request body must be a JSON object, got {type(body).__name__}")
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise invalid("body", f"the request body must not nest lists and objects more than {MAX_JSON_DEPTH} deep")
     return body
+
+
+def check_prompt(request, param: str, text: str) -> str:
+    """A prompt text within the prompt limit (as text_input's at the Triton doors), else a 400 naming `param`."""
+    checked(param, check_text_size, text, limits(request).max_prompt_bytes)
+    return text
 
 
 async def inputs_body(request, parameters: set[str]) -> tuple[str, "Fields", bool]:
@@ -29,6 +77,7 @@ async def inputs_body(request, parameters: set[str]) -> tuple[str, "Fields", boo
     inputs = body.text("inputs")
     if not inputs:
         raise invalid("inputs", "'inputs' is required: the prompt, a non-empty string")
+    check_prompt(request, "inputs", inputs)
     p = body.obj("parameters")
     p.refuse_unknown(parameters)
     return inputs, p, bool(body.boolean("stream", False))
@@ -47,8 +96,7 @@ class Fields:
         return self.values.get(key) is not None
 
     def _fail(self, key: str, allowed: str):
-        value = self.values.get(key)
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        shown = _SHOWN.repr(self.values.get(key))
         raise invalid(self.name(key), f"'{self.name(key)}' must be {allowed}, got {shown}")
 
     def number(self, key: str, default=None, *, low: float | None = None, high: float | None = None,
@@ -58,13 +106,20 @@ class Fields:
             return default
         kind = "an integer" if integer else "a number"
         span = _span(low, high, low_open)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             self._fail(key, kind + span)
-        if integer and not float(value).is_integer():
+        # Python's JSON reads integers of any size and NaN / Infinity: a float() of 10**400 overflows, and an
+        # integer is compared as it is
+        if isinstance(value, float) and (not math.isfinite(value) or (integer and not value.is_integer())):
             self._fail(key, kind + span)
         if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
             self._fail(key, kind + span)
-        return int(value) if integer else float(value)
+        if integer:
+            return int(value)
+        try:
+            return float(value)
+        except OverflowError:
+            self._fail(key, kind + span)
 
     def integer(self, key: str, default=None, *, low: int | None = None, high: int | None = None):
         return self.number(key, default, low=low, high=high, integer=True)
@@ -85,15 +140,16 @@ class Fields:
             self._fail(key, f"one of {', '.join(repr(c) for c in choices)}" if choices else "a string")
         return value
 
-    def texts(self, key: str, *, max_items: int) -> list[str]:
-        """A string or a list of strings (OpenAI's and TGI's `stop`)."""
+    def texts(self, key: str, *, max_items: int, max_item_bytes: int = LIMITS.max_word_bytes) -> list[str]:
+        """A string or a list of strings (OpenAI's and TGI's `stop`), at most `max_items` of at most
+        `max_item_bytes` bytes each (the Triton doors' limits on stop words, params.check_words)."""
         value = self.values.get(key)
         if value is None:
             return []
         items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items) \
-                or len(items) > max_items:
-            self._fail(key, f"a non-empty string or a list of at most {max_items} of them")
+        if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+            self._fail(key, "a non-empty string or a list of them")
+        checked(self.name(key), check_words, items, max_items, max_item_bytes)
         return items
 
     def obj(self, key: str) -> "Fields":

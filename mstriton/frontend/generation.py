@@ -19,8 +19,6 @@ from .triton import Triton
 
 # The server's finish reasons (the decode model's, and a stop string matched here) -> OpenAI's.
 OPENAI_FINISH = {"end_id": "stop", "stop": "stop", "stop_string": "stop", "length": "length"}
-# At most this many stop strings per request (OpenAI allows 4; TGI's default limit is 4 too).
-MAX_STOP_STRINGS = 16
 
 
 @dataclasses.dataclass

@@ -38,7 +38,7 @@ async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, b
     settings = {"do_sample": do_sample, "repetition_penalty": p.number("repetition_penalty", 1.0, low=0.0,
                                                                        low_open=True)}
     # checked whether sampling or not; the seed's defaults (top_k 3, top_p 1, temperature 1) apply when sampling
-    top_k, top_p = p.integer("top_k", 3, low=0), p.number("top_p", 1.0, low=0.01, high=1.0)
+    top_k, top_p = p.integer("top_k", 3, low=0, high=2 ** 31 - 1), p.number("top_p", 1.0, low=0.01, high=1.0)
     temperature = p.number("temperature", 1.0, low=0.0, low_open=True)
     if do_sample:
         settings.update(top_k=top_k, top_p=top_p, temperature=temperature)
@@ -46,6 +46,7 @@ async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, b
     settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
                     fit_max_tokens=max_new is None)
     p.text("return_protocol")
+    p.boolean("return_full_text")  # used by the streamed formats only, checked for every route
     names = {"max_tokens": "parameters.max_new_tokens", "text_input": "inputs",
              **{k: f"parameters.{k}" for k in PARAMETERS}}
     return gen.Generation(model=model, prompt=inputs, settings=settings, names=names), p, stream

@@ -15,7 +15,7 @@ from ..params import MAX_TOP_LOGPROBS, ParameterError
 from ..tokenizer import validate_messages
 from . import generation as gen
 from .errors import ApiError, invalid
-from .fields import Fields, json_body
+from .fields import Fields, check_prompt, json_body, limits
 
 router = APIRouter()
 
@@ -27,6 +27,7 @@ COMPLETIONS = COMMON | {"prompt", "echo", "suffix"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                  "response_format", "functions", "function_call", "audio", "modalities", "prediction", "store",
                  "metadata", "service_tier", "reasoning_effort", "web_search_options"}
+# Generations one request may start (n, times the prompts of a list): each is a stream of its own to the server.
 MAX_N = 16
 
 
@@ -82,9 +83,10 @@ async def _settings(body: Fields, triton, model: str) -> dict:
     return {k: v for k, v in settings.items() if v is not None}
 
 
-def _generations(body: Fields, model: str, settings: dict, names: dict, **prompt) -> list[gen.Generation]:
+def _generations(request: Request, body: Fields, model: str, settings: dict, names: dict, **prompt
+                 ) -> list[gen.Generation]:
     n = body.integer("n", 1, low=1, high=MAX_N)
-    stop = body.texts("stop", max_items=gen.MAX_STOP_STRINGS)
+    stop = body.texts("stop", max_items=limits(request).max_words, max_item_bytes=limits(request).max_word_bytes)
     out = []
     for i in range(n):
         own = dict(settings)
@@ -181,6 +183,12 @@ async def completions(request: Request):
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise invalid("prompt", "'prompt' must be a string or a non-empty list of strings (token-id prompts are "
                                 "not supported)")
+    n = body.integer("n", 1, low=1, high=MAX_N)
+    if len(prompts) * n > MAX_N:
+        raise invalid("prompt", f"'prompt' and 'n' may ask for at most {MAX_N} generations in all, got "
+                                f"{len(prompts)} prompts x n={n}")
+    for i, text in enumerate(prompts):
+        check_prompt(request, "prompt" if isinstance(prompt, str) else f"prompt[{i}]", text)
     logprobs = body.integer("logprobs", low=0, high=MAX_TOP_LOGPROBS)
     echo = body.boolean("echo", False)
     if echo and logprobs is not None:
@@ -191,7 +199,7 @@ async def completions(request: Request):
     if echo:
         settings["exclude_input_in_output"] = False
     names = {"max_tokens": "max_tokens", "text_input": "prompt"}
-    generations = [g for p in prompts for g in _generations(body, model, settings, names, prompt=p)]
+    generations = [g for p in prompts for g in _generations(request, body, model, settings, names, prompt=p)]
     triton = request.app.state.triton
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
 
@@ -199,12 +207,12 @@ async def completions(request: Request):
         return {"index": index, "text": text, "finish_reason": finish,
                 "logprobs": _completion_logprobs(tokens, offset) if logprobs is not None else None}
 
+    include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
         results = await gen.complete_all(triton, generations)
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(i, r.text, r.tokens, r.finish_reason) for i, r in enumerate(results)],
                 "usage": _usage(results)}
-    include_usage = _stream_options(body)
     chunks = await gen.primed(gen.merged(triton, generations))
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
@@ -234,7 +242,7 @@ def _chat_logprobs(tokens: list[dict]) -> dict:
 async def chat_completions(request: Request):
     body, settings, model = await _read(request, CHAT)
     try:
-        messages = validate_messages(body.values.get("messages"))
+        messages = validate_messages(body.values.get("messages"), limits(request).max_messages)
     except ParameterError as exc:
         raise invalid("messages", str(exc)) from None
     logprobs = body.boolean("logprobs", False)
@@ -244,10 +252,11 @@ async def chat_completions(request: Request):
     if logprobs:
         settings.update(return_tokens=True, top_logprobs=top_logprobs or 0)
     names = {"max_tokens": "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"}
-    generations = _generations(body, model, settings, names, messages=messages)
+    generations = _generations(request, body, model, settings, names, messages=messages)
     triton = request.app.state.triton
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
+    include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
         results = await gen.complete_all(triton, generations)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
@@ -255,7 +264,6 @@ async def chat_completions(request: Request):
                              "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
                              "finish_reason": r.finish_reason} for i, r in enumerate(results)],
                 "usage": _usage(results)}
-    include_usage = _stream_options(body)
     chunks = await gen.primed(gen.merged(triton, generations))
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 

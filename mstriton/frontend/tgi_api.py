@@ -12,7 +12,7 @@ from ..params import MAX_TOP_LOGPROBS
 from .. import __version__
 from . import generation as gen
 from .errors import ApiError
-from .fields import Fields, inputs_body
+from .fields import Fields, inputs_body, limits
 
 router = APIRouter()
 
@@ -34,6 +34,9 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     p.refuse("typical_p", "typical sampling is not implemented", unless=lambda v: v in (None, 1.0))
     p.refuse("watermark", "watermarking is not implemented", unless=lambda v: not v)
     p.refuse("adapter_id", "adapters are not served")
+    # read when the response is written, after the generation: checked now, so a wrong one is refused first
+    p.boolean("details")
+    p.boolean("return_full_text")
     settings = {"do_sample": p.boolean("do_sample"), "temperature": p.number("temperature", low=0.0),
                 "top_k": p.integer("top_k", low=0), "top_p": p.number("top_p", low=0.0, high=1.0, low_open=True),
                 "repetition_penalty": p.number("repetition_penalty", low=0.0, low_open=True),
@@ -48,7 +51,8 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     names = {"max_tokens": "parameters.max_new_tokens", "top_logprobs": "parameters.top_n_tokens",
              "text_input": "inputs", **{k: f"parameters.{k}" for k in PARAMETERS}}
     generation = gen.Generation(model=model, prompt=inputs, settings=settings,
-                                stop=p.texts("stop", max_items=gen.MAX_STOP_STRINGS), names=names)
+                                stop=p.texts("stop", max_items=limits(request).max_words,
+                                                     max_item_bytes=limits(request).max_word_bytes), names=names)
     return generation, p, stream
 
 
@@ -149,9 +153,9 @@ async def compat_generate(request: Request):
 @router.get("/info")
 async def info(request: Request):
     model = await default_model(request)
-    limits = await request.app.state.triton.info(model)
+    llm = await request.app.state.triton.info(model)
     return {"model_id": model, "model_dtype": "float32", "model_device_type": "cpu",
-            "model_pipeline_tag": "text-generation", "max_concurrent_requests": limits.slots + limits.max_waiting,
-            "max_best_of": 1, "max_stop_sequences": gen.MAX_STOP_STRINGS, "max_input_tokens": limits.max_seq_len - 1,
-            "max_total_tokens": limits.max_seq_len, "validation_workers": 1, "max_client_batch_size": 1,
+            "model_pipeline_tag": "text-generation", "max_concurrent_requests": llm.slots + llm.max_waiting,
+            "max_best_of": 1, "max_stop_sequences": limits(request).max_words, "max_input_tokens": llm.max_seq_len - 1,
+            "max_total_tokens": llm.max_seq_len, "validation_workers": 1, "max_client_batch_size": 1,
             "router": "mstriton", "version": __version__, "sha": None, "docker_label": None}

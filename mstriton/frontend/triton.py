@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
 from ..serve import grpc_admin_headers
-from .errors import ApiError, busy, from_triton
+from .errors import ApiError, busy, from_triton, invalid
 
 # The front model's inputs -> their wire datatypes (a config's TYPE_STRING is BYTES on the wire)
 INPUT_TYPES = {name: pb.DataType.Name(dtype).removeprefix("TYPE_").replace("STRING", "BYTES")
@@ -121,7 +121,7 @@ class Triton:
         """Stream `llm`'s responses to `inputs` (front-model input name -> Python value), as dicts of output
         name -> value, until the final one (whose finish_reason is set). Closing the generator early cancels.
         `names`: the client's names of the inputs, for the errors that name one."""
-        tensors = [_tensor(name, value) for name, value in inputs.items()]
+        tensors = [_tensor(name, value, (names or {}).get(name, name)) for name, value in inputs.items()]
         # tokens_json only when asked for: the front model sends it only then
         wanted = [n for n in OUTPUT_NAMES if n != "tokens_json" or inputs.get("return_tokens")]
         outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
@@ -169,13 +169,22 @@ class Triton:
         return values
 
 
-def _tensor(name: str, value) -> grpcclient.InferInput:
+def _tensor(name: str, value, shown: str) -> grpcclient.InferInput:
+    """`value` as the front model's input `name`; a number its datatype cannot hold is a 400 naming the client's
+    field (`shown`): the doors bound what they must, and Python's JSON reads integers of any size."""
     kind = INPUT_TYPES[name]
     if kind == "BYTES":
         text = value if isinstance(value, str) else json.dumps(value)
         array = np.array([[text.encode("utf-8")]], np.object_)
     else:
-        array = np.array([[value]], triton_to_np_dtype(kind))
+        dtype = np.dtype(triton_to_np_dtype(kind))
+        if dtype.kind in "iu" and not isinstance(value, bool):
+            info = np.iinfo(dtype)
+            if not info.min <= value <= info.max:
+                raise invalid(shown, f"'{shown}' must be in [{info.min}, {info.max}], got {value}")
+        if dtype.kind == "f" and not abs(value) <= np.finfo(dtype).max:
+            raise invalid(shown, f"'{shown}' must be a finite {dtype.itemsize * 8}-bit number, got {value!r}")
+        array = np.array([[value]], dtype)
     tensor = grpcclient.InferInput(name, list(array.shape), kind)
     tensor.set_data_from_numpy(array)
     return tensor

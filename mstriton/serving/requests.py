@@ -4,6 +4,10 @@ Inputs are read by name through a `get(name)` callable returning a numpy array o
 tested without a server. The names are tensorrtllm_backend's; aliases cover its older names and what MindSpore
 Serving and TGI users send. Request parameters (HTTP generate's "parameters" object, KServe request
 parameters) are read as well; an input tensor wins over a parameter of the same name.
+
+Sizes are checked first (params.RequestLimits): a prompt, a chat or a list of words above its limit is refused
+from its length in bytes, before it is decoded, parsed or sent on, so an oversized request costs no more than
+its arrival.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..params import GenerationParams, ParameterError
+from ..params import LIMITS, GenerationParams, ParameterError, RequestLimits, check_text_size, check_words
 from ..tokenizer import validate_messages
 
 # name -> (GenerationParams field, kind)
@@ -62,17 +66,28 @@ def _as_text(name: str, value) -> str:
     raise ParameterError(f"'{name}' must be a string (BYTES), got {type(value).__name__}")
 
 
+def _words(name: str, value, limits: RequestLimits) -> list[str]:
+    """stop_words / bad_words: a BYTES tensor (or a parameter) of words, each item one word or several joined by
+    commas. Counted and measured before anything is decoded."""
+    values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    items = np.asarray(values, dtype=object).reshape(-1)
+    if items.size > limits.max_words:
+        raise ParameterError(f"'{name}' may hold at most {limits.max_words} words, got {items.size}")
+    words = []
+    for item in items:
+        if isinstance(item, (bytes, str)):
+            # the most an item of at most max_words words, joined by commas, may take; each word is checked below
+            check_text_size(name, item, limits.max_words * (limits.max_word_bytes + 1))
+            words += [w for w in _as_text(name, item).split(",") if w]
+    check_words(name, words, limits.max_words, limits.max_word_bytes)
+    return words
+
+
 def _convert(name: str, kind, value):
-    if kind is list:
-        values = value if isinstance(value, (list, tuple, np.ndarray)) else [value]
-        words = []
-        for item in np.asarray(values, dtype=object).reshape(-1):
-            words += [w for w in _as_text(name, item).split(",") if w] if isinstance(item, (bytes, str)) else []
-        return words
     if isinstance(value, np.ndarray):
         value = _scalar(name, value)
     if isinstance(value, (bytes, str)):
-        raise ParameterError(f"'{name}' must be a {kind.__name__}, got text {value!r}")
+        raise ParameterError(f"'{name}' must be a {kind.__name__}, got text {value!r:.80}")
     if kind is bool:
         if not isinstance(value, (bool, np.bool_, int, np.integer)) or value not in (0, 1):
             raise ParameterError(f"'{name}' must be a boolean, got {value!r}")
@@ -84,31 +99,47 @@ def _convert(name: str, kind, value):
     return float(value)
 
 
-def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | None = None) -> ParsedRequest:
-    """Read and validate types; ranges are checked by GenerationParams.validate once the prompt is tokenized."""
+def _text_value(name: str, value, limits: RequestLimits):
+    """A prompt-sized text input's value (bytes or str), its size checked before anything else reads it."""
+    if isinstance(value, np.ndarray):
+        value = _scalar(name, value)
+    if isinstance(value, (bytes, str)):
+        check_text_size(name, value, limits.max_prompt_bytes)
+    return value
+
+
+def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | None = None,
+                  limits: RequestLimits = LIMITS) -> ParsedRequest:
+    """Read and validate types and sizes; ranges are checked by GenerationParams.validate once the prompt is
+    tokenized."""
     parameters = dict(parameters or {})
+    text_array, messages_array = get("text_input"), get("messages")
+    # sizes first: the prompt, the chat, the words
+    text_value = _text_value("text_input", text_array if text_array is not None else
+                             parameters.get("text_input") or parameters.get("inputs"), limits)
+    messages_value = _text_value("messages", messages_array if messages_array is not None else
+                                 parameters.get("messages"), limits)
+    words = {}
+    for name in ("stop_words", "bad_words"):
+        array = get(name)
+        value = array if array is not None else parameters.get(name)
+        if value is not None:
+            words[name] = _words(name, value, limits)
     stop_input = get("stop")
     stop = bool(_convert("stop", bool, stop_input)) if stop_input is not None else bool(parameters.get("stop"))
-    text_array, messages_array = get("text_input"), get("messages")
-    messages = None
-    if messages_array is not None:
-        messages = validate_messages(_scalar("messages", messages_array))
-    elif parameters.get("messages") is not None:
-        messages = validate_messages(parameters["messages"])
-    if text_array is None:
-        text = parameters.get("text_input") or parameters.get("inputs")
-        if text is None and messages is None and not stop:
-            raise ParameterError("'text_input' is required (a BYTES tensor holding the prompt), or 'messages' "
-                                 "(a JSON list of {\"role\", \"content\"} objects) for a chat")
-        text = _as_text("text_input", text or "")
-    else:
-        text = _as_text("text_input", _scalar("text_input", text_array))
+    messages = validate_messages(messages_value, limits.max_messages) if messages_value is not None else None
+    if text_value is None and messages is None and not stop:
+        raise ParameterError("'text_input' is required (a BYTES tensor holding the prompt), or 'messages' "
+                             "(a JSON list of {\"role\", \"content\"} objects) for a chat")
+    text = _as_text("text_input", text_value or "")
     if messages is not None and text:
         raise ParameterError("send either 'text_input' or 'messages', not both")
     if messages is None and not text.strip() and not stop:
         raise ParameterError("'text_input' must not be empty")
-    fields = {}
+    fields = dict(words)  # stop_words and bad_words are the fields' own names
     for name, (field, kind) in INPUTS.items():
+        if kind is list:
+            continue  # the words, read above
         array = get(name)
         value = array if array is not None else parameters.get(name)
         if value is not None and field not in fields:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Sequence
+import functools
+from typing import Iterable, Sequence
 
 from . import detokenize
 
@@ -34,9 +35,22 @@ class TextTokenizer(abc.ABC):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`. Ids past the tokenizer's vocabulary (models pad theirs) have no text, never fail."""
 
+    @abc.abstractmethod
+    def token_texts(self) -> Iterable[str]:
+        """Each token's text, as long as any text it stands for (longer is fine, shorter is not)."""
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes of text one token stands for: a prompt of n bytes is at least
+        n / max_token_bytes tokens long (see params.check_prompt_fits). Computed once (0.15 s for SmolLM2's
+        49152 tokens)."""
+        return max(len(t.encode("utf-8", "surrogatepass")) for t in self.token_texts())
+
     def encode_words(self, words: list[str]) -> list[list[int]]:
-        """Stop/bad words to token sequences, tokenized as they appear after other text (no BOS)."""
-        return [self.encode(w, add_special_tokens=False) for w in words if w]
+        """Stop/bad words to token sequences, tokenized as they appear after other text (no BOS). A word that
+        tokenizes to nothing (sentencepiece drops a lone space) is left out: it can never be produced or matched,
+        and an empty bad word once killed the decode loop (IndexError in its ban)."""
+        return [ids for ids in (self.encode(w, add_special_tokens=False) for w in words if w) if ids]
 
     def piece(self, window: Sequence[int], final: bool = False, new: int = 1,
               skip_special_tokens: bool = True) -> str:

@@ -17,7 +17,7 @@ import json
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from ..params import ParameterError
+from ..params import LIMITS, MAX_JSON_DEPTH, ParameterError, json_depth_exceeds
 
 NAMED_TEMPLATES = {
     "chatml": (
@@ -40,8 +40,6 @@ NAMED_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}<|Bot|>:{% endif %}"),
 }
 ROLES = ("system", "user", "assistant", "tool")
-# What a chat request may hold (a front door also bounds the request's size).
-MAX_MESSAGES = 1024
 
 
 class TemplateError(ValueError):
@@ -93,27 +91,35 @@ class ChatTemplate:
             raise ParameterError(f"'messages' could not be rendered by the chat template: {exc}") from None
 
 
-def validate_messages(value) -> list[dict]:
+def validate_messages(value, max_messages: int = LIMITS.max_messages) -> list[dict]:
     """A chat request's `messages`: a JSON list (text, or an already parsed list) of {"role", "content"} objects.
-    Content is a string, or OpenAI's list of parts of which the text parts are joined. Errors name the field."""
+    Content is a string, or OpenAI's list of parts of which the text parts are joined. Errors name the field.
+    (The size of the JSON text is the caller's to check, before it is parsed: params.RequestLimits.)"""
     if isinstance(value, (bytes, str)):
         try:
             value = json.loads(value)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ParameterError(f"'messages' must be a JSON list of {{\"role\", \"content\"}} objects: {exc}") \
                 from None
+        except RecursionError:  # Python's json parses recursively
+            raise ParameterError(f"'messages' must not nest lists and objects more than {MAX_JSON_DEPTH} deep") \
+                from None
     if not isinstance(value, list) or not value:
         raise ParameterError("'messages' must be a non-empty list of {\"role\", \"content\"} objects")
-    if len(value) > MAX_MESSAGES:
-        raise ParameterError(f"'messages' may hold at most {MAX_MESSAGES} messages, got {len(value)}")
+    if len(value) > max_messages:
+        raise ParameterError(f"'messages' may hold at most {max_messages} messages, got {len(value)}")
+    # The fields beside role and content go to the template as they are (name, tool_calls, ...): nothing that a
+    # recursive walk (json.dumps on the way to the tokenizer step, the template) could choke on.
+    if json_depth_exceeds(value, MAX_JSON_DEPTH):
+        raise ParameterError(f"'messages' must not nest lists and objects more than {MAX_JSON_DEPTH} deep")
     messages = []
     for i, message in enumerate(value):
         if not isinstance(message, dict):
             raise ParameterError(f"'messages[{i}]' must be an object with 'role' and 'content', got "
                                  f"{type(message).__name__}")
         role = message.get("role")
-        if role not in ROLES:
-            raise ParameterError(f"'messages[{i}].role' must be one of {list(ROLES)}, got {role!r}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise ParameterError(f"'messages[{i}].role' must be one of {list(ROLES)}, got {role!r:.80}")
         if "content" not in message or message["content"] is None:
             raise ParameterError(f"'messages[{i}].content' is required")
         content = message["content"]
@@ -129,4 +135,9 @@ def validate_messages(value) -> list[dict]:
             raise ParameterError(f"'messages[{i}].content' must be a string, got {type(content).__name__}")
         messages.append({**{k: v for k, v in message.items() if k not in ("role", "content")},
                          "role": role, "content": content})
+    try:  # JSON's "\\ud800" escapes give Python lone surrogates, which no tokenizer can take
+        json.dumps(messages, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParameterError(f"'messages' is not valid UTF-8 text (a lone surrogate: {exc.object[exc.start]!r})") \
+            from None
     return messages

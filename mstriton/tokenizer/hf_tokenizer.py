@@ -86,6 +86,12 @@ class HFTokenizer(TextTokenizer):
         # that wants BOS writes {{ bos_token }} itself, and it is parsed here as the special token it is.
         return self.encode(text, add_special_tokens=False)
 
+    def token_texts(self):
+        # each token decoded alone (a byte of a longer character comes out as U+FFFD: 3 bytes, never fewer), and
+        # a space before it, which a decoder may drop at the start of a text
+        return (" " + t for t in self.tk.decode_batch([[i] for i in range(self.vocab_size)],
+                                                        skip_special_tokens=False))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
                               skip_special_tokens=skip_special_tokens)

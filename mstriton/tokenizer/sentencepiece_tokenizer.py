@@ -30,6 +30,12 @@ class SentencePieceTokenizer(TextTokenizer):
         # the tokenizer adds it, as for any prompt.
         return self.encode(text, add_special_tokens=True)
 
+    def token_texts(self):
+        # pieces as they are written, "▁" standing for a space (byte pieces are written "<0xE4>": longer than
+        # their byte, which is fine). Sentencepiece also merges a run of unknown characters into one <unk> and
+        # collapses runs of spaces: for text made of those, a token stands for more than this.
+        return (self.sp.id_to_piece(i).replace("\u2581", " ") for i in range(self.vocab_size))
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         # sentencepiece's decode leaves out control tokens (BOS, EOS) either way.
         return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])

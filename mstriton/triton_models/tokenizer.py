@@ -1,5 +1,6 @@
 """NAME_tokenizer: a prompt, or chat messages through the chat template, -> token ids; stop/bad words -> ids;
-the range checks that need the prompt's length."""
+the range checks that need the prompt's length. A prompt too large in bytes to fit in max_seq_len tokens is
+refused before it is tokenized."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..params import GenerationParams
+from ..params import GenerationParams, check_prompt_fits
 from ..serving.pipeline import PromptEncoder
 from . import common
 
@@ -17,14 +18,20 @@ class TritonPythonModel:
     def initialize(self, args):
         config = common.model_config(args)
         self.encoder = PromptEncoder.from_config_parameters(common.version_dir(args), config.get("parameters", {}))
+        self.max_token_bytes = self.encoder.tokenizer.max_token_bytes  # computed now, not on the first request
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
                 fields, messages = common.read_request_json(request)
-                encoded = self.encoder.encode(common.text(request, "text_input"), GenerationParams(**fields),
-                                              messages)
+                text = common.text(request, "text_input")
+                # a chat's text is at least its messages' contents (the template adds to them)
+                size = len(text.encode("utf-8")) if messages is None else \
+                    sum(len(m["content"].encode("utf-8")) for m in messages)
+                check_prompt_fits("text_input" if messages is None else "messages", size, self.encoder.max_seq_len,
+                                  self.max_token_bytes)
+                encoded = self.encoder.encode(text, GenerationParams(**fields), messages)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
                     pb_utils.Tensor("input_ids", np.array([encoded.ids], np.int32)),
                     pb_utils.Tensor("input_length", np.array([[len(encoded.ids)]], np.int32)),

@@ -10,6 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..repository import CLIENT_OUTPUTS
+from ..serving.requests import parse_request
 from . import common
 
 OUTPUTS = [name for name, _, _ in CLIENT_OUTPUTS]
@@ -25,11 +26,18 @@ class TritonPythonModel:
         return list(await asyncio.gather(*[self.complete(r) for r in requests]))
 
     async def complete(self, request):
+        parameters = common.request_parameters(request)
+        try:
+            # The front model checks the same; checked here too, a refused request (a 10 MB prompt) is answered
+            # before its inputs are copied into a BLS request and through tritonserver again.
+            parse_request(lambda name: common.get(request, name), parameters)
+        except Exception as exc:  # noqa: BLE001 - this request's error, never the whole batch's
+            return common.error_response(exc)
         inputs = [pb_utils.Tensor(name, common.get(request, name)) for name in self.input_names
                   if name != "stream" and common.get(request, name) is not None]
         inputs.append(pb_utils.Tensor("stream", np.array([[False]])))
         call = pb_utils.InferenceRequest(model_name=self.llm, requested_output_names=OUTPUTS, inputs=inputs,
-                                         parameters=common.request_parameters(request))
+                                         parameters=parameters)
         result = error = None
         async for response in common.stream_responses(call):
             if response.has_error():
