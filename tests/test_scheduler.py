@@ -268,3 +268,41 @@ def test_the_auto_prefill_budget_takes_a_share_of_the_decode_step_in_whole_chunk
     scheduler.prefill_token_seconds = 1.0  # slow prefill: still one chunk a step, never none
     assert scheduler.budget() == chunk
     assert Scheduler(Engine(graphs, max_slots=2), prefill_budget=48).budget() == 48
+
+
+def test_the_loop_survives_a_failed_step_and_serves_the_next_request(graphs):
+    """A step that raises ends what was running with an error; the loop thread lives on for later requests (a
+    dead loop thread once hung every request after it)."""
+    import threading
+
+    engine = Engine(graphs, max_slots=2)
+    real_decode, failures = engine.decode, [RuntimeError("a broken step")]
+
+    def decode_failing_once(*args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_decode(*args, **kwargs)
+
+    engine.decode = decode_failing_once
+    scheduler = Scheduler(engine)
+    events, done = {}, {k: threading.Event() for k in ("first", "second")}
+
+    def request(key, prompt):
+        def emit(event):
+            events.setdefault(key, []).append(event)
+            if event.finish_reason:
+                done[key].set()
+        return DecodeRequest(key=key, prompt_ids=list(prompt), params=GenerationParams(temperature=0.0, max_tokens=4),
+                             emit=emit)
+
+    scheduler.start()
+    try:
+        scheduler.submit(request("first", PROMPTS[0]))
+        assert done["first"].wait(60)
+        assert "internal error in the decode loop: RuntimeError: a broken step" in events["first"][-1].error
+        scheduler.submit(request("second", PROMPTS[1]))
+        assert done["second"].wait(60)
+        assert events["second"][-1].error is None and len(tokens_of(events["second"])) == 4
+    finally:
+        scheduler.shutdown()
+    assert engine.blocks.num_used == 0

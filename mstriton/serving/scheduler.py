@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 import time
 from typing import Callable
@@ -185,7 +186,16 @@ class Scheduler:
                     self.lock.wait()
                 if self.stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any one step: its thread serves everyone
+                # What a step was doing cannot be trusted to go on: every request admitted or waiting ends with the
+                # error, and the loop serves the next ones (a dead loop thread hung every later request).
+                logging.getLogger(__name__).exception("decode loop step failed")
+                try:
+                    self._end_all(f"internal error in the decode loop: {type(exc).__name__}: {exc}")
+                except Exception:  # noqa: BLE001
+                    logging.getLogger(__name__).exception("ending the requests of the failed step failed too")
 
     def step(self) -> None:
         """Drop the cancelled, admit, prefill within the budget, make room, decode, emit. Called by the loop

@@ -26,7 +26,6 @@ import uuid
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..params import ParameterError
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
@@ -54,7 +53,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 parsed = parse_request(lambda name: common.get(request, name), common.request_parameters(request))
-            except ParameterError as exc:
+            except Exception as exc:  # noqa: BLE001 - every request gets an answer (error_response picks the code)
                 sender.send(common.error_response(exc), flags=FINAL)
                 continue
             if parsed.stop:
