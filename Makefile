@@ -7,6 +7,7 @@
 #                       metrics 8002) and the HTTP frontend (OpenAI, MindSpore Serving, TGI APIs on 9000)
 #   make bench          serving benchmark on SmolLM2 by weight format: tritonserver vs llama.cpp on the same weights
 #                       and transformers (BENCH_ARGS narrows it), then bench-frontend
+#   make bench-efficiency the served path against the engine alone on SmolLM2 (tokens/s, CPU per token by process)
 #   make bench-kv-cache the paged KV cache's scenarios on SmolLM2 (shared prefix, multi-turn, long prompts, capacity)
 #   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
 #                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
@@ -23,7 +24,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test demo smollm2 run bench bench-kv-cache bench-frontend bench-engine clean docker-lint docker-test
+.PHONY: all install test demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine clean docker-lint docker-test
 
 all: install
 
@@ -80,8 +81,18 @@ BENCH_FRONTEND_ARGS ?=
 
 bench: install
 	$(PY) tools/bench_serving.py $(BENCH_ARGS)
-	$(MAKE) bench-kv-cache
+	$(MAKE) bench-efficiency bench-kv-cache
 	$(PY) tools/bench_frontend.py $(BENCH_FRONTEND_ARGS)
+
+# What the served path costs over the engine alone, on SmolLM2 (Q4_1, 64 slots): tokens/s of tritonserver against
+# the engine alone at c = 1, 4, 16, 64 on both shapes (about 40 minutes), then CPU per generated token by process
+# at c=16 against the engine alone's.
+bench-efficiency: install
+	$(PY) tools/bench_serving.py --models smollm2 --systems ours-q4_1,engine-q4_1 \
+		--out benchmarks/serving_efficiency_smollm2
+	$(PY) tools/cpu_per_token.py --repository build/bench/repo_smollm2_q4_1 --name smollm2 \
+		--tokenizer build/bench/repo_smollm2_q4_1/smollm2_tokenizer/1 --concurrency 16 \
+		--out benchmarks/cpu_per_token_smollm2
 
 # The paged KV cache's scenarios (shared prefix, multi-turn, long prompts beside streams, capacity) on SmolLM2 with
 # 64 decode slots and 2048 tokens per sequence, its pool the memory 16 slots of 2048 tokens took in the slot pool.

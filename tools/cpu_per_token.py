@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from mstriton.bench.report import machine_description  # noqa: E402
 from mstriton.bench.triton_run import PERF_ANALYZER, input_data  # noqa: E402
 from mstriton.bench.workload import make_prompts  # noqa: E402
 from mstriton.server_process import metric_value, running_server  # noqa: E402
+from mstriton.supervisor import model_processes  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -41,24 +41,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
 
 
-def parent_pid(proc: Path) -> int:
-    return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def served_processes(server_pid: int) -> dict[str, int]:
-    """tritonserver and every Python-backend stub it started (not another server's), by the model it runs."""
-    found = {"tritonserver": server_pid}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            parent = parent_pid(proc)
-        except OSError:
-            continue
-        if parent == server_pid and len(argv) > 1 and argv[0].endswith(b"triton_python_backend_stub"):
-            model = re.search(rb"/([^/]+)/\d+/model\.py", argv[1])
-            if model:
-                found[model.group(1).decode()] = int(proc.name)
-    return found
+    """tritonserver and every model process it started (not another server's), by the model it runs."""
+    return {"tritonserver": server_pid, **{model: pid for pid, model in model_processes(server_pid).items()}}
 
 
 def measure_served(args, prompts: list[str]) -> dict:
