@@ -12,6 +12,8 @@
 #   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
 #                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
 #   make bench-engine   the engine alone on SmolLM2 by weight format, against the measured floors and transformers
+#   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
+#                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
 #   make docker-lint    hadolint + KServe manifests; docker-test: build the CPU image, serve the demo from it (root)
 
@@ -24,7 +26,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine clean docker-lint docker-test
+.PHONY: all install test demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine soak clean docker-lint docker-test
 
 all: install
 
@@ -112,6 +114,13 @@ bench-frontend: install
 
 bench-engine: install
 	$(PY) tools/bench_engine.py
+
+# Soak test (issue 15): model_repository/ served by mstriton.serve on free ports, every door under mixed load
+# (valid, invalid, cancelled, disconnected, bursts over the queue) for --minutes; exits 1 if a request went
+# unanswered or a greedy answer differed from its solo run. Not in CI.
+SOAK_ARGS ?=
+soak: install
+	$(PY) tools/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf build .pytest_cache kernel_meta rank_*

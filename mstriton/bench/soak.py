@@ -1,0 +1,351 @@
+"""tools/soak.py's requests and report: one request through any door, classified by its outcome; the RSS of the
+server's processes; the summary and its markdown. Clients target 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import queue
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..repository import read_config
+from ..supervisor import model_processes, processes
+from .timing import RequestTiming, summarize
+
+OUTCOMES = ("ok", "refused", "busy", "cancelled", "disconnected", "error", "unanswered")
+SAMPLED = {"temperature": 0.8, "top_p": 0.9}
+INVALID = {"top_p": 5.0}  # out of (0, 1] at every door
+DATATYPES = {"max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "seed": "UINT64"}  # Triton inputs
+
+
+@dataclasses.dataclass
+class Ports:
+    http: int
+    grpc: int
+    metrics: int
+    frontend: int
+
+
+@dataclasses.dataclass
+class Result:
+    door: str
+    kind: str
+    outcome: str
+    start: float
+    times: list[float]          # when each piece of text arrived (one for a unary answer)
+    end: float
+    text: str = ""
+    message: str = ""
+    matches: bool | None = None  # greedy under load: equal to its solo answer
+
+
+class Unanswered(Exception):
+    pass
+
+
+def _params(kind: str, seed: int, greedy: dict) -> dict:
+    return {"greedy": greedy, "sampled": dict(SAMPLED, seed=seed), "invalid": INVALID}.get(kind, greedy)
+
+
+# door -> (port name, path, streamed, body(model, prompt, max_tokens, params), text of an event or answer)
+def _triton(model, prompt, n, p):
+    return {"text_input": prompt, "max_tokens": n, **p}
+
+
+def _openai(chat):
+    def body(model, prompt, n, p):
+        where = {"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt}
+        return {"model": model, **where, "max_tokens": n, **p}
+    return body
+
+
+def _tgi(model, prompt, n, p):
+    return {"inputs": prompt, "parameters": {"max_new_tokens": n, "do_sample": bool(p), **p}}
+
+
+def _ms(model, prompt, n, p):
+    p = {k: v for k, v in p.items() if k != "seed"}  # MindSpore Serving has no seed
+    return {"inputs": prompt, "parameters": {"max_new_tokens": n, "do_sample": bool(p), **p}}
+
+
+def _kserve(model, prompt, n, p):
+    inputs = [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [prompt]}]
+    inputs += [{"name": k, "datatype": DATATYPES[k], "shape": [1, 1], "data": [v]}
+               for k, v in dict(p, max_tokens=n).items()]
+    return {"inputs": inputs}
+
+
+def _choice(chat, streamed):
+    def text(event):
+        choices = event.get("choices") or [{}]
+        if chat:
+            return (choices[0].get("delta" if streamed else "message") or {}).get("content") or ""
+        return choices[0].get("text") or ""
+    return text
+
+
+HTTP_DOORS = {
+    "triton_generate": ("http", "/v2/models/{model}_unary/generate", False, _triton, lambda e: e["text_output"]),
+    "triton_generate_stream": ("http", "/v2/models/{model}/generate_stream", True, _triton,
+                               lambda e: e.get("text_output", "")),
+    "kserve_infer": ("http", "/v2/models/{model}_unary/infer", False, _kserve,
+                     lambda e: next(o["data"][0] for o in e["outputs"] if o["name"] == "text_output")),
+    "openai_chat": ("frontend", "/v1/chat/completions", False, _openai(True), _choice(True, False)),
+    "openai_chat_stream": ("frontend", "/v1/chat/completions", True, _openai(True), _choice(True, True)),
+    "openai_completions": ("frontend", "/v1/completions", False, _openai(False), _choice(False, False)),
+    "openai_completions_stream": ("frontend", "/v1/completions", True, _openai(False), _choice(False, True)),
+    "tgi_generate_stream": ("frontend", "/generate_stream", True, _tgi,
+                            lambda e: (e.get("token") or {}).get("text", "")),
+    "ms_generate": ("frontend", "/models/{model}/generate", False, _ms, lambda e: e["generated_text"]),
+}
+DOORS = ("grpc_stream", *HTTP_DOORS)
+STREAMED = {"grpc_stream", *(d for d, spec in HTTP_DOORS.items() if spec[2])}
+
+
+def _error_outcome(message: str) -> str:
+    lower = message.lower()
+    if "server busy" in lower or "unavailable" in lower:
+        return "busy"
+    if "invalid" in lower or "invalid_arg" in lower:
+        return "refused"
+    return "error"
+
+
+def send(ports: Ports, model: str, door: str, kind: str, prompt: str, max_tokens: int, timeout: float,
+         seed: int = 0, reference: str | None = None) -> Result:
+    """One request of `kind` (greedy, sampled, invalid, cancel: a gRPC stream cancelled after its first piece,
+    disconnect: an SSE client that closes after its first event; on other doors these two are greedy requests)
+    through `door`; never raises. A request with no final answer nor error within `timeout` is `unanswered`."""
+    start = time.monotonic()
+    result = Result(door, kind, "error", start, [], start)
+    applies = {"cancel": door == "grpc_stream", "disconnect": door in STREAMED and door != "grpc_stream"}
+    if not applies.get(kind, True):
+        result.kind = kind = "greedy"
+    try:
+        if door == "grpc_stream":
+            _grpc(ports, model, kind, prompt, max_tokens, timeout, seed, result)
+        else:
+            _http(ports, model, door, kind, prompt, max_tokens, timeout, seed, result)
+    except Unanswered as exc:
+        result.outcome, result.message = "unanswered", str(exc)
+    except (socket.timeout, TimeoutError):
+        result.outcome, result.message = "unanswered", f"no answer within {timeout} s"
+    except Exception as exc:  # noqa: BLE001 - every failure is an outcome of the soak
+        result.outcome, result.message = "error", f"{type(exc).__name__}: {exc}"
+    result.end = time.monotonic()
+    if kind == "invalid" and result.outcome == "ok":
+        result.outcome, result.message = "error", "an invalid request was answered"
+    if reference is not None and result.outcome == "ok":
+        result.matches = result.text == reference
+    return result
+
+
+def _http(ports, model, door, kind, prompt, max_tokens, timeout, seed, result) -> None:
+    port_name, path, streamed, body, text = HTTP_DOORS[door]
+    greedy = {"temperature": 0} if port_name == "frontend" and door.startswith("openai") else {}
+    payload = body(model, prompt, max_tokens, _params(kind, seed, greedy))
+    if door == "triton_generate_stream":
+        payload["stream"] = True
+    if door.startswith("openai"):
+        payload["stream"] = streamed
+    deadline = result.start + timeout
+    connection = http.client.HTTPConnection("127.0.0.1", getattr(ports, port_name), timeout=timeout)
+    try:
+        connection.request("POST", path.format(model=model), json.dumps(payload),
+                           {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            result.message = f"HTTP {response.status}: {response.read(300).decode(errors='replace')}"
+            # tritonserver's generate and generate_stream answer "server busy" with 400, /infer with 500
+            result.outcome = ("busy" if response.status == 503 or "server busy" in result.message
+                              else "refused" if 400 <= response.status < 500 else "error")
+            return
+        if not streamed:
+            answer = json.loads(response.read())
+            result.times.append(time.monotonic())
+            result.text, result.outcome = text(answer), "ok"
+            return
+        pieces = []
+        while True:
+            if time.monotonic() > deadline:
+                raise Unanswered(f"stream not ended within {timeout} s")
+            line = response.readline()
+            if not line:  # the server ended the stream
+                result.text, result.outcome = "".join(pieces), "ok"
+                if door.startswith("openai"):  # an OpenAI stream ends with [DONE], else it broke off
+                    result.outcome, result.message = "error", "stream ended without [DONE]"
+                return
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                result.text, result.outcome = "".join(pieces), "ok"
+                return
+            event = json.loads(data)
+            if "error" in event:
+                message = json.dumps(event["error"])
+                result.outcome, result.message = _error_outcome(message), message
+                return
+            pieces.append(text(event))
+            result.times.append(time.monotonic())
+            if kind == "disconnect":
+                result.outcome = "disconnected"
+                return  # the connection is closed below, mid-stream
+            if door == "tgi_generate_stream" and event.get("generated_text") is not None:
+                result.text, result.outcome = "".join(pieces), "ok"
+                return
+            if door == "triton_generate_stream" and event.get("finish_reason"):
+                result.text, result.outcome = "".join(pieces), "ok"
+                return
+    finally:
+        connection.close()
+
+
+def _grpc(ports, model, kind, prompt, max_tokens, timeout, seed, result) -> None:
+    import tritonclient.grpc as grpcclient
+
+    values = {"text_input": ("BYTES", prompt.encode()), "stream": ("BOOL", True),
+              **{k: (DATATYPES[k], v) for k, v in dict(_params(kind, seed, {}), max_tokens=max_tokens).items()}}
+    numpy_types = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
+    inputs = []
+    for name, (datatype, value) in values.items():
+        tensor = grpcclient.InferInput(name, [1, 1], datatype)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=numpy_types[datatype]))
+        inputs.append(tensor)
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    cancel = True
+    try:
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
+        pieces = []
+        while True:
+            try:
+                answer, error = answers.get(timeout=max(result.start + timeout - time.monotonic(), 0.01))
+            except queue.Empty:
+                raise Unanswered(f"no final response within {timeout} s") from None
+            if error is not None:
+                result.outcome, result.message = _error_outcome(str(error)), str(error)
+                return
+            piece = answer.as_numpy("text_output")
+            if piece is not None and piece.size:
+                pieces.append(piece.reshape(-1)[0].decode(errors="replace"))
+                result.times.append(time.monotonic())
+            final = answer.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                result.text, result.outcome = "".join(pieces), "ok"
+                cancel = False
+                return
+            if kind == "cancel" and pieces:
+                result.outcome = "cancelled"
+                return
+    finally:
+        client.stop_stream(cancel_requests=cancel)
+        client.close()
+
+
+def pool_size(repository: Path, model: str) -> tuple[int, int]:
+    """The decode model's sequence slots (max_slots, else max_batch_size) and queue places (max_waiting)."""
+    config = read_config(repository / f"{model}_decode")
+    parameter = lambda name, default: int(config.parameters[name].string_value  # noqa: E731
+                                          if name in config.parameters else default)
+    return parameter("max_slots", config.max_batch_size), parameter("max_waiting", 64)
+
+
+def rss_by_process(serve_pid: int) -> dict[str, float]:
+    """MiB resident of tritonserver, each of its model processes and the frontend that mstriton.serve `serve_pid`
+    started."""
+    def rss(pid: int) -> float:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+    table = processes()
+    found = {}
+    for p in table:
+        if p.ppid != serve_pid or not p.argv:
+            continue
+        if any(b"mstriton.frontend" in a for a in p.argv):
+            found["frontend"] = rss(p.pid)
+        elif p.argv[0].endswith(b"tritonserver"):
+            found["tritonserver"] = rss(p.pid)
+            for pid, model in sorted(model_processes(p.pid, table).items(), key=lambda item: item[1]):
+                found[f"stub {model}"] = rss(pid)
+    return found
+
+
+def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.percentile(values, 50)), float(np.percentile(values, 99))
+
+
+def summary(results: list[Result], memory_start: dict, memory_end: dict, settings: dict) -> dict:
+    doors = {}
+    for door in DOORS:
+        mine = [r for r in results if r.door == door]
+        ok = [r for r in mine if r.outcome == "ok" and r.times]
+        row = {"sent": len(mine), **{o: sum(r.outcome == o for r in mine) for o in OUTCOMES}}
+        if ok:
+            timing = summarize([RequestTiming(r.start, r.times) for r in ok])
+            row.update(ttft_p50_ms=timing.ttft_p50_ms, ttft_p99_ms=timing.ttft_p99_ms)
+        total = _percentiles([(r.end - r.start) * 1e3 for r in ok])
+        row.update(total_p50_ms=total[0], total_p99_ms=total[1])
+        doors[door] = row
+    compared = [r for r in results if r.matches is not None]
+    mismatched = [r for r in compared if not r.matches]
+    memory = {name: {"start_mib": memory_start.get(name), "end_mib": memory_end.get(name),
+                     "growth_mib": (memory_end[name] - memory_start[name])
+                     if name in memory_start and name in memory_end else None}
+              for name in dict.fromkeys([*memory_start, *memory_end])}
+    samples = {}
+    for r in results:
+        if r.outcome in ("error", "unanswered", "busy", "refused") and r.message:
+            samples.setdefault(f"{r.outcome} {r.door}", r.message[:300])
+    # "server busy" is HTTP 503; count the busy answers that came with another status, by door and status
+    busy_status = {}
+    for r in results:
+        if r.outcome == "busy" and r.message.startswith("HTTP ") and not r.message.startswith("HTTP 503"):
+            key = f"{r.door} {r.message.split(':')[0]}"
+            busy_status[key] = busy_status.get(key, 0) + 1
+    return {"settings": settings, "requests": len(results), "doors": doors, "busy_not_503": busy_status,
+            "unanswered": sum(r.outcome == "unanswered" for r in results),
+            "greedy": {"compared": len(compared), "mismatched": len(mismatched),
+                       "mismatches": [{"door": r.door, "text": r.text} for r in mismatched[:10]]},
+            "memory": memory, "messages": samples}
+
+
+def markdown(report: dict) -> str:
+    s = report["settings"]
+    f = lambda v: "" if v is None else f"{v:.0f}"  # noqa: E731
+    lines = [f"# Soak: {s['model']}, {s['minutes']} min", "",
+             f"{s['slots']} decode slots, {s['queue']} queue places; max_tokens {s['max_tokens']}, timeout "
+             f"{s['timeout_s']} s; tritonserver's exit status {s['server_exit']}.", "",
+             f"**{report['requests']} requests, {report['unanswered']} unanswered; greedy answers equal to their solo "
+             f"run: {report['greedy']['compared'] - report['greedy']['mismatched']} of "
+             f"{report['greedy']['compared']}.**", "",
+             "| door | sent | " + " | ".join(OUTCOMES) + " | TTFT p50 / p99 ms | total p50 / p99 ms |",
+             "|---|" + "---:|" * (len(OUTCOMES) + 3)]
+    note = "TTFT: the first piece of a streamed answer; a unary door's is its total time."
+    for door, row in report["doors"].items():
+        lines.append(f"| {door} | {row['sent']} | " + " | ".join(str(row[o]) for o in OUTCOMES)
+                     + f" | {f(row.get('ttft_p50_ms'))} / {f(row.get('ttft_p99_ms'))}"
+                     + f" | {f(row['total_p50_ms'])} / {f(row['total_p99_ms'])} |")
+    if report["busy_not_503"]:
+        note += " Busy answers not given as HTTP 503: " + ", ".join(
+            f"{key} ({n})" for key, n in report["busy_not_503"].items()) + "."
+    lines += ["", note, "", "| process | RSS after warm-up MiB | at the end MiB | growth MiB |", "|---|---:|---:|---:|"]
+    for name, m in report["memory"].items():
+        lines.append(f"| {name} | {f(m['start_mib'])} | {f(m['end_mib'])} | {f(m['growth_mib'])} |")
+    if report["greedy"]["mismatches"]:
+        lines += ["", "Greedy answers that differ from their solo run:", ""]
+        lines += [f"- {m['door']}: {m['text']!r}" for m in report["greedy"]["mismatches"]]
+    if report["messages"]:
+        lines += ["", "One message per outcome and door:", ""]
+        lines += [f"- {key}: `{message}`" for key, message in report["messages"].items()]
+    return "\n".join(lines) + "\n"
