@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from ..params import ParameterError
 # INVALID_REQUEST marks a refused request's message: KServe /infer would otherwise answer HTTP 500. The front and
 # unary models give the code back by it (`with_code_restored`).
-from ..serving.error_marks import INVALID_REQUEST
+from ..serving.error_marks import INVALID_REQUEST, SERVER_BUSY
 from ..serving.finished_streams import FINISHED_STREAMS
 
 
@@ -130,10 +130,13 @@ def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
 
 
 def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":
-    """The error of a BLS call, with INVALID_ARG back if its message carries the refused-request mark."""
+    """The error of a BLS call, with its code back by the mark its message carries: INVALID_ARG for a refused
+    request (HTTP 400), UNAVAILABLE for "server busy" (HTTP 503: KServe /infer answered it with 500)."""
     message = error.message()
-    if INVALID_REQUEST in message and error.code() != pb_utils.TritonError.INVALID_ARG:
-        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    for mark, code in ((INVALID_REQUEST, pb_utils.TritonError.INVALID_ARG),
+                       (SERVER_BUSY, pb_utils.TritonError.UNAVAILABLE)):
+        if mark in message and error.code() != code:
+            return pb_utils.TritonError(message, code)
     return error
 
 
