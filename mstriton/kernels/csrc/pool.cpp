@@ -43,7 +43,7 @@ struct Pool {
   int64_t count = 0, run = 1;
   std::atomic<int64_t> next{0};
   std::atomic<int> pending{0};
-  std::atomic<int> joined{0};
+  std::atomic<int> joined{CLOSED};  // closed: no task of runs yet
 
   void take_runs() {
     for (int64_t begin; (begin = next.fetch_add(run, std::memory_order_relaxed)) < count;)
@@ -145,7 +145,10 @@ struct Pool {
     count = items;
     run = size;
     next.store(0, std::memory_order_relaxed);
-    joined.store(0, std::memory_order_release);  // after the fields: a worker that joins sees them
+    // Open the task after writing its fields (a worker that joins sees them). Only the bit is cleared, never the
+    // count: a worker late for the last task may be between its join and its leave right now, and resetting
+    // the count under it left the count at -1, so that this wait spun forever (seen in a test server).
+    joined.fetch_and(~CLOSED, std::memory_order_acq_rel);
     publish();
     take_runs();
     // Every run is taken: close the task, then wait for the runs still in progress. A worker that had not
