@@ -185,3 +185,29 @@ def test_gguf_blocks_pack_as_the_gguf_package_quantizes():
 def test_machine_floors_are_measured():
     assert kernels.read_bandwidth(64 << 20, reps=2) > 0.5
     assert kernels.fma_peak(1_000_000) > 1.0
+
+
+def test_pool_survives_many_small_calls_from_two_threads():
+    """Workers late for a call (descheduled, or waking) once left the pool's count of joined workers at -1 and the
+    next call spun forever: two threads making many small parallel calls at once must all finish."""
+    import threading
+    import time
+
+    w = pack("Q4_1", np.random.default_rng(3).standard_normal((64, 64)).astype(np.float32))
+    x = np.ones((8, 64), np.float32)
+    expected = kernels.linear("Q4_1", x, w)
+    stop, calls, wrong = time.monotonic() + 4, [0, 0], []
+
+    def loop(i):
+        while time.monotonic() < stop:
+            if not np.array_equal(kernels.linear("Q4_1", x, w), expected):
+                wrong.append(i)
+            calls[i] += 1
+
+    threads = [threading.Thread(target=loop, args=(i,), daemon=True) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a kernel call never returned"
+    assert not wrong and min(calls) > 100
