@@ -3,6 +3,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -113,14 +114,22 @@ struct Pool {
     }
   }
 
+  // The pool for one task of `threads` threads, workers grown to that; false (the caller works alone) when another
+  // thread's task holds it or there is nothing to share. `lock` then holds the pool for the task.
+  bool claim(std::unique_lock<std::mutex> &lock, int &threads) {
+    lock = std::unique_lock<std::mutex>(busy, std::try_to_lock);
+    if (!lock.owns_lock() || threads <= 1) return false;
+    threads = std::min(threads, MAX_THREADS);
+    grow(threads);
+    return true;
+  }
+
   void run_shares(int threads, void (*f)(void *, int, int), void *c) {
-    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
-    if (!lock.owns_lock() || threads <= 1) {  // busy (another thread's call) or nothing to share
+    std::unique_lock<std::mutex> lock;
+    if (!claim(lock, threads)) {
       f(c, 0, 1);
       return;
     }
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    grow(threads);
     runs.store(false, std::memory_order_relaxed);
     fn = f;
     ctx = c;
@@ -132,13 +141,11 @@ struct Pool {
   }
 
   void run_runs(int threads, int64_t items, int64_t size, void (*f)(void *, int64_t, int64_t), void *c) {
-    std::unique_lock<std::mutex> lock(busy, std::try_to_lock);
-    if (!lock.owns_lock() || threads <= 1) {
+    std::unique_lock<std::mutex> lock;
+    if (!claim(lock, threads)) {
       f(c, 0, items);
       return;
     }
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    grow(threads);
     runs.store(true, std::memory_order_relaxed);
     fn_runs = f;
     ctx = c;

@@ -25,12 +25,6 @@ static inline void parallel(int threads, F &&f) {
   mst_parallel(threads, trampoline, &f);
 }
 
-// The [begin, end) share of `count` items for thread t of n.
-static inline void share(int64_t count, int t, int n, int64_t *begin, int64_t *end) {
-  *begin = count * t / n;
-  *end = count * (t + 1) / n;
-}
-
 // Items [0, count) in runs of `run` items, fn(ctx, begin, end), on up to `threads` threads: the caller and the
 // workers take runs from a shared counter. The call returns once every run is done, waiting only for the workers
 // that joined in time; a worker that wakes after the caller took the last run does nothing.
