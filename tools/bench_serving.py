@@ -238,21 +238,70 @@ def ours_runs(name: str, systems: list[str]) -> list[OursRun]:
     return list(runs.values())
 
 
+class BenchServer:
+    """tritonserver for the benchmark's points, started again when it dies under one. The python backend
+    (2.51 here) has an intermittent crash under concurrent decoupled BLS (SIGSEGV, boost lock_exception in
+    libtriton_python.so: tritonserver issue 8882, still open in 2.69); it killed one run at the start of its
+    c=16 points. A point the server died under is measured again, once, on the new server after a warm-up at its
+    concurrency; every crash is a note of the report."""
+
+    def __init__(self, repository: Path, name: str, tag: str, results):
+        self.repository, self.name, self.tag, self.results = repository, name, tag, results
+        self.starts = 0
+        self.server = None
+        self.start()
+
+    def start(self) -> None:
+        from mstriton.server_process import TritonServer
+
+        self.starts += 1
+        suffix = "" if self.starts == 1 else f"_restart{self.starts - 1}"
+        log = BUILD / f"tritonserver_{self.name}_{self.tag}{suffix}.log"
+        say(f"{self.name}, {self.tag}: starting tritonserver (log {log})")
+        self.server = TritonServer(self.repository, log)
+        self.server.wait_ready()
+
+    @property
+    def process(self):
+        return self.server.process
+
+    def stop(self) -> int:
+        return self.server.stop()
+
+    def perf(self, prompts, output_tokens, concurrency, workdir, requests_per_window, **options):
+        """run_perf_analyzer on the current server; if the server dies under it, start a new one, warm it up at
+        this concurrency and run it once more."""
+        from mstriton.bench.triton_run import ServerDied, run_perf_analyzer
+
+        for attempt in (1, 2):
+            try:
+                return run_perf_analyzer(self.server.grpc, self.name, prompts, output_tokens, concurrency, workdir,
+                                         requests_per_window, server=self.server.process, **options)
+            except ServerDied as exc:
+                crash = next((line for line in self.server.tail(40).splitlines() if "Signal (" in line), str(exc))
+                note = (f"{self.name}, {self.tag}: tritonserver died under perf_analyzer at c={concurrency} "
+                        f"({crash.strip()}; log {self.server.log.name}); "
+                        + ("started again and the point measured once more" if attempt == 1 else "gave up the point"))
+                say(note)
+                self.results.notes.append(note)
+                self.server.stop()  # removes what the dead server left in /dev/shm
+                self.start()
+                if attempt == 2:
+                    raise
+                run_perf_analyzer(self.server.grpc, self.name, prompts[:concurrency], output_tokens, concurrency,
+                                  BUILD / "pa_warmup", max(2, concurrency // 2), server=self.server.process)
+
+
 def run_ours_and_engine(results, name, repository, workload, concurrencies, max_slots, run: OursRun):
     """tritonserver and the engine alone take turns point by point (the server idles while the engine runs),
     so that a slow spell of this shared machine falls on both rather than on one. The engine alone holds the
     same graphs and cache as the server's model processes; when the memory left beside the loaded server is less
     than twice what the server holds (the 103M model at 64 slots: about 12 GB each, KV caches still to grow),
     the server measures every point first and stops, then the engine alone loads and measures them."""
-    from mstriton.server_process import TritonServer
-
     server = None
     try:
         if run.server:
-            log = BUILD / f"tritonserver_{name}_{run.tag}.log"
-            say(f"{name}, {run.tag}: starting tritonserver (log {log})")
-            server = TritonServer(repository, log)
-            server.wait_ready()
+            server = BenchServer(repository, name, run.tag, results)
         together = bool(run.engine)
         if server and together:
             served, available = resident_bytes(server.process.pid), available_bytes()
@@ -284,7 +333,6 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
     """Every shape and concurrency, on the server (if given: at one token per response, and at 4 if the run
     asks) and the engine alone (if with_engine), taking turns at each point."""
     from mstriton.bench.engine_alone import EngineAloneProcess
-    from mstriton.bench.triton_run import run_perf_analyzer
 
     engine = None
     try:
@@ -294,7 +342,7 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
         for shape, prompts_by_c in workload.items():
             texts, ids = prompts_by_c[concurrencies[0]]
             if server:  # compile this prompt length's graphs before measuring
-                run_perf_analyzer(server.grpc, name, texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 2)
+                server.perf(texts[:4], shape.output_tokens, 2, BUILD / "pa_warmup", 2)
             if engine:
                 engine.run(ids[:2], shape.output_tokens, 2)
                 times = [engine.prefill_ms(ids[0]) for _ in range(3)]
@@ -309,18 +357,16 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
                 # (seconds for long prompts), and the measured run must not pay it (it did: the engine alone's
                 # first token took 15 s for 16 prompts of 960 tokens, where a batch of 8 prefills in 1.4 s).
                 if server and batched:
-                    run_perf_analyzer(server.grpc, name, texts[:c], shape.output_tokens, c, BUILD / "pa_warmup",
-                                      max(2, c // 2))
+                    server.perf(texts[:c], shape.output_tokens, c, BUILD / "pa_warmup", max(2, c // 2))
                 if engine and batched:
                     engine.run(ids[:c], shape.output_tokens, c)
                 if server and run.plain:
-                    point(results, name, shape, run.plain, c, lambda: run_perf_analyzer(
-                        server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
-                        max(2, -(-len(texts) // 3)))[0])
+                    point(results, name, shape, run.plain, c, lambda: server.perf(
+                        texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}", max(2, -(-len(texts) // 3)))[0])
                 if server and run.grouped:
-                    point(results, name, shape, run.grouped, c, lambda: run_perf_analyzer(
-                        server.grpc, name, texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}",
-                        max(2, -(-len(texts) // 3)), stream_interval=4)[0])
+                    point(results, name, shape, run.grouped, c, lambda: server.perf(
+                        texts, shape.output_tokens, c, BUILD / f"pa_{name}_{c}", max(2, -(-len(texts) // 3)),
+                        stream_interval=4)[0])
                 if engine:
                     point(results, name, shape, run.engine, c, lambda: engine.run(ids, shape.output_tokens, c))
     finally:

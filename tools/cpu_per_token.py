@@ -10,7 +10,8 @@ Serves the converted repository, drives NAME with perf_analyzer --streaming for 
 process's CPU time (/proc/PID/stat) by the tokens the server's own counter (mstriton_generation_tokens_total)
 says it generated. Then, with the server stopped, the engine alone (the same scheduler and graphs in one
 process, mstriton/bench/engine_alone.py) runs the same prompts at the same concurrency; its process's CPU time
-is divided by the tokens it generated. Prints a table and, with --out, saves it as STEM.md and STEM.json.
+is divided by the tokens it generated in a window of the same length, taken from the middle of its run.
+Prints a table and, with --out, saves it as STEM.md and STEM.json.
 """
 
 from __future__ import annotations
@@ -78,20 +79,29 @@ def measure_served(args, prompts: list[str]) -> dict:
 
 
 def measure_engine_alone(args, prompt_ids: list[list[int]]) -> dict:
-    """The engine alone's CPU seconds per generated token on the same prompts, in a process of its own."""
+    """The engine alone's CPU seconds per generated token on the same prompts, in a process of its own, over a
+    steady window like the served side's: the closed loop runs, and the window starts once it has ramped up and
+    ends before its last requests drain (counting whole requests instead would add the ramp and the tail, which
+    the served side's windows do not see)."""
     from mstriton.bench.engine_alone import EngineAloneProcess
 
     engine = EngineAloneProcess(args.repository, args.name, max_slots=args.concurrency)
     try:
         pid = next(iter(engine.pool._processes))  # the one worker process that holds the engine
         engine.run(prompt_ids[:args.concurrency], 4, args.concurrency)  # compile the batch shapes
-        before, started = cpu_seconds(pid), time.monotonic()
-        timings = engine.run(prompt_ids, args.output_tokens, args.concurrency)
-        seconds, cpu = time.monotonic() - started, cpu_seconds(pid) - before
+        running = engine.start_run(prompt_ids, args.output_tokens, args.concurrency)
+        time.sleep(args.ramp_s)
+        # perf_counter is CLOCK_MONOTONIC on Linux: the child's token times are on the same clock
+        started, before = time.perf_counter(), cpu_seconds(pid)
+        time.sleep(2 * args.window_ms / 1e3)
+        ended, cpu = time.perf_counter(), cpu_seconds(pid) - before
+        timings = running.result()
     finally:
         engine.close()
-    tokens = sum(len(t.token_times) for t in timings)
-    return {"tokens": tokens, "seconds": seconds, "us_per_token": cpu / tokens * 1e6}
+    if max(t.token_times[-1] for t in timings) < ended:
+        raise SystemExit("the engine alone's run ended inside the window; give it more prompts")
+    tokens = sum(started <= moment < ended for t in timings for moment in t.token_times)
+    return {"tokens": tokens, "seconds": ended - started, "us_per_token": cpu / tokens * 1e6}
 
 
 def report(args, served: dict, engine: dict) -> str:
@@ -103,8 +113,9 @@ def report(args, served: dict, engine: dict) -> str:
              f"{args.prompt_tokens} --output-tokens {args.output_tokens} --stream-interval {args.stream_interval}` "
              f"on {args.repository.name}. Machine: {machine_description()}. The served path streamed "
              f"{served['tokens']:.0f} tokens in {served['seconds']:.0f} s (perf_analyzer --streaming, gRPC); "
-             f"then, with the server stopped, the engine alone {engine['tokens']} tokens in "
-             f"{engine['seconds']:.0f} s on the same prompts at the same concurrency.", "",
+             f"then, with the server stopped, the engine alone {engine['tokens']} tokens in a window of "
+             f"{engine['seconds']:.0f} s on the same prompts at the same concurrency (its closed loop running "
+             f"{args.ramp_s:.0f} s before the window and on after it, as perf_analyzer's windows are).", "",
              "| process | CPU per generated token (us) |", "|---|---:|"]
     lines += [f"| {name} | {cost:.0f} |" for name, cost in sorted(costs.items(), key=lambda item: -item[1])]
     lines += [f"| **served path, total** | **{served_total:.0f}** |",
@@ -126,6 +137,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed response")
     parser.add_argument("--window-ms", type=int, default=15000, help="each of perf_analyzer's two windows")
+    parser.add_argument("--ramp-s", type=float, default=10.0,
+                        help="seconds the engine alone's closed loop runs before its window starts")
     parser.add_argument("--out", type=Path, help="save the table as OUT.md and the figures as OUT.json")
     args = parser.parse_args(argv)
     from mstriton.tokenizer import load_tokenizer

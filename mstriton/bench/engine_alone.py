@@ -118,7 +118,11 @@ class EngineAloneProcess:
         self.pool.submit(int).result()  # wait for the load; a failure to load raises here
 
     def run(self, prompts: list[list[int]], output_tokens: int, concurrency: int) -> list[RequestTiming]:
-        return self.pool.submit(_run, prompts, output_tokens, concurrency).result()
+        return self.start_run(prompts, output_tokens, concurrency).result()
+
+    def start_run(self, prompts: list[list[int]], output_tokens: int, concurrency: int):
+        """run() in the background: a future of its timings, for measuring the process while it runs."""
+        return self.pool.submit(_run, prompts, output_tokens, concurrency)
 
     def prefill_ms(self, prompt: list[int]) -> float:
         return self.pool.submit(_prefill_ms, prompt).result()

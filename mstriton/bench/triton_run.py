@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from .timing import RequestTiming
@@ -48,14 +50,21 @@ def timings_from_profile(profile: dict, output_tokens: int, stream_interval: int
     return timings
 
 
+class ServerDied(RuntimeError):
+    """The server exited while perf_analyzer was driving it."""
+
+
 def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_tokens: int, concurrency: int,
-                      workdir: Path, requests_per_window: int,
-                      stream_interval: int = 1) -> tuple[list[RequestTiming], str]:
+                      workdir: Path, requests_per_window: int, stream_interval: int = 1, server=None,
+                      timeout: float = 1800) -> tuple[list[RequestTiming], str]:
     """Count windows of `requests_per_window` (at least 2: a one-request window has an infinite latency
     deviation, which perf_analyzer calls unstable) requests at `concurrency`, three at least, stability check all
     but off (-s 999: on a shared CPU the check only decides how long to run; we report percentiles of every
-    request). Returns the
-    timings and perf_analyzer's own summary text."""
+    request). Returns the timings and perf_analyzer's own summary text.
+
+    `server` (a subprocess.Popen): stop perf_analyzer and raise ServerDied as soon as it exits. perf_analyzer's
+    gRPC streams wait on forever when the server dies under them (seen: tritonserver killed by a SIGSEGV in
+    the python backend at 16 streams, and the benchmark hung until stopped by hand)."""
     workdir.mkdir(parents=True, exist_ok=True)
     data, export = workdir / "input.json", workdir / "profile.json"
     data.write_text(json.dumps(input_data(prompts, output_tokens, stream_interval)))
@@ -64,7 +73,7 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
                "--input-data", str(data), "--concurrency-range", str(concurrency),
                "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
                "--stability-percentage", "999", "--max-trials", "6", "--profile-export-file", str(export)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = _run_watching(command, server, timeout)
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     timings = timings_from_profile(json.loads(export.read_text()), output_tokens, stream_interval)
@@ -72,3 +81,28 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     if short:
         raise RuntimeError(f"{len(short)} of {len(timings)} requests streamed other than {output_tokens} tokens")
     return timings, result.stdout
+
+
+def _run_watching(command: list[str], server, timeout: float) -> subprocess.CompletedProcess:
+    """`command` to its end, unless `server` exits first (ServerDied) or `timeout` seconds pass (RuntimeError)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    process.wait(1)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if server is not None and server.poll() is not None:
+                    raise ServerDied(f"the server exited with status {server.returncode} under perf_analyzer")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"perf_analyzer ran over {timeout:.0f} s")
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(command, process.returncode, out.read(), err.read())
