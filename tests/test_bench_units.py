@@ -4,6 +4,7 @@ exact-length prompts, perf_analyzer's export, and the report."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 from conftest import REPO_ROOT
 from mstriton.bench import report
 from mstriton.bench.timing import RequestTiming, closed_loop, summarize
-from mstriton.bench.triton_run import input_data, timings_from_profile
+from mstriton.bench.triton_run import ServerDied, _run_watching, input_data, timings_from_profile
 
 
 def test_summarize_computes_throughput_ttft_and_inter_token_gaps():
@@ -246,3 +247,16 @@ def test_smollm2_prompts_are_cut_with_the_tokenizer_our_converter_writes(tmp_pat
     assert load_tokenizer(model.tokenizer).encode("Hello world") == [19556, 905]  # no BOS, as llama.cpp
     made = (model.tokenizer / "tokenizer.json").stat().st_mtime_ns
     assert (models.smollm2(tmp_path).tokenizer / "tokenizer.json").stat().st_mtime_ns == made  # not rewritten
+
+
+def test_a_perf_analyzer_run_stops_when_the_server_dies_under_it():
+    """perf_analyzer's streams waited forever on a dead tritonserver; the run must end within a second or two."""
+    server = subprocess.Popen(["sleep", "1"])
+    started = time.monotonic()
+    with pytest.raises(ServerDied, match="exited with status 0"):
+        _run_watching(["sleep", "60"], server, timeout=120)
+    assert time.monotonic() - started < 10
+    finished = _run_watching(["sh", "-c", "echo out; echo err >&2; exit 3"], None, timeout=10)
+    assert (finished.returncode, finished.stdout, finished.stderr) == (3, "out\n", "err\n")
+    with pytest.raises(RuntimeError, match="ran over 1 s"):
+        _run_watching(["sleep", "60"], None, timeout=1)
