@@ -241,8 +241,8 @@ def ours_runs(name: str, systems: list[str]) -> list[OursRun]:
 class BenchServer:
     """tritonserver for the benchmark's points, started again when it dies under one. The python backend
     (2.51 here) has an intermittent crash under concurrent decoupled BLS (SIGSEGV, boost lock_exception in
-    libtriton_python.so: tritonserver issue 8882, still open in 2.69); it killed one run at the start of its
-    c=16 points. A point the server died under is measured again, once, on the new server after a warm-up at its
+    libtriton_python.so: tritonserver issue 8882, still open in 2.69); on 2026-12-02 it killed the server three
+    times in two runs, each at the first burst of a higher concurrency (c=16, c=64). A point the server died under is measured again, once, on the new server after a warm-up at its
     concurrency; every crash is a note of the report."""
 
     def __init__(self, repository: Path, name: str, tag: str, results):
@@ -268,12 +268,12 @@ class BenchServer:
     def stop(self) -> int:
         return self.server.stop()
 
-    def perf(self, prompts, output_tokens, concurrency, workdir, requests_per_window, **options):
+    def perf(self, prompts, output_tokens, concurrency, workdir, requests_per_window, attempts=2, **options):
         """run_perf_analyzer on the current server; if the server dies under it, start a new one, warm it up at
-        this concurrency and run it once more."""
+        this concurrency and run it again, up to `attempts` runs in all."""
         from mstriton.bench.triton_run import ServerDied, run_perf_analyzer
 
-        for attempt in (1, 2):
+        for attempt in range(1, attempts + 1):
             try:
                 return run_perf_analyzer(self.server.grpc, self.name, prompts, output_tokens, concurrency, workdir,
                                          requests_per_window, server=self.server.process, **options)
@@ -281,15 +281,21 @@ class BenchServer:
                 crash = next((line for line in self.server.tail(40).splitlines() if "Signal (" in line), str(exc))
                 note = (f"{self.name}, {self.tag}: tritonserver died under perf_analyzer at c={concurrency} "
                         f"({crash.strip()}; log {self.server.log.name}); "
-                        + ("started again and the point measured once more" if attempt == 1 else "gave up the point"))
+                        + ("started again and the point measured once more" if attempt < attempts
+                           else "gave up the point"))
                 say(note)
                 self.results.notes.append(note)
                 self.server.stop()  # removes what the dead server left in /dev/shm
                 self.start()
-                if attempt == 2:
+                if attempt == attempts:
                     raise
-                run_perf_analyzer(self.server.grpc, self.name, prompts[:concurrency], output_tokens, concurrency,
-                                  BUILD / "pa_warmup", max(2, concurrency // 2), server=self.server.process)
+                self.warm_up(prompts, output_tokens, concurrency, attempts=1)
+
+    def warm_up(self, prompts, output_tokens, concurrency, attempts=2):
+        """A burst of `concurrency` prompts, not measured: prefill compiles each new (batch, length) shape once
+        (seconds for long prompts), and a measured run must not pay it."""
+        self.perf(prompts[:concurrency], output_tokens, concurrency, BUILD / "pa_warmup", max(2, concurrency // 2),
+                  attempts=attempts)
 
 
 def run_ours_and_engine(results, name, repository, workload, concurrencies, max_slots, run: OursRun):
@@ -357,7 +363,7 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
                 # (seconds for long prompts), and the measured run must not pay it (it did: the engine alone's
                 # first token took 15 s for 16 prompts of 960 tokens, where a batch of 8 prefills in 1.4 s).
                 if server and batched:
-                    server.perf(texts[:c], shape.output_tokens, c, BUILD / "pa_warmup", max(2, c // 2))
+                    server.warm_up(texts, shape.output_tokens, c)
                 if engine and batched:
                     engine.run(ids[:c], shape.output_tokens, c)
                 if server and run.plain:
