@@ -86,6 +86,17 @@ class Served:
         """model -> pid of its (one) model process."""
         return {model: pid for pid, model in supervisor.model_processes(self.triton_pid()).items()}
 
+    def decode_running(self) -> float:
+        """Requests generating in the decode batch: the mstriton_requests_running gauge on the metrics port."""
+        url = f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return 0.0
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("mstriton_requests_running{"))
+
     def shm_regions(self) -> set[Path]:
         """The shared-memory regions of the running tritonserver: the one each model process was given."""
         return {supervisor.SHM / p.argv[2].decode() for p in supervisor.processes()
@@ -321,8 +332,12 @@ def test_a_killed_unary_model_process_fails_its_request_and_the_server_comes_bac
     regions = served.shm_regions()
     unary = served.model_pids()[f"{MODEL}_unary"]
     request = UnaryRequest(served, LONG)
-    time.sleep(0.5)  # the request reaches the unary model (it runs for seconds: LONG tokens through BLS)
-    assert request.result.empty(), "the request ended before the kill"
+    # kill once the request generates in the decode batch (it runs for seconds: LONG tokens through BLS)
+    deadline = time.monotonic() + ERROR_WITHIN
+    while served.decode_running() < 1 and request.result.empty():
+        assert time.monotonic() < deadline, f"the request never reached the decode batch:\n{served.tail()}"
+        time.sleep(0.05)
+    assert request.result.empty(), f"the request ended before the kill: {request.result.get()}\n{served.tail()}"
     killed_at = kill(unary)
     assert request.outcome(ERROR_WITHIN) in (None, 503), served.tail()  # connection closed, or refused as busy
     assert_down_then_back(served, killed_at, time.monotonic(), f"{MODEL}_unary")
