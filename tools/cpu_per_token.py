@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mstriton.bench.report import machine_description  # noqa: E402
-from mstriton.bench.triton_run import PERF_ANALYZER, input_data  # noqa: E402
+from mstriton.bench.triton_run import input_data, stream_for_windows  # noqa: E402
 from mstriton.bench.workload import make_prompts  # noqa: E402
 from mstriton.server_process import metric_value, running_server  # noqa: E402
 from mstriton.supervisor import model_processes  # noqa: E402
@@ -54,21 +53,15 @@ def measure_served(args, prompts: list[str]) -> dict:
         data.write_text(json.dumps(input_data(prompts, args.output_tokens, args.stream_interval)))
         warm = data.with_suffix(".warm.json")  # compile the batch shapes before measuring
         warm.write_text(json.dumps(input_data(prompts[:args.concurrency], 4)))
-        subprocess.run([str(PERF_ANALYZER), "-m", args.name, "-i", "grpc", "--streaming", "-u", server.grpc,
-                        "--input-data", str(warm), "--concurrency-range", str(args.concurrency),
-                        "--measurement-mode", "count_windows", "--measurement-request-count",
-                        str(args.concurrency), "--stability-percentage", "999", "--max-trials", "1"],
-                       capture_output=True)
+        # a short window of 4-token requests compiles the batch shapes before measuring
+        stream_for_windows(server.grpc, args.name, warm, args.concurrency, 3000, 1, server.process)
         processes = served_processes(server.process.pid)
         before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         tokens_before = metric_value(server.metrics(), "mstriton_generation_tokens_total", model=args.name)
         started = time.monotonic()
         # Two windows; on a shared CPU perf_analyzer may call them unstable, which does not matter here: the
         # figures come from the server's token counter and /proc, not from perf_analyzer.
-        subprocess.run([str(PERF_ANALYZER), "-m", args.name, "-i", "grpc", "--streaming", "-u", server.grpc,
-                        "--input-data", str(data), "--concurrency-range", str(args.concurrency),
-                        "--measurement-mode", "time_windows", "--measurement-interval", str(args.window_ms),
-                        "--stability-percentage", "999", "--max-trials", "2"], capture_output=True)
+        stream_for_windows(server.grpc, args.name, data, args.concurrency, args.window_ms, 2, server.process)
         seconds = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in processes.items()}
         tokens = metric_value(server.metrics(), "mstriton_generation_tokens_total", model=args.name) - tokens_before
@@ -118,7 +111,10 @@ def report(args, served: dict, engine: dict) -> str:
              f"{args.ramp_s:.0f} s before the window and on after it, as perf_analyzer's windows are).", "",
              "| process | CPU per generated token (us) |", "|---|---:|"]
     lines += [f"| {name} | {cost:.0f} |" for name, cost in sorted(costs.items(), key=lambda item: -item[1])]
+    decode = costs.get(f"{args.name}_decode", 0.0)
     lines += [f"| **served path, total** | **{served_total:.0f}** |",
+              # what the hops cost beside the engine's own process (which also sends each step's responses)
+              f"| served path outside {args.name}_decode, per token of it | {(served_total - decode) / decode:.2f} |",
               f"| engine alone | {engine['us_per_token']:.0f} |",
               f"| **served / engine alone, CPU per token** | **{served_total / engine['us_per_token']:.2f}** |",
               f"| served tokens/s | {served_rate:.1f} |",

@@ -83,6 +83,18 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     return timings, result.stdout
 
 
+def stream_for_windows(grpc_url: str, model: str, data: Path, concurrency: int, window_ms: int, trials: int,
+                       server=None, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """perf_analyzer streaming the requests of `data` (an --input-data file) at `concurrency` for `trials`
+    windows of `window_ms`, the stability check off; the figures are the caller's to read from the server (its
+    token counter, /proc). Stops, as run_perf_analyzer does, when `server` exits (ServerDied)."""
+    command = [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "--streaming", "-u", grpc_url,
+               "--input-data", str(data), "--concurrency-range", str(concurrency),
+               "--measurement-mode", "time_windows", "--measurement-interval", str(window_ms),
+               "--stability-percentage", "999", "--max-trials", str(trials)]
+    return _run_watching(command, server, timeout)
+
+
 def _run_watching(command: list[str], server, timeout: float) -> subprocess.CompletedProcess:
     """`command` to its end, unless `server` exits first (ServerDied) or `timeout` seconds pass (RuntimeError)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
