@@ -260,3 +260,21 @@ def test_a_perf_analyzer_run_stops_when_the_server_dies_under_it():
     assert (finished.returncode, finished.stdout, finished.stderr) == (3, "out\n", "err\n")
     with pytest.raises(RuntimeError, match="ran over 1 s"):
         _run_watching(["sleep", "60"], None, timeout=1)
+
+
+def test_the_soak_report_shows_memory_growth_over_the_second_half_of_the_run():
+    from mstriton.bench import soak
+
+    results = [soak.Result(door="grpc_stream", kind="greedy", outcome="ok", start=0.0, times=[0.1, 0.2], end=0.2,
+                           matches=True),
+               soak.Result(door="openai_chat", kind="invalid", outcome="refused", start=0.0, times=[], end=0.1,
+                           message="HTTP 400: 'top_p' must be a number in (0, 1], got 5.0")]
+    series = [(30.0, {"decode": 3100.0}), (60.0, {"decode": 3900.0}), (90.0, {"decode": 4000.0})]
+    report = soak.summary(results, {"decode": 3000.0}, {"decode": 4050.0}, {"model": "m", "minutes": 2,
+                          "slots": 4, "queue": 8, "max_tokens": 8, "timeout_s": 10, "server_exit": 0}, series)
+    memory = report["memory"]["decode"]
+    # the middle sample is the one nearest half of the last sample's time (45 s): 30 s, the first
+    assert (memory["growth_mib"], memory["middle_mib"], memory["second_half_growth_mib"]) == (1050, 3100, 950)
+    text = soak.markdown(report)
+    assert "| decode | 3000 | 3100 | 4050 | 1050 | 950 |" in text and "at 30 s MiB" in text
+    assert report["requests"] == 2 and report["doors"]["openai_chat"]["refused"] == 1

@@ -54,6 +54,7 @@ class Load:
         self.results: list[Result] = []
         self.started = time.monotonic()
         self.phase = "warm-up"
+        self.memory: list[tuple[float, dict]] = []  # (seconds into the load, RSS by process), every 30 s
 
     def add(self, result: Result) -> None:
         with self.lock:
@@ -128,10 +129,13 @@ def burst(load: Load, ports: Ports, args, size: int) -> None:
     run_clients(client, size, [])
 
 
-def progress(load: Load, stop: threading.Event) -> None:
+def progress(load: Load, stop: threading.Event, serve_pid: int) -> None:
+    """A line every 30 s, and a sample of every process's RSS (whether memory is flat after warm-up)."""
     while not stop.wait(30):
+        memory = rss_by_process(serve_pid)
+        load.memory.append((time.monotonic() - load.started, memory))
         print(f"soak: {time.monotonic() - load.started:5.0f} s, {load.phase}: {len(load.results)} requests "
-              f"{load.counts()}", flush=True)
+              f"{load.counts()}; RSS MiB " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()), flush=True)
 
 
 def main() -> int:
@@ -170,7 +174,7 @@ def main() -> int:
         memory_start = rss_by_process(process.pid)
         print("soak: warmed up; RSS MiB " + ", ".join(f"{k} {v:.0f}" for k, v in memory_start.items()), flush=True)
         load.started = time.monotonic()
-        threading.Thread(target=progress, args=(load, stop), daemon=True).start()
+        threading.Thread(target=progress, args=(load, stop, process.pid), daemon=True).start()
         deadline = load.started + args.minutes * 60
         cycle = min(150.0, args.minutes * 60)  # seconds: at the pool's concurrency, 4x over, then a burst
         while time.monotonic() < deadline - 5:
@@ -187,7 +191,8 @@ def main() -> int:
         print(f"soak: server stopped (exit status {code})", flush=True)
     report = summary(load.results, memory_start, memory_end,
                      dict(model=args.model, repository=str(args.repository), minutes=args.minutes, slots=slots,
-                          queue=waiting, max_tokens=args.max_tokens, timeout_s=args.timeout, server_exit=code))
+                          queue=waiting, max_tokens=args.max_tokens, timeout_s=args.timeout, server_exit=code),
+                     load.memory)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
     args.out.with_suffix(".md").write_text(text)

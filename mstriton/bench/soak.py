@@ -285,7 +285,9 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.percentile(values, 50)), float(np.percentile(values, 99))
 
 
-def summary(results: list[Result], memory_start: dict, memory_end: dict, settings: dict) -> dict:
+def summary(results: list[Result], memory_start: dict, memory_end: dict, settings: dict,
+            memory_series: list[tuple[float, dict]] = ()) -> dict:
+    """`memory_series`: (seconds into the load, rss_by_process) samples taken while it ran."""
     doors = {}
     for door in DOORS:
         mine = [r for r in results if r.door == door]
@@ -303,6 +305,13 @@ def summary(results: list[Result], memory_start: dict, memory_end: dict, setting
                      "growth_mib": (memory_end[name] - memory_start[name])
                      if name in memory_start and name in memory_end else None}
               for name in dict.fromkeys([*memory_start, *memory_end])}
+    # flat after warm-up: the growth over the second half of the run, from the sample nearest its middle
+    if memory_series:
+        middle_s, middle = min(memory_series, key=lambda m: abs(m[0] - memory_series[-1][0] / 2))
+        for name, m in memory.items():
+            m["middle_mib"] = middle.get(name)
+            m["second_half_growth_mib"] = (m["end_mib"] - middle[name]) if name in middle and m["end_mib"] else None
+        settings = {**settings, "memory_middle_s": round(middle_s)}
     samples = {}
     for r in results:
         if r.outcome in ("error", "unanswered", "busy", "refused") and r.message:
@@ -317,7 +326,8 @@ def summary(results: list[Result], memory_start: dict, memory_end: dict, setting
             "unanswered": sum(r.outcome == "unanswered" for r in results),
             "greedy": {"compared": len(compared), "mismatched": len(mismatched),
                        "mismatches": [{"door": r.door, "text": r.text} for r in mismatched[:10]]},
-            "memory": memory, "messages": samples}
+            "memory": memory, "memory_series": [{"s": round(t), "mib": m} for t, m in memory_series],
+            "messages": samples}
 
 
 def markdown(report: dict) -> str:
@@ -339,9 +349,15 @@ def markdown(report: dict) -> str:
     if report["busy_not_503"]:
         note += " Busy answers not given as HTTP 503: " + ", ".join(
             f"{key} ({n})" for key, n in report["busy_not_503"].items()) + "."
-    lines += ["", note, "", "| process | RSS after warm-up MiB | at the end MiB | growth MiB |", "|---|---:|---:|---:|"]
+    middle = s.get("memory_middle_s")
+    lines += ["", note, "", "| process | RSS after warm-up MiB |"
+              + (f" at {middle} s MiB |" if middle is not None else "")
+              + " at the end MiB | growth MiB |" + (" growth since the middle MiB |" if middle is not None else ""),
+              "|---|---:|---:|---:|" + ("---:|---:|" if middle is not None else "")]
     for name, m in report["memory"].items():
-        lines.append(f"| {name} | {f(m['start_mib'])} | {f(m['end_mib'])} | {f(m['growth_mib'])} |")
+        lines.append(f"| {name} | {f(m['start_mib'])} |" + (f" {f(m.get('middle_mib'))} |" if middle is not None else "")
+                     + f" {f(m['end_mib'])} | {f(m['growth_mib'])} |"
+                     + (f" {f(m.get('second_half_growth_mib'))} |" if middle is not None else ""))
     if report["greedy"]["mismatches"]:
         lines += ["", "Greedy answers that differ from their solo run:", ""]
         lines += [f"- {m['door']}: {m['text']!r}" for m in report["greedy"]["mismatches"]]
