@@ -129,3 +129,34 @@ def test_chunked_prefill_equals_the_whole_prompt(tmp_path, length):
         np.testing.assert_allclose(ours[0], whole[0, :, :, :length], rtol=1e-4, atol=1e-5)
     for ours, whole in zip(values, whole_values):
         np.testing.assert_allclose(ours[0], whole[0, :, :length], rtol=1e-4, atol=1e-5)
+
+
+def _resident_mib() -> float:
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+def test_a_prefaulted_kv_pool_is_resident_from_the_start_and_a_lazy_one_is_not():
+    from mstriton.engine.kv_pool import KVPool
+
+    # 16 layers x 640 blocks x 2 heads x 64 dims x 16 positions x 4 bytes x (K + V) = 160 MiB
+    before = _resident_mib()
+    lazy = KVPool(n_layers=16, n_kv_heads=2, head_dim=64, num_blocks=640, block_size=16)
+    assert lazy.nbytes == 160 << 20 and _resident_mib() - before < 20
+    before = _resident_mib()
+    eager = KVPool(n_layers=16, n_kv_heads=2, head_dim=64, num_blocks=640, block_size=16, prefault=True)
+    assert _resident_mib() - before > 140
+    assert not eager.keys.any() and not eager.values.any()  # still zeros
+    del lazy, eager
+
+
+def test_the_default_kv_pool_is_a_share_of_memory_at_most_twice_what_the_slots_hold():
+    from mstriton.engine.kv_pool import DEFAULT_SLOT_MULTIPLE, default_pool_bytes
+
+    share = default_pool_bytes()
+    assert default_pool_bytes(need_bytes=1 << 20) == DEFAULT_SLOT_MULTIPLE << 20  # a small model: megabytes
+    assert default_pool_bytes(need_bytes=share) == share                          # a big one: the share

@@ -75,29 +75,31 @@ def prefill_batches(lengths: list[int], budget: int = PREFILL_SCORE_BUDGET) -> l
     return chunks
 
 
-def pool_blocks(graphs: EngineGraphs, kv_cache_bytes: int | None) -> int:
-    """Blocks (the scratch block included) of a pool of `kv_cache_bytes` (default: default_pool_bytes())."""
+def pool_blocks(graphs: EngineGraphs, kv_cache_bytes: int | None, max_slots: int) -> int:
+    """Blocks (the scratch block included) of a pool of `kv_cache_bytes` (default: default_pool_bytes(), at most
+    a few times what `max_slots` sequences of max_seq_len hold)."""
     c = graphs.config
     block = KVPool.block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, graphs.block_size,
                                graphs.np_dtype)
-    return max(2, (kv_cache_bytes or default_pool_bytes()) // block)
+    need = max_slots * -(-graphs.max_seq_len // graphs.block_size) * block
+    return max(2, (kv_cache_bytes or default_pool_bytes(need)) // block)
 
 
 class Engine:
     def __init__(self, graphs: EngineGraphs, max_slots: int | None = None, kv_cache_bytes: int | None = None,
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, prefault_kv_cache: bool = False):
         """`max_slots`: sequences decoding at once (at most the exported max_batch_size); `kv_cache_bytes`: the
-        pool's size."""
+        pool's size; `prefault_kv_cache`: make the pool resident now (see kv_pool.py)."""
         self.graphs = graphs
         c = graphs.config
         self.max_slots = max_slots or graphs.max_batch_size
         if self.max_slots > graphs.max_batch_size:
             raise ValueError(f"max_slots {self.max_slots} exceeds the exported max_batch_size "
                              f"{graphs.max_batch_size}")
-        num_blocks = pool_blocks(graphs, kv_cache_bytes)
+        num_blocks = pool_blocks(graphs, kv_cache_bytes, self.max_slots)
         self.blocks = BlockManager(num_blocks, graphs.block_size, enable_prefix_caching)
         self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, graphs.block_size,
-                           graphs.np_dtype)
+                           graphs.np_dtype, prefault=prefault_kv_cache)
         self.batch_rows = smallest_fitting(graphs.batch_buckets, self.max_slots)
         # Where the padding rows of a decode batch bucket write: the CPU kernels (packed weight formats) skip rows
         # at position -1 altogether; MindSpore's ops (float32) compute them at position 0 of the scratch block.

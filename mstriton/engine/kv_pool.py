@@ -8,7 +8,12 @@ Row l * N + b is block b of layer l. Within a block, K is stored transposed as t
 block index [L, B, blocks] (block ids plus each layer's offset) and, on the CPU kernels, write the new token's K/V
 into them; prefill results are copied in here.
 
-The pool is sized in bytes: its memory is mapped at start but pages are only touched as blocks fill.
+The pool is sized in bytes. Its pages are touched either as blocks fill (the default, cheap for tests and tools
+that make many engines) or all at start (`prefault`, what the served decode model does): a server's memory is then
+reserved and resident from the start, a pool too big for the machine fails at load rather than under load, and
+its RSS stays flat. Without it the RSS climbs for as long as new blocks are first used: the block manager hands
+out never-used blocks before evicting cached ones, so a 20-minute soak on SmolLM2 touched the 2.4 GB pool a block
+at a time (benchmarks/soak.md).
 """
 
 from __future__ import annotations
@@ -23,24 +28,29 @@ DEFAULT_BLOCK_SIZE = 16
 # Without a configured size the pool takes this share of the machine's memory, within the bounds below.
 DEFAULT_MEMORY_SHARE = 0.1
 DEFAULT_MAX_BYTES = 4 << 30
+# ... and no more than this many times what every decode slot at max_seq_len holds (the rest of a default pool
+# would only ever hold prefix-cache blocks; a small test model needs megabytes, not a share of the machine)
+DEFAULT_SLOT_MULTIPLE = 2
 
 
 def machine_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def default_pool_bytes() -> int:
-    return int(min(machine_memory_bytes() * DEFAULT_MEMORY_SHARE, DEFAULT_MAX_BYTES))
+def default_pool_bytes(need_bytes: int | None = None) -> int:
+    """The pool's size when none is configured; `need_bytes`: what every decode slot at max_seq_len holds."""
+    share = int(min(machine_memory_bytes() * DEFAULT_MEMORY_SHARE, DEFAULT_MAX_BYTES))
+    return share if need_bytes is None else min(share, DEFAULT_SLOT_MULTIPLE * need_bytes)
 
 
 class KVPool:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE, dtype=np.float32):
+                 block_size: int = DEFAULT_BLOCK_SIZE, dtype=np.float32, prefault: bool = False):
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, np.dtype(dtype)
         rows = n_layers * num_blocks
-        self.keys = aligned_zeros((rows, n_kv_heads, head_dim, block_size), self.dtype)
-        self.values = aligned_zeros((rows, n_kv_heads, block_size, head_dim), self.dtype)
+        self.keys = aligned_zeros((rows, n_kv_heads, head_dim, block_size), self.dtype, prefault)
+        self.values = aligned_zeros((rows, n_kv_heads, block_size, head_dim), self.dtype, prefault)
         self.layer_offsets = (np.arange(n_layers, dtype=np.int32) * num_blocks).reshape(-1, 1, 1)
 
     @staticmethod

@@ -14,8 +14,9 @@ import numpy as np
 HUGE_PAGE = 2 << 20
 
 
-def aligned_zeros(shape, dtype) -> np.ndarray:
-    """A zero-filled array in its own anonymous mapping, aligned to a huge page and advised to use them."""
+def aligned_zeros(shape, dtype, prefault: bool = False) -> np.ndarray:
+    """A zero-filled array in its own anonymous mapping, aligned to a huge page and advised to use them.
+    `prefault`: touch every page now (resident from the start) instead of when first written."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     mapping = mmap.mmap(-1, max(nbytes, 1) + HUGE_PAGE)
@@ -23,8 +24,11 @@ def aligned_zeros(shape, dtype) -> np.ndarray:
         mapping.madvise(mmap.MADV_HUGEPAGE)
     raw = np.frombuffer(mapping, np.uint8)
     start = (-raw.ctypes.data) % HUGE_PAGE
+    array = raw[start:start + nbytes]
+    if prefault:
+        array.fill(0)  # a write faults each page in; a read would map the shared zero page
     # The view keeps `raw` (and so the mapping) alive through its .base chain.
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return array.view(dtype).reshape(shape)
 
 
 def aligned_copy(array: np.ndarray) -> np.ndarray:

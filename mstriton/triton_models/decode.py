@@ -60,7 +60,9 @@ class TritonPythonModel:
         pool_bytes = common.parameter(config, "kv_cache_bytes", "")  # empty: a share of the machine's memory
         engine = Engine(graphs, max_slots=int(common.parameter(config, "max_slots", str(graphs.max_batch_size))),
                         kv_cache_bytes=int(pool_bytes) if pool_bytes else None,
-                        enable_prefix_caching=common.parameter(config, "enable_prefix_caching", "true") == "true")
+                        enable_prefix_caching=common.parameter(config, "enable_prefix_caching", "true") == "true",
+                        # resident from the start: flat memory under load, a pool too big fails here
+                        prefault_kv_cache=common.parameter(config, "kv_cache_prefault", "true") == "true")
         pb_utils.Logger.log_info(
             f"{args['model_name']}: KV cache of {engine.blocks.usable_blocks} blocks of {engine.blocks.block_size} "
             f"tokens ({engine.pool.nbytes / 2**20:.0f} MiB), prefix caching "
