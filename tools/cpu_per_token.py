@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     from mstriton.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    prompts = make_prompts(tokenizer, 4 * args.concurrency, args.prompt_tokens, seed=1)
+    # enough distinct prompts that neither side runs out in its window (at c=1 a request is a few seconds)
+    prompts = make_prompts(tokenizer, max(4 * args.concurrency, 64), args.prompt_tokens, seed=1)
     print(f"serving {args.name} at concurrency {args.concurrency}", flush=True)
     served = measure_served(args, prompts)
     print(f"the engine alone at concurrency {args.concurrency}", flush=True)
