@@ -332,7 +332,11 @@ fi
 # ---------------------------------------------------------------------------------------------------------
 step "5/5 CPU kernels (mstriton/kernels)"
 command -v g++ >/dev/null || die "no g++ on PATH: install Debian's build-essential (the kernels are C++)"
-if make -q -C "$ROOT/mstriton/kernels" >/dev/null 2>&1; then
+if [ ! -f "$ROOT/mstriton/kernels/Makefile" ]; then
+  # the image's first layer copies only the requirements and this script (docker/Dockerfile); its second
+  # run, with the sources, builds them
+  say "no mstriton/kernels here (the requirements alone): skipped"
+elif make -q -C "$ROOT/mstriton/kernels" >/dev/null 2>&1; then
   say "up to date: mstriton/kernels/libmstriton_kernels.so"
 else
   say "building mstriton/kernels/libmstriton_kernels.so with $(g++ --version | head -n1) (about a minute)"
