@@ -27,7 +27,7 @@ import pytest
 
 from conftest import save_streaming_checkpoint
 from mstriton import serve, supervisor
-from mstriton.server_process import free_port, terminate, wait_until_healthy
+from mstriton.server_process import free_port, metric_value, terminate, wait_until_healthy
 
 MODEL = "tiny"
 KEY = "faults-admin-key"
@@ -94,8 +94,7 @@ class Served:
                 text = response.read().decode()
         except OSError:
             return 0.0
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("mstriton_requests_running{"))
+        return metric_value(text, "mstriton_requests_running")
 
     def shm_regions(self) -> set[Path]:
         """The shared-memory regions of the running tritonserver: the one each model process was given."""

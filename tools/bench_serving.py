@@ -242,8 +242,9 @@ class BenchServer:
     """tritonserver for the benchmark's points, started again when it dies under one. The python backend
     (2.51 here) has an intermittent crash under concurrent decoupled BLS (SIGSEGV, boost lock_exception in
     libtriton_python.so: tritonserver issue 8882, still open in 2.69); on 2026-12-02 it killed the server three
-    times in two runs, each at the first burst of a higher concurrency (c=16, c=64). A point the server died under is measured again, once, on the new server after a warm-up at its
-    concurrency; every crash is a note of the report."""
+    times in two runs, each at the first burst of a higher concurrency (c=16, c=64). A point the server died
+    under is measured again, once, on the new server after a warm-up at its concurrency; every crash is a note
+    of the report."""
 
     def __init__(self, repository: Path, name: str, tag: str, results):
         self.repository, self.name, self.tag, self.results = repository, name, tag, results

@@ -111,7 +111,7 @@ def report(args, served: dict, engine: dict) -> str:
              f"{args.ramp_s:.0f} s before the window and on after it, as perf_analyzer's windows are).", "",
              "| process | CPU per generated token (us) |", "|---|---:|"]
     lines += [f"| {name} | {cost:.0f} |" for name, cost in sorted(costs.items(), key=lambda item: -item[1])]
-    decode = costs.get(f"{args.name}_decode", 0.0)
+    decode = costs[f"{args.name}_decode"]
     lines += [f"| **served path, total** | **{served_total:.0f}** |",
               # what the hops cost beside the engine's own process (which also sends each step's responses)
               f"| served path outside {args.name}_decode, per token of it | {(served_total - decode) / decode:.2f} |",

@@ -310,7 +310,8 @@ def summary(results: list[Result], memory_start: dict, memory_end: dict, setting
         middle_s, middle = min(memory_series, key=lambda m: abs(m[0] - memory_series[-1][0] / 2))
         for name, m in memory.items():
             m["middle_mib"] = middle.get(name)
-            m["second_half_growth_mib"] = (m["end_mib"] - middle[name]) if name in middle and m["end_mib"] else None
+            m["second_half_growth_mib"] = (m["end_mib"] - middle[name]) \
+                if name in middle and m["end_mib"] is not None else None
         settings = {**settings, "memory_middle_s": round(middle_s)}
     samples = {}
     for r in results:
@@ -349,15 +350,15 @@ def markdown(report: dict) -> str:
     if report["busy_not_503"]:
         note += " Busy answers not given as HTTP 503: " + ", ".join(
             f"{key} ({n})" for key, n in report["busy_not_503"].items()) + "."
+    columns = [("RSS after warm-up MiB", "start_mib"), ("at the end MiB", "end_mib"), ("growth MiB", "growth_mib")]
     middle = s.get("memory_middle_s")
-    lines += ["", note, "", "| process | RSS after warm-up MiB |"
-              + (f" at {middle} s MiB |" if middle is not None else "")
-              + " at the end MiB | growth MiB |" + (" growth since the middle MiB |" if middle is not None else ""),
-              "|---|---:|---:|---:|" + ("---:|---:|" if middle is not None else "")]
+    if middle is not None:  # sampled while it ran
+        columns[1:1] = [(f"at {middle} s MiB", "middle_mib")]
+        columns.append(("growth since the middle MiB", "second_half_growth_mib"))
+    lines += ["", note, "", "| process | " + " | ".join(title for title, _ in columns) + " |",
+              "|---|" + "---:|" * len(columns)]
     for name, m in report["memory"].items():
-        lines.append(f"| {name} | {f(m['start_mib'])} |" + (f" {f(m.get('middle_mib'))} |" if middle is not None else "")
-                     + f" {f(m['end_mib'])} | {f(m['growth_mib'])} |"
-                     + (f" {f(m.get('second_half_growth_mib'))} |" if middle is not None else ""))
+        lines.append(f"| {name} | " + " | ".join(f(m.get(key)) for _, key in columns) + " |")
     if report["greedy"]["mismatches"]:
         lines += ["", "Greedy answers that differ from their solo run:", ""]
         lines += [f"- {m['door']}: {m['text']!r}" for m in report["greedy"]["mismatches"]]

@@ -81,7 +81,7 @@ def pool_blocks(graphs: EngineGraphs, kv_cache_bytes: int | None, max_slots: int
     c = graphs.config
     block = KVPool.block_bytes(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, graphs.block_size,
                                graphs.np_dtype)
-    need = max_slots * -(-graphs.max_seq_len // graphs.block_size) * block
+    need = max_slots * blocks_for(graphs.max_seq_len, graphs.block_size) * block
     return max(2, (kv_cache_bytes or default_pool_bytes(need)) // block)
 
 
