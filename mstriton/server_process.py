@@ -13,7 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .serve import ADMIN_KEY_VARIABLE, restricted_api_args
+from .serve import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE, restricted_api_args
 from .supervisor import SHM, SHM_PATTERN, remove_unmapped_regions, shared_memory_regions  # noqa: F401 (SHM*: API)
 
 
@@ -159,9 +159,10 @@ class FrontendServer:
         command = [sys.executable, "-m", "mstriton.frontend", "--triton-grpc", triton.grpc,
                    "--triton-metrics", f"http://localhost:{triton.metrics_port}/metrics",
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        if api_key:
-            command += ["--api-key", api_key]
         environment = python_environment()
+        environment.pop(API_KEY_VARIABLE, None)
+        if api_key:  # in its environment, as mstriton.serve gives it: never on a command line
+            environment[API_KEY_VARIABLE] = api_key
         if triton.admin_key:
             environment[ADMIN_KEY_VARIABLE] = triton.admin_key
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,

@@ -226,9 +226,17 @@ def test_restricted_api_args_close_every_admin_group_on_both_protocols():
         "--http-restricted-api=model-repository,model-config,shared-memory,logging:admin-key=k",
         "--grpc-restricted-protocol=model-repository,model-config,shared-memory,logging:admin-key=k"]
     assert serve.restricted_api_args("k", serve.ADMIN_APIS) == []
+    assert serve.restricted_api_args("", serve.ADMIN_APIS, inference_key="a-1") == [
+        "--http-restricted-api=inference:authorization=Bearer a-1",
+        "--grpc-restricted-protocol=inference:authorization=Bearer a-1"]
     for bad in ("", "two words", "tab\tkey", "ключ"):
         with pytest.raises(ValueError):
             serve.restricted_api_args(bad)
+        with pytest.raises(ValueError):
+            serve.restricted_api_args("k", inference_key=bad or " ")
+
+
+ADMIN_PLACEHOLDER = serve.argv_secrets.placeholder(serve.SECRET_VARIABLES["admin"])
 
 
 def restriction(argv, capsys, environ=None):
@@ -247,40 +255,87 @@ def restriction(argv, capsys, environ=None):
 
 def test_serve_makes_a_key_and_prints_it_once_when_none_is_given(capsys):
     key, options, out = restriction([], capsys)
-    assert len(key) >= 32 and options == serve.restricted_api_args(key)
+    # tritonserver's options hold a placeholder that argv_secrets fills in its process, never the key
+    assert len(key) >= 32 and options == serve.restricted_api_args(ADMIN_PLACEHOLDER) and key not in str(options)
     assert out.count(key) == 1 and serve.ADMIN_HEADER in out and serve.GRPC_ADMIN_HEADER in out
     assert restriction([], capsys)[0] != key  # a new one each start
 
 
-def test_serve_takes_the_key_from_the_option_or_the_environment_and_does_not_print_it(capsys):
-    for argv, environ in ((["--admin-key", "given-1"], {}), ([], {serve.ADMIN_KEY_VARIABLE: "given-1"}),
-                          (["--admin-key", "given-1"], {serve.ADMIN_KEY_VARIABLE: "other"})):
+def test_serve_takes_the_key_from_a_file_or_the_environment_and_does_not_print_it(capsys, tmp_path):
+    (tmp_path / "admin.key").write_text("given-1\n")
+    for argv, environ in ((["--admin-key-file", str(tmp_path / "admin.key")], {}),
+                          ([], {serve.ADMIN_KEY_VARIABLE: "given-1"}),
+                          (["--admin-key-file", str(tmp_path / "admin.key")], {serve.ADMIN_KEY_VARIABLE: "other"})):
         key, options, out = restriction(argv, capsys, environ)
-        assert key == "given-1" and options == serve.restricted_api_args("given-1")
+        assert key == "given-1" and options == serve.restricted_api_args(ADMIN_PLACEHOLDER)
         assert "given-1" not in out and "admin key" in out
+
+
+@pytest.mark.parametrize("parse, option", [(serve.parse_args, "--admin-key"), (serve.parse_args, "--api-key"),
+                                           (lambda argv: frontend_main(argv), "--triton-admin-key"),
+                                           (lambda argv: frontend_main(argv), "--api-key")])
+def test_serve_and_frontend_refuse_a_key_on_their_command_line(parse, option, capsys):
+    if True:
+        with pytest.raises(SystemExit):
+            parse([option, "on-the-command-line"])
+        err = capsys.readouterr().err
+        assert f"{option} would put the key on the command line" in err and f"{option}-file" in err, err
+
+
+def frontend_main(argv):
+    from mstriton.frontend.__main__ import main
+    return main(argv)
+
+
+def test_key_files_that_cannot_serve_are_named(tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    (tmp_path / "spaced").write_text("two words\n")
+    for name, says in (("empty", "is empty"), ("spaced", "printable ASCII without spaces"), ("missing", "cannot read")):
+        with pytest.raises(ValueError, match=says) as error:
+            serve.read_key(tmp_path / name, serve.API_KEY_VARIABLE, "the API key")
+        assert str(tmp_path / name) in str(error.value)
 
 
 def test_serve_open_api(capsys):
     key, options, _ = restriction(["--open-api", "statistics,trace", "--open-api", "logging"], capsys)
-    assert options == serve.restricted_api_args(key, ["statistics", "trace", "logging"])
+    assert options == serve.restricted_api_args(ADMIN_PLACEHOLDER, ["statistics", "trace", "logging"])
     assert restriction(["--open-api", "all"], capsys)[:2] == (None, [])
     for bad in ("everything", "inference", "statistics,,bogus"):
         with pytest.raises(SystemExit):
             serve.parse_args(["--open-api", bad])
 
 
-def test_serve_passes_unknown_options_to_tritonserver_and_the_key_to_the_frontend_only(monkeypatch):
+def test_serve_passes_unknown_options_to_tritonserver_and_the_keys_to_the_frontend_only(monkeypatch):
     monkeypatch.setenv(serve.ADMIN_KEY_VARIABLE, "env-key")
     args, passthrough = serve.parse_args(["--model-repository", "repo", "--http-port=1", "--log-verbose=1",
                                           "--exit-timeout-secs", "5"])
     assert passthrough == ["--log-verbose=1", "--exit-timeout-secs", "5"]
     command = serve.triton_command(args, ["--restricted"], passthrough)
     assert command[0] == str(Path(sys.prefix) / "bin" / "tritonserver")
+    # beside the frontend, tritonserver listens on loopback only
     assert command[1:] == ["--model-repository", "repo", "--http-port", "1", "--grpc-port", "8001",
-                           "--metrics-port", "8002", "--restricted", "--log-verbose=1", "--exit-timeout-secs", "5"]
-    triton_env, frontend_env = serve.environments("the-key")
-    assert serve.ADMIN_KEY_VARIABLE not in triton_env and frontend_env[serve.ADMIN_KEY_VARIABLE] == "the-key"
+                           "--metrics-port", "8002", "--http-address", "127.0.0.1", "--grpc-address", "127.0.0.1",
+                           "--metrics-address", "127.0.0.1", "--restricted", "--log-verbose=1",
+                           "--exit-timeout-secs", "5"]
+    triton_env, frontend_env = serve.environments("the-key", "api-key")
+    assert serve.ADMIN_KEY_VARIABLE not in triton_env and serve.API_KEY_VARIABLE not in triton_env
+    assert triton_env[serve.SECRET_VARIABLES["admin"]] == "the-key"  # for argv_secrets, which removes it
+    assert triton_env[serve.SECRET_VARIABLES["api"]] == "api-key"
+    assert frontend_env[serve.ADMIN_KEY_VARIABLE] == "the-key" and frontend_env[serve.API_KEY_VARIABLE] == "api-key"
     assert "the-key" not in serve.frontend_command(args)  # not on a command line every local user can list
+
+
+@pytest.mark.parametrize("argv, exposed", [
+    ([], False), (["--expose-triton"], True), (["--no-frontend"], True),
+    (["--http-address", "0.0.0.0"], True), (["--grpc-address=127.0.0.1"], False),
+    (["--metrics-address", "10.1.2.3"], True)])
+def test_tritonserver_listens_beyond_loopback_only_when_asked(argv, exposed):
+    args, passthrough = serve.parse_args(argv)
+    assert serve.triton_exposed(args, passthrough) == exposed
+    command = serve.triton_command(args, [], passthrough)
+    for option in serve.ADDRESS_OPTIONS:  # each address option once: ours (loopback) unless the caller gave one
+        assert command.count(option) + sum(a.startswith(option + "=") for a in command) == (
+            int(not exposed or any(a.startswith(option) for a in passthrough))), command
 
 
 def start_serve(tmp_path, *options, environ=None):
@@ -326,19 +381,89 @@ def test_serve_runs_tritonserver_with_the_printed_key_and_gives_it_to_the_fronte
     assert code == 0, log.read_text()[-2000:]
 
 
+def descendants(pid: int) -> list:
+    table = supervisor.processes()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [p for p in table if p.ppid in frontier]
+        found += children
+        frontier = [p.pid for p in children]
+    return found
+
+
+def listening_addresses(pid: int) -> set[str]:
+    import psutil
+    # gRPC binds an IPv6 socket that takes IPv4 (::ffff:127.0.0.1 is 127.0.0.1)
+    return {c.laddr.ip.removeprefix("::ffff:") for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+API_KEY = secrets.token_urlsafe(24)
+
+
+def test_serve_keeps_every_key_off_command_lines_and_tritonserver_on_loopback(tmp_path):
+    """With the frontend, tritonserver listens on 127.0.0.1 only; no key given in the environment shows on any
+    command line of the processes started (tritonserver holds placeholders, filled inside it: the admin key still
+    opens its admin APIs); the frontend, on every address, wants the API key."""
+    (tmp_path / "api.key").write_text(API_KEY + "\n")
+    process, ports, log = start_serve(tmp_path, "--api-key-file", str(tmp_path / "api.key"),
+                                      environ={serve.ADMIN_KEY_VARIABLE: KEY})
+    try:
+        tree = descendants(process.pid)
+        triton = [p for p in tree if p.argv and p.argv[0].endswith(b"/tritonserver/bin/tritonserver")]
+        assert len(triton) == 1, [p.argv[:1] for p in tree]
+        for p in [supervisor.process(process.pid), *tree]:
+            line = Path(f"/proc/{p.pid}/cmdline").read_bytes()
+            assert KEY.encode() not in line and API_KEY.encode() not in line, line
+        assert listening_addresses(triton[0].pid) == {"127.0.0.1"}
+        index = f"http://127.0.0.1:{ports['http']}/v2/repository/index"
+        assert http("POST", index, headers=serve.http_admin_headers(KEY)) == (200, [])
+        models = f"http://127.0.0.1:{ports['frontend']}/v1/models"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert http("GET", models)[0] == 401
+                break
+            except OSError:  # not listening yet
+                assert time.monotonic() < deadline, log.read_text()[-2000:]
+                time.sleep(0.5)
+        assert http("GET", models, headers={"Authorization": f"Bearer {API_KEY}"})[0] == 200
+        frontend = [p for p in tree if b"mstriton.frontend" in b" ".join(p.argv)]
+        assert len(frontend) == 1 and listening_addresses(frontend[0].pid) == {"0.0.0.0"}
+        assert KEY not in log.read_text() and API_KEY not in log.read_text()
+    finally:
+        code = terminate(process, timeout=60)
+    assert code == 0, log.read_text()[-2000:]
+
+
 def test_serve_no_frontend_runs_tritonserver_alone_with_the_given_key(tmp_path):
     """The images' and the KServe runtime's command: tritonserver alone, as the child of mstriton.serve's supervisor
     (which restarts it when a model process dies, tests/test_faults.py) and gets the container's signals (SIGTERM
     below: exit 0); the key from the environment, not printed."""
-    process, ports, log = start_serve(tmp_path, "--no-frontend", environ={serve.ADMIN_KEY_VARIABLE: KEY})
+    process, ports, log = start_serve(tmp_path, "--no-frontend",
+                                      environ={serve.ADMIN_KEY_VARIABLE: KEY, serve.API_KEY_VARIABLE: API_KEY})
     try:
-        children = [p.argv[0] for p in supervisor.processes() if p.ppid == process.pid]
-        assert len(children) == 1 and children[0].endswith(b"/tritonserver/bin/tritonserver"), children
+        children = [p for p in supervisor.processes() if p.ppid == process.pid]
+        assert len(children) == 1 and children[0].argv[0].endswith(b"/tritonserver/bin/tritonserver"), children
+        # tritonserver is the door: every address, and with an API key its inference wants it
+        assert listening_addresses(children[0].pid) - {"::"} == {"0.0.0.0"}
         grpc = grpc_client(f"127.0.0.1:{ports['grpc']}")
         assert grpc_status(lambda: grpc.get_model_repository_index()) == REFUSED_GRPC
         assert grpc_status(lambda: grpc.get_model_repository_index(headers=serve.grpc_admin_headers(KEY))) == "OK"
+        infer = f"http://127.0.0.1:{ports['http']}/v2/models/{MODEL}/infer"
+        assert http("POST", infer, {"inputs": []})[0] == 403
+        assert http("POST", infer, {"inputs": []}, headers={"Authorization": "Bearer wrong"})[0] == 403
+        # past the key: the empty repository has no such model
+        assert http("POST", infer, {"inputs": []}, headers={"Authorization": f"Bearer {API_KEY}"})[0] == 404
+        import tritonclient.grpc as grpcclient
+        text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"hello"]], np.object_))
+        assert grpc_status(lambda: grpc.infer(MODEL, [text])) == (
+            f"StatusCode.UNAVAILABLE: This protocol is restricted, expecting header '{serve.GRPC_INFERENCE_HEADER}'")
+        assert grpc_status(lambda: grpc.infer(MODEL, [text], headers=serve.grpc_inference_headers(API_KEY))
+                           ).startswith("StatusCode.NOT_FOUND")
         grpc.close()
-        assert KEY not in log.read_text()
+        assert KEY not in log.read_text() and API_KEY not in log.read_text()
     finally:
         code = terminate(process, timeout=60)
     assert code == 0, log.read_text()[-2000:]

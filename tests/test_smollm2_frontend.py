@@ -315,16 +315,25 @@ def running(smollm2_server) -> float:
     ("/v1/completions", {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "stream": True}),
     ("/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}),
     ("/models/smollm2/generate_stream", {"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}),
+    # not streamed: the handler waits for the whole answer, and must still see the client go
+    ("/v1/chat/completions", {"model": "smollm2", "messages": QUESTION, "max_tokens": 400, "min_tokens": 400}),
+    ("/v1/completions", {"model": "smollm2", "prompt": PROMPT, "max_tokens": 400, "min_tokens": 400, "n": 2}),
+    ("/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}),
+    ("/", {"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}),
+    ("/models/smollm2/generate", {"inputs": PROMPT, "parameters": {"max_new_tokens": 400}}),
 ])
 def test_a_client_that_disconnects_frees_its_slot(frontend, smollm2_server, path, body):
+    streamed = path.endswith("_stream") or body.get("stream", False)
+    generations = body.get("n", 1)
     connection = http.client.HTTPConnection("127.0.0.1", frontend.port, timeout=60)
     connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    assert response.status == 200
-    for _ in range(3):
-        response.fp.readline()
+    if streamed:
+        response = connection.getresponse()
+        assert response.status == 200
+        for _ in range(3):
+            response.fp.readline()
     started = time.monotonic()
-    while running(smollm2_server) != 1:  # the gauge is set after the decode step that admitted it
+    while running(smollm2_server) != generations:  # the gauge is set after the decode step that admitted it
         assert time.monotonic() - started < 10, "the generation never showed as running"
         time.sleep(0.05)
     connection.sock.shutdown(2)

@@ -330,7 +330,7 @@ EOF
 fi
 
 # ---------------------------------------------------------------------------------------------------------
-step "5/5 CPU kernels (mstriton/kernels)"
+step "5/5 CPU kernels (mstriton/kernels) and the argv_secrets library"
 command -v g++ >/dev/null || die "no g++ on PATH: install Debian's build-essential (the kernels are C++)"
 if [ ! -f "$ROOT/mstriton/kernels/Makefile" ]; then
   # the image's first layer copies only the requirements and this script (docker/Dockerfile); its second
@@ -343,6 +343,16 @@ else
   make -C "$ROOT/mstriton/kernels" -j2 >"$SHARE/kernels-build.log" 2>&1 || \
     die "building the kernels failed; the compiler said:\n$(tail -n 30 "$SHARE/kernels-build.log")"
   say "done: $("$VENV/bin/python" -c 'from mstriton import kernels; print(kernels.isa(), "kernels,", kernels.threads(), "threads")')"
+fi
+# The library that keeps keys off tritonserver's command line (mstriton/argv_secrets; plain C, seconds).
+if [ -f "$ROOT/mstriton/argv_secrets/Makefile" ]; then
+  if make -q -C "$ROOT/mstriton/argv_secrets" >/dev/null 2>&1; then
+    say "up to date: mstriton/argv_secrets/libargv_secrets.so"
+  else
+    make -C "$ROOT/mstriton/argv_secrets" >"$SHARE/argv-secrets-build.log" 2>&1 || \
+      die "building mstriton/argv_secrets failed; the compiler said:\n$(tail -n 30 "$SHARE/argv-secrets-build.log")"
+    say "built mstriton/argv_secrets/libargv_secrets.so"
+  fi
 fi
 
 printf '\nmstriton install finished in %ds. Use: source %s/bin/activate\n' "$((SECONDS - START_SECONDS))" "$VENV"

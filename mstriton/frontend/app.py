@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..params import LIMITS, RequestLimits
 from . import mindspore_serving_api, openai_api, tgi_api
+from .generation import ClientDisconnected
 from .errors import ApiError
 from .metrics import FrontendMetrics, MetricsMiddleware
 from .triton import Triton
@@ -34,6 +35,11 @@ def create_app(triton: Triton, *, api_key: str | None = None, default_model: str
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return error_response(request, exc)
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, exc: ClientDisconnected):
+        # nobody reads it; 499 (nginx's "client closed request") is what the request counter records
+        return Response(status_code=499)
 
     @app.exception_handler(404)
     async def not_found(request: Request, exc):

@@ -3,7 +3,9 @@ of text the front model streams, with stop strings applied, token details parsed
 
 A door builds Generations from its body, runs them (`stream`, `complete`, `merged` for n > 1) and writes the
 chunks in its own format. Leaving a stream early (a client that went away, a stop string) closes its gRPC
-stream, which cancels the generation in the server.
+stream, which cancels the generation in the server. A door waits for a whole answer (or for a stream's first
+chunk) through `unless_disconnected`, so that a client that hangs up before its answer is ready cancels it too:
+Starlette tells a request handler nothing of a hang-up until it starts writing the response.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, TypeVar
 
 from .stops import StopStrings
 from .triton import Triton
+
+T = TypeVar("T")
 
 # The server's finish reasons (the decode model's, and a stop string matched here) -> OpenAI's.
 OPENAI_FINISH = {"end_id": "stop", "stop": "stop", "stop_string": "stop", "length": "length"}
@@ -153,3 +157,32 @@ async def primed(chunks: AsyncIterator) -> AsyncIterator:
             async for item in chunks:
                 yield item
     return rest()
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client hung up before its answer was ready; the work for it has been cancelled."""
+
+
+async def unless_disconnected(receive, work: Awaitable[T]) -> T:
+    """The result of `work`, unless the HTTP client hangs up first: then `work` is cancelled (closing its gRPC
+    streams, which stops the server's generations at their next step) and ClientDisconnected is raised.
+    `receive`: the request's ASGI receive (request.receive), called only after the body has been read, when
+    the next message it gives is the hang-up."""
+    task = asyncio.ensure_future(work)
+
+    async def hang_up() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(hang_up())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise ClientDisconnected()
+    finally:
+        watch.cancel()
+        if not task.done():  # this coroutine itself was cancelled
+            task.cancel()

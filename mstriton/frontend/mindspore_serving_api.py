@@ -56,12 +56,12 @@ async def _respond(request: Request, model: str, stream: bool | None):
     generation, p, body_stream = await _read(request, model)
     triton = request.app.state.triton
     if not (body_stream if stream is None else stream):
-        result = await gen.complete(triton, generation)
+        result = await gen.unless_disconnected(request.receive, gen.complete(triton, generation))
         return StreamingResponse(iter([(json.dumps({"generated_text": result.text}, ensure_ascii=False) + "\n")
                                        .encode()]), media_type="application/json")
     sse = p.text("return_protocol", "sse") == "sse"
     full_text = p.boolean("return_full_text", False)
-    chunks = await gen.primed(gen.stream(triton, generation))
+    chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.stream(triton, generation)))
 
     async def events():
         texts, index = [], 0

@@ -209,11 +209,11 @@ async def completions(request: Request):
 
     include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
-        results = await gen.complete_all(triton, generations)
+        results = await gen.unless_disconnected(request.receive, gen.complete_all(triton, generations))
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "choices": [choice(i, r.text, r.tokens, r.finish_reason) for i, r in enumerate(results)],
                 "usage": _usage(results)}
-    chunks = await gen.primed(gen.merged(triton, generations))
+    chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.merged(triton, generations)))
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
 
     async def payloads():
@@ -258,13 +258,13 @@ async def chat_completions(request: Request):
 
     include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
-        results = await gen.complete_all(triton, generations)
+        results = await gen.unless_disconnected(request.receive, gen.complete_all(triton, generations))
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
                              "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
                              "finish_reason": r.finish_reason} for i, r in enumerate(results)],
                 "usage": _usage(results)}
-    chunks = await gen.primed(gen.merged(triton, generations))
+    chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.merged(triton, generations)))
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     async def payloads():

@@ -95,12 +95,12 @@ async def _respond(request: Request, generation: gen.Generation, p: Fields, stre
     # return_full_text: generated_text begins with the prompt (the token events do not)
     prefix = generation.prompt if p.boolean("return_full_text", False) else ""
     if not stream:
-        result = await gen.complete(triton, generation)
+        result = await gen.unless_disconnected(request.receive, gen.complete(triton, generation))
         response = {"generated_text": prefix + result.text}
         if p.boolean("details", False):
             response["details"] = _details(result, p, top)
         return [response] if as_list else response
-    chunks = await gen.primed(gen.stream(triton, generation))
+    chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.stream(triton, generation)))
 
     async def events():
         index, texts = 0, []

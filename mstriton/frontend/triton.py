@@ -21,7 +21,7 @@ from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions, model_con
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
-from ..serve import grpc_admin_headers
+from ..serve import grpc_admin_headers, grpc_inference_headers
 from .errors import ApiError, busy, from_triton, invalid
 
 # The front model's inputs -> their wire datatypes (a config's TYPE_STRING is BYTES on the wire)
@@ -53,10 +53,13 @@ class LlmInfo:
 
 
 class Triton:
-    def __init__(self, grpc_url: str, metrics_url: str | None = None, admin_key: str | None = None):
+    def __init__(self, grpc_url: str, metrics_url: str | None = None, admin_key: str | None = None, *,
+                 api_key: str | None = None):
         self.grpc_url = grpc_url
         # the repository index and model configs are admin APIs, closed behind this key (mstriton.serve)
         self._admin_headers = grpc_admin_headers(admin_key) or None
+        # an exposed tritonserver with an API key wants it on inference too (mstriton.serve); a loopback one ignores it
+        self._inference_headers = grpc_inference_headers(api_key) or None
         host = grpc_url.rsplit(":", 1)[0]
         self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
         self._client: grpcclient.InferenceServerClient | None = None
@@ -129,7 +132,7 @@ class Triton:
         async def requests():
             yield {"model_name": llm, "inputs": tensors, "outputs": outputs}
 
-        stream = self.client.stream_infer(requests())
+        stream = self.client.stream_infer(requests(), headers=self._inference_headers)
         finished = False
         try:
             async for result, error in stream:
