@@ -1,12 +1,13 @@
-"""Block accounting of the paged KV cache, without graphs: allocate, share, free, evict, preempt; and the pool's
-copies in and out of blocks."""
+"""Block accounting of the paged KV cache, without graphs: allocate, share, free, evict, preempt, through block
+ids and through the per-sequence API the engine and the scheduler call; and the pool's copies in and out of
+blocks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mstriton.engine.block_manager import SCRATCH_BLOCK, BlockManager, OutOfBlocks, block_keys
+from mstriton.engine.block_manager import SCRATCH_BLOCK, BlockManager, BlockTable, OutOfBlocks, block_keys
 from mstriton.engine.kv_pool import KVPool
 
 
@@ -98,6 +99,104 @@ def test_preempting_a_sequence_gives_back_its_blocks_and_keeps_its_full_ones_fin
     assert grown[0] in new and manager.stats.evictions == 1
     assert len(manager.match_prefix([7, 7, 8, 8])[0]) == 1  # its first block is still cached for the resume
     manager.release(old + grown)
+    manager.check()
+
+
+def _prefilled(manager, tokens):
+    """A prompt allocated and computed whole, its full blocks entered in the prefix cache."""
+    table = manager.allocate_prompt(tokens)
+    manager.cache_full_blocks(table, tokens, len(tokens))
+    return table
+
+
+def test_a_prompt_gets_blocks_for_one_more_position_and_a_second_one_reuses_its_cached_start():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    first = list(range(1, 9))  # two full blocks: three with the first generated token's position
+    table = _prefilled(manager, first)
+    assert len(table.blocks) == 3 and table.cached_tokens == 0 and table.registered == 2
+    assert len(manager.cached) == 2 and manager.num_used == 3
+    second = first[:4] + [50, 51, 52, 53, 54]  # shares the first block only
+    other = manager.allocate_prompt(second)
+    assert other.cached_tokens == 4 and other.blocks[0] == table.blocks[0] and len(other.blocks) == 3
+    assert manager.ref_counts[table.blocks[0]] == 2 and other.registered == 1
+    usage = manager.usage()
+    assert (usage.used, usage.total, usage.block_size) == (5, 9, 4)
+    assert (usage.prefix_queries, usage.prefix_hits) == (len(first) + len(second), 4)
+    manager.free(table)
+    manager.free(other)
+    assert table.blocks == [] and manager.num_used == 0
+    manager.check()
+
+
+def test_a_prompt_found_whole_in_the_cache_still_computes_its_last_block():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    tokens = list(range(1, 9))
+    manager.free(_prefilled(manager, tokens))
+    again = manager.allocate_prompt(tokens)
+    assert again.cached_tokens == 4 and again.registered == 1  # the last token's logits are needed
+    assert manager.usage().prefix_hits == 4
+    manager.free(again)
+    manager.check()
+
+
+def test_a_prompt_is_refused_whole_when_its_cached_blocks_leave_too_few_free():
+    """Cached blocks nobody holds sit in the free list: taking them for a prompt leaves fewer to allocate."""
+    manager = BlockManager(num_blocks=5, block_size=2)
+    cached = [1, 2, 3, 4]
+    manager.free(_prefilled(manager, cached))  # 2 cached blocks and 2 plain ones free
+    holder = manager.allocate_prompt([9])      # takes a plain one: 3 free, 2 of them cached
+    assert manager.num_free == 3
+    before = (list(manager.ref_counts), list(manager.free_list), manager.usage())
+    assert manager.allocate_prompt(cached + [5, 6, 7]) is None  # 2 cached + 2 new > 3 free
+    assert (list(manager.ref_counts), list(manager.free_list), manager.usage()) == before  # nothing taken or counted
+    manager.free(holder)
+    table = manager.allocate_prompt(cached + [5, 6, 7])
+    assert table.cached_tokens == 4 and len(table.blocks) == 4 and manager.num_free == 0
+    manager.free(table)
+    manager.check()
+
+
+def test_make_room_takes_a_block_only_when_the_next_position_starts_one_and_refuses_when_none_is_free():
+    manager = BlockManager(num_blocks=4, block_size=4)
+    table = manager.allocate_prompt([1, 2, 3])  # 4 positions: one block
+    assert len(table.blocks) == 1
+    assert manager.make_room(table, 4) and len(table.blocks) == 1
+    assert manager.make_room(table, 5) and len(table.blocks) == 2
+    other = BlockTable()
+    assert manager.make_room(other, 5) is False and other.blocks == []  # two needed, one free: nothing taken
+    assert manager.num_free == 1
+    assert manager.make_room(other, 4) and manager.num_free == 0
+    assert manager.make_room(table, 9) is False and len(table.blocks) == 2
+    manager.free(table)
+    manager.free(other)
+    manager.check()
+
+
+def test_blocks_filled_by_decoding_are_named_as_a_prompt_of_the_same_tokens_would_be():
+    manager = BlockManager(num_blocks=10, block_size=4)
+    prompt, generated = [1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11]
+    table = _prefilled(manager, prompt)
+    tokens = prompt + generated
+    for computed in range(len(prompt) + 1, len(tokens) + 1):  # one decode step at a time
+        assert manager.make_room(table, computed + 1)
+        manager.cache_full_blocks(table, tokens, computed)
+    assert table.registered == 2 and table.keys == block_keys(tokens, 4)
+    manager.free(table)
+    resumed = manager.allocate_prompt(tokens)  # e.g. after a preemption
+    assert resumed.cached_tokens == 8
+    manager.free(resumed)
+    manager.check()
+
+
+def test_preempt_frees_like_free_and_counts_the_preemption():
+    manager = BlockManager(num_blocks=6, block_size=2)
+    table = _prefilled(manager, [7, 7, 8, 8, 9])
+    manager.preempt(table)
+    usage = manager.usage()
+    assert usage.preemptions == 1 and usage.used == 0 and table.blocks == []
+    assert len(manager.match_prefix([7, 7, 8, 8])[0]) == 2  # its full blocks wait in the prefix cache
+    manager.free(_prefilled(manager, [1]))
+    assert manager.usage().preemptions == 1
     manager.check()
 
 

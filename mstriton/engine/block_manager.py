@@ -10,6 +10,18 @@ hence the same K/V. A block nobody references any more keeps its key and content
 least recently used first; a new prompt takes the longest run of cached blocks that matches its start, and only
 when a block is allocated from the free list is its cached content forgotten (evicted). Block 0 is never handed
 out: it is the scratch block that padding rows of a batch read and write.
+
+The manager owns every count: the engine and the scheduler change blocks only through its per-sequence API
+(after vLLM's kv_cache_manager over its block_pool):
+
+- allocate_prompt(tokens): a BlockTable for a new or resumed prompt, its start taken from the prefix cache;
+  None when too few blocks are free now;
+- make_room(table, positions): one more block when the next token starts a new one; False when none is free;
+- cache_full_blocks(table, tokens, computed): enter the blocks filled so far in the prefix cache;
+- free(table), preempt(table): give a sequence's blocks back (a preemption is counted);
+- usage(): what the metrics read.
+
+Below them, match_prefix / take / allocate / register / release work on block ids (the unit tests call them).
 """
 
 from __future__ import annotations
@@ -46,6 +58,28 @@ class BlockStats:
     preemptions: int = 0     # sequences that gave their blocks back mid-generation
 
 
+@dataclasses.dataclass(eq=False)
+class BlockTable:
+    """The blocks one sequence holds, in position order, and what the prefix cache knows of them. The manager
+    alone changes it; the engine reads `blocks` (the pool's copies, the decode graph's block tables)."""
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    keys: list[BlockKey] = dataclasses.field(default_factory=list)  # chained keys of its full blocks so far
+    registered: int = 0   # leading full blocks entered in the prefix cache
+    cached_tokens: int = 0  # tokens at its start found in the prefix cache when it was allocated
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockUsage:
+    """A snapshot for the metrics: blocks now, and the counters since start (in tokens, or events)."""
+    used: int
+    total: int
+    block_size: int
+    prefix_queries: int
+    prefix_hits: int
+    evictions: int
+    preemptions: int
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if num_blocks < 2:
@@ -57,7 +91,7 @@ class BlockManager:
         self.cached: dict[BlockKey, int] = {}                   # key -> block holding those K/V
         # Unreferenced blocks, in the order they are to be reused: blocks holding nothing first, then cached
         # blocks least recently freed first. (An OrderedDict: taking a cached block back out is O(1).)
-        self.free: collections.OrderedDict[int, None] = collections.OrderedDict(
+        self.free_list: collections.OrderedDict[int, None] = collections.OrderedDict(
             (b, None) for b in range(1, num_blocks))
         self.stats = BlockStats()
 
@@ -70,7 +104,7 @@ class BlockManager:
     @property
     def num_free(self) -> int:
         """Blocks that can be allocated now (cached unreferenced blocks included: they are evicted on use)."""
-        return len(self.free)
+        return len(self.free_list)
 
     @property
     def num_used(self) -> int:
@@ -79,6 +113,68 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         """Blocks a sequence of `tokens` positions needs."""
         return -(-tokens // self.block_size)
+
+    # ---- per sequence: what the engine and the scheduler call ------------------------------------------
+
+    def allocate_prompt(self, tokens: list[int]) -> BlockTable | None:
+        """The blocks `tokens` need, and one more position (for the first generated token), reusing the longest
+        cached run of full blocks at their start (at least the last token is left to compute: its logits are
+        needed). None, and nothing taken, when too few blocks are free now. Counts the prefix-cache lookup."""
+        found, keys = self.match_prefix(tokens)
+        if len(found) * self.block_size >= len(tokens):  # every token cached: the last must still run
+            found = found[:-1]
+        need = self.blocks_for(len(tokens) + 1) - len(found)
+        # cached blocks nobody holds are in the free list: taking them leaves fewer to allocate from
+        if need > self.num_free - sum(self.ref_counts[b] == 0 for b in found):
+            return None
+        self.take(found)
+        blocks = found + self.allocate(need)
+        cached_tokens = len(found) * self.block_size
+        self.stats.prefix_queries += len(tokens)
+        self.stats.prefix_hits += cached_tokens
+        return BlockTable(blocks=blocks, keys=keys, registered=len(found), cached_tokens=cached_tokens)
+
+    def make_room(self, table: BlockTable, positions: int) -> bool:
+        """Make sure `table` holds the blocks of `positions` token positions (a decoding sequence: its computed
+        tokens and the next one). False, and nothing taken, when too few blocks are free (the caller preempts)."""
+        need = self.blocks_for(positions) - len(table.blocks)
+        if need <= 0:
+            return True
+        if need > self.num_free:
+            return False
+        table.blocks += self.allocate(need)
+        return True
+
+    def cache_full_blocks(self, table: BlockTable, tokens: list[int], computed: int) -> None:
+        """The first `computed` of `tokens` have their K/V in `table`'s blocks: enter the blocks they fill that
+        are not entered yet in the prefix cache (the keys of blocks filled by decoding are chained on from the
+        last known one)."""
+        full = computed // self.block_size
+        if full <= table.registered:
+            return
+        if len(table.keys) < full:
+            parent = hash(table.keys[-1]) if table.keys else None
+            start = len(table.keys) * self.block_size
+            table.keys += block_keys(tokens[start:full * self.block_size], self.block_size, parent)
+        for i in range(table.registered, full):
+            self.register(table.blocks[i], table.keys[i])
+        table.registered = full
+
+    def free(self, table: BlockTable) -> None:
+        """Give back every block of `table` (its full ones stay in the prefix cache until their memory is
+        needed); the table is empty afterwards."""
+        self.release(table.blocks)
+        table.blocks, table.registered = [], 0
+
+    def preempt(self, table: BlockTable) -> None:
+        """free(), counted as a preemption: the sequence gives its blocks back mid-generation, to be recomputed."""
+        self.stats.preemptions += 1
+        self.free(table)
+
+    def usage(self) -> BlockUsage:
+        return BlockUsage(used=self.num_used, total=self.usable_blocks, block_size=self.block_size,
+                          prefix_queries=self.stats.prefix_queries, prefix_hits=self.stats.prefix_hits,
+                          evictions=self.stats.evictions, preemptions=self.stats.preemptions)
 
     # ---- prefix cache -----------------------------------------------------------------------------------
 
@@ -109,16 +205,16 @@ class BlockManager:
         """Reference cached blocks a prompt matched (taking them off the free list when nobody held them)."""
         for block in blocks:
             if self.ref_counts[block] == 0:
-                del self.free[block]
+                del self.free_list[block]
             self.ref_counts[block] += 1
 
     def allocate(self, count: int) -> list[int]:
         """`count` blocks for new K/V, each referenced once; OutOfBlocks (and nothing taken) if fewer are free."""
-        if count > len(self.free):
-            raise OutOfBlocks(f"{count} KV blocks asked for, {len(self.free)} free of {self.usable_blocks}")
+        if count > len(self.free_list):
+            raise OutOfBlocks(f"{count} KV blocks asked for, {len(self.free_list)} free of {self.usable_blocks}")
         blocks = []
         for _ in range(count):
-            block, _ = self.free.popitem(last=False)
+            block, _ = self.free_list.popitem(last=False)
             key = self.keys[block]
             if key is not None:  # evict: its contents are about to be overwritten
                 del self.cached[key]
@@ -141,14 +237,14 @@ class BlockManager:
                 raise RuntimeError(f"KV block {block} released more often than it was taken")
             self.ref_counts[block] = count
             if count == 0:
-                self.free[block] = None
+                self.free_list[block] = None
                 if self.keys[block] is None:
-                    self.free.move_to_end(block, last=False)
+                    self.free_list.move_to_end(block, last=False)
 
     def check(self) -> None:
         """Invariants (tests call this): free blocks are exactly the unreferenced ones, the cache index agrees
         with the blocks' keys."""
         unreferenced = {b for b in range(1, self.num_blocks) if self.ref_counts[b] == 0}
-        assert unreferenced == set(self.free), (unreferenced ^ set(self.free))
+        assert unreferenced == set(self.free_list), (unreferenced ^ set(self.free_list))
         assert all(self.keys[b] == k for k, b in self.cached.items())
         assert sum(k is not None for k in self.keys) == len(self.cached)

@@ -8,7 +8,8 @@ A sequence's life: add() matches its prompt against the prefix cache and gives i
 (or None: not enough free blocks now); prefill() computes its uncomputed tokens, all or a chunk at a time, and
 hands back the logits of its last token once every token is in the cache; start_decoding() puts it in the
 decode batch, where each decode() step appends one token; release() gives its blocks back (the full ones stay
-in the prefix cache until their memory is needed).
+in the prefix cache until their memory is needed), and preempt() does so mid-generation. Blocks, reference
+counts and the prefix cache change only through the block manager's per-sequence API (``block_manager.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import gc
 
 import numpy as np
 
-from .block_manager import SCRATCH_BLOCK, BlockKey, BlockManager, OutOfBlocks, block_keys
+from .block_manager import SCRATCH_BLOCK, BlockManager, BlockTable, OutOfBlocks
 from .buckets import prefill_lengths, smallest_fitting
 from .graphs import EngineGraphs, blocks_for
 from .kv_pool import KVPool, default_pool_bytes
@@ -27,13 +28,16 @@ from .kv_pool import KVPool, default_pool_bytes
 @dataclasses.dataclass(eq=False)
 class Sequence:
     """A sequence in the cache. `tokens` are those whose K/V are in the pool or about to be (the prompt, then
-    each decoded step's input token); the first `computed` of them are there."""
+    each decoded step's input token); the first `computed` of them are there, in the blocks of `table`."""
     tokens: list[int]
-    blocks: list[int]
+    table: BlockTable
     computed: int
-    keys: list[BlockKey] = dataclasses.field(default_factory=list)  # chained keys of its full blocks so far
-    registered: int = 0  # full blocks entered in the prefix cache
     slot: int = -1       # its row in the decode batch (index in Engine.running); -1 while not decoding
+
+    @property
+    def blocks(self) -> list[int]:
+        """The pool blocks it holds, in position order (read-only: the block manager changes them)."""
+        return self.table.blocks
 
     @property
     def to_compute(self) -> int:
@@ -132,34 +136,14 @@ class Engine:
         the longest cached prefix. None when too few blocks are free now; PromptTooLong if they never will be."""
         tokens = [int(t) for t in tokens]
         self.check_fits(len(tokens))
-        manager, bs = self.blocks, self.blocks.block_size
-        found, keys = manager.match_prefix(tokens)
-        if len(found) * bs >= len(tokens):  # every token cached: the last must still run, for its logits
-            found = found[:-1]
-        need = manager.blocks_for(len(tokens) + 1) - len(found)
-        # cached blocks nobody holds are in the free list: taking them leaves fewer to allocate from
-        if need > manager.num_free - sum(manager.ref_counts[b] == 0 for b in found):
+        table = self.blocks.allocate_prompt(tokens)
+        if table is None:
             return None
-        manager.take(found)
-        blocks = found + manager.allocate(need)
-        manager.stats.prefix_queries += len(tokens)
-        manager.stats.prefix_hits += len(found) * bs
-        return Sequence(tokens=tokens, blocks=blocks, computed=len(found) * bs,
-                        keys=keys, registered=len(found))
+        return Sequence(tokens=tokens, table=table, computed=table.cached_tokens)
 
     def _register_full_blocks(self, sequence: Sequence) -> None:
         """Enter the sequence's newly filled blocks in the prefix cache."""
-        full = sequence.computed // self.blocks.block_size
-        if full <= sequence.registered:
-            return
-        if len(sequence.keys) < full:  # keys of blocks filled by decoding: chained on from the last known
-            parent = hash(sequence.keys[-1]) if sequence.keys else None
-            start = len(sequence.keys) * self.blocks.block_size
-            sequence.keys += block_keys(sequence.tokens[start:full * self.blocks.block_size], self.blocks.block_size,
-                                        parent)
-        for i in range(sequence.registered, full):
-            self.blocks.register(sequence.blocks[i], sequence.keys[i])
-        sequence.registered = full
+        self.blocks.cache_full_blocks(sequence.table, sequence.tokens, sequence.computed)
 
     # ---- prefill ----------------------------------------------------------------------------------------
 
@@ -224,13 +208,7 @@ class Engine:
 
     def grow(self, sequence: Sequence) -> bool:
         """Make sure the sequence has a block for its next token; False if none is free (the caller preempts)."""
-        if self.blocks.blocks_for(sequence.computed + 1) <= len(sequence.blocks):
-            return True
-        try:
-            sequence.blocks += self.blocks.allocate(1)
-        except OutOfBlocks:
-            return False
-        return True
+        return self.blocks.make_room(sequence.table, sequence.computed + 1)
 
     def decode(self, next_tokens: dict[Sequence, int] | list[int]) -> np.ndarray:
         """One decode step for every running sequence. `next_tokens` gives each sequence's newest token (by
@@ -266,8 +244,15 @@ class Engine:
 
     def release(self, sequence: Sequence) -> None:
         """Give the sequence's blocks back; if it was decoding, the last running sequence moves into its slot."""
-        self.blocks.release(sequence.blocks)
-        sequence.blocks = []
+        self.blocks.free(sequence.table)
+        self._leave_batch(sequence)
+
+    def preempt(self, sequence: Sequence) -> None:
+        """release(), counted as a preemption (the caller recomputes the sequence later, as a new one)."""
+        self.blocks.preempt(sequence.table)
+        self._leave_batch(sequence)
+
+    def _leave_batch(self, sequence: Sequence) -> None:
         if sequence.slot >= 0:
             last = self.running.pop()
             if last is not sequence:

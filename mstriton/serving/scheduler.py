@@ -135,16 +135,16 @@ class Scheduler:
 
     def stats(self) -> dict[str, float]:
         with self.lock:
-            blocks = self.engine.blocks
+            blocks = self.engine.blocks.usage()
             decoding = [r for r in self.running if r.sequence.slot >= 0]
             return {"running": len(decoding), "prefilling": len(self.running) - len(decoding),
                     "waiting": len(self.waiting),
-                    "kv_blocks_used": blocks.num_used, "kv_blocks_total": blocks.usable_blocks,
+                    "kv_blocks_used": blocks.used, "kv_blocks_total": blocks.total,
                     "kv_block_size": blocks.block_size,
                     "kv_tokens_used": sum(r.sequence.computed for r in self.running),
-                    "prefix_cache_queries": blocks.stats.prefix_queries,
-                    "prefix_cache_hits": blocks.stats.prefix_hits,
-                    "preemptions": blocks.stats.preemptions}
+                    "prefix_cache_queries": blocks.prefix_queries,
+                    "prefix_cache_hits": blocks.prefix_hits,
+                    "preemptions": blocks.preemptions}
 
     # ---- the loop -------------------------------------------------------------------------------------
 
@@ -296,8 +296,7 @@ class Scheduler:
                 self._preempt(self.running[-1])
 
     def _preempt(self, item: Running) -> None:
-        self.engine.blocks.stats.preemptions += 1
-        self.engine.release(item.sequence)
+        self.engine.preempt(item.sequence)
         self.running.remove(item)
         item.resumed = False
         with self.lock:
