@@ -18,8 +18,8 @@ from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
-from .serving.pipeline import CHAT_TEMPLATE_FILE
 from .sources import TEMPLATE_CHOICES, read_source
+from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
 
 STAGING_PREFIX = ".staging-"
 

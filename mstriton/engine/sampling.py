@@ -1,5 +1,6 @@
 """Choosing the next token, per request: greedy or sampling with its own temperature, top-k, top-p, penalties,
-seed, minimum length and banned words. The sampler model and the decode model run this same code.
+seed, minimum length and banned words. The decode model runs this same code for a prompt's first token and for
+every decode step.
 
 Nothing is shared between the rows of a batch: each request carries its settings and its own random generator,
 so a seeded request gives the same tokens whatever runs beside it. Log-probabilities are true log-softmax values

@@ -8,8 +8,8 @@ with static ones (measured; see ``benchmarks/engine.md``).
 Entry points:
 - ``LlamaPrefill``: right-padded prompts -> each prompt's last-position logits and its KV cache.
 - ``LlamaPrefillChunk``: the next chunk of a long prompt, against the cache of the chunks before it.
-- ``LlamaDecode``: one new token for each sequence of a batch, each at its own position, against a KV cache the
-  caller owns and passes in as zero-copy numpy views (``engine/kv_cache.py``).
+- ``LlamaDecode``: one new token for each sequence of a batch, each at its own position, against the paged KV
+  pool the caller owns and passes in as zero-copy numpy views, read through a block index (``engine/kv_pool.py``).
 - ``LlamaLM``: the same network holding Parameters, for training the demo model.
 
 Layout choices, each measured on a 2-core CPU:

@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..params import GenerationParams, check_prompt_fits
-from ..serving.pipeline import PromptEncoder
+from ..serving.prompt import PromptEncoder
 from . import common
 
 

@@ -1,5 +1,6 @@
-"""The request path's steps as plain functions over numpy and Python values: what the tokenizer and sampler
-models run, and what the unit tests call directly."""
+"""A request's prompt to token ids, as plain functions over Python values: what the tokenizer model runs (chat
+template, stop and bad words to ids, the checks that need the prompt's length), and what the unit tests call
+directly."""
 
 from __future__ import annotations
 
