@@ -48,9 +48,9 @@ class Served:
     def __init__(self, repository: Path, log: Path):
         self.ports = {kind: free_port() for kind in ("http", "grpc", "metrics", "frontend")}
         self.log = log
-        env = {k: v for k, v in os.environ.items() if k != serve.ADMIN_KEY_VARIABLE}
+        env = {**os.environ, serve.ADMIN_KEY_VARIABLE: KEY}  # keys never on a command line (serve refuses them)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mstriton.serve", "--model-repository", str(repository), "--admin-key", KEY,
+            [sys.executable, "-m", "mstriton.serve", "--model-repository", str(repository),
              *(f"--{kind}-port={port}" for kind, port in self.ports.items())],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
