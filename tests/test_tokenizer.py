@@ -67,3 +67,17 @@ def test_named_templates_render_one_user_message_as_the_text_templates_they_were
     assert one_turn("chatml") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(TemplateError, match="llama2"):
         ChatTemplate.named("vicuna")
+
+
+def test_a_tokens_own_text_keeps_its_leading_space(tokenizer):
+    """TGI's details.tokens[].text and OpenAI's logprobs tokens: a token's text as it stands in the output, so a
+    sentencepiece word token ("▁an") keeps its space (decoded alone, sentencepiece drops it), and the texts of an
+    ASCII sentence's tokens join to the sentence (after its first token)."""
+    from mstriton.serving.token_details import TokenDetails
+
+    details = TokenDetails(tokenizer)
+    text = "The quick brown fox jumps over the lazy dog"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    texts = [details.text_of(i)[0] for i in ids]
+    assert any(t.startswith(" ") for t in texts), texts
+    assert "".join(texts).strip() == text and "".join(texts[1:]) == tokenizer.decode(ids)[len(texts[0].strip()):]

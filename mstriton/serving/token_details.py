@@ -12,13 +12,21 @@ from ..tokenizer import TextTokenizer
 class TokenDetails:
     def __init__(self, tokenizer: TextTokenizer):
         self.tokenizer = tokenizer
+        # A plain token to decode each token after: a tokenizer drops the leading space of a whole text
+        # (sentencepiece's "▁an" alone decodes to "an"), never that of a token in the middle, and TGI and OpenAI give
+        # a token's text as it stands in the middle of the output, space included.
+        anchor = tokenizer.encode("a", add_special_tokens=False)
+        self.anchor = anchor[-1:] if anchor else []
+        self.anchor_text = tokenizer.decode(self.anchor, skip_special_tokens=False)
 
     @functools.lru_cache(maxsize=65536)
     def text_of(self, token: int) -> tuple[str, bool]:
-        """A token's text by itself (special tokens included), and whether it is special: a token whose text
-        vanishes when special tokens are skipped."""
-        text = self.tokenizer.decode([token], skip_special_tokens=False)
-        return text, bool(text) and not self.tokenizer.decode([token], skip_special_tokens=True)
+        """A token's text as it stands after other text (special tokens included), and whether it is special: a
+        token whose text vanishes when special tokens are skipped."""
+        alone = self.tokenizer.decode([token], skip_special_tokens=False)
+        after = self.tokenizer.decode(self.anchor + [token], skip_special_tokens=False)
+        text = after[len(self.anchor_text):] if self.anchor and after.startswith(self.anchor_text) else alone
+        return text, bool(alone) and not self.tokenizer.decode([token], skip_special_tokens=True)
 
     def entries(self, ids: list[int], logprobs: list[float], tops: list[list[tuple[int, float]]]) -> list[dict]:
         """One dict per token of `ids` (the newest tokens of a response, in order)."""
