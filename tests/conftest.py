@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import inspect
 import json
 import os
+import re
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +18,57 @@ import pytest
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+# ---- the `slow` mark: what `make test-fast` (pytest -m "not slow") leaves out ---------------------------------------
+# A test is slow when its code, or the code of a fixture it uses (directly or through other fixtures), starts
+# tritonserver or the frontend, converts (exports graphs), trains a model, or loads transformers / torch: each costs
+# seconds to minutes, where a unit test takes milliseconds. Read from the code (docstrings and comments left out),
+# so a new test that does one of these is marked without anyone remembering to. `make test` runs every test.
+SLOW_CODE = re.compile(
+    r"(?<![\w.])(running_server|running_frontend|serving_streaming_checkpoint|save_streaming_checkpoint"
+    r"|save_random_hf_\w+|greedy_reference|SmolLM2Reference|convert|export_engine|build_demo_model)\("
+    r"|^\s*(import|from) (torch|transformers)\b|importorskip\('(torch|transformers)'\)"
+    r"|'tritonserver'",  # a tritonserver started by hand (test_install)
+    re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _is_slow_code(func) -> bool:
+    """Whether a test's or a fixture's own code (not its docstring or comments) does something SLOW_CODE names."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return bool(SLOW_CODE.search(ast.unparse(tree)))
+
+
+def _ours(func) -> bool:
+    """Defined under tests/ (pytest's own fixtures, tmp_path and the like, are not read)."""
+    try:
+        return TESTS in Path(inspect.getsourcefile(func)).resolve().parents
+    except TypeError:
+        return False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts tritonserver or the frontend, converts or trains a model, or loads "
+                                       "transformers / torch (make test-fast leaves these out)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        funcs = [getattr(item, "obj", None)]
+        for name in getattr(item, "fixturenames", ()):
+            funcs += [d.func for d in item._fixtureinfo.name2fixturedefs.get(name, ())]
+        if any(f is not None and _ours(f) and _is_slow_code(f) for f in funcs):
+            item.add_marker(pytest.mark.slow)
 
 
 def _save_random(model_class, config_class, folder: Path, seed: int, settings: dict) -> Path:
