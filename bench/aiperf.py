@@ -40,7 +40,7 @@ import numpy as np
 
 from .timing import RequestTiming
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 REQUIREMENTS = ROOT / "requirements-aiperf.txt"
 DEFAULT_VENV = ROOT / "build" / "aiperf-venv"
 SUMMARY_FILE, RECORDS_FILE, INPUTS_FILE = "profile_export_aiperf.json", "profile_export.jsonl", "inputs.json"

@@ -10,10 +10,10 @@ import threading
 import time
 from pathlib import Path
 
-from ..engine.engine import Engine, warm_up, warm_up_prefill
-from ..engine.graphs import EngineGraphs
-from ..params import GenerationParams
-from ..serving.scheduler import DecodeRequest, Scheduler
+from mstriton.engine.engine import Engine, warm_up, warm_up_prefill
+from mstriton.engine.graphs import EngineGraphs
+from mstriton.params import GenerationParams
+from mstriton.serving.scheduler import DecodeRequest, Scheduler
 from .timing import RequestTiming, closed_loop
 
 
@@ -95,7 +95,7 @@ def spawn_with_python_environment() -> None:
     run as the decode model does under tritonserver. Spawned from a process that had imported MindSpore, it ran
     MindSpore's own CPU operators (prefill attention, among others) on one thread (OMP_NUM_THREADS=1), which
     made it slower than the served path at 16 streams."""
-    from ..server_process import MINDSPORE_C_VARIABLES, python_environment
+    from mstriton.server_process import MINDSPORE_C_VARIABLES, python_environment
 
     wanted = python_environment()
     for key in MINDSPORE_C_VARIABLES:

@@ -45,12 +45,12 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..server_process import free_port
+from mstriton.server_process import free_port
 from .timing import PeerUnavailable, RequestTiming, closed_loop
 
 # The sdist this peer is built from; its vendored llama.cpp has tools/server and convert_hf_to_gguf.py.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
-DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[2] / "build" / "llamacpp"
+DEFAULT_CACHE_DIR = Path(__file__).resolve().parents[1] / "build" / "llamacpp"
 # what convert_to_gguf writes (convert_hf_to_gguf.py --outtype); other types (q4_1, ...) need llama-quantize, so
 # only a model's own file of that type is served
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -408,7 +408,7 @@ def check_tokenizer(server, prompts: Sequence[str], tokenizer) -> None:
     """Raise if the GGUF's tokenizer does not give exactly our tokenizer's ids (BOS included, where ours adds
     it) for every prompt: the peer must read the same number of prompt tokens as our server. `tokenizer` is ours:
     a TextTokenizer, or what load_tokenizer takes (a tokenizer.model or tokenizer.json file, or their folder)."""
-    from ..tokenizer import load_tokenizer
+    from mstriton.tokenizer import load_tokenizer
 
     ours = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
     for i, prompt in enumerate(prompts):

@@ -97,7 +97,7 @@ LLAMA_FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 32: "bf
 
 
 def gguf_metadata(gguf: Path) -> dict:
-    from ..model.gguf import open_reader, read_metadata
+    from mstriton.model.gguf import open_reader, read_metadata
 
     return read_metadata(open_reader(gguf))
 
@@ -110,7 +110,7 @@ def write_if_changed(path: Path, content: str) -> None:
 def gguf_tokenizer_folder(metadata: dict, folder: Path) -> Path:
     """The tokenizer files our converter writes for a GGUF file (tokenizer.json, tokenizer_config.json,
     generation_config.json, rebuilt from the file's metadata by model/gguf_tokenizer.py), in `folder`."""
-    from ..model.gguf_tokenizer import tokenizer_files
+    from mstriton.model.gguf_tokenizer import tokenizer_files
 
     folder.mkdir(parents=True, exist_ok=True)
     for file_name, content in tokenizer_files(metadata).items():
@@ -122,7 +122,7 @@ def gguf_model(name: str, gguf: Path, build: Path, progress=print) -> BenchModel
     """A model that ships as one GGUF file: our converter reads the file (at any --weights), prompts are cut with
     the tokenizer it writes, llama.cpp serves the file as it is, and the float32 Hugging Face folder of the other
     systems is made from it by transformers (hf_folder_from_gguf, on first use)."""
-    from ..model.gguf import hf_config
+    from mstriton.model.gguf import hf_config
 
     metadata = gguf_metadata(gguf)
     tokenizer = gguf_tokenizer_folder(metadata, build / f"{name}_tokenizer")
@@ -134,7 +134,7 @@ def gguf_model(name: str, gguf: Path, build: Path, progress=print) -> BenchModel
 
 def smollm2(build: Path, progress=print) -> BenchModel:
     """SmolLM2-135M-Instruct, the GGUF file of mstriton.pretrained (Q4_1 matrices, Q8_0 embeddings)."""
-    from ..pretrained import smollm2_gguf
+    from mstriton.pretrained import smollm2_gguf
 
     return gguf_model("smollm2", smollm2_gguf(), build, progress)
 

@@ -13,7 +13,7 @@ import dataclasses
 import random
 from pathlib import Path
 
-from ..tokenizer import TextTokenizer, load_tokenizer
+from mstriton.tokenizer import TextTokenizer, load_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +28,7 @@ CONCURRENCIES = [1, 4, 16, 64]
 
 
 def corpus_words() -> list[str]:
-    from ..demo.corpus import build_corpus
+    from mstriton.demo.corpus import build_corpus
 
     return build_corpus().split()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mstriton.bench import aiperf
-from mstriton.bench.timing import RequestTiming
+from bench import aiperf
+from bench.timing import RequestTiming
 
 DATA = Path(__file__).resolve().parent / "data" / "aiperf_export"
 

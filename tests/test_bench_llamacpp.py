@@ -11,8 +11,8 @@ import threading
 import pytest
 
 from conftest import copy_test_tokenizer, save_random_hf_llama
-from mstriton.bench import llamacpp
-from mstriton.bench.timing import summarize
+from bench import llamacpp
+from bench.timing import summarize
 
 
 class _Scripted(http.server.BaseHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""Unit tests of the KV-cache benchmark's scenario building and statistics (mstriton/bench/scenarios.py): no
+"""Unit tests of the KV-cache benchmark's scenario building and statistics (bench/scenarios.py): no
 server, no model; a whitespace tokenizer stands in for the served one."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mstriton.bench import scenarios as sc
+from bench import scenarios as sc
 
 
 class WordTokenizer:

@@ -11,9 +11,9 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from mstriton.bench import report
-from mstriton.bench.timing import RequestTiming, closed_loop, summarize
-from mstriton.bench.triton_run import ServerDied, _run_watching, input_data, timings_from_profile
+from bench import report
+from bench.timing import RequestTiming, closed_loop, summarize
+from bench.triton_run import ServerDied, _run_watching, input_data, timings_from_profile
 
 
 def test_summarize_computes_throughput_ttft_and_inter_token_gaps():
@@ -54,7 +54,7 @@ def test_closed_loop_raises_the_first_error():
 
 def test_prompts_have_exactly_the_asked_token_count(tmp_path):
     from conftest import train_byte_fallback_tokenizer
-    from mstriton.bench.workload import make_prompts
+    from bench.workload import make_prompts
     from mstriton.tokenizer import load_tokenizer
 
     tokenizer_file = train_byte_fallback_tokenizer(tmp_path / "tokenizer.model")
@@ -74,7 +74,7 @@ def test_perf_analyzer_input_and_profile_export():
 
 
 def test_grouped_responses_give_each_token_its_response_time():
-    from mstriton.bench.triton_run import tokens_per_response
+    from bench.triton_run import tokens_per_response
 
     assert tokens_per_response(10, 4) == [1, 4, 4, 1] and tokens_per_response(5, 4) == [1, 4]
     assert tokens_per_response(3, 1) == [1, 1, 1] and tokens_per_response(1, 4) == [1]
@@ -146,10 +146,10 @@ def test_every_bench_module_imports():
     import importlib
     import pkgutil
 
-    import mstriton.bench
+    import bench
 
-    for module in pkgutil.iter_modules(mstriton.bench.__path__):
-        importlib.import_module(f"mstriton.bench.{module.name}")
+    for module in pkgutil.walk_packages(bench.__path__, "bench."):
+        importlib.import_module(module.name)
 
 
 def _bench_serving():
@@ -163,7 +163,7 @@ def _bench_serving():
 
 def test_prompts_have_exactly_the_asked_token_count_of_a_tokenizer_json(tmp_path):
     from conftest import copy_test_hf_tokenizer
-    from mstriton.bench.workload import make_prompts
+    from bench.workload import make_prompts
     from mstriton.tokenizer import load_tokenizer
 
     copy_test_hf_tokenizer(tmp_path)
@@ -191,7 +191,7 @@ def test_each_weight_format_is_a_system_of_its_own_repository():
 
 
 def test_llamacpp_types_a_model_cannot_have_are_not_run(tmp_path):
-    from mstriton.bench.models import BenchModel
+    from bench.models import BenchModel
 
     bench = _bench_serving()
     folder = BenchModel("demo", tmp_path, tmp_path, 1024, lambda: tmp_path)
@@ -232,7 +232,7 @@ def test_report_puts_each_format_beside_llamacpp_on_the_same_weights():
 
 
 def test_smollm2_prompts_are_cut_with_the_tokenizer_our_converter_writes(tmp_path):
-    from mstriton.bench import models
+    from bench import models
     from mstriton.model.gguf_tokenizer import tokenizer_files
     from mstriton.tokenizer import load_tokenizer
 
@@ -263,7 +263,7 @@ def test_a_perf_analyzer_run_stops_when_the_server_dies_under_it():
 
 
 def test_the_soak_report_shows_memory_growth_over_the_second_half_of_the_run():
-    from mstriton.bench import soak
+    from mstriton.bench import soak  # moves to bench/ last (issue 26)
 
     results = [soak.Result(door="grpc_stream", kind="greedy", outcome="ok", start=0.0, times=[0.1, 0.2], end=0.2,
                            matches=True),

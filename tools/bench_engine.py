@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
 
-from mstriton.bench.timing import median_time  # noqa: E402
+from bench.timing import median_time  # noqa: E402
 
 FORMATS = ["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
 BATCHES = [1, 16]
@@ -96,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from mstriton import kernels
-    from mstriton.bench import report
+    from bench import report
     from mstriton.engine.graphs import EngineGraphs, export_engine
     from mstriton.pretrained import smollm2_gguf
     from mstriton.sources import read_source

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
-from mstriton.bench import aiperf, report  # noqa: E402
-from mstriton.bench.timing import PeerUnavailable, RequestTiming, closed_loop  # noqa: E402
+from bench import aiperf, report  # noqa: E402
+from bench.timing import PeerUnavailable, RequestTiming, closed_loop  # noqa: E402
 from mstriton.server_process import terminate  # noqa: E402
 
 MODEL = "smollm2"
@@ -104,9 +104,9 @@ def hf_folder(gguf: Path) -> Path:
 
 def llamacpp_gguf(hf_dir: Path, dtype: str) -> Path:
     """The folder as an f32 / f16 GGUF, by the converter of the llama.cpp tree llama-server is built from.
-    (mstriton.bench.llamacpp.convert_to_gguf wants a sentencepiece tokenizer.model; SmolLM2's tokenizer is
+    (bench.llamacpp.convert_to_gguf wants a sentencepiece tokenizer.model; SmolLM2's tokenizer is
     byte-level BPE in tokenizer.json, which the same converter reads.)"""
-    from mstriton.bench import llamacpp
+    from bench import llamacpp
 
     out = BUILD / f"smollm2-{dtype}.gguf"
     wanted = f"{(hf_dir / 'bench_stamp.txt').read_text()} {dtype} {llamacpp.LLAMA_CPP_PYTHON_VERSION}"
@@ -232,8 +232,8 @@ def perf_analyzer_chat(grpc: str, payloads: list[dict], output_tokens: int, conc
                        requests_per_window: int):
     """perf_analyzer --streaming to the front model with the chat requests aiperf sent (their messages, as the
     front model's `messages` input the frontend fills, and the same lengths): the timings, as
-    mstriton.bench.triton_run reads them from the profile export, and the client's CPU seconds."""
-    from mstriton.bench.triton_run import PERF_ANALYZER, timings_from_profile
+    bench.triton_run reads them from the profile export, and the client's CPU seconds."""
+    from bench.triton_run import PERF_ANALYZER, timings_from_profile
 
     workdir.mkdir(parents=True, exist_ok=True)
     data, export = workdir / "input.json", workdir / "profile.json"
@@ -294,7 +294,7 @@ def stream_chat(port: int, body: dict) -> RequestTiming:
 
 
 def thin_client(port: int, payloads: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
-    """aiperf's requests again through /v1, from closed-loop threads of this process (mstriton.bench.timing);
+    """aiperf's requests again through /v1, from closed-loop threads of this process (bench.timing);
     returns the timings and this process's CPU seconds spent meanwhile."""
     closed_loop(payloads[:max(2, concurrency)], concurrency, lambda _i, body: stream_chat(port, body))  # warm-up
     mid = resource.getrusage(resource.RUSAGE_SELF)
@@ -431,7 +431,7 @@ class Bench:
 
     # -- llama.cpp --
     def run_llamacpp(self, hf_dir: Path, dtype: str) -> None:
-        from mstriton.bench import llamacpp
+        from bench import llamacpp
 
         system = LLAMACPP.format(dtype=dtype)
         try:
@@ -459,7 +459,7 @@ class Bench:
 def versions(aiperf_versions: dict) -> dict:
     from importlib.metadata import version
 
-    from mstriton.bench.llamacpp import LLAMA_CPP_PYTHON_VERSION
+    from bench.llamacpp import LLAMA_CPP_PYTHON_VERSION
 
     found = {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)", "perf_analyzer": "2.43 (tritonclient 2.43.0 wheel)",
              "llama.cpp": f"as vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"}

@@ -54,9 +54,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mstriton.bench import scenarios as sc  # noqa: E402
-from mstriton.bench.report import machine_description, write_atomically  # noqa: E402
-from mstriton.bench.timing import run_clients  # noqa: E402
+from bench import scenarios as sc  # noqa: E402
+from bench.report import machine_description, write_atomically  # noqa: E402
+from bench.timing import run_clients  # noqa: E402
 
 SCENARIOS = ("shared-prefix", "multi-turn", "long-prompts", "capacity")
 # the decode model's gauges (mstriton/serving/metrics.py, DecodeMetrics)

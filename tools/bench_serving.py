@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
-from mstriton.bench import report  # noqa: E402
-from mstriton.bench.timing import PeerUnavailable, summarize  # noqa: E402
-from mstriton.bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
+from bench import report  # noqa: E402
+from bench.timing import PeerUnavailable, summarize  # noqa: E402
+from bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
 
 # what writes the configs, graphs and weights of a converted repository: a repository from other code is redone
 CONVERTER_CODE = ["repository.py", "convert.py", "sources.py", "engine/graphs.py", "engine/weight_formats.py",
@@ -110,7 +110,7 @@ def requests_for(shape: Shape, concurrency: int) -> int:
 
 def prepare_model(name: str):
     """The model as each system reads it (models.BenchModel), its files made if missing."""
-    from mstriton.bench import models
+    from bench import models
 
     if name == "smollm2":
         return models.smollm2(BUILD, progress=say)
@@ -163,7 +163,7 @@ def check_served_tokenizer(repository: Path, name: str, tokenizer: Path) -> None
 
 def applicable(model, system: str) -> str | None:
     """Why `system` cannot run on `model` (None: it can)."""
-    from mstriton.bench.llamacpp import GGUF_DTYPES
+    from bench.llamacpp import GGUF_DTYPES
 
     if system.startswith("llamacpp-"):
         gguf_type = system.split("-", 1)[1]
@@ -272,7 +272,7 @@ class BenchServer:
     def perf(self, prompts, output_tokens, concurrency, workdir, requests_per_window, attempts=2, **options):
         """run_perf_analyzer on the current server; if the server dies under it, start a new one, warm it up at
         this concurrency and run it again, up to `attempts` runs in all."""
-        from mstriton.bench.triton_run import ServerDied, run_perf_analyzer
+        from bench.triton_run import ServerDied, run_perf_analyzer
 
         for attempt in range(1, attempts + 1):
             try:
@@ -339,7 +339,7 @@ def measure_points(results, name, repository, workload, concurrencies, max_slots
                    with_engine):
     """Every shape and concurrency, on the server (if given: at one token per response, and at 4 if the run
     asks) and the engine alone (if with_engine), taking turns at each point."""
-    from mstriton.bench.engine_alone import EngineAloneProcess
+    from bench.engine_alone import EngineAloneProcess
 
     engine = None
     try:
@@ -393,7 +393,7 @@ def not_run(results, name, workload, concurrencies, systems, reason) -> None:
 
 
 def run_transformers(results, name, checkpoint, workload, concurrencies, batched, max_sequential):
-    from mstriton.bench.transformers_peer import TransformersPeer
+    from bench.transformers_peer import TransformersPeer
 
     system = report.HF_BATCHED if batched else report.HF_SEQUENTIAL
     peer = TransformersPeer(checkpoint, batched=batched)
@@ -413,7 +413,7 @@ def run_transformers(results, name, checkpoint, workload, concurrencies, batched
 def llamacpp_gguf(model, gguf_type: str) -> Path:
     """The GGUF file llama.cpp serves as `gguf_type`: the model's own file if it is of that type, else one that
     llama.cpp's converter writes from the model's float32 Hugging Face folder."""
-    from mstriton.bench import llamacpp
+    from bench import llamacpp
 
     if model.gguf is not None and gguf_type == model.gguf_type:
         return model.gguf
@@ -423,7 +423,7 @@ def llamacpp_gguf(model, gguf_type: str) -> Path:
 
 
 def run_llamacpp(results, model, workload, concurrencies, gguf_type):
-    from mstriton.bench import llamacpp
+    from bench import llamacpp
 
     name, system = model.name, llamacpp_label(gguf_type)
     try:
@@ -468,7 +468,7 @@ def point(results, name, shape, system, concurrency, measure) -> None:
 def versions() -> dict:
     from importlib.metadata import version
 
-    from mstriton.bench.llamacpp import LLAMA_CPP_PYTHON_VERSION
+    from bench.llamacpp import LLAMA_CPP_PYTHON_VERSION
 
     found = {"tritonserver": "2.51 (nvidia-pytriton 0.7.0)",
              "llama.cpp": f"as vendored in llama-cpp-python {LLAMA_CPP_PYTHON_VERSION}"}

@@ -9,7 +9,7 @@ served path costs over the engine's own work.
 Serves the converted repository, drives NAME with perf_analyzer --streaming for about 30 s, and divides each
 process's CPU time (/proc/PID/stat) by the tokens the server's own counter (mstriton_generation_tokens_total)
 says it generated. Then, with the server stopped, the engine alone (the same scheduler and graphs in one
-process, mstriton/bench/engine_alone.py) runs the same prompts at the same concurrency; its process's CPU time
+process, bench/engine_alone.py) runs the same prompts at the same concurrency; its process's CPU time
 is divided by the tokens it generated in a window of the same length, taken from the middle of its run.
 Prints a table and, with --out, saves it as STEM.md and STEM.json.
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mstriton.bench.report import machine_description  # noqa: E402
-from mstriton.bench.triton_run import input_data, stream_for_windows  # noqa: E402
-from mstriton.bench.workload import make_prompts  # noqa: E402
+from bench.report import machine_description  # noqa: E402
+from bench.triton_run import input_data, stream_for_windows  # noqa: E402
+from bench.workload import make_prompts  # noqa: E402
 from mstriton.server_process import metric_value, running_server  # noqa: E402
 from mstriton.supervisor import model_processes  # noqa: E402
 
@@ -76,7 +76,7 @@ def measure_engine_alone(args, prompt_ids: list[list[int]]) -> dict:
     steady window like the served side's: the closed loop runs, and the window starts once it has ramped up and
     ends before its last requests drain (counting whole requests instead would add the ramp and the tail, which
     the served side's windows do not see)."""
-    from mstriton.bench.engine_alone import EngineAloneProcess
+    from bench.engine_alone import EngineAloneProcess
 
     engine = EngineAloneProcess(args.repository, args.name, max_slots=args.concurrency)
     try:

@@ -76,7 +76,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mstriton.bench import report
+    from bench import report
     from mstriton.engine.graphs import EngineGraphs, export_engine
     from mstriton.pretrained import smollm2_gguf
     from mstriton.sources import read_source

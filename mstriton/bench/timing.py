@@ -1,0 +1,4 @@
+"""Interim (issue 26): the benchmark harness moved to the top-level bench/; the soak (mstriton/bench/soak.py and
+tools/soak.py) moves last, and imports these names from here until then. Removed with it."""
+
+from bench.timing import RequestTiming, run_clients, summarize  # noqa: F401
