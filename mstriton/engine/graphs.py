@@ -23,7 +23,8 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ..config import LlamaConfig
-from ..model.llama import LlamaDecode, LlamaPrefill, LlamaPrefillChunk, weight_names
+from ..model.llama import LlamaDecode, LlamaDecodeStep, LlamaPrefill, LlamaPrefillChunk, weight_names
+from . import weight_blob
 from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, prefill_shape, seq_buckets
 from ..kernels.ops import portable_mindir
 from .kv_pool import DEFAULT_BLOCK_SIZE
@@ -137,7 +138,19 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
 
     # Benchmarks may ask for a subset of buckets; serving uses the full ladders.
     batches, seqs = batches or batch_buckets(max_batch_size), seqs or seq_buckets(max_seq_len)
-    decode = LlamaDecode(config, ms_dtype, max_seq_len, **network_args)
+    # On the CPU kernels, a model without biases decodes a step as one operator over one weight blob
+    # (weight_blob.py): 7 graph inputs instead of one per weight.
+    step = None
+    if weight_blob.step_supported(config, formats):
+        ordered = [arrays[n] for n in names]
+        layout = weight_blob.step_layout(config, names, ordered, formats)
+        step = {"layout": layout.tolist(), "blob_bytes": weight_blob.offsets(names, ordered)[1]}
+        decode = LlamaDecodeStep(config, max_seq_len, layout)
+        weight_specs_decode = [Tensor(shape=[step["blob_bytes"]], dtype=ms.uint8), spec(arrays["lm_head"])]
+        progress(f"decode steps run as one operator over a {step['blob_bytes'] / 1e6:.0f} MB weight blob")
+    else:
+        decode = LlamaDecode(config, ms_dtype, max_seq_len, **network_args)
+        weight_specs_decode = weight_specs
     layers, kv, hd = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     decode_files = {}
     writes_cache = decode.writes_cache  # the decode graphs store the new K/V into the pool they are given
@@ -149,7 +162,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                       Tensor(shape=[None, kv, hd, kv_block_size], dtype=ms_dtype),
                       Tensor(shape=[None, kv, kv_block_size, hd], dtype=ms_dtype),
                       Tensor(shape=[layers, b, blocks_for(s, kv_block_size)], dtype=ms.int32)]
-            _export(decode, inputs + weight_specs, out_dir / decode_file(b, s))
+            _export(decode, inputs + weight_specs_decode, out_dir / decode_file(b, s))
             decode_files[f"{b}x{s}"] = decode_file(b, s)
             done = len(decode_files)
             eta = (time.monotonic() - started) / done * (total - done)
@@ -159,7 +172,7 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                 "max_batch_size": max_batch_size, "max_seq_len": max_seq_len,
                 "batch_buckets": batches, "seq_buckets": seqs, "weights": WEIGHTS, "weight_names": names,
                 "weights_format": weights_format, "weight_formats": formats, "weight_aliases": aliases,
-                "decode_writes_cache": writes_cache,
+                "decode_writes_cache": writes_cache, "decode_step": step,
                 "prefill": PREFILL, "prefill_chunk": chunk, "decode": decode_files}
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -219,10 +232,22 @@ class EngineGraphs:
         missing = [n for n in self.manifest["weight_names"] if aliases.get(n, n) not in params]
         if missing:
             raise ValueError(f"{self.dir / WEIGHTS} lacks weight tensors {missing[:5]}")
-        loaded = {n: aligned_copy(params[n].asnumpy()) for n in params}
-        del params
-        # An alias is the same array (a tied, packed embedding table is the LM head): in memory once.
-        self.weight_arrays = [loaded[aliases.get(n, n)] for n in self.manifest["weight_names"]]
+        self.step = self.manifest.get("decode_step")
+        names = self.manifest["weight_names"]
+        if self.step:  # one blob (weight_blob.py); every weight is a view of it
+            loaded = {n: params[n].asnumpy() for n in params}
+            self.blob, self.weight_arrays = weight_blob.build(names, [loaded[aliases.get(n, n)] for n in names])
+            layout = weight_blob.step_layout(self.config, names, self.weight_arrays, self.manifest["weight_formats"])
+            if layout.tolist() != self.step["layout"] or self.blob.nbytes < self.step["blob_bytes"]:
+                raise ValueError(f"{self.dir}: the weights do not lay out as the decode graphs were exported")
+            self.blob = self.blob[:self.step["blob_bytes"]]
+            self.step_inputs = [Tensor.from_numpy(self.blob),
+                                Tensor.from_numpy(self.weight_arrays[names.index("lm_head")])]
+        else:
+            loaded = {n: aligned_copy(params[n].asnumpy()) for n in params}
+            # An alias is the same array (a tied, packed embedding table is the LM head): in memory once.
+            self.weight_arrays = [loaded[aliases.get(n, n)] for n in names]
+        del params, loaded
         self.weights = [Tensor.from_numpy(a) for a in self.weight_arrays]
         if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
             self.weights = [w.move_to(self.device) for w in self.weights]
@@ -294,7 +319,7 @@ class EngineGraphs:
             graph = self._graph(self.manifest["decode"][f"{batch}x{seq}"])
             outputs = graph(Tensor(tokens.astype(np.int32)), Tensor(positions.astype(np.int32)),
                             Tensor.from_numpy(k_pool), Tensor.from_numpy(v_pool), Tensor.from_numpy(block_index),
-                            *self.weights)
+                            *(self.step_inputs if self.step else self.weights))
         if self.manifest.get("decode_writes_cache"):
             return outputs[0].asnumpy(), None, None
         layers = self.config.num_hidden_layers

@@ -76,6 +76,13 @@ def decode_layer(fmt: str):
     return custom_op(f"MstDecodeLayerInPlace_{fmt}", inputs, ("float32",))
 
 
+def decode_step():
+    """A whole decode step over one weight blob (engine/weight_blob.py). Inputs: tokens, positions, cos, sin,
+    k_pool, v_pool, block_index, layout, eps, blob, lm_head (a view of the blob). Output: logits [B, V]."""
+    return custom_op("MstDecodeStep", ("int32", "int32", "float32", "float32", "float32", "float32", "int32", "int32",
+                                       "float32", "uint8", "uint8"), ("float32",))
+
+
 def uses_kernels(mindir: bytes) -> bool:
     return LIBRARY_NAME.encode() in mindir
 

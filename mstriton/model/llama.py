@@ -455,6 +455,26 @@ class LlamaDecode(Network):
         return self.decode(weights, tokens, positions, k_pool, v_pool, block_index)
 
 
+class LlamaDecodeStep(Network):
+    """LlamaDecode as one operator of the CPU kernels, its weights in one blob (``engine/weight_blob.py``):
+    Graph inputs: tokens [B], positions [B], the pool K^T and V, the block index [L, B, blocks] (as LlamaDecode),
+    the blob uint8 [bytes] and the LM head (a view of the blob: its shape gives the logits' width).
+    Output: logits [B, V]; the new token's K/V are written into the pool. `layout`: where each weight is in the
+    blob (weight_blob.step_layout), a constant of the graph."""
+
+    def __init__(self, config: LlamaConfig, max_positions: int, layout: np.ndarray):
+        super().__init__(config, ms.float32, max_positions)
+        from ..kernels import ops as kernel_ops
+        self.op_step = kernel_ops.decode_step()
+        self.layout = Tensor(layout, ms.int32)
+        self.eps_tensor = Tensor(np.array([config.rms_norm_eps], np.float32))
+        self.writes_cache = True
+
+    def construct(self, tokens, positions, k_pool, v_pool, block_index, blob, lm_head):
+        return (self.op_step(tokens, positions, self.cos, self.sin, k_pool, v_pool, block_index, self.layout,
+                             self.eps_tensor, blob, lm_head),)
+
+
 class LlamaLM(Network):
     """The network with its weights as Parameters: what the demo model trains."""
 

@@ -9,6 +9,7 @@
 //   MstEmbed_<F>         tokens [...] int32, table [V, row_bytes], like [E] float32 -> [..., E]
 //   MstDecodeAttention   qkv, positions, cos, sin, k_pool, v_pool, block_index, layer -> out; K/V into the pool
 //   MstDecodeLayerInPlace_<F>   a whole decoder layer of a decode step (see run_decode_layer)
+//   MstDecodeStep        a whole decode step, its weights in one blob (see MstDecodeStep)
 // with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
@@ -253,6 +254,40 @@ extern "C" int MstDecodeAttention(AOT_ARGS) {
   return 0;
 }
 
+// The weights and sizes of one decoder layer without biases, its four matrices in one format.
+struct LayerWeights {
+  int format;
+  const float *attention_norm, *ffn_norm;  // [E]
+  const uint8_t *wqkv, *wo, *w_gate_up, *w_down;
+};
+struct LayerDims {
+  int64_t e, heads, dim, ffn;
+};
+
+// One decoder layer over `rows` rows: x [rows, E] -> out [rows, E] (may not alias x). `a` holds the attention's
+// paged-cache arguments for this layer (its block index rows, positions, rotary tables, pools).
+static void decode_layer(const LayerWeights &w, const LayerDims &s, float eps, const float *x, float *out,
+                         int64_t rows, AttentionArgs a) {
+  const Isa &kernels = isa();
+  const int t = threads();
+  const int64_t width = (s.heads + 2 * a.kv_heads) * s.dim;
+  float *qkv = static_cast<float *>(mst_scratch(2, rows * std::max(width, 2 * s.ffn) * sizeof(float)));
+  float *attention = static_cast<float *>(mst_scratch(3, rows * s.heads * s.dim * sizeof(float)));
+  a.qkv = qkv;
+  a.out = attention;
+  kernels.linear(LinearArgs{w.format, PRE_RMSNORM, x, rows, s.e, w.attention_norm, eps, w.wqkv, width, nullptr,
+                            nullptr, qkv, t});
+  kernels.decode_attention(a);
+  kernels.linear(LinearArgs{w.format, PRE_NONE, attention, rows, s.heads * s.dim, nullptr, 0.0f, w.wo, s.e, nullptr,
+                            x, out, t});
+  float *gate_up = qkv;  // q/k/v are used up
+  kernels.linear(LinearArgs{w.format, PRE_RMSNORM, out, rows, s.e, w.ffn_norm, eps, w.w_gate_up, 2 * s.ffn, nullptr,
+                            nullptr, gate_up, t});
+  // the residual is the output itself: each element is read, then written, by one thread
+  kernels.linear(LinearArgs{w.format, PRE_SWIGLU, gate_up, rows, s.ffn, nullptr, 0.0f, w.w_down, s.e, nullptr, out,
+                            out, t});
+}
+
 // One whole decoder layer of a decode step (a model without biases, its four matrices in one format):
 //   x [B, E], positions, cos, sin, k_pool, v_pool, block_index, layer, attention_norm [E], eps [1], wqkv, wo,
 //   ffn_norm [E], w_gate_up, w_down  ->  x_out [B, E]
@@ -272,29 +307,120 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
   const float *x = static_cast<const float *>(params[0]);
   const float eps = *static_cast<const float *>(params[9]);
   float *out = static_cast<float *>(params[15]);
-  float *qkv = static_cast<float *>(mst_scratch(2, b * std::max(width, 2 * ffn) * sizeof(float)));
-  float *attention = static_cast<float *>(mst_scratch(3, b * heads * d * sizeof(float)));
   AttentionArgs a{};
-  if (!paged_attention_args(params, shapes, dtypes, 4, heads * d, attention, &a) || index_rows(shapes, 4) != b)
+  if (!paged_attention_args(params, shapes, dtypes, 4, heads * d, nullptr, &a) || index_rows(shapes, 4) != b)
     return 2;
-  a.qkv = qkv;
-  const Isa &kernels = isa();
-  const int t = threads();
   std::memset(out + a.batch * e, 0, (b - a.batch) * e * sizeof(float));  // padding rows: zeros, not computed
-  const int64_t rows = a.batch;
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, x, rows, e, static_cast<const float *>(params[8]), eps,
-                            static_cast<const uint8_t *>(params[10]), width, nullptr, nullptr, qkv, t});
-  kernels.decode_attention(a);
-  kernels.linear(LinearArgs{format, PRE_NONE, attention, rows, heads * d, nullptr, 0.0f,
-                            static_cast<const uint8_t *>(params[11]), e, nullptr, x, out, t});
-  float *gate_up = qkv;  // q/k/v are used up
-  kernels.linear(LinearArgs{format, PRE_RMSNORM, out, rows, e, static_cast<const float *>(params[12]), eps,
-                            static_cast<const uint8_t *>(params[13]), 2 * ffn, nullptr, nullptr, gate_up, t});
-  // the residual is the output itself: each element is read, then written, by one thread
-  kernels.linear(LinearArgs{format, PRE_SWIGLU, gate_up, rows, ffn, nullptr, 0.0f,
-                            static_cast<const uint8_t *>(params[14]), e, nullptr, out, out, t});
+  const LayerWeights w{format,
+                       static_cast<const float *>(params[8]),
+                       static_cast<const float *>(params[12]),
+                       static_cast<const uint8_t *>(params[10]),
+                       static_cast<const uint8_t *>(params[11]),
+                       static_cast<const uint8_t *>(params[13]),
+                       static_cast<const uint8_t *>(params[14])};
+  decode_layer(w, LayerDims{e, heads, d, ffn}, eps, x, out, a.batch, a);
   return 0;
 }
+
+// A whole decode step in one call: the embedding, every layer and the LM head, with the weights in one blob.
+//   tokens [B] int32, positions [B] int32, cos, sin, k_pool, v_pool, block_index [L, B, blocks] int32,
+//   layout [n] int32, eps [1], blob uint8 [bytes], lm_head uint8 [V, row_bytes]  ->  logits [B, V]
+// layout (written by mstriton/kernels/formats.py:step_layout): a header STEP_HEADER = {version, layers, E, heads,
+// kv_heads, head_dim, ffn, vocab}, then for each weight in the engine's order (per layer attention_norm, wqkv, wo,
+// ffn_norm, w_gate_up, w_down; then embed_tokens, norm, lm_head) its offset in the blob in 64-byte units and its
+// format (-1: float32 values). lm_head is also an input of its own (a view of the blob): its shape gives the
+// logits' width to shape inference. Why: a graph input costs MindSpore some microseconds per call, and a step of
+// SmolLM2 took 190 weight inputs and 32 operator launches; this takes 7 inputs and one launch.
+constexpr int STEP_HEADER = 8, STEP_LAYER_WEIGHTS = 6, STEP_VERSION = 1;
+extern "C" int MstDecodeStep(AOT_ARGS) {
+  (void)ndims;
+  Timed timed;
+  if (nparam != 12 || !is(dtypes[0], "int32") || !is(dtypes[7], "int32") || !is(dtypes[9], "uint8") ||
+      !is(dtypes[10], "uint8"))
+    return 1;
+  const int32_t *layout = static_cast<const int32_t *>(params[7]);
+  const int64_t n_layout = shapes[7][0];
+  if (n_layout < STEP_HEADER || layout[0] != STEP_VERSION) return 2;
+  const int64_t layers = layout[1], e = layout[2], heads = layout[3], kv = layout[4], d = layout[5], ffn = layout[6],
+                vocab = layout[7];
+  if (n_layout != STEP_HEADER + 2 * (layers * STEP_LAYER_WEIGHTS + 3) || shapes[6][0] != layers ||
+      shapes[4][1] != kv || shapes[4][2] != d || shapes[10][0] != vocab)
+    return 2;
+  const uint8_t *blob = static_cast<const uint8_t *>(params[9]);
+  const int64_t blob_bytes = shapes[9][0];
+  auto entry = [&](int64_t i, int64_t k_width, int64_t n_rows, const void **where, int *format) {
+    const int32_t *slot = layout + STEP_HEADER + 2 * i;
+    const int64_t offset = int64_t(slot[0]) * 64;
+    *format = slot[1];
+    const int64_t bytes = *format < 0 ? k_width * 4 : n_rows * row_bytes(*format, k_width);
+    *where = blob + offset;
+    return offset >= 0 && bytes > 0 && offset + bytes <= blob_bytes;
+  };
+  const int64_t b = shapes[0][0];
+  float *logits = static_cast<float *>(params[11]);
+  AttentionArgs a{};
+  a.positions = static_cast<const int32_t *>(params[1]);
+  a.cos = static_cast<const float *>(params[2]);
+  a.sin = static_cast<const float *>(params[3]);
+  a.k_pool = static_cast<float *>(params[4]);
+  a.v_pool = static_cast<float *>(params[5]);
+  a.batch = shapes[6][1];
+  a.blocks = shapes[6][2];
+  a.kv_heads = kv;
+  a.dim = d;
+  a.block_size = shapes[4][3];
+  a.heads = heads;
+  a.table_len = shapes[2][0];
+  a.threads = threads();
+  if (a.batch != b || heads % kv || shapes[2][1] != d) return 2;
+  // padding rows of a batch bucket (position -1, after the sequences): no work, zero logits
+  while (a.batch > 0 && a.positions[a.batch - 1] < 0) a.batch--;
+  const int64_t rows = a.batch;
+  std::memset(logits + rows * vocab, 0, (b - rows) * vocab * sizeof(float));
+  if (rows == 0) return 0;
+  const float eps = *static_cast<const float *>(params[8]);
+  thread_local std::vector<float> ping, pong;
+  ping.resize(rows * e);
+  pong.resize(rows * e);
+  const void *embed_table, *final_norm, *head;
+  int embed_format, norm_format, head_format;
+  const int64_t globals = layers * STEP_LAYER_WEIGHTS;
+  if (!entry(globals, e, vocab, &embed_table, &embed_format) || !entry(globals + 1, e, 1, &final_norm, &norm_format) ||
+      !entry(globals + 2, e, vocab, &head, &head_format) || embed_format < 0 || head_format < 0 || norm_format >= 0 ||
+      head != params[10])
+    return 2;
+  isa().embed(embed_format, static_cast<const int32_t *>(params[0]), rows, static_cast<const uint8_t *>(embed_table),
+              vocab, e, ping.data());
+  const LayerDims dims{e, heads, d, ffn};
+  const int64_t width = (heads + 2 * kv) * d;
+  for (int64_t l = 0; l < layers; l++) {
+    const void *p[STEP_LAYER_WEIGHTS];
+    int f[STEP_LAYER_WEIGHTS];
+    const int64_t k_of[STEP_LAYER_WEIGHTS] = {e, e, heads * d, e, e, ffn};
+    const int64_t n_of[STEP_LAYER_WEIGHTS] = {1, width, e, 1, 2 * ffn, e};
+    for (int j = 0; j < STEP_LAYER_WEIGHTS; j++)
+      if (!entry(l * STEP_LAYER_WEIGHTS + j, k_of[j], n_of[j], &p[j], &f[j])) return 2;
+    if (f[0] >= 0 || f[3] >= 0 || f[1] < 0 || f[2] != f[1] || f[4] != f[1] || f[5] != f[1]) return 2;
+    const LayerWeights w{f[1],
+                         static_cast<const float *>(p[0]),
+                         static_cast<const float *>(p[3]),
+                         static_cast<const uint8_t *>(p[1]),
+                         static_cast<const uint8_t *>(p[2]),
+                         static_cast<const uint8_t *>(p[4]),
+                         static_cast<const uint8_t *>(p[5])};
+    AttentionArgs layer = a;
+    layer.block_index = static_cast<const int32_t *>(params[6]) + l * b * a.blocks;
+    decode_layer(w, dims, eps, ping.data(), pong.data(), rows, layer);
+    std::swap(ping, pong);
+  }
+  isa().linear(LinearArgs{head_format, PRE_RMSNORM, ping.data(), rows, e, static_cast<const float *>(final_norm), eps,
+                          static_cast<const uint8_t *>(head), vocab, nullptr, nullptr, logits, threads()});
+  return 0;
+}
+extern "C" std::vector<int64_t> MstDecodeStepInferShape(int *, int64_t **shapes, AotExtra *) {
+  return {shapes[0][0], shapes[10][0]};
+}
+extern "C" TypeId MstDecodeStepInferType(std::vector<TypeId> types, AotExtra *) { return types[2]; }
 
 #define DECODE_LAYER(F)                                                                                          \
   extern "C" int MstDecodeLayerInPlace_##F(AOT_ARGS) {                                                           \
