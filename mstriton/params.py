@@ -1,7 +1,10 @@
 """Per-request generation parameters: names, defaults, allowed ranges, and their validation.
 
-Names follow tensorrtllm_backend's ensemble inputs (so its clients and genai-perf work unchanged), with the older
-and the MindSpore Serving / TGI spellings accepted as aliases. Every error names the field and its allowed range.
+PARAMETERS is the one table of them (name, aliases, Triton type, default, range, which frontend doors read it);
+GenerationParams, the Triton configs' client inputs, request parsing, the doors' field maps and docs/inputs.md's
+table are made from it. Names follow tensorrtllm_backend's ensemble inputs (so its clients and genai-perf work
+unchanged), with the older and the MindSpore Serving / TGI spellings accepted as aliases. Every error names the
+field and its allowed range.
 """
 
 from __future__ import annotations
@@ -124,38 +127,213 @@ def json_depth_exceeds(value, max_depth: int = MAX_JSON_DEPTH) -> bool:
     return False
 
 
-@dataclasses.dataclass
+# ---- the request parameters: one table ------------------------------------------------------------------
+# Every input a client may send the Triton models, in the order their configs declare them. From it come
+# GenerationParams (its fields, defaults and range checks with their messages), the inputs the front and unary
+# models' configs declare (repository.CLIENT_INPUTS), the names parse_request reads (serving/requests.py), what
+# the HTTP frontend's doors read into which input (frontend/fields.door_settings) and the inputs table of
+# docs/inputs.md (inputs_table()). A new sampling setting is one row here, plus the code that uses it.
+#
+# Each setting is its own typed input, as tensorrtllm_backend declares them (its clients, genai-perf and KServe
+# callers send them so); the front model passes them on to the ensemble as one JSON text (params_json).
+
+TRITON_TYPES = ("TYPE_INT32", "TYPE_UINT64", "TYPE_FP32", "TYPE_BOOL", "TYPE_STRING")
+# The DOORS of the HTTP frontend that read request parameters into the Triton inputs
+DOORS = ("openai", "tgi", "mindspore_serving")
+# Bounds that depend on the request: what validate() is given -> how the inputs table names them
+REQUEST_BOUNDS = {"max_new_tokens_limit": "max_seq_len - prompt tokens", "vocab_size": "vocab"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DoorField:
+    """How a door of the HTTP frontend reads a parameter from its body: the client's name for it, the door's default
+    when the client leaves it out, and the door's own bounds (checked by the door, whose error names the client's
+    field; None: not bounded there, the Triton models check it)."""
+    name: str | None = None  # None: the parameter's own name
+    default: object = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One request parameter: a Triton input of the front model (and of NAME_unary), under its name and aliases."""
+    name: str                       # the Triton input and GenerationParams' field
+    triton_type: str                # its type in the Triton configs (TRITON_TYPES)
+    default: object = None          # GenerationParams' default; None: unset
+    doc: str = ""                   # what it does, for the inputs table
+    aliases: tuple[str, ...] = ()   # other inputs for the same field (older names, MindSpore Serving's, TGI's)
+    negated: tuple[str, ...] = ()   # inputs meaning the field's negation
+    # the allowed range, checked by GenerationParams.validate: a number, the name of a field that bounds it
+    # (min_tokens <= max_tokens), or a key of REQUEST_BOUNDS; an FP32 without `high` must be finite
+    low: float | str | None = None
+    high: float | str | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""                  # said after the range in its error
+    default_doc: str = ""           # the table's default, where the value alone does not say it
+    allowed_doc: str = ""           # the table's allowed values of a text or a list (their sizes: RequestLimits)
+    many: bool = False              # a list (dims [-1]), else one value
+    setting: bool = True            # a GenerationParams field (text_input, messages and stop are parse_request's)
+    unary: bool = True              # NAME_unary takes it too (stop is the front model's only)
+    doors: dict = dataclasses.field(default_factory=dict, hash=False)  # DOORS key -> DoorField
+
+    def __post_init__(self):
+        if self.triton_type not in TRITON_TYPES or not set(self.doors) <= set(DOORS):
+            raise ValueError(f"{self.name}: a type of {TRITON_TYPES} and doors of {DOORS}")
+
+    @property
+    def kind(self) -> type:
+        """What a value is read as: int, float, bool, str, or list (of str)."""
+        if self.many:
+            return list
+        return {"TYPE_INT32": int, "TYPE_UINT64": int, "TYPE_FP32": float, "TYPE_BOOL": bool,
+                "TYPE_STRING": str}[self.triton_type]
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases, *self.negated)
+
+    @property
+    def dims(self) -> list[int]:
+        return [-1] if self.many else [1]
+
+    @property
+    def bounded(self) -> bool:
+        return self.low is not None or self.high is not None
+
+    def _bounds(self, params, limits) -> tuple:
+        def value(bound):
+            if isinstance(bound, str):
+                return limits[bound] if bound in REQUEST_BOUNDS else getattr(params, bound)
+            return bound
+        high, high_open = value(self.high), self.high_open
+        if high is None and self.kind is float:
+            high, high_open = math.inf, True
+        return value(self.low), high, high_open
+
+    def admits(self, value, params, limits: dict) -> bool:
+        """Whether `value` is in range (NaN never is); `params`: the request's GenerationParams, `limits`: the
+        REQUEST_BOUNDS."""
+        low, high, high_open = self._bounds(params, limits)
+        return ((low is None or (low < value if self.low_open else low <= value)) and
+                (high is None or (value < high if high_open else value <= high)))
+
+    def allowed(self, params=None, limits: dict | None = None) -> str:
+        """The allowed range as an error says it ("in [0, max_tokens=16]"); without `params`, as the inputs table
+        says it ("[0, max_tokens]")."""
+        def shown(bound):
+            if isinstance(bound, str):
+                if params is None:
+                    return REQUEST_BOUNDS.get(bound, bound)
+                return str(limits[bound]) if bound in REQUEST_BOUNDS else f"{bound}={getattr(params, bound)}"
+            if isinstance(bound, int) and bound >= 2 ** 32 and bound & (bound - 1) == 0:
+                return f"2^{bound.bit_length() - 1}"
+            return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
+        if self.low is not None and self.high is not None:
+            text = (f"{'(' if self.low_open else '['}{shown(self.low)}, {shown(self.high)}"
+                    f"{')' if self.high_open else ']'}")
+            return text if params is None else f"in {text}{' ' + self.note if self.note else ''}"
+        if self.low is None:
+            text = f"{'<' if self.high_open else '<='} {shown(self.high)}"
+        else:
+            text = f"{'>' if self.low_open else '>='} {shown(self.low)}{' and finite' if self.kind is float else ''}"
+        return text if params is None else f"{text}{' ' + self.note if self.note else ''}"
+
+    @property
+    def annotation(self):
+        if self.many:
+            return list[str]
+        return self.kind | None if self.default is None else self.kind
+
+
+_BYTES = f"at most {RequestLimits.max_prompt_bytes >> 20} MiB"
+_WORDS = (f"at most {RequestLimits.max_words} strings (each item one, or several joined by commas) of at most "
+          f"{RequestLimits.max_word_bytes} bytes")
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("text_input", "TYPE_STRING", setting=False, default_doc="required, unless `messages`",
+              allowed_doc=f"non-empty UTF-8, {_BYTES} (see below)",
+              doc="the prompt (wrapped as a user message when a template was named at conversion)"),
+    Parameter("max_tokens", "TYPE_INT32", 16, "tokens to generate", aliases=("max_new_tokens",),
+              low=1, high="max_new_tokens_limit", note="for this prompt",
+              doors={"tgi": DoorField("max_new_tokens", low=1), "mindspore_serving": DoorField("max_new_tokens", low=1)}),
+    Parameter("min_tokens", "TYPE_INT32", 0, "the end id is banned before this many", aliases=("min_length",),
+              low=0, high="max_tokens", doors={"openai": DoorField(low=0)}),
+    Parameter("stream", "TYPE_BOOL", True, "on `NAME`: one response per token, or one at the end"),
+    Parameter("exclude_input_in_output", "TYPE_BOOL", True, "false: the text begins with the prompt",
+              negated=("return_full_text",)),
+    Parameter("end_id", "TYPE_INT32", None, "replaces them", low=0, high="vocab_size", high_open=True,
+              default_doc="the model's end ids (all of them: generation_config.json, config.json, the tokenizer's eos)"),
+    Parameter("pad_id", "TYPE_INT32", None, "tensorrtllm_backend's; checked, not used (no response is padded)",
+              low=0, high="vocab_size", high_open=True, default_doc="none"),
+    Parameter("stop_words", "TYPE_STRING", None, "stop after any of these (a word that tokenizes to nothing is left "
+              "out)", many=True, default_doc="none", allowed_doc=_WORDS),
+    Parameter("bad_words", "TYPE_STRING", None, "never produce these (a word that tokenizes to nothing is left out)",
+              many=True, default_doc="none", allowed_doc=_WORDS),
+    Parameter("top_k", "TYPE_INT32", 0, "sample from the k most likely tokens (0: off; 1: greedy)", low=0,
+              note="(0 disables it)",
+              doors={"openai": DoorField(low=-1), "tgi": DoorField(low=0),
+                     "mindspore_serving": DoorField(default=3, low=0, high=2 ** 31 - 1)}),
+    Parameter("top_p", "TYPE_FP32", 1.0, "exact nucleus", low=0.0, high=1.0, low_open=True,
+              doors={"openai": DoorField(low=0.0, high=1.0, low_open=True),
+                     "tgi": DoorField(low=0.0, high=1.0, low_open=True),
+                     "mindspore_serving": DoorField(default=1.0, low=0.01, high=1.0)}),
+    Parameter("temperature", "TYPE_FP32", None, "0: greedy", low=0.0, default_doc="1.0 when sampling",
+              doors={"openai": DoorField(low=0.0, high=2.0), "tgi": DoorField(low=0.0),
+                     "mindspore_serving": DoorField(default=1.0, low=0.0, low_open=True)}),
+    Parameter("repetition_penalty", "TYPE_FP32", 1.0, "over prompt and output, as transformers", low=0.0,
+              low_open=True,
+              doors={"openai": DoorField(), "tgi": DoorField(low=0.0, low_open=True),
+                     "mindspore_serving": DoorField(default=1.0, low=0.0, low_open=True)}),
+    Parameter("presence_penalty", "TYPE_FP32", 0.0, "over the output, as OpenAI's API", low=-2.0, high=2.0,
+              doors={"openai": DoorField(low=-2.0, high=2.0)}),
+    Parameter("frequency_penalty", "TYPE_FP32", 0.0, "over the output, as OpenAI's API", low=-2.0, high=2.0,
+              doors={"openai": DoorField(low=-2.0, high=2.0), "tgi": DoorField(low=-2.0, high=2.0)}),
+    Parameter("seed", "TYPE_UINT64", None, "same seed, same tokens, whatever runs beside it",
+              aliases=("random_seed",), low=0, high=2 ** 64, high_open=True, default_doc="none",
+              doors={"openai": DoorField(low=0, high=2 ** 63), "tgi": DoorField(low=0, high=2 ** 63)}),
+    Parameter("do_sample", "TYPE_BOOL", None, "false: greedy; unset: greedy unless temperature, top_k > 1 or "
+              "top_p < 1 is given", default_doc="unset",
+              doors={"tgi": DoorField(), "mindspore_serving": DoorField(default=False)}),
+    Parameter("return_log_probs", "TYPE_BOOL", False, "tensorrtllm_backend's; log-probabilities are always returned"),
+    Parameter("stream_interval", "TYPE_INT32", None, "tokens per streamed response: the first token comes alone, "
+              "then this many at a time", low=1, high=MAX_STREAM_INTERVAL,
+              default_doc="1 (the decode model's `stream_interval` parameter)"),
+    Parameter("stop", "TYPE_BOOL", False, "with the request id of a running request: stop it", setting=False,
+              unary=False),
+    Parameter("messages", "TYPE_STRING", setting=False, default_doc="none",
+              allowed_doc=f'a JSON list (text, {_BYTES}) of at most {RequestLimits.max_messages} '
+                          '`{"role", "content"}`, roles `system`, `user`, `assistant`, `tool`',
+              doc="a chat instead of `text_input`, rendered by the model's chat template (as transformers' "
+                  "`apply_chat_template(add_generation_prompt=True)`)"),
+    Parameter("skip_special_tokens", "TYPE_BOOL", True, "leave special tokens (end, chat markers) out of the text",
+              doors={"openai": DoorField()}),
+    Parameter("top_logprobs", "TYPE_INT32", 0, "also the log-probabilities of this many most likely tokens at each "
+              "step", low=0, high=MAX_TOP_LOGPROBS,
+              doors={"tgi": DoorField("top_n_tokens", low=0, high=MAX_TOP_LOGPROBS)}),
+    Parameter("return_tokens", "TYPE_BOOL", False, "each new token's id, text, log-probability, special flag and "
+              "alternatives in `tokens_json`"),
+    Parameter("fit_max_tokens", "TYPE_BOOL", False, "a `max_tokens` beyond the room the prompt leaves is cut to it "
+              "instead of refused (for defaults)"),
+)
+# The parameters that are GenerationParams' fields, in its order
+SETTINGS: tuple[Parameter, ...] = tuple(p for p in PARAMETERS if p.setting)
+
+
+def _settings_dataclass(cls):
+    """`cls` as a dataclass whose fields are the SETTINGS, with their defaults (a list: empty)."""
+    cls.__annotations__ = {p.name: p.annotation for p in SETTINGS}
+    for p in SETTINGS:
+        setattr(cls, p.name, dataclasses.field(default_factory=list) if p.many else p.default)
+    return dataclasses.dataclass(cls)
+
+
+@_settings_dataclass
 class GenerationParams:
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float | None = None  # None: 1.0 when sampling
-    top_k: int = 0              # 0 = no top-k cut
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    do_sample: bool | None = None  # None: sample only when temperature, top_k > 1 or top_p < 1 asks for it
-    end_id: int | None = None
-    pad_id: int | None = None
-    stop_words: list[str] = dataclasses.field(default_factory=list)
-    bad_words: list[str] = dataclasses.field(default_factory=list)
-    return_log_probs: bool = False
-    # The log-probabilities of this many most likely tokens at each step, beside the chosen token's.
-    top_logprobs: int = 0
-    # Each token's id, text, log-probability and alternatives as JSON in the front model's `tokens_json` output
-    # (what the HTTP frontend's logprobs and TGI's token events are made from).
-    return_tokens: bool = False
-    # max_tokens larger than the room the prompt leaves is cut to that room instead of refused: what a default
-    # value wants (OpenAI's "until the context is full", MindSpore Serving's 300), not a client's explicit one.
-    fit_max_tokens: bool = False
-    exclude_input_in_output: bool = True
-    stream: bool = True
-    # Tokens per streamed response (the first token always comes alone, the last response may hold fewer).
-    # None: the decode model's `stream_interval` parameter (1 unless the operator set it).
-    stream_interval: int | None = None
-    # Special tokens (end, chat-template markers) left out of the text, as transformers' decode does by default.
-    skip_special_tokens: bool = True
+    """One request's settings: a field for each of SETTINGS (PARAMETERS' rows), with its default."""
 
     @property
     def greedy(self) -> bool:
@@ -170,32 +348,70 @@ class GenerationParams:
         return 1.0 if self.temperature is None else self.temperature
 
     def validate(self, max_new_tokens_limit: int, vocab_size: int) -> "GenerationParams":
-        def check(ok: bool, field: str, allowed: str, value) -> None:
-            if not ok:
-                raise ParameterError(f"'{field}' must be {allowed}, got {value!r}")
-
+        """Every setting in its range, in the table's order; an error names the field and its range.
+        Infinity passes a comparison as NaN does not: HTTP generate's JSON takes `Infinity`, and a finite number
+        beyond float32's range (1e300) arrives in an FP32 input as inf, so an FP32 without an upper bound must be
+        finite."""
+        # max_tokens larger than the room the prompt leaves is cut to that room instead of refused: what a default
+        # value wants (OpenAI's "until the context is full", MindSpore Serving's 300), not a client's explicit one.
         if self.fit_max_tokens and self.max_tokens > max_new_tokens_limit:
             self.max_tokens = max_new_tokens_limit
-        check(1 <= self.max_tokens <= max_new_tokens_limit, "max_tokens",
-              f"in [1, {max_new_tokens_limit}] for this prompt", self.max_tokens)
-        check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", f"in [0, max_tokens={self.max_tokens}]",
-              self.min_tokens)
-        # Infinity passes a comparison as NaN does not: HTTP generate's JSON takes `Infinity`, and a finite number
-        # beyond float32's range (1e300) arrives in an FP32 input as inf.
-        check(self.temperature is None or 0.0 <= self.temperature < math.inf, "temperature", ">= 0 and finite",
-              self.temperature)
-        check(self.top_k >= 0, "top_k", ">= 0 (0 disables it)", self.top_k)
-        check(0.0 < self.top_p <= 1.0, "top_p", "in (0, 1]", self.top_p)
-        check(0.0 < self.repetition_penalty < math.inf, "repetition_penalty", "> 0 and finite",
-              self.repetition_penalty)
-        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "in [-2, 2]", self.presence_penalty)
-        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
-        check(self.seed is None or 0 <= self.seed < 2 ** 64, "seed", "in [0, 2^64)", self.seed)
-        check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"in [0, {MAX_TOP_LOGPROBS}]",
-              self.top_logprobs)
-        check(self.stream_interval is None or 1 <= self.stream_interval <= MAX_STREAM_INTERVAL, "stream_interval",
-              f"in [1, {MAX_STREAM_INTERVAL}]", self.stream_interval)
-        for field in ("end_id", "pad_id"):
-            value = getattr(self, field)
-            check(value is None or 0 <= value < vocab_size, field, f"in [0, {vocab_size})", value)
+        limits = {"max_new_tokens_limit": max_new_tokens_limit, "vocab_size": vocab_size}
+        for p in SETTINGS:
+            value = getattr(self, p.name)
+            if not p.bounded or (value is None and p.default is None):
+                continue
+            if not p.admits(value, self, limits):
+                raise ParameterError(f"'{p.name}' must be {p.allowed(self, limits)}, got {value!r}")
         return self
+
+
+def door_fields(door: str) -> dict[str, str]:
+    """The parameters a door of the HTTP frontend reads: Triton input -> the client's field name."""
+    return {p.name: p.doors[door].name or p.name for p in PARAMETERS if door in p.doors}
+
+
+def inputs_table() -> str:
+    """The inputs table of docs/inputs.md, in Markdown (tests/test_params.py keeps the file's table equal to it;
+    `python -m mstriton.params docs/inputs.md` writes it there)."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| input | default | allowed | meaning |", "|---|---|---|---|"]
+    for p in PARAMETERS:
+        names = f"`{p.name}`" + "".join(f" (`{a}`)" for a in p.aliases) + \
+            "".join(f" (`{n}` = not it)" for n in p.negated)
+        if p.default_doc:
+            default = p.default_doc
+        elif isinstance(p.default, bool):
+            default = str(p.default).lower()
+        else:
+            default = str(p.default)
+        if p.allowed_doc:
+            allowed = p.allowed_doc
+        elif p.kind is bool:
+            allowed = "bool"
+        else:
+            allowed = p.allowed() if p.bounded else ""
+        rows.append(f"| {names} | {cell(default)} | {cell(allowed)} | {cell(p.doc)} |")
+    return "\n".join(rows) + "\n"
+
+
+def with_inputs_table(text: str) -> str:
+    """`text` (a Markdown page) with its inputs table, the lines from inputs_table()'s header to the next line
+    that is no table row, replaced by inputs_table()."""
+    lines = text.splitlines(keepends=True)
+    header = inputs_table().splitlines(keepends=True)[0]
+    start = lines.index(header)
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    return "".join(lines[:start]) + inputs_table() + "".join(lines[end:])
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    for page in map(Path, sys.argv[1:]):
+        page.write_text(with_inputs_table(page.read_text()))

@@ -22,7 +22,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from .params import DEFAULT_PREFILL_BUDGET
+from .params import DEFAULT_PREFILL_BUDGET, PARAMETERS
 
 VERSION = "1"
 COMPONENTS = ("", "unary", "pipeline", "tokenizer", "decode")
@@ -70,23 +70,12 @@ def python_model(name: str, *, max_batch_size: int, parameters: dict[str, str], 
     return config
 
 
-# The client-facing inputs (tensorrtllm_backend's names, their older spellings, MindSpore Serving's and TGI's),
-# all optional but text_input. Defaults are GenerationParams' (mstriton/params.py).
-CLIENT_INPUTS = [
-    ("text_input", pb.TYPE_STRING, [1]), ("max_tokens", pb.TYPE_INT32, [1]), ("max_new_tokens", pb.TYPE_INT32, [1]),
-    ("min_tokens", pb.TYPE_INT32, [1]), ("min_length", pb.TYPE_INT32, [1]), ("stream", pb.TYPE_BOOL, [1]),
-    ("exclude_input_in_output", pb.TYPE_BOOL, [1]), ("return_full_text", pb.TYPE_BOOL, [1]),
-    ("end_id", pb.TYPE_INT32, [1]), ("pad_id", pb.TYPE_INT32, [1]), ("stop_words", pb.TYPE_STRING, [-1]),
-    ("bad_words", pb.TYPE_STRING, [-1]), ("top_k", pb.TYPE_INT32, [1]), ("top_p", pb.TYPE_FP32, [1]),
-    ("temperature", pb.TYPE_FP32, [1]), ("repetition_penalty", pb.TYPE_FP32, [1]),
-    ("presence_penalty", pb.TYPE_FP32, [1]), ("frequency_penalty", pb.TYPE_FP32, [1]),
-    ("seed", pb.TYPE_UINT64, [1]), ("random_seed", pb.TYPE_UINT64, [1]), ("do_sample", pb.TYPE_BOOL, [1]),
-    ("return_log_probs", pb.TYPE_BOOL, [1]), ("stream_interval", pb.TYPE_INT32, [1]), ("stop", pb.TYPE_BOOL, [1]),
-    # a chat instead of text_input: a JSON list of {"role", "content"}, rendered by the model's chat template
-    ("messages", pb.TYPE_STRING, [1]), ("skip_special_tokens", pb.TYPE_BOOL, [1]),
-    # top_logprobs alternatives per token; tokens_json out; max_tokens cut to the prompt's room, not refused
-    ("top_logprobs", pb.TYPE_INT32, [1]), ("return_tokens", pb.TYPE_BOOL, [1]), ("fit_max_tokens", pb.TYPE_BOOL, [1]),
-]
+# The client-facing inputs: every parameter of params.PARAMETERS (tensorrtllm_backend's names, their older
+# spellings, MindSpore Serving's and TGI's) under each of its names, all optional but text_input (or messages: the
+# front model checks). Defaults and ranges are GenerationParams'. NAME_unary takes them all but `stop`.
+CLIENT_INPUTS = [(name, pb.DataType.Value(p.triton_type), p.dims) for p in PARAMETERS for name in p.input_names]
+UNARY_INPUTS = [(name, pb.DataType.Value(p.triton_type), p.dims) for p in PARAMETERS if p.unary
+                for name in p.input_names]
 CLIENT_OUTPUTS = [
     ("text_output", pb.TYPE_STRING, [-1]), ("output_log_probs", pb.TYPE_FP32, [-1]),
     ("cum_log_probs", pb.TYPE_FP32, [1]), ("finish_reason", pb.TYPE_STRING, [1]),
@@ -122,7 +111,7 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
 
     unary = python_model(model_name(name, "unary"), max_batch_size=max_batch_size, dynamic_batching=True,
                          parameters={"llm_name": name})
-    add_tensors(unary.input, [i for i in CLIENT_INPUTS if i[0] != "stop"], optional=True)
+    add_tensors(unary.input, UNARY_INPUTS, optional=True)
     add_tensors(unary.output, CLIENT_OUTPUTS)
     configs["unary"] = unary
 

@@ -17,27 +17,17 @@ from typing import Callable
 
 import numpy as np
 
-from ..params import LIMITS, GenerationParams, ParameterError, RequestLimits, check_text_size, check_words
+from ..params import (LIMITS, SETTINGS, GenerationParams, ParameterError, RequestLimits, check_text_size,
+                      check_words)
 from ..tokenizer import validate_messages
 
-# name -> (GenerationParams field, kind)
-INPUTS = {
-    "max_tokens": ("max_tokens", int), "max_new_tokens": ("max_tokens", int),
-    "min_tokens": ("min_tokens", int), "min_length": ("min_tokens", int),
-    "temperature": ("temperature", float), "top_k": ("top_k", int), "top_p": ("top_p", float),
-    "repetition_penalty": ("repetition_penalty", float), "presence_penalty": ("presence_penalty", float),
-    "frequency_penalty": ("frequency_penalty", float), "seed": ("seed", int), "random_seed": ("seed", int),
-    "end_id": ("end_id", int), "pad_id": ("pad_id", int), "do_sample": ("do_sample", bool),
-    "return_log_probs": ("return_log_probs", bool), "exclude_input_in_output": ("exclude_input_in_output", bool),
-    "stream": ("stream", bool), "stream_interval": ("stream_interval", int),
-    "stop_words": ("stop_words", list), "bad_words": ("bad_words", list),
-    "skip_special_tokens": ("skip_special_tokens", bool), "top_logprobs": ("top_logprobs", int),
-    "return_tokens": ("return_tokens", bool), "fit_max_tokens": ("fit_max_tokens", bool),
-}
+# input name -> (GenerationParams field, kind): every setting of params.PARAMETERS under its name and its aliases
+# (the name first: it wins over an alias sent beside it)
+INPUTS = {name: (p.name, p.kind) for p in SETTINGS for name in (p.name, *p.aliases)}
 # Inputs whose meaning is the negation of a field.
-NEGATED = {"return_full_text": "exclude_input_in_output"}
-TRITON_TYPES = {int: "TYPE_INT32", float: "TYPE_FP32", bool: "TYPE_BOOL", list: "TYPE_STRING"}
-SEED_INPUTS = ("seed", "random_seed")  # UINT64, as tensorrtllm_backend declares random_seed
+NEGATED = {name: p.name for p in SETTINGS for name in p.negated}
+# stop_words and bad_words: lists of words, read (and their sizes checked) before anything else
+WORD_INPUTS = tuple(p.name for p in SETTINGS if p.kind is list)
 
 
 @dataclasses.dataclass
@@ -120,7 +110,7 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
     messages_value = _text_value("messages", messages_array if messages_array is not None else
                                  parameters.get("messages"), limits)
     words = {}
-    for name in ("stop_words", "bad_words"):
+    for name in WORD_INPUTS:
         array = get(name)
         value = array if array is not None else parameters.get(name)
         if value is not None:
