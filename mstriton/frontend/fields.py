@@ -9,8 +9,8 @@ import json
 import math
 import reprlib
 
-from ..params import (LIMITS, MAX_JSON_DEPTH, ParameterError, RequestLimits, check_text_size, check_words,
-                      json_depth_exceeds)
+from ..params import (LIMITS, MAX_JSON_DEPTH, PARAMETERS, ParameterError, RequestLimits, check_text_size,
+                      check_words, json_depth_exceeds)
 from .errors import ApiError, invalid
 
 # Values quoted in error messages: short, and never walked deeper than a few levels.
@@ -81,6 +81,27 @@ async def inputs_body(request, parameters: set[str]) -> tuple[str, "Fields", boo
     p = body.obj("parameters")
     p.refuse_unknown(parameters)
     return inputs, p, bool(body.boolean("stream", False))
+
+
+def door_settings(fields: "Fields", door: str) -> dict:
+    """The settings a door reads from its body as params.PARAMETERS maps them (each parameter's DoorField for
+    `door`): Triton input -> value, read by the input's type within the door's bounds, under the client's field
+    name (which an error names). Fields the client left out get the door's default, or are left out."""
+    settings = {}
+    for p in PARAMETERS:
+        field = p.doors.get(door)
+        if field is None:
+            continue
+        key = field.name or p.name
+        if p.kind is bool:
+            value = fields.boolean(key, field.default)
+        elif p.kind is int:
+            value = fields.integer(key, field.default, low=field.low, high=field.high)
+        else:
+            value = fields.number(key, field.default, low=field.low, high=field.high, low_open=field.low_open)
+        if value is not None:
+            settings[p.name] = value
+    return settings
 
 
 class Fields:

@@ -19,13 +19,18 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from ..params import door_fields
 from . import generation as gen
-from .fields import Fields, inputs_body
+from .fields import Fields, door_settings, inputs_body
 
 router = APIRouter()
 
-PARAMETERS = {"do_sample", "top_k", "top_p", "temperature", "repetition_penalty", "max_new_tokens",
-              "return_full_text", "return_protocol"}
+# Triton input -> the seed's parameter, as params.PARAMETERS maps them (read by door_settings, with the seed's
+# defaults: do_sample false, repetition_penalty 1, and top_k 3, top_p 1, temperature 1 when sampling)
+FIELDS = door_fields("mindspore_serving")
+PARAMETERS = set(FIELDS.values()) | {"return_full_text", "return_protocol"}
+# the settings that apply only when sampling
+SAMPLING = ("top_k", "top_p", "temperature")
 DEFAULT_MAX_NEW_TOKENS = 300  # the seed's
 SSE_RETRY_MS = 30000
 
@@ -34,21 +39,17 @@ async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, b
     triton = request.app.state.triton
     await triton.require(model)
     inputs, p, stream = await inputs_body(request, PARAMETERS)
-    do_sample = p.boolean("do_sample", False)
-    settings = {"do_sample": do_sample, "repetition_penalty": p.number("repetition_penalty", 1.0, low=0.0,
-                                                                       low_open=True)}
-    # checked whether sampling or not; the seed's defaults (top_k 3, top_p 1, temperature 1) apply when sampling
-    top_k, top_p = p.integer("top_k", 3, low=0, high=2 ** 31 - 1), p.number("top_p", 1.0, low=0.01, high=1.0)
-    temperature = p.number("temperature", 1.0, low=0.0, low_open=True)
-    if do_sample:
-        settings.update(top_k=top_k, top_p=top_p, temperature=temperature)
-    max_new = p.integer("max_new_tokens", low=1)
+    settings = door_settings(p, "mindspore_serving")
+    if not settings["do_sample"]:  # the sampling settings are checked whether sampling or not
+        for name in SAMPLING:
+            del settings[name]
+    max_new = settings.get("max_tokens")
     settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
                     fit_max_tokens=max_new is None)
     p.text("return_protocol")
     p.boolean("return_full_text")  # used by the streamed formats only, checked for every route
-    names = {"max_tokens": "parameters.max_new_tokens", "text_input": "inputs",
-             **{k: f"parameters.{k}" for k in PARAMETERS}}
+    names = {**{k: f"parameters.{k}" for k in PARAMETERS}, **{k: f"parameters.{v}" for k, v in FIELDS.items()},
+             "text_input": "inputs"}
     return gen.Generation(model=model, prompt=inputs, settings=settings, names=names), p, stream
 
 

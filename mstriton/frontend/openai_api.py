@@ -11,16 +11,16 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..params import MAX_TOP_LOGPROBS, ParameterError
+from ..params import MAX_TOP_LOGPROBS, ParameterError, door_fields
 from ..tokenizer import validate_messages
 from . import generation as gen
 from .errors import ApiError, invalid
-from .fields import Fields, check_prompt, json_body, limits
+from .fields import Fields, check_prompt, door_settings, json_body, limits
 
 router = APIRouter()
 
-SAMPLING = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "top_k", "repetition_penalty",
-            "min_tokens", "skip_special_tokens"}
+# The settings read as params.PARAMETERS maps them (door_settings); max_tokens, n, stop, logprobs and echo below
+SAMPLING = set(door_fields("openai").values())
 COMMON = SAMPLING | {"model", "max_tokens", "n", "stream", "stream_options", "stop", "user", "logprobs",
                      "logit_bias", "best_of"}
 COMPLETIONS = COMMON | {"prompt", "echo", "suffix"}
@@ -65,14 +65,8 @@ async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
 
 async def _settings(body: Fields, triton, model: str) -> dict:
     """The front model's inputs for the body's sampling settings (ranges the server checks, named back)."""
-    settings = {"temperature": body.number("temperature", low=0.0, high=2.0),
-                "top_p": body.number("top_p", low=0.0, high=1.0, low_open=True),
-                "presence_penalty": body.number("presence_penalty", low=-2.0, high=2.0),
-                "frequency_penalty": body.number("frequency_penalty", low=-2.0, high=2.0),
-                "top_k": body.integer("top_k", low=-1), "repetition_penalty": body.number("repetition_penalty"),
-                "min_tokens": body.integer("min_tokens", low=0), "seed": body.integer("seed", low=0, high=2 ** 63),
-                "skip_special_tokens": body.boolean("skip_special_tokens")}
-    if settings["top_k"] == -1:  # vLLM's "no top-k cut"
+    settings = door_settings(body, "openai")
+    if settings.get("top_k") == -1:  # vLLM's "no top-k cut"
         settings["top_k"] = 0
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"), low=1)
     if max_tokens is None:  # as vLLM: up to the end of the context
@@ -80,7 +74,7 @@ async def _settings(body: Fields, triton, model: str) -> dict:
         settings["fit_max_tokens"] = True
     else:
         settings["max_tokens"] = max_tokens
-    return {k: v for k, v in settings.items() if v is not None}
+    return settings
 
 
 def _generations(request: Request, body: Fields, model: str, settings: dict, names: dict, **prompt

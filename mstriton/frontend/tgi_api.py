@@ -8,19 +8,21 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..params import MAX_TOP_LOGPROBS
+from ..params import door_fields
 from .. import __version__
 from . import generation as gen
 from .errors import ApiError
-from .fields import Fields, inputs_body, limits
+from .fields import Fields, door_settings, inputs_body, limits
 
 router = APIRouter()
 
 # TGI's names for the server's finish reasons
 FINISH = {"end_id": "eos_token", "stop": "stop_sequence", "stop_string": "stop_sequence", "length": "length"}
-PARAMETERS = {"adapter_id", "best_of", "decoder_input_details", "details", "do_sample", "frequency_penalty",
-              "grammar", "max_new_tokens", "repetition_penalty", "return_full_text", "seed", "stop", "temperature",
-              "top_k", "top_n_tokens", "top_p", "truncate", "typical_p", "watermark"}
+# Triton input -> TGI's parameter, as params.PARAMETERS maps them (read by door_settings)
+FIELDS = door_fields("tgi")
+# ... and the parameters read here: for the response (details, return_full_text), stop strings, and those refused
+PARAMETERS = set(FIELDS.values()) | {"adapter_id", "best_of", "decoder_input_details", "details", "grammar",
+                                     "return_full_text", "stop", "truncate", "typical_p", "watermark"}
 DEFAULT_MAX_NEW_TOKENS = 100  # TGI's
 
 
@@ -37,19 +39,12 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     # read when the response is written, after the generation: checked now, so a wrong one is refused first
     p.boolean("details")
     p.boolean("return_full_text")
-    settings = {"do_sample": p.boolean("do_sample"), "temperature": p.number("temperature", low=0.0),
-                "top_k": p.integer("top_k", low=0), "top_p": p.number("top_p", low=0.0, high=1.0, low_open=True),
-                "repetition_penalty": p.number("repetition_penalty", low=0.0, low_open=True),
-                "frequency_penalty": p.number("frequency_penalty", low=-2.0, high=2.0),
-                "seed": p.integer("seed", low=0, high=2 ** 63),
-                "top_logprobs": p.integer("top_n_tokens", low=0, high=MAX_TOP_LOGPROBS),
-                "return_tokens": True}
-    max_new = p.integer("max_new_tokens", low=1)
-    settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
+    settings = door_settings(p, "tgi")
+    max_new = settings.get("max_tokens")
+    settings.update(return_tokens=True, max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
                     fit_max_tokens=max_new is None)
-    settings = {k: v for k, v in settings.items() if v is not None}
-    names = {"max_tokens": "parameters.max_new_tokens", "top_logprobs": "parameters.top_n_tokens",
-             "text_input": "inputs", **{k: f"parameters.{k}" for k in PARAMETERS}}
+    names = {**{k: f"parameters.{k}" for k in PARAMETERS}, **{k: f"parameters.{v}" for k, v in FIELDS.items()},
+             "text_input": "inputs"}
     generation = gen.Generation(model=model, prompt=inputs, settings=settings,
                                 stop=p.texts("stop", max_items=limits(request).max_words,
                                                      max_item_bytes=limits(request).max_word_bytes), names=names)
