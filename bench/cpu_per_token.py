@@ -1,13 +1,12 @@
-#!/usr/bin/env python3
 """CPU time per generated token in each process of the served path, against the engine alone, at one
-concurrency: where a token's cost goes (tritonserver, the front model, the decode model, ...), and what the
+concurrency (tools/cpu_per_token.py, `make bench-efficiency`): where a token's cost goes (tritonserver, the front model, the decode model, ...), and what the
 served path costs over the engine's own work.
 
     python tools/cpu_per_token.py --repository build/bench/repo_smollm2_q4_1 --name smollm2 \
         --tokenizer build/bench/repo_smollm2_q4_1/smollm2_tokenizer/1 [--concurrency 16] [--out STEM]
 
 Serves the converted repository, drives NAME with perf_analyzer --streaming for about 30 s, and divides each
-process's CPU time (/proc/PID/stat) by the tokens the server's own counter (mstriton_generation_tokens_total)
+process's CPU time (bench.harness.processes) by the tokens the server's own counter (mstriton_generation_tokens_total)
 says it generated. Then, with the server stopped, the engine alone (the same scheduler and graphs in one
 process, bench/engine_alone.py) runs the same prompts at the same concurrency; its process's CPU time
 is divided by the tokens it generated in a window of the same length, taken from the middle of its run.
@@ -16,34 +15,16 @@ Prints a table and, with --out, saves it as STEM.md and STEM.json.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.report import machine_description  # noqa: E402
-from bench.triton_run import input_data, stream_for_windows  # noqa: E402
-from bench.workload import make_prompts  # noqa: E402
-from mstriton.server_process import metric_value, running_server  # noqa: E402
-from mstriton.supervisor import model_processes  # noqa: E402
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def served_processes(server_pid: int) -> dict[str, int]:
-    """tritonserver and every model process it started (not another server's), by the model it runs."""
-    return {"tritonserver": server_pid, **{model: pid for pid, model in model_processes(server_pid).items()}}
+from bench.harness.processes import cpu_seconds, served_processes
+from bench.harness.servers import metric_value, running_server
+from bench.report import machine_description
+from bench.triton_run import input_data, stream_for_windows
+from bench.workload import make_prompts
 
 
 def measure_served(args, prompts: list[str]) -> dict:
@@ -123,20 +104,8 @@ def report(args, served: dict, engine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repository", type=Path, required=True)
-    parser.add_argument("--name", required=True)
-    parser.add_argument("--tokenizer", type=Path, required=True, help="tokenizer file or folder for the prompts")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--stream-interval", type=int, default=1, help="tokens per streamed response")
-    parser.add_argument("--window-ms", type=int, default=15000, help="each of perf_analyzer's two windows")
-    parser.add_argument("--ramp-s", type=float, default=10.0,
-                        help="seconds the engine alone's closed loop runs before its window starts")
-    parser.add_argument("--out", type=Path, help="save the table as OUT.md and the figures as OUT.json")
-    args = parser.parse_args(argv)
+def run(args) -> int:
+    """args: tools/cpu_per_token.py's options."""
     from mstriton.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
@@ -156,6 +125,3 @@ def main(argv=None) -> int:
             indent=1))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-#!/usr/bin/env python3
-"""The engine alone on SmolLM2-135M-Instruct, by weight format, against the machine's floors and transformers.
+"""The engine alone on SmolLM2-135M-Instruct, by weight format, against the machine's floors and transformers
+(tools/bench_engine.py, `make bench-engine`).
 
 For every --weights format (float32 on MindSpore's MatMul; bfloat16, int8, Q8_0, Q4_0 and Q4_1 on the CPU
 kernels; Q4_1 and the Q8_0 head are the GGUF file's own blocks, Q4_0 and the others are converted from them):
@@ -14,11 +14,9 @@ and .png.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
 
-from bench.timing import median_time  # noqa: E402
+from bench.timing import median_time
 
 FORMATS = ["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
 BATCHES = [1, 16]
@@ -88,12 +85,8 @@ def transformers_prefill(gguf: Path, prompt: list[int], repeats: int, threads: i
         return median_time(lambda: model(ids, logits_to_keep=1), 2, repeats)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "engine.md"))
-    args = parser.parse_args()
+def run(args) -> None:
+    """args: tools/bench_engine.py's options."""
 
     from mstriton import kernels
     from bench import report
@@ -203,6 +196,3 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
-
-if __name__ == "__main__":
-    main()

@@ -14,7 +14,8 @@ from mstriton.engine.engine import Engine, warm_up, warm_up_prefill
 from mstriton.engine.graphs import EngineGraphs
 from mstriton.params import GenerationParams
 from mstriton.serving.scheduler import DecodeRequest, Scheduler
-from .timing import RequestTiming, closed_loop
+from .harness.loops import closed_loop
+from .timing import RequestTiming
 
 
 class EngineAlone:
@@ -91,11 +92,11 @@ def _prefill_ms(prompt) -> float:
 
 def spawn_with_python_environment() -> None:
     """Make the C-level environment, which a spawned child inherits, what Python's os.environ says for the
-    variables importing MindSpore sets with C's setenv (server_process.python_environment): the engine alone must
+    variables importing MindSpore sets with C's setenv (harness.servers.python_environment): the engine alone must
     run as the decode model does under tritonserver. Spawned from a process that had imported MindSpore, it ran
     MindSpore's own CPU operators (prefill attention, among others) on one thread (OMP_NUM_THREADS=1), which
     made it slower than the served path at 16 streams."""
-    from mstriton.server_process import MINDSPORE_C_VARIABLES, python_environment
+    from .harness.servers import MINDSPORE_C_VARIABLES, python_environment
 
     wanted = python_environment()
     for key in MINDSPORE_C_VARIABLES:

@@ -1,67 +1,34 @@
-#!/usr/bin/env python3
-"""What the front model costs per token: the same greedy stream through NAME (front model -> ensemble) and
-through NAME_pipeline (the ensemble called directly, which cannot see cancellations and streams token ids, not
-text: detokenization is the front model's too), interleaved, one request at a time. Prints a table and saves it to benchmarks/front_cost.md.
-
-    python tools/bench_front_cost.py [--url localhost:8001] [--name demo] [--prompt TEXT] [--tokens 64]
+"""What the front model costs per token (tools/bench_front_cost.py): the same greedy stream through NAME (front
+model -> ensemble) and through NAME_pipeline (the ensemble called directly, which cannot see cancellations and
+streams token ids, not text: detokenization is the front model's too), interleaved, one request at a time.
+Prints a table and saves it to benchmarks/front_cost.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
-import queue
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import tritonclient.grpc as grpcclient
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from mstriton.params import GenerationParams  # noqa: E402
+from bench.harness.streams import stream_once as stream
+from mstriton.params import GenerationParams
 
 
 def stream_once(url: str, model: str, inputs: dict) -> tuple[float, list[float]]:
-    """Seconds to the first response, and the gaps between later responses."""
-    client = grpcclient.InferenceServerClient(url)
-    results: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: results.put((time.perf_counter(), result, error)))
-    tensors = []
-    for name, (array, dtype) in inputs.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    sent = time.perf_counter()
-    client.async_stream_infer(model, tensors, enable_empty_final_response=True)
-    times = []
-    while True:
-        when, result, error = results.get(timeout=300)
-        if error is not None:
-            raise RuntimeError(f"{model}: {error}")
-        response = result.get_response()
-        if response.outputs:  # a token (text from NAME, ids from NAME_pipeline), not the empty final response
-            times.append(when)
-        final = response.parameters.get("triton_final_response")
-        if final is not None and final.bool_param:
-            break
-    client.stop_stream()
-    return times[0] - sent, list(np.diff(times))
+    """Seconds to the first response, and the gaps between later responses (bench.harness.streams: every
+    response with outputs, text from NAME, ids from NAME_pipeline; not the empty final one)."""
+    generation = stream(url, model, inputs)
+    if generation.error is not None:
+        raise RuntimeError(f"{model}: {generation.error}")
+    times = generation.arrivals
+    return times[0] - generation.start, list(np.diff(times))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="localhost:8001")
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--prompt", default="Triton Inference Server")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "front_cost.md"))
-    args = parser.parse_args()
+def run(args) -> None:
+    """args: tools/bench_front_cost.py's options (url, name, prompt, tokens, rounds, out)."""
     text = np.array([[args.prompt.encode()]], np.object_)
     front_inputs = {"text_input": (text, "BYTES"), "max_tokens": (np.array([[args.tokens]], np.int32), "INT32"),
                     "stream": (np.array([[True]]), "BOOL")}
@@ -100,6 +67,3 @@ def main() -> None:
     print(report)
     Path(args.out).write_text(report)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
-#!/usr/bin/env python3
-"""Frontend benchmark (`make bench-frontend`, also run by `make bench`): aiperf against our OpenAI frontend and
-against llama.cpp's llama-server, on SmolLM2-135M-Instruct, and what our frontend costs over gRPC.
+"""Frontend benchmark (tools/bench_frontend.py: `make bench-frontend`, also run by `make bench`): aiperf against our
+OpenAI frontend and against llama.cpp's llama-server, on SmolLM2-135M-Instruct, and what our frontend costs over
+gRPC.
 
     python tools/bench_frontend.py [--concurrency 1,4,16,64] [--requests N] [--systems ...] [--quick] [--out STEM]
 
@@ -20,7 +20,6 @@ test of a few minutes.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import hashlib
@@ -30,19 +29,19 @@ import os
 import resource
 import shutil
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+from bench import aiperf, report
+from bench.harness.loops import closed_loop
+from bench.harness.processes import cpu_seconds
+from bench.harness.servers import FrontendServer, TritonServer, frontend_running
+from bench.timing import PeerUnavailable, RequestTiming
 
-from bench import aiperf, report  # noqa: E402
-from bench.timing import PeerUnavailable, RequestTiming, closed_loop  # noqa: E402
-from mstriton.server_process import terminate  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
 MODEL = "smollm2"
 BUILD = ROOT / "build" / "bench_frontend"
@@ -163,69 +162,6 @@ def run_quietly(command: list[str], what: str) -> str:
     return "".join(lines)
 
 
-# ---- our frontend ---------------------------------------------------------------------------------------
-
-def _get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-class Frontend:
-    """`python -m mstriton.frontend` on a free loopback port in front of a running tritonserver."""
-
-    def __init__(self, grpc: str, metrics_port: int, log: Path):
-        from mstriton.server_process import free_port
-
-        self.port, self.log = free_port(), log
-        self.command = [sys.executable, "-m", "mstriton.frontend", "--triton-grpc", grpc,
-                        "--triton-metrics", f"http://localhost:{metrics_port}/metrics",
-                        "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "Frontend":
-        self.process = subprocess.Popen(self.command, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
-                                        cwd=str(ROOT), stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the frontend exited with {self.process.returncode}:\n{self.tail()}")
-            with contextlib.suppress(OSError):
-                if _get(self.port, "/health")[0] == 200:
-                    return self
-            time.sleep(0.5)
-        raise RuntimeError(f"the frontend did not answer /health with 200 in 120 s:\n{self.tail()}")
-
-    def ensure_running(self) -> str | None:
-        """Start the frontend again if it has exited (something else on this shared machine may end it);
-        returns what happened, or None if it was running."""
-        code = self.process.poll()
-        if code is None:
-            return None
-        self.__enter__()
-        return f"the frontend had exited (code {code}) and was started again"
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the frontend process has used so far."""
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-    def __exit__(self, *exc) -> None:
-        if self.process:
-            terminate(self.process, timeout=30)
-
-
 # ---- perf_analyzer straight to the front model ----------------------------------------------------------
 
 def perf_analyzer_chat(grpc: str, payloads: list[dict], output_tokens: int, concurrency: int, workdir: Path,
@@ -233,18 +169,17 @@ def perf_analyzer_chat(grpc: str, payloads: list[dict], output_tokens: int, conc
     """perf_analyzer --streaming to the front model with the chat requests aiperf sent (their messages, as the
     front model's `messages` input the frontend fills, and the same lengths): the timings, as
     bench.triton_run reads them from the profile export, and the client's CPU seconds."""
-    from bench.triton_run import PERF_ANALYZER, timings_from_profile
+    from bench.triton_run import run_watching, streaming_command, timings_from_profile
 
     workdir.mkdir(parents=True, exist_ok=True)
     data, export = workdir / "input.json", workdir / "profile.json"
     data.write_text(json.dumps({"data": [aiperf.front_model_inputs(p, output_tokens) for p in payloads]}))
     export.unlink(missing_ok=True)  # perf_analyzer refuses an existing export file
-    command = [str(PERF_ANALYZER), "-m", MODEL, "-i", "grpc", "--streaming", "-u", grpc, "--input-data", str(data),
-               "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-               "--measurement-request-count", str(requests_per_window), "--stability-percentage", "999",
-               "--max-trials", "3", "--profile-export-file", str(export)]
+    command = streaming_command(grpc, MODEL, data, concurrency, 3,
+                                ["--measurement-mode", "count_windows", "--measurement-request-count",
+                                 str(requests_per_window), "--profile-export-file", str(export)])
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = run_watching(command, None, timeout=3600)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({done.returncode}): {(done.stdout + done.stderr)[-1500:]}")
@@ -294,7 +229,7 @@ def stream_chat(port: int, body: dict) -> RequestTiming:
 
 
 def thin_client(port: int, payloads: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
-    """aiperf's requests again through /v1, from closed-loop threads of this process (bench.timing);
+    """aiperf's requests again through /v1, from closed-loop threads of this process (bench.harness.loops);
     returns the timings and this process's CPU seconds spent meanwhile."""
     closed_loop(payloads[:max(2, concurrency)], concurrency, lambda _i, body: stream_chat(port, body))  # warm-up
     mid = resource.getrusage(resource.RUSAGE_SELF)
@@ -361,8 +296,6 @@ class Bench:
 
     # -- ours: tritonserver, the frontend in front of it, perf_analyzer beside it --
     def run_ours(self, repository: Path) -> None:
-        from mstriton.server_process import TritonServer
-
         systems = self.args.systems
         log = BUILD / "tritonserver.log"
         say(f"starting tritonserver on {repository} (log {log}); it compiles its graphs first (minutes)")
@@ -370,10 +303,13 @@ class Bench:
         try:
             server.wait_ready(timeout=900)
             say(f"tritonserver ready: gRPC {server.grpc}; starting the frontend")
-            with Frontend(server.grpc, server.metrics_port, BUILD / "frontend.log") as frontend:
+            frontend = FrontendServer(server, BUILD / "frontend.log")
+            try:
+                frontend.wait_ready(timeout=120)
                 say(f"frontend ready at {frontend.url}")
                 for c in self.args.concurrency:
-                    run, restarted = None, frontend.ensure_running()
+                    run = None
+                    frontend, restarted = frontend_running(frontend, server, BUILD / "frontend.log")
                     if restarted:
                         say(restarted)
                         self.results["notes"].append(f"before the c={c} point, {restarted}")
@@ -381,13 +317,15 @@ class Bench:
                         # aiperf through /v1 first: it makes the prompts perf_analyzer then sends too
                         run = self.aiperf_point(OURS_V1, "ours_v1", frontend.url, c,
                                                 {"min_tokens": self.args.output_tokens, "temperature": 0.0},
-                                                cpu_of=frontend.cpu_seconds)
+                                                cpu_of=lambda: cpu_seconds(frontend.process.pid))
                     if "ours-grpc" in systems:
                         self.grpc_point(server.grpc, c, run)
                     if "ours-v1-thin" in systems:
                         self.thin_point(frontend, c, run)
                 if frontend.process.poll() is not None:
-                    self.results["notes"].append(f"the frontend exited during the run:\n{frontend.tail()}")
+                    self.results["notes"].append(f"the frontend exited during the run:\n{tail(frontend.log)}")
+            finally:
+                frontend.stop()
         finally:
             say(f"tritonserver stopped ({server.stop()})")
 
@@ -411,11 +349,11 @@ class Bench:
         self.put(OURS_GRPC, concurrency, value)
         self.show(OURS_GRPC, concurrency, value, time.monotonic() - started)
 
-    def thin_point(self, frontend: Frontend, concurrency: int, run: aiperf.ProfileRun | None) -> None:
+    def thin_point(self, frontend: FrontendServer, concurrency: int, run: aiperf.ProfileRun | None) -> None:
         if run is None or not run.payloads():
             self.fail(OURS_THIN, concurrency, RuntimeError("no aiperf requests to replay (the /v1 point failed)"))
             return
-        started, load, cpu_before = time.monotonic(), os.getloadavg()[0], frontend.cpu_seconds()
+        started, load, cpu_before = time.monotonic(), os.getloadavg()[0], cpu_seconds(frontend.process.pid)
         try:
             timings, cpu = thin_client(frontend.port, run.payloads(), concurrency)
             value = aiperf.figures_of_timings(timings)
@@ -424,7 +362,7 @@ class Bench:
             return
         value["client_cpu_s"] = round(cpu, 2)
         with contextlib.suppress(OSError):
-            value["frontend_cpu_s"] = round(frontend.cpu_seconds() - cpu_before, 2)  # warm-up included
+            value["frontend_cpu_s"] = round(cpu_seconds(frontend.process.pid) - cpu_before, 2)  # warm-up included
         value["load_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
         self.put(OURS_THIN, concurrency, value)
         self.show(OURS_THIN, concurrency, value, time.monotonic() - started)
@@ -472,45 +410,8 @@ def versions(aiperf_versions: dict) -> dict:
     return found
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)))
-    parser.add_argument("--requests", type=int, default=16, help="requests per point, at least")
-    parser.add_argument("--requests-per-client", type=int, default=2,
-                        help="requests per point = max(--requests, this x concurrency)")
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
-    parser.add_argument("--input-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=128)
-    parser.add_argument("--slots", type=int, default=16,
-                        help="sequences decoded at once: our converted max batch, llama-server's --parallel")
-    parser.add_argument("--max-seq-len", type=int, default=1024)
-    parser.add_argument("--seed", type=int, default=0, help="aiperf's --random-seed (the prompts)")
-    parser.add_argument("--point-timeout", type=float, default=900, help="seconds one aiperf run may take")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: concurrency 1, 4 requests, 16 output tokens, ours only; writes "
-                             "build/bench_frontend/quick.* unless --out is given")
-    parser.add_argument("--prepare-only", action="store_true", help="make the model files and the aiperf "
-                        "environment, then stop")
-    parser.add_argument("--out", default=None, help="output path stem (default benchmarks/frontend_aiperf)")
-    parser.add_argument("--render", metavar="JSON", help="write the report again from a run's JSON, run nothing")
-    args = parser.parse_args(argv)
-    if args.render:
-        for path in write_report(json.loads(Path(args.render).read_text()),
-                                 Path(args.out) if args.out else Path(args.render).with_suffix("")):
-            say(f"wrote {path}")
-        return 0
-    # SIGTERM (a supervisor, `kill`) ends the run through the finally blocks that stop the servers it started
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    if args.quick:
-        args.concurrency, args.requests, args.requests_per_client, args.output_tokens = "1", 4, 1, 16
-        if args.systems == parser.get_default("systems"):
-            args.systems = "ours-v1,ours-grpc,ours-v1-thin"
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-    args.systems = args.systems.split(",")
-    unknown = set(args.systems) - set(SYSTEMS)
-    if unknown:
-        parser.error(f"--systems: unknown {sorted(unknown)}; choose from {SYSTEMS}")
-    out = Path(args.out) if args.out else (BUILD / "quick" if args.quick else ROOT / "benchmarks" / "frontend_aiperf")
+def run(args, out: Path) -> int:
+    """The systems of `args` (tools/bench_frontend.py's options, parsed), the report written to OUT.*."""
     BUILD.mkdir(parents=True, exist_ok=True)
 
     from mstriton.pretrained import smollm2_gguf
@@ -565,11 +466,11 @@ def main(argv=None) -> int:
 
 
 def memory_bandwidth() -> dict[str, float]:
-    """tools/bench_engine.py's memory-rate probes (GB/s), measured before any server starts (in a process of
+    """bench/engine.py's memory-rate probes (GB/s), measured before any server starts (in a process of
     its own: they import MindSpore)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench_engine import bandwidth_probes; "
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench.engine import bandwidth_probes; "
             "print('RATES ' + json.dumps(bandwidth_probes()))")
-    out = run_quietly([sys.executable, "-c", code, str(ROOT / "tools")], "the memory-rate probes")
+    out = run_quietly([sys.executable, "-c", code, str(ROOT)], "the memory-rate probes")
     rates = json.loads(next(line for line in out.splitlines() if line.startswith("RATES "))[6:])
     return {name: round(rate, 1) for name, rate in rates.items()}
 
@@ -787,6 +688,10 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+def tail(log: Path, lines: int = 30) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def write_report(results: dict, out: Path) -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     report.write_atomically(out.with_suffix(".json"), json.dumps(results, indent=1))
@@ -796,6 +701,3 @@ def write_report(results: dict, out: Path) -> list[Path]:
         written.append(plot(results, out.with_suffix(".png")))
     return written
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
-#!/usr/bin/env python3
-"""KV-cache and scheduling benchmark: four scenarios against a served model, through the real tritonserver, over
-tritonclient gRPC streaming to the decoupled front model NAME (one response per token), prompts sent as text.
+"""KV-cache and scheduling benchmark (tools/bench_kv_cache.py, `make bench-kv-cache`): four scenarios against a
+served model, through the real tritonserver, over tritonclient gRPC streaming to the decoupled front model NAME
+(one response per token, bench.harness.streams), prompts sent as text.
 
     python tools/bench_kv_cache.py --repository build/bench/repo_kv_baseline --model smollm2 \
         [--scenarios shared-prefix,multi-turn,long-prompts,capacity] [--out benchmarks/kv_cache] \
@@ -21,7 +21,7 @@ Scenarios (all greedy; min_tokens = max_tokens, so every request streams exactly
   model are sampled every 0.2 s: the most sequences running at once (--running-gauge), the KV-cache gauges, and
   every other gauge of that model that the server exports (printed by name, so renamed gauges still show).
 
-The tool starts tritonserver on --repository itself (mstriton.server_process.TritonServer, free ports), waits until
+The tool starts tritonserver on --repository itself (bench.harness.servers.TritonServer, free ports), waits until
 it is ready, warms it up, runs the scenarios (each also sends an unmeasured burst of its own prompt shapes first,
 so that prefill shapes compile outside the measurement) and stops the server. --server-pythonpath DIR makes the
 server's model processes import the mstriton package from DIR (a copy of an earlier version of the code: the
@@ -35,13 +35,11 @@ not run. About 10 minutes on 2 cores with SmolLM2-135M Q4_1 (shared-prefix 5 of 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
 import math
 import os
-import queue
 import shlex
 import signal
 import subprocess
@@ -51,12 +49,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import scenarios as sc
+from bench.harness import loops
+from bench.harness.processes import MemoryWatch, mapped_files, other_tritonservers
+from bench.harness.streams import Generation, GrpcStream, scalar
+from bench.report import machine_description, write_atomically
 
-from bench import scenarios as sc  # noqa: E402
-from bench.report import machine_description, write_atomically  # noqa: E402
-from bench.timing import run_clients  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SCENARIOS = ("shared-prefix", "multi-turn", "long-prompts", "capacity")
 # the decode model's gauges (mstriton/serving/metrics.py, DecodeMetrics)
@@ -74,125 +73,34 @@ def say(message: str) -> None:
 
 # ---- the client -------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Generation:
-    """One streamed request: when it was sent, and each response's arrival (perf_counter seconds) with the
-    number of output tokens so far."""
-    start: float
-    responses: list[tuple[float, int]]
-    text: str
-    prompt_tokens: int
-    finish_reason: str
-
-    @property
-    def token_times(self) -> list[float]:
-        return sc.token_times(self.responses)
-
-    @property
-    def ttft(self) -> float:
-        return self.responses[0][0] - self.start
-
-    @property
-    def end(self) -> float:
-        return self.responses[-1][0]
-
-
-class GrpcStream:
-    """One tritonclient gRPC stream to the front model; requests on it one at a time."""
-
-    def __init__(self, url: str, model: str, timeout: float = 300):
-        import tritonclient.grpc as grpcclient
-
-        self.grpcclient, self.model, self.timeout = grpcclient, model, timeout
-        self.client = grpcclient.InferenceServerClient(url)
-        self.queue: queue.Queue = queue.Queue()
-        # the callback only stamps the arrival: parsing waits for the caller's thread
-        self.client.start_stream(callback=lambda result, error: self.queue.put((time.perf_counter(), result, error)))
-
-    def inputs(self, text: str, max_tokens: int) -> list:
-        import numpy as np
-
-        values = [("text_input", "BYTES", np.array([[text.encode("utf-8")]], dtype=np.object_)),
-                  ("max_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
-                  ("min_tokens", "INT32", np.array([[max_tokens]], dtype=np.int32)),
-                  ("stream", "BOOL", np.array([[True]], dtype=np.bool_)),
-                  ("do_sample", "BOOL", np.array([[False]], dtype=np.bool_))]
-        tensors = []
-        for name, datatype, array in values:
-            tensor = self.grpcclient.InferInput(name, list(array.shape), datatype)
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
-        return tensors
-
-    def generate(self, text: str, max_tokens: int, request_id: str, on_first=None) -> Generation:
-        inputs = self.inputs(text, max_tokens)
-        start = time.perf_counter()
-        self.client.async_stream_infer(self.model, inputs, request_id=request_id, enable_empty_final_response=True)
-        responses, pieces, prompt_tokens, reason = [], [], 0, ""
-        while True:
-            try:
-                arrival, result, error = self.queue.get(timeout=self.timeout)
-            except queue.Empty:
-                raise TimeoutError(f"{request_id}: no response in {self.timeout}s") from None
-            if error is not None:
-                raise RuntimeError(f"{request_id}: {error}")
-            output = result.as_numpy("text_output")
-            if output is not None:
-                pieces.append(output.reshape(-1)[0].decode("utf-8", errors="replace"))
-                count = result.as_numpy("num_output_tokens")
-                count = int(count.reshape(-1)[0]) if count is not None else len(responses) + 1
-                if not responses and on_first is not None:
-                    on_first(arrival)
-                responses.append((arrival, count))
-                tokens = result.as_numpy("num_input_tokens")
-                prompt_tokens = int(tokens.reshape(-1)[0]) if tokens is not None else prompt_tokens
-                finish = result.as_numpy("finish_reason")
-                reason = (finish.reshape(-1)[0].decode() if finish is not None else "") or reason
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                break
-        if not responses:
-            raise RuntimeError(f"{request_id}: the stream ended without a token")
-        return Generation(start, responses, "".join(pieces), prompt_tokens, reason)
-
-    def close(self) -> None:
-        try:
-            self.client.stop_stream()
-        finally:
-            self.client.close()
+def generate(stream: GrpcStream, model: str, text: str, max_tokens: int, request_id: str,
+             on_first=None) -> Generation:
+    """One greedy request of exactly `max_tokens` output tokens (min_tokens = max_tokens), streamed, on
+    `stream` (bench.harness.streams: arrival times stamped in its callback, one response per token)."""
+    generation = stream.generate(model, {"text_input": scalar("BYTES", text), "max_tokens": scalar("INT32", max_tokens),
+                                         "min_tokens": scalar("INT32", max_tokens), "stream": scalar("BOOL", True),
+                                         "do_sample": scalar("BOOL", False)},
+                                 request_id=request_id, on_first=on_first)
+    if generation.error is not None:
+        raise RuntimeError(f"{request_id}: {generation.error}")
+    if not generation.responses:
+        raise RuntimeError(f"{request_id}: the stream ended without a token")
+    return generation
 
 
 def closed_loop(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int, tag: str,
                 progress: bool = True) -> list[Generation]:
     """`concurrency` clients, each with its own stream, share the prompts: a client sends its next prompt when its
     previous one has ended. Results in prompt order; the first error ends the run."""
-    todo = list(range(len(prompts)))
-    results: list[Generation | None] = [None] * len(prompts)
-    lock, errors = threading.Lock(), []
     every = max(1, len(prompts) // 4)
 
-    def client() -> None:
-        stream = GrpcStream(url, model)
-        try:
-            while True:
-                with lock:
-                    if not todo or errors:
-                        return
-                    index = todo.pop(0)
-                generation = stream.generate(prompts[index], max_tokens, f"{tag}-{index}")
-                with lock:
-                    results[index] = generation
-                    done = sum(r is not None for r in results)
-                if progress and (done % every == 0 or done == len(prompts)):
-                    say(f"  {tag}: {done}/{len(prompts)} requests done")
-        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread below
-            with lock:
-                errors.append(exc)
-        finally:
-            stream.close()
+    def done(count: int, total: int) -> None:
+        if progress and (count % every == 0 or count == total):
+            say(f"  {tag}: {count}/{total} requests done")
 
-    run_clients(client, min(concurrency, len(prompts)), errors)
-    return results  # type: ignore[return-value]
+    return loops.closed_loop(prompts, concurrency,
+                             lambda index, prompt, stream: generate(stream, model, prompt, max_tokens, f"{tag}-{index}"),
+                             session=lambda: GrpcStream(url), on_done=done)
 
 
 def span_figures(generations: list[Generation]) -> dict:
@@ -265,7 +173,7 @@ class Bench:
             user = sc.text_of_tokens(self.tokenizer, a.user_tokens, seed=seed + k, prefix=f"Message {k + 1}: ")
             turns.append((user, None))
             text = sc.conversation_text(turns)
-            generation = stream.generate(text, a.turn_output_tokens, f"{tag}-turn{k + 1}")
+            generation = generate(stream, self.model, text, a.turn_output_tokens, f"{tag}-turn{k + 1}")
             turns[-1] = (user, generation.text)
             counts.append(generation.prompt_tokens or self.count(text))
             ttfts.append(generation.ttft * 1e3)
@@ -273,7 +181,7 @@ class Bench:
 
     def multi_turn(self) -> dict:
         a = self.args
-        stream = GrpcStream(self.url, self.model)
+        stream = GrpcStream(self.url)
         try:
             say(f"multi-turn: warm-up conversation of {a.turns} turns (not measured)")
             self.conversation(stream, 90000, "warm-conv")
@@ -312,9 +220,9 @@ class Bench:
         long_results: list = [None] * len(longs)
 
         def run(index: int, prompt: str, max_tokens: int, out: list, name: str, first=None) -> None:
-            stream = GrpcStream(self.url, self.model)
+            stream = GrpcStream(self.url)
             try:
-                out[index] = stream.generate(prompt, max_tokens, f"{tag}-{name}{index}", on_first=first)
+                out[index] = generate(stream, self.model, prompt, max_tokens, f"{tag}-{name}{index}", on_first=first)
             except BaseException as exc:  # noqa: BLE001 - reported below
                 out[index] = exc
                 all_started.set()
@@ -660,125 +568,6 @@ def save(results: dict, stem: Path) -> None:
         say(f"the Markdown report failed ({type(exc).__name__}: {exc}); the figures are in {stem.with_suffix('.json')}")
 
 
-# ---- processes ----------------------------------------------------------------------------------------------
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo += children.get(pid, [])
-    return found
-
-
-def mapped_kernel_libraries(root: int) -> list[str]:
-    """The mstriton kernel libraries the server's processes map: which copy of the package they run."""
-    paths = set()
-    for pid in descendants(root):
-        try:
-            for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-                if "libmstriton_kernels" in line:
-                    paths.add(line.split()[-1])
-        except OSError:
-            pass
-    return sorted(paths)
-
-
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def process_label(pid: int) -> str:
-    """tritonserver, or the model a python-backend stub serves (its model.py's folder), or the command."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return str(pid)
-    for arg in args[1:]:
-        if arg.endswith(b"/model.py"):
-            return Path(arg.decode(errors="replace")).parent.parent.name
-    return Path(args[0].decode(errors="replace")).name or str(pid)
-
-
-class MemoryWatch(threading.Thread):
-    """Every `interval` s: the resident memory of the server and its model processes (peaks kept per label until
-    reset()), and the machine's available memory. Below `min_available` bytes it stops the server (ours only),
-    before the kernel's OOM killer picks a process, which on a shared machine may be someone else's."""
-
-    def __init__(self, server, min_available: int, interval: float = 0.25):
-        super().__init__(daemon=True)
-        self.server, self.min_available, self.interval = server, min_available, interval
-        self.halt = threading.Event()
-        self.tripped: str | None = None
-        self.lowest_available = math.inf
-        self.reset()
-
-    def reset(self) -> None:
-        self.peak_total, self.peaks, self.lowest_available = 0, {}, math.inf
-
-    def sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        total, by_label = 0, {}
-        for pid in descendants(self.server.process.pid):
-            try:
-                rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
-            except (OSError, IndexError, ValueError):
-                continue
-            label = process_label(pid)
-            total += rss
-            by_label[label] = by_label.get(label, 0) + rss
-        self.peak_total = max(self.peak_total, total)
-        for label, rss in by_label.items():
-            self.peaks[label] = max(self.peaks.get(label, 0), rss)
-        available = available_bytes()
-        self.lowest_available = min(self.lowest_available, available)
-        if available < self.min_available and self.tripped is None and self.server.process.poll() is None:
-            self.tripped = (f"memory guard: {available / 2**30:.1f} GiB available (< {self.min_available / 2**30:.1f}),"
-                            f" the server held {total / 2**30:.1f} GiB ("
-                            + ", ".join(f"{k} {v / 2**30:.1f}" for k, v in sorted(by_label.items(),
-                                                                                   key=lambda kv: -kv[1])[:4])
-                            + "): the server was stopped")
-            say(self.tripped)
-            self.server.stop(timeout=10)
-
-    def figures(self) -> dict:
-        return {"server_peak_rss_gib": round(self.peak_total / 2**30, 2),
-                "peak_rss_gib_by_process": {k: round(v / 2**30, 2) for k, v in
-                                            sorted(self.peaks.items(), key=lambda kv: -kv[1]) if v > 2**28},
-                "lowest_available_gib": round(self.lowest_available / 2**30, 2)
-                if math.isfinite(self.lowest_available) else None}
-
-    def run(self) -> None:
-        while not self.halt.wait(self.interval):
-            try:
-                self.sample()
-            except Exception as exc:  # noqa: BLE001 - the watch must not end the run
-                say(f"memory watch: {type(exc).__name__}: {exc}")
-
-
-def other_tritonservers(ours: int) -> int:
-    mine = set(descendants(ours))
-    count = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            pid = int(cmdline.parent.name)
-            if pid not in mine and b"bin/tritonserver" in cmdline.read_bytes().split(b"\0")[0]:
-                count += 1
-        except (OSError, ValueError):
-            pass
-    return count
-
-
 def repository_settings(repository: Path, model: str) -> str:
     try:
         manifest = json.loads((repository / f"{model}_decode" / "1" / "engine" / "manifest.json").read_text())
@@ -807,7 +596,7 @@ def set_decode_parameters(repository: Path, model: str, settings: list[str]) -> 
 
 
 def start_server(repository: Path, log: Path, pythonpath: Path | None):
-    from mstriton.server_process import TritonServer
+    from bench.harness.servers import TritonServer
 
     saved_path, saved_cwd = os.environ.get("PYTHONPATH"), os.getcwd()
     try:
@@ -827,62 +616,6 @@ def start_server(repository: Path, log: Path, pythonpath: Path | None):
 
 # ---- main -------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    p.add_argument("--repository", type=Path, help="converted Triton model repository (required unless --report-from)")
-    p.add_argument("--report-from", type=Path, metavar="JSON", help="measure nothing: write STEM.md from this JSON")
-    p.add_argument("--model", default="smollm2", help="the LLM's name in it (the front model)")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"any of {','.join(SCENARIOS)}")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "kv_cache", help="output stem (.md, .json)")
-    p.add_argument("--merge", action="store_true", help="keep the other scenarios of an existing STEM.json")
-    p.add_argument("--server-pythonpath", type=Path,
-                   help="a folder holding an mstriton package for the server's model processes to import")
-    p.add_argument("--log", type=Path, help="tritonserver's log (default: build/bench/tritonserver_kv_cache.log)")
-    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
-    p.add_argument("--decode-parameter", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a parameter of MODEL_decode/config.pbtxt before the server starts (repeatable), "
-                        "e.g. kv_cache_bytes=1509949440")
-    p.add_argument("--min-available-gib", type=float, default=2.0,
-                   help="stop the server when the machine's available memory falls below this (default %(default)s)")
-    g = p.add_argument_group("shared-prefix")
-    g.add_argument("--system-tokens", type=int, default=1000)
-    g.add_argument("--question-tokens", type=int, default=50)
-    g.add_argument("--prefix-requests", type=int, default=48)
-    g.add_argument("--concurrency", type=int, default=16)
-    g.add_argument("--prefix-output-tokens", type=int, default=16)
-    g = p.add_argument_group("multi-turn")
-    g.add_argument("--turns", type=int, default=8)
-    g.add_argument("--conversations", type=int, default=3)
-    g.add_argument("--user-tokens", type=int, default=40)
-    g.add_argument("--turn-output-tokens", type=int, default=16)
-    g = p.add_argument_group("long-prompts")
-    g.add_argument("--streams", type=int, default=16)
-    g.add_argument("--stream-output-tokens", type=int, default=256)
-    g.add_argument("--short-tokens", type=int, default=32)
-    g.add_argument("--long-count", type=int, default=4)
-    g.add_argument("--long-tokens", type=int, default=900)
-    g.add_argument("--long-output-tokens", type=int, default=8)
-    g.add_argument("--long-interval", type=float, default=1.0)
-    g = p.add_argument_group("capacity")
-    g.add_argument("--capacity-requests", type=int, default=64)
-    g.add_argument("--capacity-prompt-tokens", type=int, default=128)
-    g.add_argument("--capacity-output-tokens", type=int, default=128)
-    g.add_argument("--sample-interval", type=float, default=0.2)
-    g.add_argument("--metrics-model", help="the model label of the gauges (default: MODEL_decode)")
-    g.add_argument("--running-gauge", default=RUNNING_GAUGE, help="the gauge of sequences running")
-    g.add_argument("--gauges", default=",".join(DEFAULT_GAUGES),
-                   help="gauges to report (every other gauge of the model found is reported too)")
-    args = p.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        p.error(f"--scenarios: unknown {sorted(unknown)}; choose from {list(SCENARIOS)}")
-    args.gauges = [g.strip() for g in args.gauges.split(",") if g.strip()]
-    if not args.repository and not args.report_from:
-        p.error("--repository is required")
-    return args
-
-
 def command_line(argv: list[str]) -> str:
     """The command as a shell would take it, the --note texts left out (the report prints them)."""
     kept, skip = [], False
@@ -900,8 +633,9 @@ def exit_on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(args, argv=None) -> int:
+    """Run the scenarios of `args` (tools/bench_kv_cache.py's options; `argv`: the command line, for the report),
+    or with --report-from only write the report again."""
     if args.report_from:
         results = json.loads(args.report_from.read_text())
         stem = args.out if args.out.is_absolute() else Path.cwd() / args.out
@@ -947,7 +681,7 @@ def main(argv=None) -> int:
     say(f"starting tritonserver on {repository} (log {log})"
         + (f", model code from {pythonpath}" if pythonpath else ""))
     server = start_server(repository, log, pythonpath)
-    watch = MemoryWatch(server, int(args.min_available_gib * 2**30))
+    watch = MemoryWatch(server, int(args.min_available_gib * 2**30), say=say)
     watch.start()
     try:
         server.wait_ready(timeout=600)
@@ -955,7 +689,7 @@ def main(argv=None) -> int:
         bench = Bench(args, server, tokenizer)
         say("warm-up: 4 requests of ~32 tokens, 8 output tokens, 2 at a time")
         bench.burst([sc.text_of_tokens(tokenizer, 32, seed=7000 + i) for i in range(4)], 8, 2, "warmup")
-        libraries = mapped_kernel_libraries(server.process.pid)
+        libraries = mapped_files(server.process.pid, "libmstriton_kernels")
         say(f"the model processes map {', '.join(libraries) or 'no mstriton kernel library'}")
         results["meta"]["kernel_libraries_mapped"] = libraries
         if pythonpath and libraries and not all(lib.startswith(str(pythonpath)) for lib in libraries):
@@ -997,6 +731,3 @@ def main(argv=None) -> int:
     say(f"done in {time.monotonic() - STARTED:.0f}s")
     return 0 if all("error" not in results["scenarios"][n] for n in args.scenarios) else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -34,7 +34,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -45,8 +44,10 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Sequence
 
-from mstriton.server_process import free_port
-from .timing import PeerUnavailable, RequestTiming, closed_loop
+from .harness import processes
+from .harness.loops import closed_loop
+from .harness.servers import free_port
+from .timing import PeerUnavailable, RequestTiming
 
 # The sdist this peer is built from; its vendored llama.cpp has tools/server and convert_hf_to_gguf.py.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -133,20 +134,7 @@ X86_ISA_OPTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 AMX_OFF = ("-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF")
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
-    """The CPU feature flags of an x86-64 Linux machine (the first `flags` line of /proc/cpuinfo), or None
-    elsewhere or when they cannot be read."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "flags":
-                    return frozenset(value.split())
-    except OSError:
-        pass
-    return None
+cpu_flags = processes.cpu_flags  # the CPU's /proc/cpuinfo flags (None off x86-64)
 
 
 def isa_arguments(flags: frozenset[str] | None) -> list[str]:
@@ -484,7 +472,7 @@ def _stream(conn: http.client.HTTPConnection, body: str, output_tokens: int) -> 
 
 
 def run(server: LlamaCppServer, prompts: list[str], output_tokens: int, concurrency: int) -> list[RequestTiming]:
-    """Closed-loop clients (timing.closed_loop). The server's own per-request timings (llama.cpp's prompt_ms,
+    """Closed-loop clients (harness.loops.closed_loop). The server's own per-request timings (llama.cpp's prompt_ms,
     predicted_per_token_ms, ...) are appended to `server.timings` when the server has that list."""
     server_timings = getattr(server, "timings", [])
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 from pathlib import Path
+
+from .harness import processes
 
 OURS, ENGINE = "mstriton (tritonserver)", "engine alone"
 # The same server, with requests asking for four tokens per streamed response (stream_interval=4)
@@ -16,24 +17,10 @@ HF_SEQUENTIAL, HF_BATCHED = "transformers, one at a time", "transformers, static
 
 
 def machine_description() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    # not nproc: it honours OMP_NUM_THREADS, which importing MindSpore sets to 1
-    cores = str(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else str(os.cpu_count())
-    memory = "?"
-    try:
-        kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
-                      if line.startswith("MemTotal")))
-        memory = f"{kb / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return f"{cpu}, {cores} cores, {memory} RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+    total = processes.meminfo_bytes("MemTotal")
+    memory = f"{total / 2**30:.0f} GiB" if total is not None else "?"
+    return (f"{processes.cpu_model() or 'unknown CPU'}, {processes.cores()} cores, {memory} RAM, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
 
 
 @dataclasses.dataclass

@@ -145,16 +145,6 @@ def integral(value):
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def token_times(responses: Sequence[tuple[float, int]]) -> list[float]:
-    """One arrival time per output token, from the stream's responses (arrival time, num_output_tokens so far):
-    a response that brings k new tokens gives its time to each of them."""
-    times, seen = [], 0
-    for arrival, total in responses:
-        times += [arrival] * max(total - seen, 0)
-        seen = max(seen, total)
-    return times
-
-
 def gaps_in_window(streams: Iterable[Sequence[float]], start: float, end: float) -> list[float]:
     """Inter-token gaps (seconds) of every stream whose later token arrived within [start, end]."""
     gaps = []

@@ -1,6 +1,5 @@
-#!/usr/bin/env python3
-"""Serving benchmark (`make bench`): mstriton under tritonserver against the engine alone, transformers and
-llama.cpp, on the same weights and prompts, in one run.
+"""Serving benchmark (tools/bench_serving.py, `make bench`): mstriton under tritonserver against the engine alone,
+transformers and llama.cpp, on the same weights and prompts, in one run.
 
     python tools/bench_serving.py [--models demo,r100m,smollm2] [--shapes 128,1024] [--concurrency 1,4,16,64]
                                   [--systems ...] [--out STEM]
@@ -32,7 +31,6 @@ STEM_ttft.png (default STEM: benchmarks/serving). The demo and 100M models take 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -43,13 +41,13 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
+from bench import report
+from bench.harness.processes import available_bytes, resident_bytes
+from bench.timing import PeerUnavailable, summarize
+from bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: F401 (the tool's defaults)
 
-from bench import report  # noqa: E402
-from bench.timing import PeerUnavailable, summarize  # noqa: E402
-from bench.workload import CONCURRENCIES, SHAPES, Shape, make_prompts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GLOG_v", "3")  # MindSpore: errors only
 
 # what writes the configs, graphs and weights of a converted repository: a repository from other code is redone
 CONVERTER_CODE = ["repository.py", "convert.py", "sources.py", "engine/graphs.py", "engine/weight_formats.py",
@@ -175,33 +173,6 @@ def applicable(model, system: str) -> str | None:
 
 # ---- the systems ----------------------------------------------------------------------------------------
 
-def resident_bytes(root_pid: int) -> int:
-    """Resident memory of a process and all its descendants (tritonserver and its model processes)."""
-    children: dict[int, list[int]] = {}
-    for status in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = status.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(status.parent.name))
-    total, todo = 0, [root_pid]
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
-        try:
-            total += int((Path(f"/proc/{pid}/statm").read_text().split()[1])) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            pass
-    return total
-
-
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class OursRun(NamedTuple):
     """What to measure on one converted repository: the report's names of the server's points (None: not
     measured), at one token per response (`plain`) and at four (`grouped`), and of the engine alone's."""
@@ -253,7 +224,7 @@ class BenchServer:
         self.start()
 
     def start(self) -> None:
-        from mstriton.server_process import TritonServer
+        from bench.harness.servers import TritonServer
 
         self.starts += 1
         suffix = "" if self.starts == 1 else f"_restart{self.starts - 1}"
@@ -591,38 +562,20 @@ def tools_measuring(systems: set[str]) -> dict:
     return tools
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="demo,r100m", help=f"any of {','.join(MODELS)}")
-    parser.add_argument("--shapes", default=",".join(str(s.prompt_tokens) for s in SHAPES),
-                        help="prompt lengths of the shapes to run (128, 1024)")
-    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)))
-    parser.add_argument("--systems", default=None,
-                        help=f"any of {','.join(ALL_SYSTEMS)}; default: each model's own list "
-                             f"({'; '.join(f'{m}: ' + ','.join(s) for m, s in DEFAULT_SYSTEMS.items())})")
-    parser.add_argument("--hf-sequential-max", type=int, default=4,
-                        help="highest concurrency at which transformers runs one request at a time")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "serving"), help="output path stem")
-    parser.add_argument("--report-from", nargs="+", type=Path, metavar="RESULTS_JSON",
-                        help="measure nothing: write the report of these results files of earlier runs, merged "
-                             "(a later file wins where two measured the same point)")
-    args = parser.parse_args(argv)
-    if args.report_from:
-        merged = report.Results.load(args.report_from[0])
-        for run in args.report_from[1:]:
-            merged.merge(report.Results.load(run))
-        write_report(merged, merged.concurrencies(), Path(args.out))
-        return 0
-    concurrencies = [int(c) for c in args.concurrency.split(",")]
-    shapes = [s for s in SHAPES if str(s.prompt_tokens) in args.shapes.split(",")]
-    if not shapes:
-        parser.error(f"--shapes: none of {args.shapes} is one of {[s.prompt_tokens for s in SHAPES]}")
-    names = args.models.split(",")
-    if set(names) - set(MODELS):
-        parser.error(f"--models: unknown {sorted(set(names) - set(MODELS))}; choose from {list(MODELS)}")
-    chosen = args.systems.split(",") if args.systems else None
-    if chosen and set(chosen) - set(ALL_SYSTEMS):
-        parser.error(f"--systems: unknown {sorted(set(chosen) - set(ALL_SYSTEMS))}; choose from {ALL_SYSTEMS}")
+def report_from(runs: list[Path], out: Path) -> int:
+    """Measure nothing: the report of these results files of earlier runs, merged (a later file wins where two
+    measured the same point)."""
+    merged = report.Results.load(runs[0])
+    for run in runs[1:]:
+        merged.merge(report.Results.load(run))
+    write_report(merged, merged.concurrencies(), out)
+    return 0
+
+
+def run(names: list[str], shapes: list[Shape], concurrencies: list[int], chosen: list[str] | None,
+        hf_sequential_max: int, out: Path) -> int:
+    """Every model of `names` on each of its systems (`chosen`, or the model's DEFAULT_SYSTEMS), at each shape
+    and concurrency; the report written to OUT.* after each model."""
     BUILD.mkdir(parents=True, exist_ok=True)
     max_batch = max(concurrencies)
     everything = set(chosen or [s for n in names for s in DEFAULT_SYSTEMS[n]])
@@ -670,7 +623,7 @@ def main(argv=None) -> int:
                         [report.HF_BATCHED if batched else report.HF_SEQUENTIAL],
                         f"no Hugging Face folder: {type(exc).__name__}: {str(exc)[:200]}")
                 continue
-            run_transformers(results, name, folder, workload, concurrencies, batched, args.hf_sequential_max)
+            run_transformers(results, name, folder, workload, concurrencies, batched, hf_sequential_max)
         for system in systems:
             if not system.startswith("llamacpp-"):
                 continue
@@ -680,10 +633,6 @@ def main(argv=None) -> int:
                 not_run(results, name, workload, concurrencies, [llamacpp_label(gguf_type)], reason)
                 continue
             run_llamacpp(results, model, workload, concurrencies, gguf_type)
-        write_report(results, concurrencies, Path(args.out))  # after each model: a cut-short run keeps its part
+        write_report(results, concurrencies, out)  # after each model: a cut-short run keeps its part
     say(f"done in {time.monotonic() - STARTED:.0f}s")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

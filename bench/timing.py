@@ -2,13 +2,13 @@
 
 Each system under test (tritonserver through perf_analyzer, the engine alone, transformers, llama.cpp) gives one
 RequestTiming per request: when it was sent and when each output token arrived, on one clock. The same
-function turns them into the table's figures, so no system is measured by a different formula.
+function turns them into the table's figures, so no system is measured by a different formula. The clients that
+send the requests run in bench.harness.loops.closed_loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 
 import numpy as np
@@ -57,45 +57,6 @@ def summarize(timings: list[RequestTiming]) -> PointResult:
                        tokens_per_s=tokens / seconds, requests_per_s=len(timings) / seconds,
                        ttft_p50_ms=float(np.percentile(ttft, 50)), ttft_p99_ms=float(np.percentile(ttft, 99)),
                        itl_p50_ms=float(np.percentile(gaps, 50)), itl_p99_ms=float(np.percentile(gaps, 99)))
-
-
-def closed_loop(prompts: list, concurrency: int, send) -> list[RequestTiming]:
-    """`concurrency` clients share the prompts; each sends its next one when its previous one has ended, the
-    way perf_analyzer's concurrency mode does. `send(index, prompt)` runs one request and returns its
-    RequestTiming; the first error ends the run."""
-    todo = list(enumerate(prompts))
-    lock = threading.Lock()
-    timings: list[RequestTiming] = []
-    errors: list[BaseException] = []
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo or errors:
-                    return
-                index, prompt = todo.pop(0)
-            try:
-                timing = send(index, prompt)
-            except BaseException as exc:  # noqa: BLE001 - reported by the caller's thread below
-                with lock:
-                    errors.append(exc)
-                return
-            with lock:
-                timings.append(timing)
-
-    run_clients(client, concurrency, errors)
-    return timings
-
-
-def run_clients(client, count: int, errors: list[BaseException]) -> None:
-    """`count` threads each running `client`, waited for; then the first error the clients put in `errors`."""
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
 
 
 def median_time(fn, warmup: int, repeats: int) -> float:

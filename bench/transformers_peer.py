@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from .arrivals import next_batch
-from .timing import RequestTiming, closed_loop
+from .harness.loops import closed_loop
+from .timing import RequestTiming
 
 # The static batch's limit: padded prompt tokens per generate() call. It is the limit our prefill had until it
 # moved to a budget of attention scores for a MindSpore reason (memory kept per compiled shape) that PyTorch

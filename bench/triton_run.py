@@ -69,11 +69,11 @@ def run_perf_analyzer(grpc_url: str, model: str, prompts: list[str], output_toke
     data, export = workdir / "input.json", workdir / "profile.json"
     data.write_text(json.dumps(input_data(prompts, output_tokens, stream_interval)))
     export.unlink(missing_ok=True)  # perf_analyzer refuses an existing export file
-    command = _streaming_command(grpc_url, model, data, concurrency, 6,
+    command = streaming_command(grpc_url, model, data, concurrency, 6,
                                  ["--measurement-mode", "count_windows",
                                   "--measurement-request-count", str(requests_per_window),
                                   "--profile-export-file", str(export)])
-    result = _run_watching(command, server, timeout)
+    result = run_watching(command, server, timeout)
     if result.returncode != 0:
         raise RuntimeError(f"perf_analyzer failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
     timings = timings_from_profile(json.loads(export.read_text()), output_tokens, stream_interval)
@@ -88,12 +88,12 @@ def stream_for_windows(grpc_url: str, model: str, data: Path, concurrency: int, 
     """perf_analyzer streaming the requests of `data` (an --input-data file) at `concurrency` for `trials`
     windows of `window_ms`, the stability check off; the figures are the caller's to read from the server (its
     token counter, /proc). Stops, as run_perf_analyzer does, when `server` exits (ServerDied)."""
-    command = _streaming_command(grpc_url, model, data, concurrency, trials,
+    command = streaming_command(grpc_url, model, data, concurrency, trials,
                                  ["--measurement-mode", "time_windows", "--measurement-interval", str(window_ms)])
-    return _run_watching(command, server, timeout)
+    return run_watching(command, server, timeout)
 
 
-def _streaming_command(grpc_url: str, model: str, data: Path, concurrency: int, trials: int,
+def streaming_command(grpc_url: str, model: str, data: Path, concurrency: int, trials: int,
                        measurement: list[str]) -> list[str]:
     """perf_analyzer streaming `data` over gRPC at `concurrency`, the stability check all but off (-s 999)."""
     return [str(PERF_ANALYZER), "-m", model, "-i", "grpc", "--streaming", "-u", grpc_url,
@@ -101,7 +101,7 @@ def _streaming_command(grpc_url: str, model: str, data: Path, concurrency: int, 
             "--stability-percentage", "999", "--max-trials", str(trials), *measurement]
 
 
-def _run_watching(command: list[str], server, timeout: float) -> subprocess.CompletedProcess:
+def run_watching(command: list[str], server, timeout: float) -> subprocess.CompletedProcess:
     """`command` to its end, unless `server` exits first (ServerDied) or `timeout` seconds pass (RuntimeError)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, text=True)

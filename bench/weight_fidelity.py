@@ -1,5 +1,5 @@
-#!/usr/bin/env python3
-"""How much each weight format changes SmolLM2-135M-Instruct's predictions, against float32 transformers.
+"""How much each weight format changes SmolLM2-135M-Instruct's predictions, against float32 transformers
+(tools/weight_fidelity.py).
 
 For every --weights format the engine reads a held text (not in any training data of ours) teacher-forced, one
 decode step per token, and is compared with transformers (PyTorch CPU, float32) on the same GGUF file: greedy
@@ -13,11 +13,9 @@ equals float32 up to rounding); the other formats are made from their dequantize
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GLOG_v", "3")
 
 FORMATS = ["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
@@ -67,11 +64,8 @@ def compare(ours: np.ndarray, reference: np.ndarray, targets: np.ndarray) -> dic
             "max_logit_diff": float(np.abs(ours - reference).max())}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", nargs="+", default=FORMATS, choices=FORMATS)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "weight_fidelity.md"))
-    args = parser.parse_args()
+def run(args) -> None:
+    """args: tools/weight_fidelity.py's options."""
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -132,6 +126,3 @@ def main() -> None:
     report.write_atomically(out, text)
     report.write_atomically(out.with_suffix(".json"), json.dumps(result, indent=1))
 
-
-if __name__ == "__main__":
-    main()

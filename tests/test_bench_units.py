@@ -12,8 +12,9 @@ import pytest
 
 from conftest import REPO_ROOT
 from bench import report
-from bench.timing import RequestTiming, closed_loop, summarize
-from bench.triton_run import ServerDied, _run_watching, input_data, timings_from_profile
+from bench.harness.loops import closed_loop
+from bench.timing import RequestTiming, summarize
+from bench.triton_run import ServerDied, input_data, run_watching, timings_from_profile
 
 
 def test_summarize_computes_throughput_ttft_and_inter_token_gaps():
@@ -87,11 +88,7 @@ def test_grouped_responses_give_each_token_its_response_time():
 
 
 def test_long_shape_is_shortened_to_the_models_position_limit():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO_ROOT / "tools" / "bench_serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_serving()
     long = bench.SHAPES[1]
     assert bench.fit_shape(long, 2048) is long
     fitted = bench.fit_shape(long, 1024)
@@ -153,12 +150,9 @@ def test_every_bench_module_imports():
 
 
 def _bench_serving():
-    import importlib.util
+    from bench import serving
 
-    spec = importlib.util.spec_from_file_location("bench_serving", REPO_ROOT / "tools" / "bench_serving.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return serving
 
 
 def test_prompts_have_exactly_the_asked_token_count_of_a_tokenizer_json(tmp_path):
@@ -254,12 +248,12 @@ def test_a_perf_analyzer_run_stops_when_the_server_dies_under_it():
     server = subprocess.Popen(["sleep", "1"])
     started = time.monotonic()
     with pytest.raises(ServerDied, match="exited with status 0"):
-        _run_watching(["sleep", "60"], server, timeout=120)
+        run_watching(["sleep", "60"], server, timeout=120)
     assert time.monotonic() - started < 10
-    finished = _run_watching(["sh", "-c", "echo out; echo err >&2; exit 3"], None, timeout=10)
+    finished = run_watching(["sh", "-c", "echo out; echo err >&2; exit 3"], None, timeout=10)
     assert (finished.returncode, finished.stdout, finished.stderr) == (3, "out\n", "err\n")
     with pytest.raises(RuntimeError, match="ran over 1 s"):
-        _run_watching(["sleep", "60"], None, timeout=1)
+        run_watching(["sleep", "60"], None, timeout=1)
 
 
 def test_the_soak_report_shows_memory_growth_over_the_second_half_of_the_run():
