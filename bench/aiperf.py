@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from mstriton.params import PARAMETERS, door_fields
+
 from .timing import RequestTiming
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,9 +314,10 @@ def figures_of_timings(timings: list[RequestTiming]) -> dict:
             "prompt_tokens_avg": None, "output_tokens_avg": tokens / len(timings)}
 
 
-# Chat-body fields -> the front model's inputs of the same meaning (what the frontend sends for them)
-FRONT_MODEL_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "min_tokens": int,
-                      "repetition_penalty": float}
+# Chat-body fields -> the front model's inputs of the same meaning and their types: what the frontend's OpenAI door
+# reads and sends for them (the parameter table's openai door; max_tokens is read below)
+KINDS = {p.name: p.kind for p in PARAMETERS}  # int, float, bool: a value's JSON type in perf_analyzer's data
+FRONT_MODEL_FIELDS = {field: (name, KINDS[name]) for name, field in door_fields("openai").items()}
 
 
 def front_model_inputs(payload: dict, output_tokens: int | None = None) -> dict:
@@ -327,8 +330,8 @@ def front_model_inputs(payload: dict, output_tokens: int | None = None) -> dict:
     max_tokens = payload.get("max_tokens", payload.get("max_completion_tokens", output_tokens))
     if max_tokens is not None:
         entry["max_tokens"] = [int(max_tokens)]
-    for name, kind in FRONT_MODEL_FIELDS.items():
-        if payload.get(name) is not None:
-            entry[name] = [kind(payload[name])]
+    for field, (name, kind) in FRONT_MODEL_FIELDS.items():
+        if payload.get(field) is not None:
+            entry[name] = [kind(payload[field])]
     entry["stream"] = [True]
     return entry

@@ -86,6 +86,13 @@ def test_front_model_inputs_from_a_chat_body(result):
     newer = aiperf.front_model_inputs({"messages": body["messages"], "max_completion_tokens": 8, "top_k": 1})
     assert newer["max_tokens"] == [8] and newer["top_k"] == [1]
     assert aiperf.front_model_inputs({"messages": []}, output_tokens=32)["max_tokens"] == [32]
+    # every field the frontend's OpenAI door passes on (the parameter table), with the input's type
+    from mstriton.params import door_fields
+
+    assert set(aiperf.FRONT_MODEL_FIELDS) == set(door_fields("openai").values()) >= {"temperature", "top_p", "seed"}
+    more = aiperf.front_model_inputs({"messages": [], "presence_penalty": 1, "seed": 7.0, "skip_special_tokens": 0})
+    assert (more["presence_penalty"], more["seed"], more["skip_special_tokens"]) == ([1.0], [7], [False])
+    assert type(more["presence_penalty"][0]) is float and type(more["seed"][0]) is int
     with pytest.raises(ValueError, match="chat"):
         aiperf.front_model_inputs({"prompt": "x"})
 
