@@ -107,7 +107,10 @@ static void gemv(const LinearArgs &a, const float *xp, int64_t kp) {
 // Decoding straight into registers for every row (gemv above) makes the loads of x as many as the FMAs; with the
 // channels' weights decoded once into a small buffer, each loaded vector of x or w feeds 4 FMAs.
 
-constexpr int CT = 4, RT = 4;
+// RT x CT accumulators plus CT decoded weight vectors must fit the ISA's vector registers (x comes from memory,
+// as the FMA's operand): 4 x 4 + 4 on AVX-512's 32; on AVX2's 16, 4 x 4 spilled accumulators to the stack on
+// every iteration (seen in the compiled loop: 16 FMAs beside ~20 stack loads and stores), 4 x 3 + 3 fits.
+constexpr int CT = W == 8 ? 3 : 4, RT = 4;
 
 template <int R, int C>
 static inline void dot_tile(const LinearArgs &a, const float *xp, int64_t kp, const float *wbuf, int64_t r0,
