@@ -211,3 +211,91 @@ def test_pool_survives_many_small_calls_from_two_threads():
         t.join(60)
     assert not any(t.is_alive() for t in threads), "a kernel call never returned"
     assert not wrong and min(calls) > 100
+
+
+UNLOAD_BY_CTYPES = """
+import ctypes, _ctypes, sys, time
+import numpy as np
+path = sys.argv[1]
+k, n = 64, 256
+x, w, y = np.ones((1, k), np.float32), np.ones((n, k), np.float32), np.empty((1, n), np.float32)
+for _ in range(3):
+    lib = ctypes.CDLL(path)
+    lib.mst_linear.argtypes = [ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3
+    for _ in range(20):  # F32 products on 2 threads: the pool's worker is spinning when they return
+        lib.mst_linear(0, 0, x.ctypes.data, 1, k, None, 0.0, w.ctypes.data, n, None, None, y.ctypes.data)
+    assert (y == k).all()
+    _ctypes.dlclose(lib._handle)  # its only handle: what MindSpore does when its last graph calling it goes
+    print("mapped" if any(path.rsplit("/", 1)[1] in line for line in open("/proc/self/maps")) else "unmapped")
+    time.sleep(0.05)  # the worker runs on meanwhile
+"""
+
+
+def test_pool_workers_survive_the_last_dlclose_of_the_library():
+    """The pool's workers outlive every call and run the library's code between calls; MindSpore dlcloses an AOT
+    operator's library when its last kernel goes, and a worker then returned into unmapped memory (SIGSEGV, issue
+    25: `test_graphs_load_from_another_folder_with_the_library_elsewhere` died at the interpreter's exit). The
+    library is linked NODELETE: it stays mapped, and the process lives on. In a fresh process, where this handle
+    is the library's only one."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", UNLOAD_BY_CTYPES, str(kernels.LIBRARY)], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "MSTRITON_KERNEL_THREADS": "2"})
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.split() == ["mapped"] * 3
+
+
+UNLOAD_BY_MINDSPORE = """
+import gc, sys, time
+import numpy as np
+import mindspore as ms
+from mindspore import nn
+from mstriton.kernels import LIBRARY
+from mstriton.kernels import ops as kernel_ops
+from mstriton.kernels.formats import pack
+
+class Product(nn.Cell):
+    def __init__(self, fmt):
+        super().__init__()
+        self.op = kernel_ops.linear(fmt, "none", 0)
+
+    def construct(self, x, w):
+        return self.op(x, w)
+
+ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+x = ms.Tensor(np.ones((1, 64), np.float32))
+for fmt in ("INT8", "Q8_0"):
+    w = ms.Tensor(pack(fmt, np.ones((256, 64), np.float32)))
+    net = Product(fmt)
+    for _ in range(20):
+        y = net(x, w).asnumpy()
+    assert np.allclose(y, 64, rtol=1e-3), y
+    del net, y
+    kernel_ops.custom_op.cache_clear()
+    gc.collect()  # the graph's kernels go: MindSpore dlcloses the library
+    print("mapped" if any(LIBRARY.name in line for line in open("/proc/self/maps")) else "unmapped", flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_a_process_lives_on_after_mindspore_drops_its_last_graph_calling_the_kernels(tmp_path):
+    """Issue 25's pattern in MindSpore itself: graphs calling the kernels run, are collected (their kernels'
+    destructor dlcloses the library), and the process goes on (the next test case, or the interpreter's exit)
+    while the pool's worker is still in its spin. Before the library was linked NODELETE this died with SIGSEGV
+    on the first graph, every time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "unload_by_mindspore.py"  # GRAPH_MODE compiles from source: a file, not -c
+    script.write_text(UNLOAD_BY_MINDSPORE)
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            cwd=root, env={**os.environ, "MSTRITON_KERNEL_THREADS": "2",
+                                           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
+    assert result.returncode == 0, f"exit status {result.returncode}: {result.stderr[-2000:]}"
+    assert result.stdout.split() == ["mapped"] * 2

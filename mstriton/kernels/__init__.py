@@ -7,7 +7,7 @@ The same library serves two callers:
 
 CPU features: one object per ISA is linked in and the best the CPU has is chosen at load (AVX-512 F/BW/VL with
 FMA and F16C; else AVX2 + FMA + F16C; else plain SSE2 code, the fallback); MSTRITON_KERNEL_ISA forces one.
-Threads: MSTRITON_KERNEL_THREADS, else every CPU the process may use (OpenMP).
+Threads: MSTRITON_KERNEL_THREADS, else every CPU the process may use (the kernels' own pool, csrc/pool.h).
 """
 
 from __future__ import annotations

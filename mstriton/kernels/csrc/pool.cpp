@@ -165,8 +165,13 @@ struct Pool {
   }
 };
 
+// Never destroyed: its detached workers outlive static destructors, and they run this library's code between
+// calls (spinning, yielding, or asleep in the wait loop) until the process ends. So the library itself must never
+// be unmapped: it is linked with -z nodelete (Makefile), because MindSpore dlcloses an AOT operator's library when
+// its last kernel goes (a collected graph, interpreter shutdown), and a worker then returned from sched_yield into
+// unmapped memory (SIGSEGV, issue 25).
 Pool &pool() {
-  static Pool *instance = new Pool();  // never destroyed: its detached workers outlive static destructors
+  static Pool *instance = new Pool();
   return *instance;
 }
 
