@@ -259,14 +259,16 @@ PARAMETERS: tuple[Parameter, ...] = (
               doc="the prompt (wrapped as a user message when a template was named at conversion)"),
     Parameter("max_tokens", "TYPE_INT32", 16, "tokens to generate", aliases=("max_new_tokens",),
               low=1, high="max_new_tokens_limit", note="for this prompt",
-              doors={"tgi": DoorField("max_new_tokens", low=1), "mindspore_serving": DoorField("max_new_tokens", low=1)}),
+              doors={"tgi": DoorField("max_new_tokens", low=1),
+                     "mindspore_serving": DoorField("max_new_tokens", low=1)}),
     Parameter("min_tokens", "TYPE_INT32", 0, "the end id is banned before this many", aliases=("min_length",),
               low=0, high="max_tokens", doors={"openai": DoorField(low=0)}),
     Parameter("stream", "TYPE_BOOL", True, "on `NAME`: one response per token, or one at the end"),
     Parameter("exclude_input_in_output", "TYPE_BOOL", True, "false: the text begins with the prompt",
               negated=("return_full_text",)),
     Parameter("end_id", "TYPE_INT32", None, "replaces them", low=0, high="vocab_size", high_open=True,
-              default_doc="the model's end ids (all of them: generation_config.json, config.json, the tokenizer's eos)"),
+              default_doc="the model's end ids (all of them: generation_config.json, config.json, the "
+                          "tokenizer's eos)"),
     Parameter("pad_id", "TYPE_INT32", None, "tensorrtllm_backend's; checked, not used (no response is padded)",
               low=0, high="vocab_size", high_open=True, default_doc="none"),
     Parameter("stop_words", "TYPE_STRING", None, "stop after any of these (a word that tokenizes to nothing is left "
