@@ -18,9 +18,13 @@ Systems (--systems; without it, each model runs its own default list, DEFAULT_SY
   model's float32 Hugging Face folder (for a GGUF model, the folder transformers makes from the file);
 - llamacpp-<t> for t in f32, f16, bf16, q8_0, q4_1: llama.cpp's llama-server on a GGUF of that type: the
   model's own file when it is of that type (SmolLM2: q4_1), else one that llama.cpp's converter writes from the
-  Hugging Face folder (f32, f16, bf16, q8_0 only).
-SmolLM2's default list is ours-q4_1, ours-bf16, ours-f32, llamacpp-q4_1, llamacpp-f16, llamacpp-f32, hf-batched,
-hf-sequential; the report puts each of our formats beside llama.cpp on the same weights (Q4_1 / Q4_1, our
+  Hugging Face folder (f32, f16, bf16, q8_0 only);
+- vllm, vllm-bf16, vllm-f32: vLLM CPU's OpenAI server (bench/vllm_peer.py, in its own venv build/vllm-venv, the
+  wheel chosen by the CPU's flags) on the model's float32 Hugging Face folder at --dtype bfloat16 / float32
+  (`vllm`: bfloat16 where the CPU has AVX-512 BF16, else float32), streamed chat completions through
+  bench.frontend.stream_chat.
+SmolLM2's default list is ours-q4_1, ours-bf16, ours-f32, llamacpp-q4_1, llamacpp-f16, llamacpp-f32, vllm,
+hf-batched, hf-sequential; the report puts each of our formats beside llama.cpp on the same weights (Q4_1 / Q4_1, our
 bfloat16 / its f16, float32 / f32) and transformers, with ratios.
 
 For each model and each shape (128 prompt tokens / 128 output tokens; 1024 / 64), every system runs the same
@@ -63,11 +67,12 @@ LLAMACPP_TYPES = {"f32": "f32", "f16": "f16", "bf16": "bf16", "q8_0": "Q8_0", "q
 SHARED_WEIGHTS = {"float32": ("f32",), "bfloat16": ("f16", "bf16"), "Q8_0": ("q8_0",), "Q4_1": ("q4_1",)}
 SYSTEMS = ["ours", "ours-interval4", "engine", "hf-sequential", "hf-batched", "llamacpp-f32", "llamacpp-f16"]
 ALL_SYSTEMS = (SYSTEMS + [f"ours-{s}" for s in OURS_FORMATS] + [f"engine-{s}" for s in OURS_FORMATS]
-               + [f"llamacpp-{t}" for t in LLAMACPP_TYPES if f"llamacpp-{t}" not in SYSTEMS])
+               + [f"llamacpp-{t}" for t in LLAMACPP_TYPES if f"llamacpp-{t}" not in SYSTEMS]
+               + ["vllm", "vllm-bf16", "vllm-f32"])  # bench.vllm_peer.SYSTEMS
 MODELS = ("demo", "r100m", "smollm2")
 DEFAULT_SYSTEMS = {"demo": SYSTEMS, "r100m": SYSTEMS,
                    "smollm2": ["ours-q4_1", "ours-bf16", "ours-f32", "llamacpp-q4_1", "llamacpp-f16",
-                               "llamacpp-f32", "hf-batched", "hf-sequential"]}
+                               "llamacpp-f32", "vllm", "hf-batched", "hf-sequential"]}
 BUILD = ROOT / "build" / "bench"
 STARTED = time.monotonic()
 
@@ -448,6 +453,10 @@ def versions() -> dict:
             found[package] = version(package)
         except Exception:  # noqa: BLE001
             found[package] = "not installed"
+    from bench.vllm_peer import read_stamp
+    stamp = read_stamp()
+    if stamp:
+        found["vLLM CPU"] = f"{stamp['package']}=={stamp['version']} (torch {stamp.get('torch')}, {stamp.get('kernels')})"
     return found
 
 
@@ -559,6 +568,12 @@ def tools_measuring(systems: set[str]) -> dict:
                                         "parallel slot per client; HTTP /completion streaming client, a timestamp "
                                         "per streamed token; the model's own GGUF file where it is of that type, "
                                         "else one written by the sdist's convert_hf_to_gguf.py")
+    if any(s.startswith("vllm") for s in systems):
+        tools["vLLM CPU <dtype>"] = ("vllm serve in build/vllm-venv (bench/vllm_peer.py), OpenMP threads on every "
+                                     "core, prefix caching off; /v1/chat/completions streaming client "
+                                     "(bench.frontend.stream_chat: a timestamp per chunk with content, the count "
+                                     "from the usage), min_tokens = max_tokens and ignore_eos; the prompt is the "
+                                     "user message, so the chat template adds its tokens")
     return tools
 
 
@@ -633,6 +648,11 @@ def run(names: list[str], shapes: list[Shape], concurrencies: list[int], chosen:
                 not_run(results, name, workload, concurrencies, [llamacpp_label(gguf_type)], reason)
                 continue
             run_llamacpp(results, model, workload, concurrencies, gguf_type)
+        for system in systems:
+            if system.startswith("vllm"):
+                from bench import vllm_peer
+                vllm_peer.run_serving(results, model, workload, concurrencies, vllm_peer.SYSTEMS[system], point,
+                                      not_run, say, BUILD)
         write_report(results, concurrencies, out)  # after each model: a cut-short run keeps its part
     say(f"done in {time.monotonic() - STARTED:.0f}s")
     return 0

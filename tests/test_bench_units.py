@@ -173,7 +173,9 @@ def test_each_weight_format_is_a_system_of_its_own_repository():
             "llamacpp-f32"} <= set(bench.ALL_SYSTEMS)
     assert set(bench.SYSTEMS) <= set(bench.ALL_SYSTEMS) and len(set(bench.ALL_SYSTEMS)) == len(bench.ALL_SYSTEMS)
     assert set(bench.DEFAULT_SYSTEMS["smollm2"]) == {"ours-q4_1", "ours-bf16", "ours-f32", "llamacpp-q4_1",
-                                                     "llamacpp-f16", "llamacpp-f32", "hf-batched", "hf-sequential"}
+                                                     "llamacpp-f16", "llamacpp-f32", "vllm", "hf-batched",
+                                                     "hf-sequential"}
+    assert {"vllm", "vllm-bf16", "vllm-f32"} <= set(bench.ALL_SYSTEMS)
     runs = bench.ours_runs("smollm2", ["llamacpp-q4_1", "ours-q4_1", "engine-bf16", "ours-bf16", "hf-batched"])
     assert [(r.weights, r.plain, r.engine) for r in runs] == [
         ("Q4_1", "mstriton Q4_1 (tritonserver)", None),

@@ -174,6 +174,16 @@ def test_every_request_asks_for_exactly_its_tokens_greedily_with_the_usage_at_th
     assert vllm_peer.label("bfloat16") == "vLLM CPU bf16" and vllm_peer.SYSTEMS["vllm-bf16"] == "bfloat16"
 
 
+def test_bfloat16_only_where_the_cpu_has_avx512_bf16_and_answers_are_checked():
+    assert vllm_peer.default_dtype(AVX512_BF16_EPYC) == "bfloat16"
+    assert vllm_peer.default_dtype(AVX2_EPYC) == vllm_peer.default_dtype(None) == "float32"
+    assert vllm_peer.SYSTEMS["vllm"] is None        # the serving benchmark's `vllm`: default_dtype
+    vllm_peer.check_answer("smollm2", "The capital of France is Paris.")
+    vllm_peer.check_answer("r100m", "anything")     # a random model has no expected answer
+    with pytest.raises(AssertionError, match="Paris"):
+        vllm_peer.check_answer("smollm2", "L'Étoile, la Marseillaise, la femme, la femme")
+
+
 class FakeVllm(http.server.BaseHTTPRequestHandler):
     """vLLM's streaming chat completions as it sends them: one chunk per token, a last chunk with the usage."""
     tokens_sent = 0  # per request; a test can make it short
@@ -230,7 +240,8 @@ def test_the_real_vllm_serves_smollm2_through_the_benchmarks_client():
     folder = vllm_peer.ROOT / "build" / "bench" / "smollm2_vllm"
     if not (vllm_peer.DEFAULT_VENV / "bin" / "vllm").is_file() or not (folder / "config.json").exists():
         pytest.skip("no build/vllm-venv or build/bench/smollm2_vllm (python -m bench.vllm_peer smoke makes both)")
-    with vllm_peer.VllmServer(folder, "bfloat16", max_num_seqs=4, log_path=folder.parent / "vllm_test.log") as s:
+    dtype = vllm_peer.default_dtype(vllm_peer.cpu_flags())
+    with vllm_peer.VllmServer(folder, dtype, max_num_seqs=4, log_path=folder.parent / "vllm_test.log") as s:
         assert "Paris" in s.answer("What is the capital of France?")
         timings = vllm_peer.run(s, ["Tell me a story about a cat."] * 2, 8, 2)
         assert all(len(t.token_times) == 8 for t in timings)
