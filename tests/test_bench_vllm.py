@@ -1,7 +1,8 @@
 """The vLLM CPU peer of the serving benchmark (bench/vllm_peer.py) without its multi-GB install: which wheel a CPU
-gets, the requirements installed beside it, the `vllm` distribution its CLI looks up, the server's command line and environment, the model folder, the
-request body, and the driver against a small stand-in of vLLM's streaming /v1/chat/completions. One slow test
-serves SmolLM2 with the real vLLM when build/vllm-venv holds it (tools/install_vllm.sh)."""
+gets, the requirements installed beside it, the `vllm` distribution its CLI looks up, the server's command line
+and environment, the model folder, the dtype and the answer check, the request body, and the driver against a
+small stand-in of vLLM's streaming /v1/chat/completions. One slow test serves SmolLM2 with the real vLLM when
+build/vllm-venv holds it (tools/install_vllm.sh; about 8 minutes of start on 2 busy cores)."""
 
 from __future__ import annotations
 
