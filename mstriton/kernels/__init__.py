@@ -8,6 +8,8 @@ The same library serves two callers:
 CPU features: one object per ISA is linked in and the best the CPU has is chosen at load (AVX-512 F/BW/VL with
 FMA and F16C; else AVX2 + FMA + F16C; else plain SSE2 code, the fallback); MSTRITON_KERNEL_ISA forces one.
 Threads: MSTRITON_KERNEL_THREADS, else every CPU the process may use (the kernels' own pool, csrc/pool.h).
+Activations: float32 (exact, the default) or int8 for the decode-sized Q8_0 / Q4_0 / Q4_1 products,
+MSTRITON_KERNEL_ACTIVATIONS=int8|float32 (``activations.py``, ``csrc/qlinear.h``).
 """
 
 from __future__ import annotations

@@ -13,11 +13,13 @@
 // with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
-// (avx512, avx2, generic).
+// (avx512, avx2, generic). Activations of the products: MSTRITON_KERNEL_ACTIVATIONS=float32 (the default, exact) or
+// int8 (qlinear.h: Q8_0 / Q4_0 / Q4_1 products of up to 32 rows as integer dot products).
 #include <sched.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -40,6 +42,22 @@
 DECLARE_ISA(mst_avx512)
 DECLARE_ISA(mst_avx2)
 DECLARE_ISA(mst_generic)
+// int8 activations (qlinear.h): every object has them with vpmaddubsw (generic: plain C++); the SIMD objects also
+// with vpdpbusd (VNNI), called only where the CPU has it.
+#define DECLARE_INT8(ns)                                                                                         \
+  namespace ns {                                                                                                  \
+  bool linear_int8(const LinearArgs &);                                                                          \
+  void quantize_rows(const float *, int64_t, int64_t, int8_t *, float *, float *, int);                          \
+  }
+DECLARE_INT8(mst_avx512)
+DECLARE_INT8(mst_avx2)
+DECLARE_INT8(mst_generic)
+namespace mst_avx512 {
+bool linear_int8_vnni(const LinearArgs &);
+}
+namespace mst_avx2 {
+bool linear_int8_vnni(const LinearArgs &);
+}
 
 namespace {
 
@@ -77,6 +95,54 @@ const Isa *current = nullptr;
 const Isa &isa() {
   if (!current) current = best_isa();
   return *current;
+}
+
+// The integer dot products of the int8-activation products, each in the object of its `base` ISA: by default the
+// best the CPU has within the chosen ISA's object (VNNI first).
+struct Int8Isa {
+  const char *name, *base;
+  bool (*linear)(const LinearArgs &);  // false: not a product it takes (the float32 path does it)
+  void (*quantize_rows)(const float *, int64_t, int64_t, int8_t *, float *, float *, int);
+};
+const Int8Isa INT8_ISAS[] = {{"avx512vnni", "avx512", mst_avx512::linear_int8_vnni, mst_avx512::quantize_rows},
+                             {"avx512", "avx512", mst_avx512::linear_int8, mst_avx512::quantize_rows},
+                             {"avxvnni", "avx2", mst_avx2::linear_int8_vnni, mst_avx2::quantize_rows},
+                             {"avx2", "avx2", mst_avx2::linear_int8, mst_avx2::quantize_rows},
+                             {"generic", "generic", mst_generic::linear_int8, mst_generic::quantize_rows}};
+
+bool supported(const Int8Isa &dots) {
+  for (const Isa &base : ISAS)
+    if (!std::strcmp(base.name, dots.base) && !supported(base)) return false;
+  __builtin_cpu_init();
+  if (!std::strcmp(dots.name, "avx512vnni")) return __builtin_cpu_supports("avx512vnni");
+  if (!std::strcmp(dots.name, "avxvnni")) return __builtin_cpu_supports("avxvnni");
+  return true;
+}
+
+const Int8Isa *current_int8 = nullptr;  // null: the best for the current ISA
+const Int8Isa &int8_isa() {
+  for (const Int8Isa &dots : INT8_ISAS)
+    if (!current_int8 && !std::strcmp(dots.base, isa().name) && supported(dots)) current_int8 = &dots;
+  return current_int8 ? *current_int8 : INT8_ISAS[4];
+}
+
+// 0: float32 activations (linear.h, exact: the default), 1: int8 (qlinear.h). Read once from the environment.
+int activations = -1;
+int activations_mode() {
+  if (activations < 0) {
+    const char *env = std::getenv("MSTRITON_KERNEL_ACTIVATIONS");
+    activations = env && !std::strcmp(env, "int8") ? 1 : 0;
+    if (env && *env && std::strcmp(env, "int8") && std::strcmp(env, "float32"))
+      std::fprintf(stderr, "mstriton kernels: MSTRITON_KERNEL_ACTIVATIONS=%s is neither int8 nor float32: float32\n",
+                   env);
+  }
+  return activations;
+}
+
+// Every weight product of the entry points.
+void product(const LinearArgs &a) {
+  if (activations_mode() == 1 && int8_isa().linear(a)) return;
+  isa().linear(a);
 }
 
 int default_threads() {
@@ -140,7 +206,7 @@ int run_linear(int format, int pre, int nparam, void **params, int *ndims, int64
   optional_terms(nparam, params, ndims, w + 1, &a);
   a.y = static_cast<float *>(params[y]);
   a.threads = threads();
-  isa().linear(a);
+  product(a);
   return 0;
 }
 
@@ -275,17 +341,17 @@ static void decode_layer(const LayerWeights &w, const LayerDims &s, float eps, c
   float *attention = static_cast<float *>(mst_scratch(3, rows * s.heads * s.dim * sizeof(float)));
   a.qkv = qkv;
   a.out = attention;
-  kernels.linear(LinearArgs{w.format, PRE_RMSNORM, x, rows, s.e, w.attention_norm, eps, w.wqkv, width, nullptr,
-                            nullptr, qkv, t});
+  product(LinearArgs{w.format, PRE_RMSNORM, x, rows, s.e, w.attention_norm, eps, w.wqkv, width, nullptr,
+          nullptr, qkv, t});
   kernels.decode_attention(a);
-  kernels.linear(LinearArgs{w.format, PRE_NONE, attention, rows, s.heads * s.dim, nullptr, 0.0f, w.wo, s.e, nullptr,
-                            x, out, t});
+  product(LinearArgs{w.format, PRE_NONE, attention, rows, s.heads * s.dim, nullptr, 0.0f, w.wo, s.e, nullptr,
+          x, out, t});
   float *gate_up = qkv;  // q/k/v are used up
-  kernels.linear(LinearArgs{w.format, PRE_RMSNORM, out, rows, s.e, w.ffn_norm, eps, w.w_gate_up, 2 * s.ffn, nullptr,
-                            nullptr, gate_up, t});
+  product(LinearArgs{w.format, PRE_RMSNORM, out, rows, s.e, w.ffn_norm, eps, w.w_gate_up, 2 * s.ffn, nullptr,
+          nullptr, gate_up, t});
   // the residual is the output itself: each element is read, then written, by one thread
-  kernels.linear(LinearArgs{w.format, PRE_SWIGLU, gate_up, rows, s.ffn, nullptr, 0.0f, w.w_down, s.e, nullptr, out,
-                            out, t});
+  product(LinearArgs{w.format, PRE_SWIGLU, gate_up, rows, s.ffn, nullptr, 0.0f, w.w_down, s.e, nullptr, out,
+          out, t});
 }
 
 // One whole decoder layer of a decode step (a model without biases, its four matrices in one format):
@@ -413,8 +479,8 @@ extern "C" int MstDecodeStep(AOT_ARGS) {
     decode_layer(w, dims, eps, ping.data(), pong.data(), rows, layer);
     std::swap(ping, pong);
   }
-  isa().linear(LinearArgs{head_format, PRE_RMSNORM, ping.data(), rows, e, static_cast<const float *>(final_norm), eps,
-                          static_cast<const uint8_t *>(head), vocab, nullptr, nullptr, logits, threads()});
+  product(LinearArgs{head_format, PRE_RMSNORM, ping.data(), rows, e, static_cast<const float *>(final_norm), eps,
+          static_cast<const uint8_t *>(head), vocab, nullptr, nullptr, logits, threads()});
   return 0;
 }
 extern "C" std::vector<int64_t> MstDecodeStepInferShape(int *, int64_t **shapes, AotExtra *) {
@@ -455,6 +521,7 @@ int mst_set_isa(const char *name) {
   for (const Isa &candidate : ISAS)
     if (!std::strcmp(candidate.name, name) && supported(candidate)) {
       current = &candidate;
+      current_int8 = nullptr;  // the int8 products follow
       return 0;
     }
   return -1;
@@ -480,7 +547,41 @@ int mst_linear(int format, int pre, const float *x, int64_t m, int64_t k, const 
                const uint8_t *w, int64_t n, const float *bias, const float *residual, float *y) {
   if (format < 0 || format >= FORMAT_COUNT || pre < PRE_NONE || pre > PRE_SWIGLU) return 1;
   LinearArgs a{format, pre, x, m, k, norm, eps, w, n, bias, residual, y, threads()};
-  isa().linear(a);
+  product(a);
+  return 0;
+}
+
+// Activations of the products: 0 float32, 1 int8 (as MSTRITON_KERNEL_ACTIVATIONS). Returns 0, or -1 if unknown.
+int mst_activations() { return activations_mode(); }
+int mst_set_activations(int mode) {
+  if (mode != 0 && mode != 1) return -1;
+  activations = mode;
+  return 0;
+}
+
+// The integer dot products the int8 products use (avx512vnni, avx512, avxvnni, avx2, generic); choosing one (tests)
+// returns 0, or -1 if unknown or unsupported. mst_set_isa goes back to the best for the ISA it sets.
+const char *mst_int8_isa() { return int8_isa().name; }
+int mst_set_int8_isa(const char *name) {
+  for (const Int8Isa &dots : INT8_ISAS)
+    if (!std::strcmp(dots.name, name) && supported(dots)) {
+      current_int8 = &dots;
+      return 0;
+    }
+  return -1;
+}
+int mst_int8_isa_supported(const char *name) {
+  for (const Int8Isa &dots : INT8_ISAS)
+    if (!std::strcmp(dots.name, name)) return supported(dots);
+  return 0;
+}
+
+// x [m, k] quantized as the int8 products do: q [m, kp] int8, d and s [m, kp / 32] (kp: k rounded up to 32).
+int mst_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *d, float *s) {
+  const int64_t kp = blocks_of(k) * 32;
+  std::vector<float> padded(m * kp, 0.0f);
+  for (int64_t r = 0; r < m; r++) std::memcpy(padded.data() + r * kp, x + r * k, k * sizeof(float));
+  int8_isa().quantize_rows(padded.data(), m, kp, q, d, s, threads());
   return 0;
 }
 

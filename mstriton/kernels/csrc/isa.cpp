@@ -3,3 +3,4 @@
 #include "embed.h"
 #include "linear.h"
 #include "probe.h"
+#include "qlinear.h"
