@@ -259,7 +259,7 @@ def test_a_perf_analyzer_run_stops_when_the_server_dies_under_it():
 
 
 def test_the_soak_report_shows_memory_growth_over_the_second_half_of_the_run():
-    from mstriton.bench import soak  # moves to bench/ last (issue 26)
+    from bench import soak
 
     results = [soak.Result(door="grpc_stream", kind="greedy", outcome="ok", start=0.0, times=[0.1, 0.2], end=0.2,
                            matches=True),

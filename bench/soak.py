@@ -1,34 +1,50 @@
-"""tools/soak.py's requests and report: one request through any door, classified by its outcome; the RSS of the
-server's processes; the summary and its markdown. Clients target 127.0.0.1 only."""
+"""The soak (tools/soak.py, `make soak`): a repository served by `python -m mstriton.serve` on free ports and driven
+through every door for a number of minutes of mixed load; one request through any door, classified by its outcome;
+the RSS of the server's processes; the summary and its markdown. Clients target 127.0.0.1 only.
+
+Mixed load (the doors are DOORS: tritonclient gRPC streaming, Triton HTTP generate and generate_stream, KServe v2
+/infer, OpenAI chat and completions streamed and not, TGI /generate_stream, MindSpore Serving
+/models/NAME/generate): greedy and sampled requests, invalid ones (expect 4xx / INVALID_ARG), cancelled ones (a gRPC
+stream cancelled after its first token), disconnected ones (an SSE client closing its socket after the first
+event), in cycles of a phase at the decode pool's concurrency (its max_batch_size), one at 4x that, and a burst of
+more requests than its slots and queue hold (expect 503 / UNAVAILABLE "server busy"). Every client targets
+127.0.0.1, every request has a timeout and every loop a count and a time bound.
+
+Reports requests by door and outcome; `unanswered` counts requests that got neither a final answer nor an error
+within the timeout; every greedy answer under load is compared with the solo answer of the same door and prompt
+taken at the start; the RSS of tritonserver, each model process and the frontend after warm-up, in the middle and
+at the end; p50/p99 of time to first token and total time per door.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import http.client
 import json
-import queue
+import random
 import socket
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from ..repository import read_config
-from ..supervisor import model_processes, processes
+from mstriton.params import PARAMETERS
+from mstriton.repository import read_config
+
+from .harness.loops import run_clients
+from .harness.processes import rss_mib_by_process
+from .harness.servers import ServeProcess
+from .harness.streams import GrpcStream, StreamTimeout, scalar
+from .scenarios import word_stream
 from .timing import RequestTiming, summarize
 
 OUTCOMES = ("ok", "refused", "busy", "cancelled", "disconnected", "error", "unanswered")
 SAMPLED = {"temperature": 0.8, "top_p": 0.9}
 INVALID = {"top_p": 5.0}  # out of (0, 1] at every door
-DATATYPES = {"max_tokens": "INT32", "temperature": "FP32", "top_p": "FP32", "seed": "UINT64"}  # Triton inputs
-
-
-@dataclasses.dataclass
-class Ports:
-    http: int
-    grpc: int
-    metrics: int
-    frontend: int
+# every request parameter's Triton datatype, as the KServe and gRPC doors take it (the parameter table's types)
+DATATYPES = {p.name: "BYTES" if p.triton_type == "TYPE_STRING" else p.triton_type.removeprefix("TYPE_")
+             for p in PARAMETERS}
 
 
 @dataclasses.dataclass
@@ -116,7 +132,7 @@ def _error_outcome(message: str) -> str:
     return "error"
 
 
-def send(ports: Ports, model: str, door: str, kind: str, prompt: str, max_tokens: int, timeout: float,
+def send(ports, model: str, door: str, kind: str, prompt: str, max_tokens: int, timeout: float,
          seed: int = 0, reference: str | None = None) -> Result:
     """One request of `kind` (greedy, sampled, invalid, cancel: a gRPC stream cancelled after its first piece,
     disconnect: an SSE client that closes after its first event; on other doors these two are greedy requests)
@@ -207,46 +223,22 @@ def _http(ports, model, door, kind, prompt, max_tokens, timeout, seed, result) -
 
 
 def _grpc(ports, model, kind, prompt, max_tokens, timeout, seed, result) -> None:
-    import tritonclient.grpc as grpcclient
-
-    values = {"text_input": ("BYTES", prompt.encode()), "stream": ("BOOL", True),
+    values = {"text_input": ("BYTES", prompt), "stream": ("BOOL", True),
               **{k: (DATATYPES[k], v) for k, v in dict(_params(kind, seed, {}), max_tokens=max_tokens).items()}}
-    numpy_types = {"BYTES": np.object_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64, "BOOL": np.bool_}
-    inputs = []
-    for name, (datatype, value) in values.items():
-        tensor = grpcclient.InferInput(name, [1, 1], datatype)
-        tensor.set_data_from_numpy(np.array([[value]], dtype=numpy_types[datatype]))
-        inputs.append(tensor)
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{ports.grpc}")
-    answers: queue.Queue = queue.Queue()
-    client.start_stream(callback=lambda result, error: answers.put((result, error)))
-    cancel = True
-    try:
-        client.async_stream_infer(model, inputs, enable_empty_final_response=True)
-        pieces = []
-        while True:
-            try:
-                answer, error = answers.get(timeout=max(result.start + timeout - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise Unanswered(f"no final response within {timeout} s") from None
-            if error is not None:
-                result.outcome, result.message = _error_outcome(str(error)), str(error)
-                return
-            piece = answer.as_numpy("text_output")
-            if piece is not None and piece.size:
-                pieces.append(piece.reshape(-1)[0].decode(errors="replace"))
-                result.times.append(time.monotonic())
-            final = answer.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                result.text, result.outcome = "".join(pieces), "ok"
-                cancel = False
-                return
-            if kind == "cancel" and pieces:
-                result.outcome = "cancelled"
-                return
-    finally:
-        client.stop_stream(cancel_requests=cancel)
-        client.close()
+    with GrpcStream(f"127.0.0.1:{ports.grpc}", response_timeout=timeout, clock=time.monotonic) as stream:
+        try:
+            answer = stream.generate(model, {name: scalar(datatype, value) for name, (datatype, value) in values.items()},
+                                     timeout=timeout, start=result.start,
+                                     cancel_after=1 if kind == "cancel" else None)
+        except StreamTimeout:
+            raise Unanswered(f"no final response within {timeout} s") from None
+    result.times = [arrival for arrival, _ in answer.responses]
+    if answer.error is not None:
+        result.outcome, result.message = _error_outcome(answer.error), answer.error
+    elif answer.cancelled:
+        result.outcome = "cancelled"
+    else:
+        result.text, result.outcome = answer.text, "ok"
 
 
 def pool_size(repository: Path, model: str) -> tuple[int, int]:
@@ -257,28 +249,6 @@ def pool_size(repository: Path, model: str) -> tuple[int, int]:
     return parameter("max_slots", config.max_batch_size), parameter("max_waiting", 64)
 
 
-def rss_by_process(serve_pid: int) -> dict[str, float]:
-    """MiB resident of tritonserver, each of its model processes and the frontend that mstriton.serve `serve_pid`
-    started."""
-    def rss(pid: int) -> float:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return 0.0
-    table = processes()
-    found = {}
-    for p in table:
-        if p.ppid != serve_pid or not p.argv:
-            continue
-        if any(b"mstriton.frontend" in a for a in p.argv):
-            found["frontend"] = rss(p.pid)
-        elif p.argv[0].endswith(b"tritonserver"):
-            found["tritonserver"] = rss(p.pid)
-            for pid, model in sorted(model_processes(p.pid, table).items(), key=lambda item: item[1]):
-                found[f"stub {model}"] = rss(pid)
-    return found
-
-
 def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -287,7 +257,7 @@ def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
 
 def summary(results: list[Result], memory_start: dict, memory_end: dict, settings: dict,
             memory_series: list[tuple[float, dict]] = ()) -> dict:
-    """`memory_series`: (seconds into the load, rss_by_process) samples taken while it ran."""
+    """`memory_series`: (seconds into the load, rss_mib_by_process) samples taken while it ran."""
     doors = {}
     for door in DOORS:
         mine = [r for r in results if r.door == door]
@@ -366,3 +336,145 @@ def markdown(report: dict) -> str:
         lines += ["", "One message per outcome and door:", ""]
         lines += [f"- {key}: `{message}`" for key, message in report["messages"].items()]
     return "\n".join(lines) + "\n"
+
+
+# ---- the load -------------------------------------------------------------------------------------------------
+
+GREEDY_PROMPTS = [" ".join(word_stream(seed, 12)) for seed in (1, 2, 3)]
+# request kinds of the mixed load and their weights (cancel and disconnect fall back to greedy on doors without)
+KINDS = {"greedy": 4, "sampled": 3, "invalid": 1, "cancel": 1, "disconnect": 1}
+MAX_REQUESTS_PER_CLIENT = 10_000  # a bound on each client loop, beside its time
+BUSY_PAUSE = 1.0  # seconds a client waits after a "server busy" answer
+
+
+class Load:
+    """The results so far, shared by the client threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.results: list[Result] = []
+        self.started = time.monotonic()
+        self.phase = "warm-up"
+        self.memory: list[tuple[float, dict]] = []  # (seconds into the load, RSS by process), every 30 s
+
+    def add(self, result: Result) -> None:
+        with self.lock:
+            self.results.append(result)
+
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            return {o: n for o in OUTCOMES if (n := sum(r.outcome == o for r in self.results))}
+
+
+def client_loop(load: Load, ports, args, seed: int, until: float, references: dict) -> None:
+    rng = random.Random(seed)
+    for count in range(MAX_REQUESTS_PER_CLIENT):
+        if time.monotonic() >= until:
+            return
+        door = rng.choice(list(DOORS))
+        kind = rng.choices(list(KINDS), weights=list(KINDS.values()))[0]
+        prompt = rng.choice(GREEDY_PROMPTS) if kind == "greedy" else " ".join(word_stream(seed * 100_000 + count, 12))
+        result = send(ports, args.model, door, kind, prompt, args.max_tokens, args.timeout, seed=count,
+                      reference=references.get((door, prompt)) if kind == "greedy" else None)
+        load.add(result)
+        if result.outcome == "busy":
+            time.sleep(BUSY_PAUSE)  # a client told to retry later waits, as Retry-After asks
+
+
+def run_phase(load: Load, ports, args, name: str, clients: int, seconds: float, references) -> None:
+    load.phase = f"{name} ({clients} clients)"
+    until = time.monotonic() + seconds
+    errors: list[BaseException] = []
+    seeds = list(range(len(load.results) + 1, 10**9, 7919)[:clients])
+
+    def client() -> None:
+        try:
+            client_loop(load, ports, args, seeds.pop(), until, references)
+        except BaseException as exc:  # noqa: BLE001 - a bug of this script: raised after the phase
+            errors.append(exc)
+
+    run_clients(client, clients, errors)
+
+
+def burst(load: Load, ports, args, size: int) -> None:
+    """`size` requests at once, all through the doors in turn, one each."""
+    load.phase = f"burst ({size} at once)"
+    doors = list(DOORS)
+    jobs = iter(range(size))
+    lock = threading.Lock()
+
+    def client() -> None:
+        with lock:
+            index = next(jobs)
+        prompt = " ".join(word_stream(10**7 + index, 12))
+        load.add(send(ports, args.model, doors[index % len(doors)], "sampled", prompt, args.max_tokens,
+                      args.timeout, seed=index))
+
+    run_clients(client, size, [])
+
+
+def progress(load: Load, stop: threading.Event, serve_pid: int) -> None:
+    """A line every 30 s, and a sample of every process's RSS (whether memory is flat after warm-up)."""
+    while not stop.wait(30):
+        memory = rss_mib_by_process(serve_pid)
+        load.memory.append((time.monotonic() - load.started, memory))
+        print(f"soak: {time.monotonic() - load.started:5.0f} s, {load.phase}: {len(load.results)} requests "
+              f"{load.counts()}; RSS MiB " + ", ".join(f"{k} {v:.0f}" for k, v in memory.items()), flush=True)
+
+
+def run(args) -> int:
+    """tools/soak.py's options (repository, model, minutes, max_tokens, timeout, out): serve, drive, report to
+    OUT.md and OUT.json; 1 if any request went unanswered or any greedy answer differed from its solo run."""
+    slots, waiting = pool_size(args.repository, args.model)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    log = Path("build") / f"{args.out.name}.server.log"  # beside the other build outputs, not the report
+    log.parent.mkdir(exist_ok=True)
+    print(f"soak: serving {args.repository} (log {log}); {args.model}: {slots} decode slots, {waiting} queue places",
+          flush=True)
+    served = ServeProcess(args.repository, log)
+    try:
+        served.wait_ready()
+    except BaseException:
+        served.stop()
+        raise
+    process, ports = served.process, served.ports
+    load = Load()
+    stop = threading.Event()
+    try:
+        # solo greedy answers, one per door and prompt, one at a time: the references, and the warm-up
+        references = {}
+        for door in DOORS:
+            for prompt in GREEDY_PROMPTS:
+                solo = send(ports, args.model, door, "greedy", prompt, args.max_tokens, args.timeout)
+                if solo.outcome != "ok":
+                    raise RuntimeError(f"solo greedy request on {door} failed: {solo.outcome} {solo.message}")
+                references[(door, prompt)] = solo.text
+        memory_start = rss_mib_by_process(process.pid)
+        print("soak: warmed up; RSS MiB " + ", ".join(f"{k} {v:.0f}" for k, v in memory_start.items()), flush=True)
+        load.started = time.monotonic()
+        threading.Thread(target=progress, args=(load, stop, process.pid), daemon=True).start()
+        deadline = load.started + args.minutes * 60
+        cycle = min(150.0, args.minutes * 60)  # seconds: at the pool's concurrency, 4x over, then a burst
+        while time.monotonic() < deadline - 5:
+            left = deadline - time.monotonic()
+            run_phase(load, ports, args, "at capacity", slots, min(cycle * 0.45, left / 2), references)
+            run_phase(load, ports, args, "4x over", 4 * slots, min(cycle * 0.45, max(deadline - time.monotonic(), 1)),
+                      references)
+            burst(load, ports, args, slots + waiting + 2 * slots)
+        time.sleep(5)  # let cancelled and disconnected requests leave their slots
+        memory_end = rss_mib_by_process(process.pid)
+    finally:
+        stop.set()
+        code = served.stop()
+        print(f"soak: server stopped (exit status {code})", flush=True)
+    report = summary(load.results, memory_start, memory_end,
+                     dict(model=args.model, repository=str(args.repository), minutes=args.minutes, slots=slots,
+                          queue=waiting, max_tokens=args.max_tokens, timeout_s=args.timeout, server_exit=code),
+                     load.memory)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    text = markdown(report)
+    args.out.with_suffix(".md").write_text(text)
+    print(text, flush=True)
+    failed = report["unanswered"] or report["greedy"]["mismatched"]
+    return 1 if failed else 0
+
