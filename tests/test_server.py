@@ -409,18 +409,62 @@ def test_perf_analyzer_streaming_reports(server, tmp_path):
     assert requests and all(len(r["response_timestamps"]) == 8 for r in requests)
 
 
+def test_a_burst_of_short_requests_into_one_slot_leaves_the_server_whole(server):
+    """480 short streams, 8 at a time, into the one-slot model: every arrival's execute() and the decode loop's
+    passes both update the decode model's gauges and counters. tritonserver 2.51's stub is not safe for two threads
+    updating one Metric: before the decode model took them one at a time, counters were added twice and
+    tritonserver died of SIGSEGV within seconds of such a burst (with a corrupted region short of that, a stream
+    could lose its end, and SIGTERM waited out the exit timeout). Every request ends with its tokens, the server
+    lives on, and the decode model counted as many prompt tokens as the front model did."""
+    def prompt_tokens(text):
+        return (metric_value(text, "vllm:prefix_cache_queries_total", model="tiny1_decode"),
+                metric_value(text, "mstriton_prompt_tokens_total", model="tiny1"))
+
+    def stream(job):
+        try:
+            return grpc_stream(server, "tiny1", *job)
+        except Exception as exc:  # noqa: BLE001 - e.g. the server is gone: reported below with its log
+            return [], [], exc
+
+    decode_before, front_before = prompt_tokens(server.metrics())
+    jobs = [(PROMPTS[i % 5], 1 + i % 3) for i in range(480)]  # short prompts: one slot holds each, no preemption
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(stream, jobs))
+    assert server.process.poll() is None, server.tail(20)
+    failed = [(job, error) for job, (_, _, error) in zip(jobs, outcomes) if error is not None]
+    assert not failed, (len(failed), failed[:3])
+    assert [len(pieces) for pieces, _, _ in outcomes] == [n for _, n in jobs]
+    time.sleep(1)  # the decode loop's last pass sets the counters
+    decode_after, front_after = prompt_tokens(server.metrics())
+    assert decode_after - decode_before == front_after - front_before > 0, (decode_after - decode_before,
+                                                                           front_after - front_before)
+
+
 def test_sigterm_lets_running_streams_end_and_the_server_exit_cleanly(server):
     """Last in this file: it stops the server. At SIGTERM, every stream either finishes or ends with an error
     saying the server is shutting down, and tritonserver exits with 0 within its exit timeout. `tiny` keeps the
     default grace (20 s), so its stream finishes; `tiny1` (one slot, grace 0.3 s) has more queued work than
     its grace, so some of its streams are ended by the drain."""
+    import tritonclient.grpc  # noqa: F401 - here, not in the streams' threads: under load the import outlasted a wait
+
+    def arrived(model: str) -> float:
+        """Requests of `model` running or queued in its decode model, or finished."""
+        text = server.metrics()
+        return metric_value(text, "mstriton_requests_finished_total", model=model) + sum(
+            metric_value(text, gauge, model=f"{model}_decode") for gauge in
+            ("mstriton_requests_running", "mstriton_requests_prefilling", "mstriton_requests_waiting"))
+
     server.stopped_by_test = True
     results = [{} for _ in range(5)]
     runners = [threading.Thread(target=lambda r=r, model=model: r.update(stream=grpc_stream(
         server, model, PROMPTS[0], 100))) for r, model in zip(results, ["tiny"] + ["tiny1"] * 4)]
+    before = {model: arrived(model) for model in ("tiny", "tiny1")}
     for runner in runners:
         runner.start()
-    time.sleep(0.3)  # every stream is running or queued (about half a second for 100 tokens of this model)
+    deadline = time.monotonic() + 30  # every stream is running or queued (100 tokens take about half a second)
+    while (arrived("tiny") - before["tiny"] < 1 or arrived("tiny1") - before["tiny1"] < 4) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
     started = time.monotonic()
     code = server.stop(timeout=60)
     stopped_in = time.monotonic() - started

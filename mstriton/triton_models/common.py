@@ -144,6 +144,15 @@ def outputs_by_name(response) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
 
 
+def drop_metrics(model) -> None:
+    """Let go of `model.metrics` (its MetricFamily objects) under `model.metrics_lock`; from finalize(), while the
+    stub can still reach the server. Left to the stub's teardown, tritonserver 2.51's stub freed them after its
+    own Stub object, and each metric's goodbye message then went through a new, empty one: the stub died of SIGSEGV
+    (in Metric::SaveToSharedMemory, from Stub::~Stub) at every exit of the front models."""
+    with model.metrics_lock:
+        model.metrics = None
+
+
 # One waiting thread per open stream; idle ones cost nothing. Sized above any sensible concurrency so that a
 # stream never waits for another stream's wait to end.
 RESPONSE_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstriton-bls-wait")

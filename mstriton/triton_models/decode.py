@@ -9,6 +9,8 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
@@ -69,9 +71,16 @@ class TritonPythonModel:
             f"{'on' if engine.blocks.enable_prefix_caching else 'off'}, {engine.max_slots} decode slots")
         warm_up_prefill(engine)
         warm_up(engine)
-        self.metrics = DecodeMetrics(pb_utils, model=args["model_name"])
+        # execute() and the decode loop both update the gauges and counters: one thread at a time. tritonserver
+        # 2.51's stub is not safe for two threads updating one Metric: increment() and observe() let go of the GIL
+        # and then replace the metric's shared-memory message, freeing the one the other thread has just sent and
+        # the server has not read yet. The server then read freed memory (and freed it again): it died of SIGSEGV
+        # in ProcessMetricRequest within seconds of a burst of short requests (tests/test_server.py), or the
+        # corrupted region lost responses and a stream never ended.
+        self.metrics_lock = threading.Lock()
+        self.metrics: DecodeMetrics | None = DecodeMetrics(pb_utils, model=args["model_name"])
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
-                                   on_step=self.metrics.on_step, on_state=self.metrics.on_queue,
+                                   on_step=self.on_step, on_state=self.on_queue,
                                    prefill_budget=int(common.parameter(config, "prefill_budget",
                                                                        str(DEFAULT_PREFILL_BUDGET))))
         self.scheduler.start()
@@ -83,6 +92,16 @@ class TritonPythonModel:
             on_stopping=lambda: self.scheduler.drain(grace, f"the server is shutting down: generation stopped "
                                                             f"{grace:g} s after it began to (shutdown_grace_seconds)"),
         ).start()
+
+    def on_queue(self, scheduler: Scheduler) -> None:
+        with self.metrics_lock:
+            if self.metrics is not None:
+                self.metrics.on_queue(scheduler)
+
+    def on_step(self, scheduler: Scheduler, batch: int, seconds: float) -> None:
+        with self.metrics_lock:
+            if self.metrics is not None:
+                self.metrics.on_step(scheduler, batch, seconds)
 
     def server_accepts_requests(self) -> bool:
         """Whether tritonserver still accepts requests: a stop request for no sequence, sent to this model."""
@@ -114,7 +133,7 @@ class TritonPythonModel:
                 self.scheduler.submit(self.decode_request(request, sender))
             except Exception as exc:  # noqa: BLE001 - ServerBusy, or a malformed step input
                 sender.send(error_as_data(str(exc)), flags=FINAL)
-            self.metrics.on_queue(self.scheduler)
+            self.on_queue(self.scheduler)
         return None
 
     def decode_request(self, request, sender) -> DecodeRequest:
@@ -132,12 +151,23 @@ class TritonPythonModel:
         # into ensemble steps; the front model stops the sequence instead): only a direct client relies on it.
         # Its round trips also let the finished shutdown probes go (serving/finished_streams.py).
         cancelled = CancelPoll(common.is_cancelled_releasing(sender.is_cancelled))
+        closed = False  # its final response is sent
 
         def emit(event: TokenEvent) -> None:
+            nonlocal closed
+            if closed:
+                # Nothing more for a request that has ended (the loop ends every request after a failed step, this
+                # one too if its release failed): asking is_cancelled() of a finished request made tritonserver
+                # 2.51 read its freed response factory (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled).
+                return
             if cancelled():  # end its stream, free the slot
+                closed = True
                 sender.send(common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED), flags=FINAL)
-                raise ClientGone()
+                if not event.finish_reason:
+                    raise ClientGone()  # the loop frees its slot now; a final event ends it anyway
+                return
             if event.error:
+                closed = True
                 sender.send(error_as_data(event.error, event.num_input_tokens), flags=FINAL)
                 return
             if event.token >= 0:
@@ -147,8 +177,8 @@ class TritonPythonModel:
                 # the first token goes at once (time to first token); later ones every `interval` tokens
                 if not event.finish_reason and len(event.output_ids) > 1 and len(pending) < interval:
                     return
-            sender.send(event_response(event, prompt_tail, pending, pending_tops),
-                        flags=FINAL if event.finish_reason else 0)
+            closed = bool(event.finish_reason)
+            sender.send(event_response(event, prompt_tail, pending, pending_tops), flags=FINAL if closed else 0)
             pending.clear()
             pending_tops.clear()
 
@@ -161,4 +191,5 @@ class TritonPythonModel:
     def finalize(self):
         self.watch.close()
         self.scheduler.shutdown("the server is shutting down; generation stopped")
+        common.drop_metrics(self)
 

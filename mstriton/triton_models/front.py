@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 
@@ -44,7 +45,8 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
                                                                                     "tokenizer.model"))
         self.details = TokenDetails(self.tokenizer)
-        self.metrics = RequestMetrics(pb_utils, model=args["model_name"])
+        self.metrics: RequestMetrics | None = RequestMetrics(pb_utils, model=args["model_name"])
+        self.metrics_lock = threading.Lock()  # finalize() lets go of the metrics (common.drop_metrics)
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
 
@@ -172,7 +174,12 @@ class TritonPythonModel:
         finally:
             if client_id and self.active.get(client_id) == key:
                 del self.active[client_id]
-            self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
+            with self.metrics_lock:
+                if self.metrics is not None:
+                    self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
+
+    def finalize(self):
+        common.drop_metrics(self)
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,
