@@ -20,8 +20,8 @@ import gc
 import numpy as np
 
 from .block_manager import SCRATCH_BLOCK, BlockManager, BlockTable, OutOfBlocks
-from .buckets import prefill_lengths, smallest_fitting
-from .graphs import EngineGraphs, blocks_for
+from .buckets import smallest_fitting
+from .graphs import EngineGraphs, blocks_for, prefill_call_shapes
 from .kv_pool import KVPool, default_pool_bytes
 
 
@@ -332,14 +332,14 @@ def warm_up(engine: Engine) -> None:
 
 
 def warm_up_prefill(engine: Engine) -> None:
-    """Compile the prefill graph for one prompt of every length bucket now (a fraction of a second each), and
-    the chunked-prefill graph against every cache length, so that the first prompts are not slow; other batch
-    sizes compile once, when first used."""
+    """Compile the prefill graph at every shape a call of whole prompts runs at (graphs.prefill_call_shapes: each
+    length bucket alone, and the batches of short prompts; a fraction of a second each), and the chunked-prefill
+    graph against every cache length, so that the first prompts are not slow and the memory MindSpore keeps for
+    each shape is taken now, not under load (graphs.PREFILL_CALL_TOKENS)."""
     graphs = engine.graphs
     c = graphs.config
-    lengths = prefill_lengths(min(graphs.chunk_length, graphs.max_seq_len))
-    for length in lengths:
-        graphs.prefill(np.ones((1, length), np.int32), np.array([length], np.int32))
+    for rows, length in prefill_call_shapes(min(graphs.chunk_length, graphs.max_seq_len), graphs.max_seq_len):
+        graphs.prefill(np.ones((rows, length), np.int32), np.full(rows, length, np.int32))
     for width in graphs.seq_buckets:
         past_keys = [np.zeros((1, c.num_key_value_heads, c.head_dim, width), graphs.np_dtype)] * c.num_hidden_layers
         past_values = [np.zeros((1, c.num_key_value_heads, width, c.head_dim), graphs.np_dtype)] * c.num_hidden_layers

@@ -25,7 +25,7 @@ from mindspore import Tensor, nn
 from ..config import LlamaConfig
 from ..model.llama import LlamaDecode, LlamaDecodeStep, LlamaPrefill, LlamaPrefillChunk, weight_names
 from . import weight_blob
-from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, prefill_shape, seq_buckets
+from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, prefill_lengths, prefill_shape, seq_buckets
 from ..kernels.ops import portable_mindir
 from .kv_pool import DEFAULT_BLOCK_SIZE
 from .memory import aligned_copy
@@ -47,6 +47,38 @@ DEVICES = ("CPU", "Ascend", "GPU")
 # of 16 SmolLM2 streams takes about 90 ms here and a 64-token chunk against a 1000-token cache about 280 ms more
 # (streams' inter-token p99 7.6x their p50 with long prompts arriving, benchmarks/kv_cache.md); 32 tokens halve it.
 CONTINUATION_TOKENS = 32
+
+
+# Whole prompts prefill in calls of at most this many padded tokens (rows x length bucket): a batch of more runs as
+# several calls. MindSpore keeps memory for every input shape the prefill graph has run at, for the life of the
+# process, in proportion to the shape's tokens: for SmolLM2 about 1.6 MiB per token (the outputs of its every
+# node), +211 MiB for 2 x 64, +1.6 GB for 16 x 64, +1.7 GB for 8 x 128, given back neither by
+# mindspore.runtime.empty_cache() nor by malloc_trim. Batches of up to 16 prompts grew the decode process by 621 MB
+# in a 6-minute soak, at the first bursts that made each new shape. At 256 tokens a call there are 7 shapes at the
+# default prefill chunk (each length bucket alone, 2 x 64, 4 x 64, 2 x 128), all compiled at load (warm_up_prefill:
+# about 1.1 GB more than batch 1 alone), and a call costs no more per token than a larger one (SmolLM2 Q4_1, best
+# of 6 on a busy 2-core machine: 6.1 ms a token at 4 x 64, 5.3 at 2 x 128, 8.6 at 1 x 64; 16 x 64 was slower).
+PREFILL_CALL_TOKENS = 256
+
+
+def prefill_rows_per_call(padded_length: int) -> int:
+    """Prompts of a length bucket that one prefill call runs: a power of two (batches pad to one), at least 1."""
+    rows = 1
+    while rows * 2 * padded_length <= PREFILL_CALL_TOKENS:
+        rows *= 2
+    return rows
+
+
+def prefill_call_shapes(max_length: int, max_seq_len: int) -> list[tuple[int, int]]:
+    """Every (rows, length bucket) a prefill call of whole prompts of up to `max_length` tokens runs at."""
+    shapes = []
+    for length in prefill_lengths(max_length):
+        padded = prefill_shape(1, length, max_seq_len)[1]
+        rows = 1
+        while rows <= prefill_rows_per_call(padded):
+            shapes.append((rows, padded))
+            rows *= 2
+    return shapes
 
 
 def continuation_tokens(chunk_length: int) -> int:
@@ -273,8 +305,16 @@ class EngineGraphs:
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
         """tokens [B, T] int32 right-padded; returns logits [B, V], keys [L][B, Hkv, D, T'], values
         [L][B, Hkv, T', D] as numpy arrays, where T' >= T is the length bucket the graph ran at (see buckets.py);
-        positions past a prompt's length hold nothing the caller may use."""
+        positions past a prompt's length hold nothing the caller may use. Runs as calls of at most
+        prefill_rows_per_call(T') prompts (PREFILL_CALL_TOKENS)."""
         batch, length = tokens.shape
+        per_call = prefill_rows_per_call(prefill_shape(1, length, self.max_seq_len)[1])
+        if batch > per_call:
+            parts = [self.prefill(tokens[i:i + per_call], lengths[i:i + per_call]) for i in range(0, batch, per_call)]
+            layers = self.config.num_hidden_layers
+            return (np.concatenate([p[0] for p in parts]),
+                    [np.concatenate([p[1][layer] for p in parts]) for layer in range(layers)],
+                    [np.concatenate([p[2][layer] for p in parts]) for layer in range(layers)])
         padded_batch, padded_length = prefill_shape(batch, length, self.max_seq_len)
         padded_tokens = np.zeros((padded_batch, padded_length), np.int32)
         padded_tokens[:batch, :length] = tokens
