@@ -72,8 +72,19 @@ def test_converted_engines_decode_in_one_operator_when_they_can(model, one_opera
         assert all(np.shares_memory(a, graphs.blob) for a in graphs.weight_arrays)
         names = manifest["weight_names"]
         assert graphs.weight_arrays[names.index("embed_tokens")] is graphs.weight_arrays[names.index("lm_head")]
+    from mstriton import kernels
+
     (sequence,), logits = engine.prefill_prompts([[1, 5, 9, 22, 7]])
-    for _ in range(4):
-        logits = engine.decode([int(logits.argmax(-1)[0])])
-        assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+    kernels.step_profile(True)
+    try:
+        for _ in range(4):
+            logits = engine.decode([int(logits.argmax(-1)[0])])
+            assert np.isfinite(logits).all() and np.abs(logits).max() > 0
+        stages = kernels.step_profile(False)
+    finally:
+        kernels.step_profile(False)
     engine.release(sequence)
+    # the stage clock runs inside the one operator only, and stops when asked
+    assert set(stages) == set(kernels.STEP_STAGES)
+    assert all(seconds > 0 for seconds in stages.values()) == one_operator
+    assert sum(kernels.step_profile().values()) == 0

@@ -123,7 +123,10 @@ def paged(k_cache, v_cache, block_size, rng):
     return k_pool, v_pool, table
 
 
-@pytest.mark.parametrize("heads,kv,d,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (6, 2, 20, 5)])
+# (10, 2, 128, 16): 5 query heads per KV head (whole blocks take them 4 at a time) and d of two register chunks;
+# (8, 1, 72, 16): d past whole chunks (the last values one at a time)
+@pytest.mark.parametrize("heads,kv,d,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (6, 2, 20, 5), (10, 2, 128, 16),
+                                                   (8, 1, 72, 16)])
 def test_paged_decode_attention_equals_the_formula_and_stores_the_new_token(isa, heads, kv, d, block_size):
     rng = np.random.default_rng(heads)
     b, seq, table_len = 5, 40, 64

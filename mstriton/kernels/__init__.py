@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL:
                 ctypes.c_double
             lib.mst_fma_peak.argtypes, lib.mst_fma_peak.restype = [i64], ctypes.c_double
             lib.mst_kernel_time.argtypes, lib.mst_kernel_time.restype = [ctypes.POINTER(i64)], ctypes.c_double
+            lib.mst_set_step_profile.argtypes = [ctypes.c_int]
+            lib.mst_step_profile.argtypes = [ctypes.POINTER(ctypes.c_double)]
             _lib = lib
     return _lib
 
@@ -171,6 +173,20 @@ def kernel_time() -> tuple[float, int]:
     calls = ctypes.c_int64(0)
     seconds = library().mst_kernel_time(ctypes.byref(calls))
     return seconds, calls.value
+
+
+STEP_STAGES = ("qkv", "attention", "o", "gate_up", "down", "head")
+
+
+def step_profile(on: bool | None = None) -> dict[str, float]:
+    """Seconds per stage of the whole-step decode operator (MstDecodeStep) since the last call; resets them.
+    step_profile(True) starts the clock (off by default: it costs two clock reads per stage), False stops it."""
+    lib = library()
+    if on is not None:
+        lib.mst_set_step_profile(int(on))
+    out = (ctypes.c_double * len(STEP_STAGES))()
+    lib.mst_step_profile(out)
+    return dict(zip(STEP_STAGES, out))
 
 
 def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:

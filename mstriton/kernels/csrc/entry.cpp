@@ -332,6 +332,19 @@ struct LayerDims {
 
 // One decoder layer over `rows` rows: x [rows, E] -> out [rows, E] (may not alias x). `a` holds the attention's
 // paged-cache arguments for this layer (its block index rows, positions, rotary tables, pools).
+// Where a decode step's time goes, by stage (mst_step_profile; on with mst_set_step_profile(1), off by default:
+// two clock reads per stage): for finding what keeps a step above its memory floor.
+enum Stage : int { STAGE_QKV, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN, STAGE_HEAD, STAGE_COUNT };
+std::atomic<bool> profiling{false};
+std::atomic<int64_t> stage_ns[STAGE_COUNT];
+template <class F>
+static inline void staged(Stage stage, F &&f) {
+  if (!profiling.load(std::memory_order_relaxed)) return f();
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  stage_ns[stage] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
+}
+
 static void decode_layer(const LayerWeights &w, const LayerDims &s, float eps, const float *x, float *out,
                          int64_t rows, AttentionArgs a) {
   const Isa &kernels = isa();
@@ -341,17 +354,25 @@ static void decode_layer(const LayerWeights &w, const LayerDims &s, float eps, c
   float *attention = static_cast<float *>(mst_scratch(3, rows * s.heads * s.dim * sizeof(float)));
   a.qkv = qkv;
   a.out = attention;
-  product(LinearArgs{w.format, PRE_RMSNORM, x, rows, s.e, w.attention_norm, eps, w.wqkv, width, nullptr,
-          nullptr, qkv, t});
-  kernels.decode_attention(a);
-  product(LinearArgs{w.format, PRE_NONE, attention, rows, s.heads * s.dim, nullptr, 0.0f, w.wo, s.e, nullptr,
-          x, out, t});
+  staged(STAGE_QKV, [&] {
+    product(LinearArgs{w.format, PRE_RMSNORM, x, rows, s.e, w.attention_norm, eps, w.wqkv, width, nullptr,
+            nullptr, qkv, t});
+  });
+  staged(STAGE_ATTENTION, [&] { kernels.decode_attention(a); });
+  staged(STAGE_O, [&] {
+    product(LinearArgs{w.format, PRE_NONE, attention, rows, s.heads * s.dim, nullptr, 0.0f, w.wo, s.e, nullptr,
+            x, out, t});
+  });
   float *gate_up = qkv;  // q/k/v are used up
-  product(LinearArgs{w.format, PRE_RMSNORM, out, rows, s.e, w.ffn_norm, eps, w.w_gate_up, 2 * s.ffn, nullptr,
-          nullptr, gate_up, t});
+  staged(STAGE_GATE_UP, [&] {
+    product(LinearArgs{w.format, PRE_RMSNORM, out, rows, s.e, w.ffn_norm, eps, w.w_gate_up, 2 * s.ffn, nullptr,
+            nullptr, gate_up, t});
+  });
   // the residual is the output itself: each element is read, then written, by one thread
-  product(LinearArgs{w.format, PRE_SWIGLU, gate_up, rows, s.ffn, nullptr, 0.0f, w.w_down, s.e, nullptr, out,
-          out, t});
+  staged(STAGE_DOWN, [&] {
+    product(LinearArgs{w.format, PRE_SWIGLU, gate_up, rows, s.ffn, nullptr, 0.0f, w.w_down, s.e, nullptr, out,
+            out, t});
+  });
 }
 
 // One whole decoder layer of a decode step (a model without biases, its four matrices in one format):
@@ -479,8 +500,10 @@ extern "C" int MstDecodeStep(AOT_ARGS) {
     decode_layer(w, dims, eps, ping.data(), pong.data(), rows, layer);
     std::swap(ping, pong);
   }
-  product(LinearArgs{head_format, PRE_RMSNORM, ping.data(), rows, e, static_cast<const float *>(final_norm), eps,
-          static_cast<const uint8_t *>(head), vocab, nullptr, nullptr, logits, threads()});
+  staged(STAGE_HEAD, [&] {
+    product(LinearArgs{head_format, PRE_RMSNORM, ping.data(), rows, e, static_cast<const float *>(final_norm), eps,
+            static_cast<const uint8_t *>(head), vocab, nullptr, nullptr, logits, threads()});
+  });
   return 0;
 }
 extern "C" std::vector<int64_t> MstDecodeStepInferShape(int *, int64_t **shapes, AotExtra *) {
@@ -539,6 +562,12 @@ int mst_threads() { return threads(); }
 double mst_kernel_time(int64_t *calls) {
   *calls = kernel_calls.exchange(0);
   return double(kernel_ns.exchange(0)) * 1e-9;
+}
+// Seconds per stage of the decode steps since the last call (qkv, attention, o, gate_up, down, head: out[6]);
+// resets them. mst_set_step_profile(1) turns the clock on.
+void mst_set_step_profile(int on) { profiling = on != 0; }
+void mst_step_profile(double *out) {
+  for (int i = 0; i < STAGE_COUNT; i++) out[i] = double(stage_ns[i].exchange(0)) * 1e-9;
 }
 void mst_set_threads(int n) { thread_count = n > 0 ? n : default_threads(); }
 int64_t mst_row_bytes(int format, int64_t k) { return row_bytes(format, k); }

@@ -209,14 +209,15 @@ static void qtile_direct(const LinearArgs &a, const QRows &x, int64_t rb, int64_
   for (int c = 0; c < NC; c++)
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) acc[c][r] = _mm256_setzero_ps();
+  Ahead ahead(a.w, c0, NC, rb, nb);
   for (int64_t b = 0; b < nb; b++) {
+    ahead.step();
     __m256 dx[MR];
 #pragma GCC unroll 16
     for (int r = 0; r < MR; r++) dx[r] = _mm256_broadcast_ss(xd + r * nb + b);
 #pragma GCC unroll 16
     for (int c = 0; c < NC; c++) {
       const uint8_t *blk = w0 + c * rb + b * F::BYTES;
-      __builtin_prefetch(blk + PREFETCH);  // NC rows are NC streams (see gemv_tile)
       const __m256i w = F::vector(blk);
       const __m256 d = F::d_vector(blk);
 #pragma GCC unroll 16
@@ -405,8 +406,9 @@ static void qgemv_lanes(const LinearArgs &a, const QRows &x) {
         blk[c] = c < channels ? a.w + (c0 + c) * rb : zero_block;
         step[c] = c < channels ? F::BYTES : 0;
       }
+      Ahead ahead(a.w, c0, channels, rb, x.nb);
       for (int64_t b = 0; b < x.nb; b++) {
-        for (int c = 0; c < 8; c++) __builtin_prefetch(blk[c] + PREFETCH);
+        ahead.step();
         lanes_block<F, Dot>(blk, b, p);
         for (int c = 0; c < 8; c++) blk[c] += step[c];
       }
