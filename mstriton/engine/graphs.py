@@ -25,6 +25,7 @@ from mindspore import Tensor, nn
 from ..config import LlamaConfig
 from ..model.llama import LlamaDecode, LlamaDecodeStep, LlamaPrefill, LlamaPrefillChunk, weight_names
 from . import weight_blob
+from .graph_call import LoadedGraph
 from .buckets import DEFAULT_PREFILL_CHUNK, batch_buckets, prefill_lengths, prefill_shape, seq_buckets
 from ..kernels.ops import portable_mindir
 from .kv_pool import DEFAULT_BLOCK_SIZE
@@ -283,7 +284,7 @@ class EngineGraphs:
         self.weights = [Tensor.from_numpy(a) for a in self.weight_arrays]
         if self.device != "CPU":  # keep weights resident on the accelerator instead of copying them per call
             self.weights = [w.move_to(self.device) for w in self.weights]
-        self._graphs: dict[str, nn.GraphCell] = {}
+        self._graphs: dict[str, LoadedGraph] = {}
         # prompts longer than this prefill in chunks; shorter ones may run as whole prompts (prefill)
         self.chunk_length = self.manifest["prefill_chunk"]["length"]
         # what the chunk graph computes per call after the first piece (continuation_tokens)
@@ -296,10 +297,10 @@ class EngineGraphs:
         read = {id(a): a.nbytes for n, a in zip(names, self.weight_arrays) if n != "embed_tokens" or n in aliases}
         return sum(read.values())
 
-    def _graph(self, file: str) -> nn.GraphCell:
+    def _graph(self, file: str) -> LoadedGraph:
         if file not in self._graphs:
             # Graphs calling the CPU kernels name the library by its path at export: point them at this one's.
-            self._graphs[file] = nn.GraphCell(ms.load(portable_mindir(self.dir / file)))
+            self._graphs[file] = LoadedGraph(ms.load(portable_mindir(self.dir / file)))
         return self._graphs[file]
 
     def prefill(self, tokens: np.ndarray, lengths: np.ndarray):
