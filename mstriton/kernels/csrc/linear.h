@@ -191,16 +191,19 @@ static void gemv_decoded(const LinearArgs &a, const float *xp, int64_t kp) {
 constexpr int NR = 2 * W;
 constexpr int MR_GEMM = W == 16 ? 8 : (W == 8 ? 6 : 4);  // 2 * MR accumulators fit the ISA's vector registers
 
+// The micro-kernel reads its MR rows of x as one stream: each tile of MR rows packed as [kp][MR] (packed_rows), so
+// that the MR broadcasts of a step read consecutive floats from one pointer. (Reading them from MR rows kp apart
+// took MR row offsets, more than the general registers hold beside the loop's pointers: GCC reloaded one from the
+// stack before each broadcast.)
 template <int MR>
-static inline void micro_kernel(const LinearArgs &a, const float *xp, int64_t kp, const float *panel, int64_t r0,
+static inline void micro_kernel(const LinearArgs &a, const float *xt, int64_t kp, const float *panel, int64_t r0,
                                 int64_t c0) {
   vf acc[MR][2];
   for (int r = 0; r < MR; r++) acc[r][0] = acc[r][1] = vf{};
-  const float *x = xp + r0 * kp;
   for (int64_t i = 0; i < kp; i++) {
     const vf b0 = load<vf>(panel + i * NR), b1 = load<vf>(panel + i * NR + W);
     for (int r = 0; r < MR; r++) {
-      const vf s = splat(x[r * kp + i]);
+      const vf s = splat(xt[i * MR + r]);
       acc[r][0] = s * b0 + acc[r][0];
       acc[r][1] = s * b1 + acc[r][1];
     }
@@ -216,18 +219,34 @@ static inline void micro_kernel(const LinearArgs &a, const float *xp, int64_t kp
 }
 
 template <int MR>
-static void micro_rows(const LinearArgs &a, const float *xp, int64_t kp, const float *panel, int64_t r0, int rows,
+static void micro_rows(const LinearArgs &a, const float *xt, int64_t kp, const float *panel, int64_t r0, int rows,
                        int64_t c0) {
   if constexpr (MR > 0) {
-    if (rows == MR) return micro_kernel<MR>(a, xp, kp, panel, r0, c0);
-    return micro_rows<MR - 1>(a, xp, kp, panel, r0, rows, c0);
+    if (rows == MR) return micro_kernel<MR>(a, xt, kp, panel, r0, c0);
+    return micro_rows<MR - 1>(a, xt, kp, panel, r0, rows, c0);
   }
 }
 
+// xp [M, kp] -> out: tiles of MR_GEMM rows (the last one of the rows left), each [kp][rows of the tile].
+static void packed_rows(const LinearArgs &a, const float *xp, int64_t kp, float *out) {
+  const int64_t tiles = (a.m + MR_GEMM - 1) / MR_GEMM;
+  parallel_runs(a.threads, tiles, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const int64_t r0 = t * MR_GEMM, rows = std::min<int64_t>(MR_GEMM, a.m - r0);
+      float *tile = out + r0 * kp;
+      for (int64_t i = 0; i < kp; i++)
+        for (int64_t r = 0; r < rows; r++) tile[i * rows + r] = xp[(r0 + r) * kp + i];
+    }
+  });
+}
+
+// xp holds 2 M kp floats: the rows, then room for their packed copy.
 template <class D>
-static void gemm(const LinearArgs &a, const float *xp, int64_t kp) {
+static void gemm(const LinearArgs &a, float *xp, int64_t kp) {
   const int64_t rb = row_bytes(a.format, a.k), nb = kp / QK;
   const int64_t panels = (a.n + NR - 1) / NR;
+  float *xt = xp + a.m * kp;
+  packed_rows(a, xp, kp, xt);
   parallel_runs(a.threads, panels, [&](int64_t p0, int64_t p1) {
     float *panel = static_cast<float *>(mst_scratch(1, kp * NR * sizeof(float)));
     alignas(64) float block[QK];
@@ -247,8 +266,8 @@ static void gemm(const LinearArgs &a, const float *xp, int64_t kp) {
         }
       }
       int64_t r0 = 0;
-      for (; r0 + MR_GEMM <= a.m; r0 += MR_GEMM) micro_kernel<MR_GEMM>(a, xp, kp, panel, r0, c0);
-      if (r0 < a.m) micro_rows<MR_GEMM - 1>(a, xp, kp, panel, r0, int(a.m - r0), c0);
+      for (; r0 + MR_GEMM <= a.m; r0 += MR_GEMM) micro_kernel<MR_GEMM>(a, xt + r0 * kp, kp, panel, r0, c0);
+      if (r0 < a.m) micro_rows<MR_GEMM - 1>(a, xt + r0 * kp, kp, panel, r0, int(a.m - r0), c0);
     }
   });
 }
@@ -262,7 +281,9 @@ constexpr int64_t GEMV_MAX_ROWS = 32;
 template <class D>
 static void linear_with(const LinearArgs &a) {
   const int64_t kp = blocks_of(a.k) * QK;
-  float *xp = static_cast<float *>(mst_scratch(0, std::max<int64_t>(a.m * kp, 16) * sizeof(float)));
+  // the GEMM also packs the rows (gemm): room for both
+  const int64_t copies = a.m > GEMV_MAX_ROWS ? 2 : 1;
+  float *xp = static_cast<float *>(mst_scratch(0, std::max<int64_t>(copies * a.m * kp, 16) * sizeof(float)));
   prepare_rows(a, xp, kp);
   if (a.m == 1)
     gemv<D, 1>(a, xp, kp);
