@@ -67,34 +67,62 @@ static inline void block_scores_rows(const float *kb, int64_t d, const float *q,
   }
 }
 
-// o[d] = sum over the cached positions j < len of p[j] V[j]: chunks of up to 8 vectors of o in registers, each
-// position's value row read once per chunk.
+// o[h][d] = sum over the cached positions j < len of p[h][j] V[j] for HEADS query heads of one KV head (p rows
+// `span` apart, o rows d apart), in chunks of CV vectors of d: HEADS x CV accumulators in registers, each value
+// vector loaded once for all the heads. (One head at a time left 8 accumulators, each one FMA per position: the
+// loop waited on FMA latency.)
+template <int HEADS, int CV>
 static inline void weighted_values(const float *v_pool, const int32_t *table, int64_t kv_heads, int64_t g,
-                                   int64_t bs, int64_t d, int64_t len, const float *p, float *o) {
-  constexpr int64_t CHUNK = 8;
+                                   int64_t bs, int64_t d, int64_t len, const float *p, int64_t span, float *o) {
   int64_t e0 = 0;
-  for (; e0 + CHUNK * W <= d; e0 += CHUNK * W) {
-    vf acc[CHUNK];
-    for (int c = 0; c < CHUNK; c++) acc[c] = vf{};
+  for (; e0 + CV * W <= d; e0 += CV * W) {
+    vf acc[HEADS][CV];
+    for (int h = 0; h < HEADS; h++)
+      for (int c = 0; c < CV; c++) acc[h][c] = vf{};
     for (int64_t blk = 0; blk * bs < len; blk++) {
       const float *vb = v_pool + (int64_t(table[blk]) * kv_heads + g) * bs * d + e0;
       const int64_t base = blk * bs, n = std::min(bs, len - base);
       for (int64_t j = 0; j < n; j++) {
-        const vf weight = splat(p[base + j]);
-        for (int c = 0; c < CHUNK; c++) acc[c] = weight * load<vf>(vb + j * d + c * W) + acc[c];
+        vf value[CV];
+        for (int c = 0; c < CV; c++) value[c] = load<vf>(vb + j * d + c * W);
+        for (int h = 0; h < HEADS; h++) {
+          const vf weight = splat(p[h * span + base + j]);
+          for (int c = 0; c < CV; c++) acc[h][c] = weight * value[c] + acc[h][c];
+        }
       }
     }
-    for (int c = 0; c < CHUNK; c++) store(o + e0 + c * W, acc[c]);
+    for (int h = 0; h < HEADS; h++)
+      for (int c = 0; c < CV; c++) store(o + h * d + e0 + c * W, acc[h][c]);
   }
-  // what is left of d (not a multiple of 8 vectors): one value at a time
+  // what is left of d (not a multiple of the chunk): one value at a time
   for (int64_t e = e0; e < d; e++) {
-    float total = 0.0f;
-    for (int64_t blk = 0; blk * bs < len; blk++) {
-      const float *vb = v_pool + (int64_t(table[blk]) * kv_heads + g) * bs * d + e;
-      const int64_t base = blk * bs, n = std::min(bs, len - base);
-      for (int64_t j = 0; j < n; j++) total += p[base + j] * vb[j * d];
+    for (int h = 0; h < HEADS; h++) {
+      float total = 0.0f;
+      for (int64_t blk = 0; blk * bs < len; blk++) {
+        const float *vb = v_pool + (int64_t(table[blk]) * kv_heads + g) * bs * d + e;
+        const int64_t base = blk * bs, n = std::min(bs, len - base);
+        for (int64_t j = 0; j < n; j++) total += p[h * span + base + j] * vb[j * d];
+      }
+      o[h * d + e] = total;
     }
-    o[e] = total;
+  }
+}
+
+// Up to 4 heads at a time; chunks sized so accumulators, values and a broadcast fit the vector registers (AVX2's
+// 16: 3 x 4 or 4 x 2; AVX-512's 32: 4 x 4).
+static inline void weighted_values_heads(const float *v_pool, const int32_t *table, int64_t kv_heads, int64_t g,
+                                         int64_t bs, int64_t d, int64_t len, const float *p, int64_t span,
+                                         int64_t heads, float *o) {
+  constexpr int WIDE = W == 16 ? 4 : 2;  // chunk of the 4-head case
+  for (int64_t h = 0; h < heads; h += 4) {
+    const float *ph = p + h * span;
+    float *oh = o + h * d;
+    switch (std::min<int64_t>(4, heads - h)) {
+      case 1: weighted_values<1, 4>(v_pool, table, kv_heads, g, bs, d, len, ph, span, oh); break;
+      case 2: weighted_values<2, 4>(v_pool, table, kv_heads, g, bs, d, len, ph, span, oh); break;
+      case 3: weighted_values<3, 4>(v_pool, table, kv_heads, g, bs, d, len, ph, span, oh); break;
+      default: weighted_values<4, WIDE>(v_pool, table, kv_heads, g, bs, d, len, ph, span, oh); break;
+    }
   }
 }
 
@@ -105,7 +133,7 @@ void decode_attention(const AttentionArgs &a) {
   const int64_t tasks = a.batch * a.kv_heads;
   // (sequence, KV head) tasks in runs from a shared counter (pool.h: a descheduled thread delays one run only)
   parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
-    std::vector<float> q(groups * d), k(d), scores(groups * (capacity + 1)), acc(groups * d);
+    std::vector<float> q(groups * d), k(d), scores(groups * (capacity + 1)), acc(groups * d), totals(groups);
     for (int64_t task = first; task < last; task++) {
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       const int64_t pos = std::max<int32_t>(a.positions[b], 0);
@@ -159,9 +187,12 @@ void decode_attention(const AttentionArgs &a) {
         }
         float total = hsum(sums);
         for (; j <= len; j++) total += (s[j] = std::exp(s[j] - top));
-        float *o = acc.data() + i * d;
-        weighted_values(a.v_pool, table, a.kv_heads, g, bs, d, len, s, o);
-        const float inv = 1.0f / total;
+        totals[i] = total;
+      }
+      weighted_values_heads(a.v_pool, table, a.kv_heads, g, bs, d, len, scores.data(), span, groups, acc.data());
+      for (int64_t i = 0; i < groups; i++) {
+        const float *s = scores.data() + i * span, *o = acc.data() + i * d;
+        const float inv = 1.0f / totals[i];
         float *dst = a.out + b * a.heads * d + (g * groups + i) * d;
         for (int64_t e = 0; e < d; e++) dst[e] = (o[e] + s[len] * v[e]) * inv;
       }
