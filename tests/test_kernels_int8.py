@@ -1,6 +1,7 @@
 """The int8-activation products (mstriton/kernels/csrc/qlinear.h, issue 27) against numpy, with every integer dot
 product this CPU runs (AVX512-VNNI, AVX-512 BW, AVX-VNNI, AVX2, the plain C++ fallback; the others are skipped,
-naming the missing feature), every 4- and 8-bit format, rows 1 to 32 (both tilings and their row tails), K not a
+naming the missing feature), every 4- and 8-bit format, rows 1 to 130 (decode steps, prefill, both tilings and
+their row tails), K not a
 multiple of the 32-value block, N not a multiple of the channel groups.
 
 Two references: numpy doing the same quantization (per block of 32, d = max|x| / 127, q = rint(x / d), ties to
@@ -23,7 +24,7 @@ from mstriton.kernels.formats import pack, row_bytes, unpack
 
 FORMATS = ("Q8_0", "Q4_0", "Q4_1")
 SHAPES = [(1, 32, 1), (1, 576, 577), (2, 100, 33), (3, 64, 7), (4, 96, 9), (5, 45, 66), (7, 130, 13),
-          (16, 200, 64), (17, 96, 9), (31, 577, 11), (32, 1536, 70)]
+          (16, 200, 64), (17, 96, 9), (31, 577, 11), (32, 1536, 70), (33, 96, 9), (130, 200, 41)]
 MISSING = {"avx512vnni": "AVX512-VNNI (and AVX-512 F/BW/VL)", "avx512": "AVX-512 F/BW/VL", "avxvnni": "AVX-VNNI",
            "avx2": "AVX2 + FMA + F16C"}
 
@@ -192,10 +193,10 @@ def test_fused_norm_swiglu_bias_and_residual(int8_isa, m):
         assert relative(got, product_reference(fmt, packed, swiglu) + residual) < 1e-3
 
 
-def test_other_formats_and_prefill_keep_float32_activations(int8_isa):
-    """Only the Q8_0 / Q4_0 / Q4_1 products of up to 32 rows quantize x: the rest equal the float32 path."""
+def test_other_formats_keep_float32_activations(int8_isa):
+    """Only the Q8_0 / Q4_0 / Q4_1 products quantize x: the rest equal the float32 path, decode and prefill."""
     rng = np.random.default_rng(4)
-    cases = [(fmt, 4, 70, 20) for fmt in ("F32", "BF16", "INT8")] + [(fmt, 33, 70, 20) for fmt in FORMATS]
+    cases = [(fmt, m, 70, 20) for fmt in ("F32", "BF16", "INT8") for m in (4, 33)]
     for fmt, m, k, n in cases:
         packed = pack(fmt, rng.standard_normal((n, k)).astype(np.float32))
         x = rng.standard_normal((m, k)).astype(np.float32)

@@ -14,7 +14,7 @@
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
 // (avx512, avx2, generic). Activations of the products: MSTRITON_KERNEL_ACTIVATIONS=float32 (the default, exact) or
-// int8 (qlinear.h: Q8_0 / Q4_0 / Q4_1 products of up to 32 rows as integer dot products).
+// int8 (qlinear.h: Q8_0 / Q4_0 / Q4_1 products as integer dot products, decode and prefill).
 #include <sched.h>
 
 #include <atomic>

@@ -1,5 +1,5 @@
-// Weight products with int8 activations (issue 27): the decode-sized products (M <= 32 rows) of Q8_0, Q4_0 and
-// Q4_1 weights, as integer dot products of 32-value blocks.
+// Weight products with int8 activations (issue 27): the products of Q8_0, Q4_0 and Q4_1 weights (decode steps and
+// prefill alike) as integer dot products of 32-value blocks.
 //
 // Each row of pre(x) (prepare_rows: x, RMSNorm(x) * g or SwiGLU, as the float32 path computes it) is quantized once
 // per call into blocks of 32 int8 with one float32 scale per block, d_x = max|x| / 127, q_x = rint(x / d_x), and
@@ -7,7 +7,7 @@
 // the nibble, min -8 d; Q4_1: the nibble, min m), so a block's share of a product is
 //     sum_i (d w_i + min) (d_x q_i) = d d_x sum_i w_i q_i + min s_x
 // with the sum of products in integers. The float32-activation path (linear.h) stays the exact one; this one is
-// chosen by MSTRITON_KERNEL_ACTIVATIONS=int8 (entry.cpp), which keeps it for other formats and for M > 32.
+// chosen by MSTRITON_KERNEL_ACTIVATIONS=int8 (entry.cpp), which keeps it for the other formats.
 //
 // Integer dot products of a block (32 bytes, one 256-bit vector), per ISA:
 // - AVX2: vpmaddubsw (u8 x s8 -> s16 pairs) then vpmaddwd with ones (-> s32 lanes). The 4-bit weights are unsigned
@@ -444,20 +444,23 @@ static void qproduct(const LinearArgs &a, const QRows &x) {
     alignas(32) int8_t w[QK];
     float acc[GEMV_MAX_ROWS];
     for (int64_t c = c0; c < c1; c++) {
-      for (int64_t r = 0; r < a.m; r++) acc[r] = 0.0f;
-      for (int64_t b = 0; b < x.nb; b++) {
-        const uint8_t *blk = a.w + c * rb + b * F::BYTES;
-        F::values(blk, w);
-        float dw, mw;
-        F::scales(blk, &dw, &mw);
-        for (int64_t r = 0; r < a.m; r++) {
-          const int8_t *q = x.q + r * x.kp + b * QK;
-          int32_t s = 0;
-          for (int i = 0; i < QK; i++) s += int32_t(w[i]) * int32_t(q[i]);
-          acc[r] += dw * x.d[r * x.nb + b] * float(s) + mw * x.s[r * x.nb + b];
+      for (int64_t r0 = 0; r0 < a.m; r0 += GEMV_MAX_ROWS) {  // rows in chunks: prefill has any number
+        const int64_t rows = std::min<int64_t>(GEMV_MAX_ROWS, a.m - r0);
+        for (int64_t r = 0; r < rows; r++) acc[r] = 0.0f;
+        for (int64_t b = 0; b < x.nb; b++) {
+          const uint8_t *blk = a.w + c * rb + b * F::BYTES;
+          F::values(blk, w);
+          float dw, mw;
+          F::scales(blk, &dw, &mw);
+          for (int64_t r = 0; r < rows; r++) {
+            const int8_t *q = x.q + (r0 + r) * x.kp + b * QK;
+            int32_t s = 0;
+            for (int i = 0; i < QK; i++) s += int32_t(w[i]) * int32_t(q[i]);
+            acc[r] += dw * x.d[(r0 + r) * x.nb + b] * float(s) + mw * x.s[(r0 + r) * x.nb + b];
+          }
         }
+        for (int64_t r = 0; r < rows; r++) a.y[(r0 + r) * a.n + c] = epilogue(a, r0 + r, c, acc[r]);
       }
-      for (int64_t r = 0; r < a.m; r++) a.y[r * a.n + c] = epilogue(a, r, c, acc[r]);
     }
   });
 }
@@ -480,11 +483,11 @@ static void qlinear_with(const LinearArgs &a) {
   qproduct<F, Dot>(a, QRows{q, d, s, kp, nb});
 }
 
-// False (nothing done) for the products that keep float32 activations: other formats, and more than 32 rows
-// (prefill: the float32 GEMM, compute-bound, its decode shared by all rows).
+// False (nothing done) for the products that keep float32 activations: the other formats. Prefill products (more
+// than 32 rows) take the same lanes kernel: its integer dot products do 32 multiply-adds per instruction where the
+// float32 GEMM does 8, and each group's unpacked blocks serve every row.
 template <class Dot>
 static bool linear_int8_with(const LinearArgs &a) {
-  if (a.m > GEMV_MAX_ROWS) return false;
   if (a.m == 0 || a.n == 0) return true;
   switch (a.format) {
     case Q8_0: qlinear_with<QBlockQ8_0, Dot>(a); return true;
