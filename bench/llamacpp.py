@@ -197,11 +197,32 @@ def build_server(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print
     shutil.rmtree(build, ignore_errors=True)
     record_path.unlink(missing_ok=True)
     log_path = cache_dir / f"build-{version}.log"
-    jobs = str(max(1, os.cpu_count() or 1))
-    compile_ = ["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs]
     began = time.monotonic()
-    with open(log_path, "w") as log:
-        for step, cmd in (("configuring", configure), ("compiling llama-server", compile_)):
+    _run_build_steps([("configuring", configure), ("compiling llama-server", _compile_command(build, "llama-server"))],
+                     log_path, progress)
+    built = build / "bin" / "llama-server"
+    if not built.is_file():
+        raise PeerUnavailable(f"llama.cpp build finished without {built}")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(built, binary)
+    if not _binary_works(binary):
+        raise PeerUnavailable(f"the built {binary} does not run `--version`")
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    progress(f"llama.cpp: built {binary} in {time.monotonic() - began:.0f} s")
+    return binary
+
+
+def _compile_command(build: Path, target: str) -> list[str]:
+    return ["cmake", "--build", str(build), "--target", target, "-j", str(max(1, os.cpu_count() or 1))]
+
+
+def _run_build_steps(steps: Sequence[tuple[str, Sequence[str]]], log_path: Path, progress: Progress,
+                     mode: str = "w") -> None:
+    """Run each (name, command) in turn, appending their output to log_path (opened with `mode`) and reporting
+    the build's percentage every 10 points; raise PeerUnavailable with the last lines when one fails."""
+    began = time.monotonic()
+    with open(log_path, mode) as log:
+        for step, cmd in steps:
             progress(f"llama.cpp: {step} (log: {log_path}; the compile takes several minutes on few cores)")
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
@@ -219,14 +240,42 @@ def build_server(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print
             if proc.wait() != 0:
                 raise PeerUnavailable(f"llama.cpp build failed ({step}, exit {proc.returncode}); last lines of "
                                       f"{log_path}:\n" + "\n".join(last))
-    built = build / "bin" / "llama-server"
+
+
+def build_perplexity(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print,
+                     version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The `llama-perplexity` tool (tools/perplexity) of the same vendored source and cmake configuration as
+    build_server's llama-server, so that it runs the same ggml kernels: build_server first (reusing its cached
+    binary or building it), then the build folder configured again with the same arguments (cheap when it is
+    already, and it brings back a build folder deleted since) and only the llama-perplexity target compiled
+    (the libraries are the server's). Cached as cache_dir/bin/llama-perplexity-<version> with the same
+    <binary>.build.json record as the server's; reused on the same terms. Raises PeerUnavailable as
+    build_server does."""
+    cache_dir = Path(cache_dir)
+    server = build_server(cache_dir, progress, version)
+    record_text = server.with_name(server.name + ".build.json").read_text()
+    binary = cache_dir / "bin" / f"llama-perplexity-{version}"
+    record_path = binary.with_name(binary.name + ".build.json")
+    with contextlib.suppress(OSError):
+        if record_path.read_text() == record_text and _binary_works(binary):
+            progress(f"llama.cpp: using the cached {binary}")
+            return binary
+    tree = cache_dir / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    build = cache_dir / f"build-{version}"
+    if fetch_source(cache_dir, progress, version) != tree or not (tree / "tools" / "perplexity").is_dir():
+        raise PeerUnavailable(f"the llama.cpp vendored in llama-cpp-python {version} has no tools/perplexity")
+    record_path.unlink(missing_ok=True)
+    began = time.monotonic()
+    _run_build_steps([("configuring", configure_arguments(tree, build, cpu_flags())),
+                      ("compiling llama-perplexity", _compile_command(build, "llama-perplexity"))],
+                     cache_dir / f"build-{version}.log", progress, mode="a")
+    built = build / "bin" / "llama-perplexity"
     if not built.is_file():
         raise PeerUnavailable(f"llama.cpp build finished without {built}")
-    binary.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(built, binary)
     if not _binary_works(binary):
         raise PeerUnavailable(f"the built {binary} does not run `--version`")
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    record_path.write_text(record_text)
     progress(f"llama.cpp: built {binary} in {time.monotonic() - began:.0f} s")
     return binary
 

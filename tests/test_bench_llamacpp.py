@@ -172,3 +172,21 @@ def test_gguf_conversion_needs_a_vocabulary_and_a_type_the_converter_writes(tmp_
         llamacpp.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "q4_1")  # needs llama-quantize: never written
     with pytest.raises(llamacpp.PeerUnavailable, match="tokenizer.json"):
         llamacpp.convert_to_gguf(tmp_path, tmp_path / "x.gguf", "f16")
+
+
+def test_a_cached_perplexity_tool_of_the_servers_configuration_is_reused(tmp_path, monkeypatch):
+    version = llamacpp.LLAMA_CPP_PYTHON_VERSION
+    configure = llamacpp.configure_arguments(tmp_path / "src", tmp_path / "build", llamacpp.cpu_flags())
+    record = json.dumps(llamacpp._build_record(version, configure))
+    (tmp_path / "bin").mkdir()
+    for name in ("llama-server", "llama-perplexity"):
+        binary = tmp_path / "bin" / f"{name}-{version}"
+        binary.write_text("#!/bin/sh\nexit 0\n")  # answers --version
+        binary.chmod(0o755)
+        binary.with_name(binary.name + ".build.json").write_text(record)
+    assert llamacpp.build_perplexity(tmp_path, progress=lambda _: None) == binary
+    # another configuration than the server's: built again (here it stops at the missing source)
+    binary.with_name(binary.name + ".build.json").write_text("{}")
+    monkeypatch.setattr(llamacpp, "fetch_source", lambda *a, **k: tmp_path / "elsewhere")
+    with pytest.raises(llamacpp.PeerUnavailable, match="perplexity"):
+        llamacpp.build_perplexity(tmp_path, progress=lambda _: None)
