@@ -14,6 +14,8 @@
 #   make bench-frontend aiperf on SmolLM2 through our OpenAI frontend and llama.cpp's server, and the frontend's
 #                       cost against perf_analyzer over gRPC (about 30 minutes; aiperf in build/aiperf-venv)
 #   make bench-engine   the engine alone on SmolLM2 by weight format, against the measured floors and transformers
+#   make bench-peers    ours (Q4_1, float32 / int8 activations) against llama.cpp (and vLLM CPU on request) through one
+#                       OpenAI streaming client, with the floors measured in the same run (BENCH_PEERS_ARGS)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -28,7 +30,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers soak clean docker-lint docker-test
 
 all: install
 
@@ -119,6 +121,13 @@ bench-frontend: install
 
 bench-engine: install
 	$(PY) tools/bench_engine.py
+
+# Ours against llama.cpp on SmolLM2's own Q4_1 file, the same chat bodies through one OpenAI streaming client, floors
+# measured in the same run (issue 27); report in benchmarks/peers.md. vLLM CPU and c=64 on request:
+# BENCH_PEERS_ARGS="--systems ours-q4_1,ours-q4_1-int8,llamacpp-q4_1,vllm --concurrency 1,4,16,64"
+BENCH_PEERS_ARGS ?=
+bench-peers: install
+	$(PY) tools/bench_peers.py $(BENCH_PEERS_ARGS)
 
 # Soak test (issue 15): model_repository/ served by mstriton.serve on free ports, every door under mixed load
 # (valid, invalid, cancelled, disconnected, bursts over the queue) for --minutes; exits 1 if a request went

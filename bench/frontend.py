@@ -51,6 +51,7 @@ OURS_V1, OURS_GRPC = "mstriton /v1 (frontend, aiperf)", "mstriton gRPC (perf_ana
 OURS_THIN = "mstriton /v1 (frontend, thin client)"
 LLAMACPP = "llama.cpp server {dtype} (aiperf)"
 CONVERTER_CODE = ["repository.py", "convert.py", "engine/graphs.py", "model/llama.py", "model/gguf.py"]
+KERNEL_CODE = ["kernels/ops.py", "kernels/formats.py"]  # also in a repository converted with --weights
 THREADS = os.cpu_count() or 2  # llama-server's threads: every core, as MindSpore uses
 STARTED = time.monotonic()
 
@@ -128,19 +129,23 @@ def llamacpp_gguf(hf_dir: Path, dtype: str) -> Path:
     return out
 
 
-def model_repository(gguf: Path, slots: int, max_seq_len: int) -> Path:
-    """A model repository of its own holding `smollm2`, converted once for these limits (and this converter),
-    by tools/convert.py in a process of its own (see run_quietly)."""
-    repository = BUILD / "repo"
-    code = hashlib.sha256(b"".join((ROOT / "mstriton" / f).read_bytes() for f in CONVERTER_CODE)).hexdigest()[:16]
+def model_repository(gguf: Path, slots: int, max_seq_len: int, weights: str | None = None,
+                     repository: Path | None = None) -> Path:
+    """A model repository of its own holding `smollm2` (default BUILD/repo), converted once for these limits (and
+    this converter), by tools/convert.py in a process of its own (see run_quietly); `weights`: its --weights (the
+    converter's default, float32, when None), e.g. Q4_1 to keep the file's own blocks for the CPU kernels."""
+    repository = repository or BUILD / "repo"
+    code_files = CONVERTER_CODE + (KERNEL_CODE if weights else [])
+    code = hashlib.sha256(b"".join((ROOT / "mstriton" / f).read_bytes() for f in code_files)).hexdigest()[:16]
     wanted = f"{gguf.resolve()} {gguf.stat().st_mtime_ns} {slots} {max_seq_len} {code}"
+    wanted += f" {weights}" if weights else ""
     if _stamp_ok(repository / "bench_stamp.txt", wanted):
         return repository
-    say(f"converting {gguf.name} into {repository} as '{MODEL}' ({slots} slots, {max_seq_len} tokens each; "
-        "several minutes)")
+    say(f"converting {gguf.name} into {repository} as '{MODEL}' ({slots} slots, {max_seq_len} tokens each"
+        + (f", --weights {weights}" if weights else "") + "; several minutes)")
     run_quietly([sys.executable, str(ROOT / "tools" / "convert.py"), "--checkpoint", str(gguf), "--name", MODEL,
                  "--model-repository", str(repository), "--max-batch-size", str(slots),
-                 "--max-seq-len", str(max_seq_len)], "convert")
+                 "--max-seq-len", str(max_seq_len)] + (["--weights", weights] if weights else []), "convert")
     (repository / "bench_stamp.txt").write_text(wanted)
     return repository
 
@@ -205,7 +210,7 @@ def stream_chat(port: int, body: dict) -> RequestTiming:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"/v1/chat/completions answered {resp.status}: {resp.read()[:500]!r}")
-        times, tokens = [], None
+        times, tokens, prompt_tokens = [], None, 0
         while True:
             line = resp.readline()
             if not line:
@@ -220,12 +225,15 @@ def stream_chat(port: int, body: dict) -> RequestTiming:
                 times.append(now)
             if event.get("usage"):
                 tokens = int(event["usage"]["completion_tokens"])
+                prompt_tokens = int(event["usage"].get("prompt_tokens") or 0)
     finally:
         conn.close()
     if not times:
         raise RuntimeError("the stream had no content")
+    chunks = len(times)
     times += [times[-1]] * max(0, (tokens or len(times)) - len(times))  # aiperf's formulas use the count
-    return RequestTiming(start=start, token_times=times)
+    return RequestTiming(start=start, token_times=times, prompt_tokens=prompt_tokens, completion_tokens=tokens,
+                         content_chunks=chunks)
 
 
 def thin_client(port: int, payloads: list[dict], concurrency: int) -> tuple[list[RequestTiming], float]:
@@ -466,10 +474,11 @@ def run(args, out: Path) -> int:
 
 
 def memory_bandwidth() -> dict[str, float]:
-    """bench/engine.py's memory-rate probes (GB/s), measured before any server starts (in a process of
-    its own: they import MindSpore)."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from bench.engine import bandwidth_probes; "
-            "print('RATES ' + json.dumps(bandwidth_probes()))")
+    """The kernels' read-bandwidth probe (mstriton.kernels.read_bandwidth, GB/s over every kernel thread: the floor
+    tools/bench_engine.py measures), before any server starts, in a process of its own (as everything that loads
+    the kernels or MindSpore; see run_quietly)."""
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from mstriton import kernels; "
+            "print('RATES ' + json.dumps({f'kernels read, {kernels.threads()} threads': kernels.read_bandwidth()}))")
     out = run_quietly([sys.executable, "-c", code, str(ROOT)], "the memory-rate probes")
     rates = json.loads(next(line for line in out.splitlines() if line.startswith("RATES "))[6:])
     return {name: round(rate, 1) for name, rate in rates.items()}

@@ -24,6 +24,8 @@ class RequestTiming:
     token_times: list[float]    # seconds, same clock: when each output token arrived (a batch of tokens that
                                 # arrive together, as from a non-streaming peer, repeat the same time)
     prompt_tokens: int = 0
+    completion_tokens: int | None = None   # the server's own count (an OpenAI stream's usage), where it gave one
+    content_chunks: int | None = None      # streamed chunks with text (an OpenAI stream), where counted
 
 
 @dataclasses.dataclass

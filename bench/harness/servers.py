@@ -44,15 +44,18 @@ class Ports:
 
 class ServeProcess:
     """`python -m mstriton.serve` (tritonserver and the frontend, under its supervisor) on free ports, with an admin
-    key (a random one unless given) in its environment, never on a command line (mstriton.serve refuses one)."""
+    key (a random one unless given) in its environment, never on a command line (mstriton.serve refuses one). `env`:
+    variables set on top of that environment, which tritonserver and its model processes inherit (e.g.
+    MSTRITON_KERNEL_ACTIVATIONS for the kernels in the decode model's process)."""
 
-    def __init__(self, repository: Path, log: Path, admin_key: str | None = None):
+    def __init__(self, repository: Path, log: Path, admin_key: str | None = None, env: dict[str, str] | None = None):
         self.ports = Ports(http=free_port(), grpc=free_port(), metrics=free_port(), frontend=free_port())
         self.log = log
         command = [sys.executable, "-m", "mstriton.serve", "--model-repository", str(repository),
                    "--http-port", str(self.ports.http), "--grpc-port", str(self.ports.grpc),
                    "--metrics-port", str(self.ports.metrics), "--frontend-port", str(self.ports.frontend)]
-        environment = dict(python_environment(), **{ADMIN_KEY_VARIABLE: admin_key or secrets.token_urlsafe(24)})
+        environment = {**python_environment(), **(env or {}),
+                       ADMIN_KEY_VARIABLE: admin_key or secrets.token_urlsafe(24)}
         self.process = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                                         start_new_session=True, env=environment)
 
