@@ -203,10 +203,13 @@ def run(args) -> None:
     gguf = smollm2_gguf()
     add_bos, bos_id = gguf_bos(gguf)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tokens = tokenizer(HELD_TEXT, add_special_tokens=False)["input_ids"]
+    text_files = [Path(f) for f in (args.text or [])]
+    text = "\n\n".join(f.read_text() for f in text_files) if text_files else HELD_TEXT
+    text_name = ", ".join(str(f) for f in text_files) if text_files else "bench.weight_fidelity.HELD_TEXT"
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
     if add_bos:
         tokens = [bos_id] + tokens
-    n_ctx = args.n_ctx or len(tokens) // MIN_CHUNKS
+    n_ctx = args.n_ctx or min(MAX_N_CTX, len(tokens) // MIN_CHUNKS)
     if not 4 <= n_ctx <= MAX_N_CTX or len(tokens) < 2 * n_ctx:
         raise SystemExit(f"n_ctx {n_ctx}: needs 4 <= n_ctx <= {MAX_N_CTX} and at least two chunks of the "
                          f"{len(tokens)} tokens")
@@ -217,11 +220,22 @@ def run(args) -> None:
 
     binary = llamacpp.build_perplexity(Path(args.llamacpp_cache_dir), progress=log)
     with tempfile.TemporaryDirectory(prefix="mstriton-actfid-") as tmp:
-        peers = {}
+        peers, token_note = {}, None
         for tag, extra in LLAMACPP_RUNS.items():
-            peers[tag] = run_llamacpp(binary, gguf, HELD_TEXT, n_ctx, Path(tmp), extra, tag)
-            if peers[tag]["tokens"] != tokens[:len(chunks) * n_ctx]:
-                raise AssertionError("llama.cpp's tokens differ from ours")
+            peers[tag] = run_llamacpp(binary, gguf, text, n_ctx, Path(tmp), extra, tag)
+            scored = peers[tag]["tokens"]
+            if scored != tokens[:len(chunks) * n_ctx]:
+                # Its tokenizer splits some texts (markdown, code) unlike transformers': score the token ids it
+                # scored, on both sides, so the rows stay comparable.
+                if token_note is None:
+                    differing = sum(a != b for a, b in zip(scored, tokens)) + abs(len(scored) - len(tokens[:len(scored)]))
+                    token_note = (f"llama.cpp tokenizes this text unlike transformers ({differing} of the first "
+                                  f"{len(scored)} token ids differ): both sides score llama.cpp's token ids")
+                    log(token_note)
+                    tokens = scored + tokens[len(scored):]
+                    chunks = make_chunks(scored, n_ctx, False, bos_id)
+                elif scored != tokens[:len(chunks) * n_ctx]:
+                    raise AssertionError("llama.cpp's runs scored different tokens")
             if peers[tag]["n_chunk"] != len(chunks) or peers[tag]["n_ctx"] != n_ctx:
                 raise AssertionError(f"llama.cpp ran {peers[tag]['n_chunk']} chunks of {peers[tag]['n_ctx']}")
 
@@ -265,7 +279,7 @@ def run(args) -> None:
             row["command"] = " ".join(Path(c).name if c.startswith("/") else c for c in res["command"])
         rows.append(row)
     result = {"date": datetime.date.today().isoformat(), "gguf": gguf.name, "add_bos_token": add_bos,
-              "text_tokens": len(tokens), "n_ctx": n_ctx, "chunks": len(chunks), "scored_per_chunk": per_chunk,
+              "text": text_name, "token_note": token_note, "text_tokens": len(tokens), "n_ctx": n_ctx, "chunks": len(chunks), "scored_per_chunk": per_chunk,
               "cpu": processes.cpu_model(), "machine": report.machine_description(), "int8_isa": int8_isa,
               "ours_float32_top_margin": [round(float(v), 4) for v in f32["margin"]],
               "llamacpp_version": llamacpp.LLAMA_CPP_PYTHON_VERSION, "llamacpp_chunks_line": theirs["chunks_line"],
@@ -288,11 +302,11 @@ def render(result: dict) -> str:
            "is false)", None: "no BOS token (the file has no tokenizer.ggml.add_bos_token)"}[result["add_bos_token"]]
     lines = [f"# int8 activations beside float32 and llama.cpp: SmolLM2-135M-Instruct Q4_1 ({result['date']})", "",
              f"Machine: {result['machine']}. File: {result['gguf']} (layers Q4_1, embedding and LM head Q8_0). "
-             f"Text: bench.weight_fidelity.HELD_TEXT, {result['text_tokens']} tokens. Made by "
-             "`python tools/activation_fidelity.py` (bench/activation_fidelity.py).", "",
+             f"Text: {result.get('text', 'bench.weight_fidelity.HELD_TEXT')}, {result['text_tokens']} tokens. Made by "
+             "`python tools/activation_fidelity.py` (bench/activation_fidelity.py)."
+             + (f" {result['token_note']}." if result.get("token_note") else ""), "",
              f"Protocol (llama-perplexity's, followed exactly on both sides): the tokenized text cut into {chunks} "
-             f"chunks of n_ctx = {n_ctx} consecutive tokens (the largest n_ctx giving {chunks} chunks of this "
-             f"short text), {bos}; each chunk evaluated from its own start with an empty cache; the logits at "
+             f"chunks of n_ctx = {n_ctx} consecutive tokens, {bos}; each chunk evaluated from its own start with an empty cache; the logits at "
              f"positions {n_ctx // 2}..{n_ctx - 2} of each chunk score the next token ({per} per chunk, "
              f"{chunks * per} in all); perplexity = exp(mean negative log-likelihood of the scored tokens), "
              "+/- as llama.cpp prints it (perplexity times the standard error of the mean).", "",
@@ -317,12 +331,14 @@ def render(result: dict) -> str:
                      f"| {row['tokens_scored']} |")
     margins = result["ours_float32_top_margin"]
     lines += ["", f"Top-1 agreement counts positions out of {chunks * per}: one position is "
-                  f"{1 / (chunks * per):.3f}. The NLL differences are per scored token, paired; llama.cpp's come "
+                  f"{1 / (chunks * per):.4f}. The NLL differences are per scored token, paired; llama.cpp's come "
                   "from its saved log-probabilities (16-bit steps of at most 16/65535 nat). Where a row's top-1 "
                   "differs from ours with float32 activations, the gap between our float32 path's two best logits "
-                  f"(median over all scored positions: {float(np.median(margins)):.2f}):", ""]
+                  f"(median over all scored positions: {float(np.median(margins)):.2f}; the positions are in the "
+                  ".json):", ""]
     for row in result["rows"][1:]:
-        where = ", ".join(f"{i} ({m:.3f})" for i, m in zip(row["positions_differing_from_ours_float32"],
-                                                             row["ours_float32_top_margin_there"]))
-        lines.append(f"- {row['name']}: {where or 'none'}")
+        gaps = np.asarray(row["ours_float32_top_margin_there"], dtype=float)
+        where = (f"{len(gaps)} positions, gap median {np.median(gaps):.3f}, largest {gaps.max():.3f}"
+                 if len(gaps) else "none")
+        lines.append(f"- {row['name']}: {where}")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,9 @@ def main() -> None:
     parser.add_argument("--n-ctx", type=int, default=0,
                         help=f"tokens per chunk (default: the text's tokens // {MIN_CHUNKS}, the largest giving "
                              f"{MIN_CHUNKS} chunks)")
+    parser.add_argument("--text", nargs="+", metavar="FILE",
+                        help="text files to score, joined by blank lines (default: bench.weight_fidelity.HELD_TEXT, "
+                             "116 tokens: a quick check; a few thousand tokens make the perplexities comparable)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "activation_fidelity.md"))
     parser.add_argument("--llamacpp-cache-dir", default=str(ROOT / "build" / "llamacpp"),
                         help="where llama.cpp is built (bench/llamacpp.py's cache folder)")
