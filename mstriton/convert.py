@@ -17,6 +17,7 @@ from typing import Callable
 from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
+from .kernels.activations import MODES as ACTIVATION_MODES, served_default
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
@@ -55,8 +56,9 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
-            progress: Callable[[str], None] = print) -> list[Path]:
-    """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written."""
+            activations: str | None = None, progress: Callable[[str], None] = print) -> list[Path]:
+    """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
+    `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights))."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     if device not in DEVICES:
@@ -66,6 +68,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     if template not in TEMPLATE_CHOICES and not str(template).endswith(".jinja"):
         raise ValueError(f"--template must be one of {list(TEMPLATE_CHOICES)} or a .jinja file, got {template!r}")
     check_weights(weights)
+    if activations is not None and activations not in ACTIVATION_MODES:
+        raise ValueError(f"--activations must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
     checkpoint, repository = Path(checkpoint), Path(repository)
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
@@ -99,7 +103,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                          "vocab_size": str(config.vocab_size), "end_ids": ",".join(map(str, source.end_ids)),
                          "template": "none" if template == "none" else Path(template).stem}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
-                                engine_params=engine_params)
+                                engine_params=engine_params,
+                                kernel_activations=activations if activations else served_default(weights))
         for component, model_config in configs.items():
             folder = models / model_name(name, component)
             write_config(folder, model_config)

@@ -96,7 +96,8 @@ def add_tensors(message, specs, optional: bool = False) -> None:
         tensor(message, name, dtype, dims, optional=optional)
 
 
-def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict) -> dict:
+def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict,
+                  kernel_activations: str = "float32") -> dict:
     """Every model of the LLM `name`: component -> ModelConfig ("" is the front model NAME itself).
     `engine_params` (tokenizer, max_seq_len, vocab_size, end_ids, template) go to the tokenizer; its
     `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too."""
@@ -132,7 +133,10 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                               # the paged KV cache: its size in bytes (empty: a share of the machine's memory,
                               # engine/kv_pool.py), prompt tokens prefilled per step beside running streams
                               "kv_cache_bytes": "", "enable_prefix_caching": "true",
-                              "prefill_budget": str(DEFAULT_PREFILL_BUDGET), **dev})
+                              "prefill_budget": str(DEFAULT_PREFILL_BUDGET),
+                              # float32 or int8 activations of the CPU kernels' products (kernels/activations.py);
+                              # MSTRITON_KERNEL_ACTIVATIONS in the server's environment overrides it
+                              "kernel_activations": kernel_activations, **dev})
     add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
         ("request_key", pb.TYPE_STRING, [1])], optional=True)

@@ -353,19 +353,42 @@ SMOLLM2_MAX_WAITING = 1
 
 
 @pytest.fixture(scope="session")
-def smollm2_server(tmp_path_factory):
-    """The real tritonserver serving SmolLM2 (converted from its GGUF file as `make run` converts it: the file's
-    own Q4_1 / Q8_0 blocks on the CPU kernels; 2 slots of 512 tokens)."""
+def smollm2_repository(tmp_path_factory) -> Path:
+    """SmolLM2 converted from its GGUF file as `make run` converts it (the file's own Q4_1 / Q8_0 blocks on the
+    CPU kernels, served with the converter's default int8 activations), 2 slots of 512 tokens. Servers copy it."""
     from mstriton.convert import convert
     from mstriton.pretrained import smollm2_gguf
+
+    repository = tmp_path_factory.mktemp("smollm2-converted") / "repo"
+    convert(smollm2_gguf(), "smollm2", repository, max_batch_size=2, max_seq_len=512, weights="Q4_1",
+            progress=lambda _: None)
+    return repository
+
+
+def copy_of_repository(source: Path, target: Path, **decode_parameters: str) -> Path:
+    """A copy of a converted repository (hard links for the large files) with some decode parameters changed."""
+    import shutil
+
     from mstriton.repository import read_config, write_config
+
+    shutil.copytree(source, target, copy_function=os.link)
+    decode = next(target.glob("*_decode"))
+    config = read_config(decode)
+    for key, value in decode_parameters.items():
+        config.parameters[key].string_value = value
+    (decode / "config.pbtxt").unlink()  # a hard link to the source's: write a file of its own
+    write_config(decode, config)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(smollm2_repository, tmp_path_factory):
+    """The real tritonserver serving SmolLM2 (smollm2_repository) with float32 activations, the exact path: its
+    answers are compared with transformers' token for token. (tests/test_smollm2_int8.py serves the default.)"""
     from mstriton.server_process import running_server
 
     root = tmp_path_factory.mktemp("smollm2-server")
-    convert(smollm2_gguf(), "smollm2", root / "repo", max_batch_size=2, max_seq_len=512, weights="Q4_1",
-            progress=lambda _: None)
-    config = read_config(root / "repo" / "smollm2_decode")
-    config.parameters["max_waiting"].string_value = str(SMOLLM2_MAX_WAITING)
-    write_config(root / "repo" / "smollm2_decode", config)
-    with running_server(root / "repo", root / "server.log") as triton:
+    repository = copy_of_repository(smollm2_repository, root / "repo", max_waiting=str(SMOLLM2_MAX_WAITING),
+                                    kernel_activations="float32")
+    with running_server(repository, root / "server.log") as triton:
         yield triton

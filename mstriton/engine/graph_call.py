@@ -23,11 +23,11 @@ from mindspore import nn
 
 log = logging.getLogger(__name__)
 
-try:  # MindSpore 2.x internals; see the module docstring
-    from mindspore.common.api import _cell_graph_executor, _convert_python_data, _real_phase
-except ImportError:  # pragma: no cover - another MindSpore layout
+try:  # MindSpore 2.9 internals; see the module docstring
+    from mindspore.graph.api import _cell_graph_executor, _convert_python_data, _real_phase
+except ImportError:  # pragma: no cover - an older layout (deprecated from 2.9)
     try:
-        from mindspore.graph.api import _cell_graph_executor, _convert_python_data, _real_phase
+        from mindspore.common.api import _cell_graph_executor, _convert_python_data, _real_phase
     except ImportError:
         _cell_graph_executor = _convert_python_data = _real_phase = None
 

@@ -16,6 +16,7 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
+from ..kernels import activations
 from ..params import DEFAULT_PREFILL_BUDGET, MAX_STREAM_INTERVAL, GenerationParams
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
@@ -56,6 +57,8 @@ def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.Inferenc
 class TritonPythonModel:
     def initialize(self, args):
         config = common.model_config(args)
+        mode, source = activations.apply_configured(common.parameter(config, "kernel_activations"))
+        pb_utils.Logger.log_info(f"{args['model_name']}: {mode} activations in the CPU kernels' products ({source})")
         graphs = EngineGraphs(common.version_dir(args) / common.parameter(config, "engine", "engine"),
                               device=common.parameter(config, "device"),
                               device_id=int(common.parameter(config, "device_id", "0")))
