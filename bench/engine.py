@@ -89,6 +89,7 @@ def run(args) -> None:
     """args: tools/bench_engine.py's options."""
 
     from mstriton import kernels
+    from mstriton.kernels import activations
     from bench import report
     from mstriton.engine.graphs import EngineGraphs, export_engine
     from mstriton.pretrained import smollm2_gguf
@@ -140,7 +141,8 @@ def run(args) -> None:
             del graphs
 
     result = {"date": datetime.date.today().isoformat(), "machine": report.machine_description(),
-              "kernels": {"isa": kernels.isa(), "threads": threads}, "read_gb_s": bandwidth,
+              "kernels": {"isa": kernels.isa(), "threads": threads, "activations": activations.activations()},
+              "read_gb_s": bandwidth,
               "fma_peak_gflops": peak, "cached_tokens": CACHED, "prompt_tokens": PROMPT, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,8 @@ def run(args) -> None:
 def render(r: dict) -> str:
     peak, bw = r["fma_peak_gflops"], r["read_gb_s"]
     lines = [f"# Engine alone: SmolLM2-135M-Instruct by weight format ({r['date']})", "",
-             f"Machine: {r['machine']}. Kernels: {r['kernels']['isa']}, {r['kernels']['threads']} threads.",
+             f"Machine: {r['machine']}. Kernels: {r['kernels']['isa']}, {r['kernels']['threads']} threads, "
+             f"{r['kernels'].get('activations', 'float32')} activations (MSTRITON_KERNEL_ACTIVATIONS).",
              f"Floors measured in the same run: read bandwidth {bw:.1f} GB/s (1 GiB buffer), float32 FMA peak "
              f"{peak:.0f} GFLOP/s.", "",
              f"Decode: one step with {r['cached_tokens']} tokens cached per sequence; floor = (weight bytes + KV "
