@@ -666,35 +666,15 @@ def _plottable(point: dict | None) -> bool:
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    concurrencies = results["settings"]["concurrency"]
+    s = results["settings"]
     panels = (("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "time to first token p50 (ms)"),
               ("itl_p50_ms", "inter-token latency p50 (ms)"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(15, 4.2), squeeze=False)
-    for axis, (key, label) in zip(axes[0], panels):
-        for system in results["points"]:
-            xs = [c for c in concurrencies if _plottable(_ok(results, system, c))]
-            if xs:
-                axis.plot(xs, [_ok(results, system, c)[key] for c in xs], marker="o", label=system,
-                          linestyle="--" if system in (OURS_GRPC, OURS_THIN) else "-")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
-        axis.set_xlabel("concurrency")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    axes[0][0].set_xlabel("concurrency (points with more than a tenth of requests failed are left out)")
-    s = results["settings"]
-    figure.suptitle(f"SmolLM2-135M, streaming chat, {s['input_tokens']} prompt / {s['output_tokens']} output tokens, "
-                    f"aiperf ({results['date']})", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return report.plot_by_concurrency(
+        path, s["concurrency"], panels, list(results["points"]),
+        lambda system, c: _ok(results, system, c) if _plottable(_ok(results, system, c)) else None,
+        f"SmolLM2-135M, streaming chat, {s['input_tokens']} prompt / {s['output_tokens']} output tokens, aiperf "
+        f"({results['date']})", dashed=lambda system: system in (OURS_GRPC, OURS_THIN),
+        xlabel="concurrency (points with more than a tenth of requests failed are left out)")
 
 
 def tail(log: Path, lines: int = 30) -> str:

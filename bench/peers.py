@@ -328,34 +328,13 @@ SETUP_NOTES = [
 
 
 def plot(results: dict, path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    concurrencies = results["settings"]["concurrency"]
-    panels = (("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "time to first token p50 (ms)"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(11, 4.2), squeeze=False)
-    for axis, (key, label) in zip(axes[0], panels):
-        for system in results["points"]:
-            xs = [c for c in concurrencies if ok(results, system, c)]
-            if xs:
-                kind = SYSTEMS.get(system, System("peer", "")).kind
-                axis.plot(xs, [ok(results, system, c)[key] for c in xs], marker="o", label=system,
-                          linestyle="-" if kind == "ours" else "--")
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
-        axis.set_xlabel("concurrency")
-        axis.set_ylabel(label)
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
     s = results["settings"]
-    figure.suptitle(f"SmolLM2-135M Q4_1, streaming chat, {s['prompt_tokens_chat']} prompt / {s['output_tokens']} "
-                    f"output tokens, one OpenAI client ({results['date']})", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return report.plot_by_concurrency(
+        path, s["concurrency"], (("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "time to first token p50 (ms)")),
+        list(results["points"]), lambda system, c: ok(results, system, c),
+        f"SmolLM2-135M Q4_1, streaming chat, {s['prompt_tokens_chat']} prompt / {s['output_tokens']} output tokens, "
+        f"one OpenAI client ({results['date']})",
+        dashed=lambda system: SYSTEMS.get(system, System("peer", "")).kind != "ours", width=5.5)
 
 
 def write_report(results: dict, out: Path) -> list[Path]:

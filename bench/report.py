@@ -173,3 +173,33 @@ def plots(results: Results, concurrencies: list[int], out_dir: Path, stem: str) 
         plt.close(figure)
         written.append(path)
     return written
+
+
+def plot_by_concurrency(path: Path, concurrencies: list[int], panels, systems, point, title: str,
+                        dashed=lambda system: False, xlabel: str = "concurrency", width: float = 5.0) -> Path:
+    """One log-log panel per (key, label) of `panels`: each system's figure against concurrency. point(system, c)
+    gives the measured dict, or None to leave the point out; dashed(system) draws that system's line dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2), squeeze=False)
+    for axis, (key, label) in zip(axes[0], panels):
+        for system in systems:
+            xs = [c for c in concurrencies if point(system, c)]
+            if xs:
+                axis.plot(xs, [point(system, c)[key] for c in xs], marker="o", label=system,
+                          linestyle="--" if dashed(system) else "-")
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.set_xlabel("concurrency")
+        axis.set_ylabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    axes[0][0].set_xlabel(xlabel)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
