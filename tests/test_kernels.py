@@ -139,12 +139,17 @@ def test_paged_decode_attention_equals_the_formula_and_stores_the_new_token(isa,
     v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
     k_pool, v_pool, table = paged(k_cache, v_cache, block_size, rng)
     expected, k_new, v_new = reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads)
-    got = kernels.decode_attention(qkv, positions, cos, sin, k_pool, v_pool, table, heads)
-    assert relative(got, expected) < 1e-5, isa
-    for row, p in enumerate(positions):  # the new token's K/V landed in its block at its offset
-        block, offset = table[row, p // block_size], p % block_size
-        assert relative(k_pool[block, :, :, offset], k_new[row]) < 1e-6
-        assert relative(v_pool[block, :, offset], v_new[row]) < 1e-6
+    # the whole batch, and batches of one and two sequences: with fewer (sequence, KV head) tasks than two per
+    # thread the kernel cuts each sequence's blocks into parts and merges their softmax sums
+    for rows in (list(range(b)), [3], [4], [4, 2]):
+        pools = k_pool.copy(), v_pool.copy()
+        got = kernels.decode_attention(qkv[rows], positions[rows], cos, sin, *pools, table[rows], heads)
+        assert relative(got, expected[rows]) < 1e-5, (isa, rows)
+        for row in rows:  # the new token's K/V landed in its block at its offset
+            p = positions[row]
+            block, offset = table[row, p // block_size], p % block_size
+            assert relative(pools[0][block, :, :, offset], k_new[row]) < 1e-6
+            assert relative(pools[1][block, :, offset], v_new[row]) < 1e-6
 
 
 def test_paged_attention_padding_rows_touch_only_the_scratch_block(isa):

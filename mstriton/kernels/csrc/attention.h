@@ -126,35 +126,67 @@ static inline void weighted_values_heads(const float *v_pool, const int32_t *tab
   }
 }
 
+// Decode attention in two passes. Pass 1: items (sequence, KV head, part), each the unnormalized attention of the
+// KV head's query heads over one part of the sequence's cached blocks (the last part also over the new token):
+// the largest score m, the sum l of exp(score - m), and o = sum of exp(score - m) V. Pass 2: per (sequence, KV
+// head), the parts merged (out = sum e^(m_i - M) o_i / sum e^(m_i - M) l_i) and the new token's K and V written.
+// A sequence is cut into parts only when the batch has fewer (sequence, KV head) tasks than 2 per thread: one
+// sequence of SmolLM2 has 3 tasks for 2 threads, and each task walks its blocks one after another.
 void decode_attention(const AttentionArgs &a) {
   const int64_t d = a.dim, groups = a.heads / a.kv_heads, width = (a.heads + 2 * a.kv_heads) * d;
   const int64_t bs = a.block_size, capacity = a.blocks * bs;
   const float scale = 1.0f / std::sqrt(float(d));
   const int64_t tasks = a.batch * a.kv_heads;
-  // (sequence, KV head) tasks in runs from a shared counter (pool.h: a descheduled thread delays one run only)
-  parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
-    std::vector<float> q(groups * d), k(d), scores(groups * (capacity + 1)), acc(groups * d), totals(groups);
-    for (int64_t task = first; task < last; task++) {
+  if (tasks <= 0) return;
+  const int64_t wanted = 2 * int64_t(std::max(a.threads, 1));
+  const int64_t parts = tasks >= wanted ? 1 : std::min<int64_t>((wanted + tasks - 1) / tasks, std::max<int64_t>(a.blocks, 1));
+  const int64_t items = tasks * parts;
+  // per item: the largest score and the sum per query head, and the unnormalized output (with one part, the task's
+  // output is written straight into a.out instead)
+  std::vector<float> part_max(parts > 1 ? items * groups : 0), part_sum(parts > 1 ? items * groups : 0),
+      part_out(parts > 1 ? items * groups * d : 0);
+  // The new token's K and V into its block (the engine gave the sequence that block before the step; attention
+  // reads only the positions below it).
+  auto store_new_token = [&](int64_t b, int64_t g, float *k) {
+    const int64_t pos = std::max<int32_t>(a.positions[b], 0);
+    if (a.positions[b] < 0 || pos >= capacity) return;
+    const int64_t t = std::min<int64_t>(pos, a.table_len - 1);
+    const float *row = a.qkv + b * width;
+    rope(row + a.heads * d + g * d, a.cos + t * d, a.sin + t * d, d, 1.0f, k);
+    const float *v = row + (a.heads + a.kv_heads) * d + g * d;
+    const int64_t blk = a.block_index[b * a.blocks + pos / bs], off = pos % bs;
+    float *kc = a.k_pool + (blk * a.kv_heads + g) * d * bs + off;
+    for (int64_t e = 0; e < d; e++) kc[e * bs] = k[e];
+    std::memcpy(a.v_pool + ((blk * a.kv_heads + g) * bs + off) * d, v, d * sizeof(float));
+  };
+
+  // (sequence, KV head, part) items in runs from a shared counter (pool.h: a descheduled thread delays one run only)
+  parallel_runs(a.threads, items, [&](int64_t first, int64_t last) {
+    std::vector<float> q(groups * d), k(d), scores(groups * (capacity + 1)), single(parts > 1 ? 0 : 2 * groups + groups * d);
+    for (int64_t item = first; item < last; item++) {
+      const int64_t task = item / parts, part = item % parts;
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       const int64_t pos = std::max<int32_t>(a.positions[b], 0);
       const int64_t len = std::min<int64_t>(pos, capacity);  // cached positions this token attends to
       const int64_t t = std::min<int64_t>(pos, a.table_len - 1);
       const int32_t *table = a.block_index + b * a.blocks;
       const float *row = a.qkv + b * width, *cos = a.cos + t * d, *sin = a.sin + t * d;
-      const float *v = row + (a.heads + a.kv_heads) * d + g * d;
-      rope(row + a.heads * d + g * d, cos, sin, d, 1.0f, k.data());
       for (int64_t i = 0; i < groups; i++) rope(row + (g * groups + i) * d, cos, sin, d, scale, q.data() + i * d);
+      // this part's blocks [blk0, blk1) of the sequence's (len + bs - 1) / bs; the last part also has the new token
+      const int64_t nblk = (len + bs - 1) / bs, blk0 = nblk * part / parts, blk1 = nblk * (part + 1) / parts;
+      const bool self = part == parts - 1;
+      const int64_t lo = blk0 * bs, hi = std::min(len, blk1 * bs);  // positions [lo, hi)
       const int64_t span = capacity + 1;  // scores of one query head: the cached positions, then the new token
 
       // Scores against the cache, block by block: K^T rows are contiguous in the position within a block.
-      for (int64_t blk = 0; blk * bs < len; blk++) {
+      for (int64_t blk = blk0; blk < blk1; blk++) {
         const float *kb = a.k_pool + (int64_t(table[blk]) * a.kv_heads + g) * d * bs;
         const int64_t base = blk * bs, n = std::min(bs, len - base);
         // The keys KEY_BLOCKS_AHEAD blocks on and this block's values are elsewhere in the pool, in no order the
         // hardware prefetcher could guess: ask for them now, not when the loops reach them (one block at a time
         // left each block's first lines waiting on memory: 8 GB/s of the machine's 30).
-        for (int64_t ahead = blk == 0 ? 1 : KEY_BLOCKS_AHEAD; ahead <= KEY_BLOCKS_AHEAD; ahead++)
-          if ((blk + ahead) * bs < len)
+        for (int64_t ahead = blk == blk0 ? 1 : KEY_BLOCKS_AHEAD; ahead <= KEY_BLOCKS_AHEAD; ahead++)
+          if (blk + ahead < blk1)
             prefetch_lines(a.k_pool + (int64_t(table[blk + ahead]) * a.kv_heads + g) * d * bs, d * bs);
         prefetch_lines(a.v_pool + (int64_t(table[blk]) * a.kv_heads + g) * bs * d, bs * d);
         if (bs == BLOCK_VECTORS * W && n == bs) {
@@ -171,38 +203,86 @@ void decode_attention(const AttentionArgs &a) {
           }
         }
       }
+      if (self) rope(row + a.heads * d + g * d, cos, sin, d, 1.0f, k.data());
+      float *maxes = parts > 1 ? part_max.data() + item * groups : single.data();
+      float *sums_out = parts > 1 ? part_sum.data() + item * groups : single.data() + groups;
+      float *out = parts > 1 ? part_out.data() + item * groups * d : single.data() + 2 * groups;
       for (int64_t i = 0; i < groups; i++) {
         float *s = scores.data() + i * span;
-        float self = 0.0f;
-        for (int64_t e = 0; e < d; e++) self += q[i * d + e] * k[e];
-        s[len] = self;  // the new token itself, after the cached ones
-        float top = s[0];
-        for (int64_t j = 1; j <= len; j++) top = std::max(top, s[j]);
-        vf sums{};
-        int64_t j = 0;
-        for (; j + W <= len + 1; j += W) {
-          const vf p = vexp(load<vf>(s + j) - top);
-          store(s + j, p);
-          sums += p;
+        if (self) {
+          float dot = 0.0f;
+          for (int64_t e = 0; e < d; e++) dot += q[i * d + e] * k[e];
+          s[len] = dot;  // the new token itself, after the cached ones
         }
-        float total = hsum(sums);
-        for (; j <= len; j++) total += (s[j] = std::exp(s[j] - top));
-        totals[i] = total;
+        float top = -INFINITY;
+        for (int64_t j = lo; j < hi; j++) top = std::max(top, s[j]);
+        if (self) top = std::max(top, s[len]);
+        float total = 0.0f;
+        if (top > -INFINITY) {
+          vf sums{};
+          int64_t j = lo;
+          for (; j + W <= hi; j += W) {
+            const vf p = vexp(load<vf>(s + j) - top);
+            store(s + j, p);
+            sums += p;
+          }
+          total = hsum(sums);
+          for (; j < hi; j++) total += (s[j] = std::exp(s[j] - top));
+          if (self) total += (s[len] = std::exp(s[len] - top));
+        }
+        maxes[i] = top;
+        sums_out[i] = total;
       }
-      weighted_values_heads(a.v_pool, table, a.kv_heads, g, bs, d, len, scores.data(), span, groups, acc.data());
+      // o over positions [lo, hi): the weights of positions before lo are never read (p points at lo)
+      if (hi > lo) {
+        weighted_values_heads(a.v_pool, table + blk0, a.kv_heads, g, bs, d, hi - lo, scores.data() + lo, span, groups,
+                              out);
+      } else {
+        std::fill(out, out + groups * d, 0.0f);
+      }
+      if (self) {
+        const float *v = row + (a.heads + a.kv_heads) * d + g * d;
+        for (int64_t i = 0; i < groups; i++) {
+          const float w = scores[i * span + len];
+          for (int64_t e = 0; e < d; e++) out[i * d + e] += w * v[e];
+        }
+      }
+      if (parts == 1) {  // the whole task: normalize into a.out, store the new token
+        for (int64_t i = 0; i < groups; i++) {
+          const float inv = 1.0f / sums_out[i];
+          float *dst = a.out + b * a.heads * d + (g * groups + i) * d;
+          for (int64_t e = 0; e < d; e++) dst[e] = out[i * d + e] * inv;
+        }
+        store_new_token(b, g, k.data());
+      }
+    }
+  });
+  if (parts == 1) return;
+
+  // Pass 2 (sequences cut into parts): merge the parts, normalize, store the new token.
+  parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
+    std::vector<float> k(d);
+    for (int64_t task = first; task < last; task++) {
+      const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       for (int64_t i = 0; i < groups; i++) {
-        const float *s = scores.data() + i * span, *o = acc.data() + i * d;
-        const float inv = 1.0f / totals[i];
+        float top = -INFINITY;
+        for (int64_t part = 0; part < parts; part++) top = std::max(top, part_max[(task * parts + part) * groups + i]);
+        float total = 0.0f;
         float *dst = a.out + b * a.heads * d + (g * groups + i) * d;
-        for (int64_t e = 0; e < d; e++) dst[e] = (o[e] + s[len] * v[e]) * inv;
+        std::fill(dst, dst + d, 0.0f);
+        for (int64_t part = 0; part < parts; part++) {
+          const int64_t item = task * parts + part;
+          const float m = part_max[item * groups + i];
+          if (m == -INFINITY) continue;
+          const float w = std::exp(m - top);
+          total += w * part_sum[item * groups + i];
+          const float *o = part_out.data() + (item * groups + i) * d;
+          for (int64_t e = 0; e < d; e++) dst[e] += w * o[e];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t e = 0; e < d; e++) dst[e] *= inv;
       }
-      // The new token's K and V into its block (the engine gave the sequence that block before the step).
-      if (a.positions[b] >= 0 && pos < capacity) {
-        const int64_t blk = table[pos / bs], off = pos % bs;
-        float *kc = a.k_pool + (blk * a.kv_heads + g) * d * bs + off;
-        for (int64_t e = 0; e < d; e++) kc[e * bs] = k[e];
-        std::memcpy(a.v_pool + ((blk * a.kv_heads + g) * bs + off) * d, v, d * sizeof(float));
-      }
+      store_new_token(b, g, k.data());
     }
   });
 }
