@@ -37,9 +37,11 @@ static inline void prefetch_lines(const float *p, int64_t count) {
   for (int64_t off = 0; off < count * int64_t(sizeof(float)); off += 64) __builtin_prefetch(c + off);
 }
 
+// How many blocks ahead a task asks for its keys (see decode_attention).
+constexpr int64_t KEY_BLOCKS_AHEAD = 4;
+
 // Scores of ROWS query heads (q [ROWS, d]) against one whole block of keys (kb: K^T [d, bs], bs = BLOCK_VECTORS
 // vectors): ROWS x BLOCK_VECTORS accumulators in registers, each key vector loaded once for all rows.
-constexpr int64_t KEY_BLOCKS_AHEAD = 4;
 constexpr int BLOCK_VECTORS = 16 / W > 0 ? 16 / W : 1;  // blocks of 16 positions (the engine's default)
 template <int ROWS>
 static inline void block_scores(const float *kb, int64_t d, const float *q, float *s, int64_t span) {
@@ -131,7 +133,8 @@ static inline void weighted_values_heads(const float *v_pool, const int32_t *tab
 // the largest score m, the sum l of exp(score - m), and o = sum of exp(score - m) V. Pass 2: per (sequence, KV
 // head), the parts merged (out = sum e^(m_i - M) o_i / sum e^(m_i - M) l_i) and the new token's K and V written.
 // A sequence is cut into parts only when the batch has fewer (sequence, KV head) tasks than 2 per thread: one
-// sequence of SmolLM2 has 3 tasks for 2 threads, and each task walks its blocks one after another.
+// sequence of SmolLM2 has 3 tasks for 2 threads, and each task walks its blocks one after another. Otherwise each
+// task is one part, and pass 1 finishes it (normalizes into a.out, stores the new token): no pass 2.
 void decode_attention(const AttentionArgs &a) {
   const int64_t d = a.dim, groups = a.heads / a.kv_heads, width = (a.heads + 2 * a.kv_heads) * d;
   const int64_t bs = a.block_size, capacity = a.blocks * bs;
@@ -145,15 +148,12 @@ void decode_attention(const AttentionArgs &a) {
   // output is written straight into a.out instead)
   std::vector<float> part_max(parts > 1 ? items * groups : 0), part_sum(parts > 1 ? items * groups : 0),
       part_out(parts > 1 ? items * groups * d : 0);
-  // The new token's K and V into its block (the engine gave the sequence that block before the step; attention
-  // reads only the positions below it).
-  auto store_new_token = [&](int64_t b, int64_t g, float *k) {
+  // The new token's rotated key k and its value into its block (the engine gave the sequence that block before the
+  // step; attention reads only the positions below it).
+  auto store_new_token = [&](int64_t b, int64_t g, const float *k) {
     const int64_t pos = std::max<int32_t>(a.positions[b], 0);
     if (a.positions[b] < 0 || pos >= capacity) return;
-    const int64_t t = std::min<int64_t>(pos, a.table_len - 1);
-    const float *row = a.qkv + b * width;
-    rope(row + a.heads * d + g * d, a.cos + t * d, a.sin + t * d, d, 1.0f, k);
-    const float *v = row + (a.heads + a.kv_heads) * d + g * d;
+    const float *v = a.qkv + b * width + (a.heads + a.kv_heads) * d + g * d;
     const int64_t blk = a.block_index[b * a.blocks + pos / bs], off = pos % bs;
     float *kc = a.k_pool + (blk * a.kv_heads + g) * d * bs + off;
     for (int64_t e = 0; e < d; e++) kc[e * bs] = k[e];
@@ -282,6 +282,8 @@ void decode_attention(const AttentionArgs &a) {
         const float inv = 1.0f / total;
         for (int64_t e = 0; e < d; e++) dst[e] *= inv;
       }
+      const int64_t t = std::min<int64_t>(std::max<int32_t>(a.positions[b], 0), a.table_len - 1);
+      rope(a.qkv + b * width + a.heads * d + g * d, a.cos + t * d, a.sin + t * d, d, 1.0f, k.data());
       store_new_token(b, g, k.data());
     }
   });

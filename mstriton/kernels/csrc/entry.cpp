@@ -330,8 +330,6 @@ struct LayerDims {
   int64_t e, heads, dim, ffn;
 };
 
-// One decoder layer over `rows` rows: x [rows, E] -> out [rows, E] (may not alias x). `a` holds the attention's
-// paged-cache arguments for this layer (its block index rows, positions, rotary tables, pools).
 // Where a decode step's time goes, by stage (mst_step_profile; on with mst_set_step_profile(1), off by default:
 // two clock reads per stage): for finding what keeps a step above its memory floor.
 enum Stage : int { STAGE_QKV, STAGE_ATTENTION, STAGE_O, STAGE_GATE_UP, STAGE_DOWN, STAGE_HEAD, STAGE_COUNT };
@@ -345,6 +343,8 @@ static inline void staged(Stage stage, F &&f) {
   stage_ns[stage] += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count();
 }
 
+// One decoder layer over `rows` rows: x [rows, E] -> out [rows, E] (may not alias x). `a` holds the attention's
+// paged-cache arguments for this layer (its block index rows, positions, rotary tables, pools).
 static void decode_layer(const LayerWeights &w, const LayerDims &s, float eps, const float *x, float *out,
                          int64_t rows, AttentionArgs a) {
   const Isa &kernels = isa();
