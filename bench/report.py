@@ -203,3 +203,11 @@ def plot_by_concurrency(path: Path, concurrencies: list[int], panels, systems, p
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+def render_again(write_report, run_json: str, out: str | None, say) -> int:
+    """A benchmark tool's --render: write_report(results, stem) again from a run's JSON, without measuring;
+    the stem is `out`, else the JSON's own path without its suffix. Returns the tool's exit status."""
+    for path in write_report(json.loads(Path(run_json).read_text()), Path(out) if out else Path(run_json).with_suffix("")):
+        say(f"wrote {path}")
+    return 0

@@ -11,7 +11,6 @@ The systems, the runs and the report: bench/frontend.py.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import frontend  # noqa: E402
+from bench import frontend, report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -45,10 +44,7 @@ def main(argv=None) -> int:
     parser.add_argument("--render", metavar="JSON", help="write the report again from a run's JSON, run nothing")
     args = parser.parse_args(argv)
     if args.render:
-        for path in frontend.write_report(json.loads(Path(args.render).read_text()),
-                                          Path(args.out) if args.out else Path(args.render).with_suffix("")):
-            frontend.say(f"wrote {path}")
-        return 0
+        return report.render_again(frontend.write_report, args.render, args.out, frontend.say)
     # SIGTERM (a supervisor, `kill`) ends the run through the finally blocks that stop the servers it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:

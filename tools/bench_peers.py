@@ -13,7 +13,6 @@ bodies and the report: bench/peers.py.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import signal
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench import peers  # noqa: E402
+from bench import peers, report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -46,10 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--render", metavar="JSON", help="write the report again from a run's JSON, run nothing")
     args = parser.parse_args(argv)
     if args.render:
-        for path in peers.write_report(json.loads(Path(args.render).read_text()),
-                                       Path(args.out) if args.out else Path(args.render).with_suffix("")):
-            peers.say(f"wrote {path}")
-        return 0
+        return report.render_again(peers.write_report, args.render, args.out, peers.say)
     # SIGTERM (a supervisor, `kill`) ends the run through the finally blocks that stop the servers it started
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
