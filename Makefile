@@ -16,6 +16,8 @@
 #   make bench-engine   the engine alone on SmolLM2 by weight format, against the measured floors and transformers
 #   make bench-peers    ours (Q4_1, float32 / int8 activations) against llama.cpp (and vLLM CPU on request) through one
 #                       OpenAI streaming client, with the floors measured in the same run (BENCH_PEERS_ARGS)
+#   make bench-peers-1b the same on a random LLaMA in Llama-3.2-1B's shape (Q8_0, and llama.cpp on BF16 too), made
+#                       once in build/llama1b by bench/llama1b.py; 64 output tokens (BENCH_PEERS_ARGS)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -30,7 +32,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b soak clean docker-lint docker-test
 
 all: install
 
@@ -66,7 +68,7 @@ SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
 smollm2: install
 	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
 	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ] || \
-	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ] || \
+	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ] || [ mstriton/engine/weight_formats.py -nt $(SMOLLM2_MANIFEST) ] || \
 	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST) || ! grep -q '"kv_block_size"' $(SMOLLM2_MANIFEST); then \
 		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
 		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
@@ -128,6 +130,14 @@ bench-engine: install
 BENCH_PEERS_ARGS ?=
 bench-peers: install
 	$(PY) tools/bench_peers.py $(BENCH_PEERS_ARGS)
+
+# The same on a 1B-class model, where memory bandwidth rules: random weights in Llama-3.2-1B's shape with SmolLM2's
+# vocabulary and chat template (bench/llama1b.py makes it once in build/llama1b: a bfloat16 Hugging Face folder and
+# its Q8_0 and BF16 GGUF files by llama.cpp's converter); ours on the Q8_0 file (--weights Q8_0), llama.cpp on the
+# Q8_0 and the BF16 file, 64 output tokens; report in benchmarks/peers_llama1b.md. vLLM on request:
+# BENCH_PEERS_ARGS="--systems ours-q8_0,ours-q8_0-int8,llamacpp-q8_0,llamacpp-bf16,vllm"
+bench-peers-1b: install
+	$(PY) tools/bench_peers.py --model llama1b $(BENCH_PEERS_ARGS)
 
 # Soak test (issue 15): model_repository/ served by mstriton.serve on free ports, every door under mixed load
 # (valid, invalid, cancelled, disconnected, bursts over the queue) for --minutes; exits 1 if a request went

@@ -117,7 +117,7 @@ def run(args) -> None:
             export_engine(config, source.weights, out, dtype="float32", device="CPU", max_batch_size=max(BATCHES),
                           max_seq_len=1024, batches=BATCHES, seqs=[CACHE_BUCKET], prefill_chunk=0,
                           weights_format=fmt, blocks=source.blocks, block_types=source.block_types,
-                          progress=lambda _: None)
+                          interleave_blocks=activations.activations() == "int8", progress=lambda _: None)
             graphs = EngineGraphs(out)
             weight_bytes = graphs.weight_bytes_per_step()
             row = {"format": fmt, "weight_mb": weight_bytes / 1e6}

@@ -70,6 +70,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     check_weights(weights)
     if activations is not None and activations not in ACTIVATION_MODES:
         raise ValueError(f"--activations must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
+    activations = activations or served_default(weights)
     checkpoint, repository = Path(checkpoint), Path(repository)
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
@@ -85,7 +86,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         engine = staging / "engine"
         export_engine(config, source.weights, engine, dtype=dtype, device=device, max_batch_size=max_batch_size,
                       max_seq_len=max_seq_len, prefill_chunk=prefill_chunk, weights_format=weights,
-                      blocks=source.blocks, block_types=source.block_types, progress=progress)
+                      blocks=source.blocks, block_types=source.block_types,
+                      interleave_blocks=activations == "int8", progress=progress)
         models = staging / "models"
         decode_dir = models / model_name(name, "decode") / VERSION
         decode_dir.mkdir(parents=True)
@@ -104,7 +106,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                          "template": "none" if template == "none" else Path(template).stem}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
                                 engine_params=engine_params,
-                                kernel_activations=activations if activations else served_default(weights))
+                                kernel_activations=activations)
         for component, model_config in configs.items():
             folder = models / model_name(name, component)
             write_config(folder, model_config)

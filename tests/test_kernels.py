@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mstriton import kernels
-from mstriton.kernels.formats import FORMATS, pack, row_bytes, unpack
+from mstriton.kernels.formats import FORMATS, INTERLEAVED, GROUP, deinterleave, interleave, pack, row_bytes, unpack
 
 ISAS = kernels.supported_isas()
 SHAPES = [(1, 32, 1), (1, 576, 577), (2, 100, 33), (3, 64, 7), (4, 96, 9), (5, 576, 66), (16, 200, 64),
@@ -25,6 +25,11 @@ def isa(request):
     kernels.set_isa(request.param)
     yield request.param
     kernels.set_isa(ISAS[0])
+
+
+def channels(fmt: str, n: int) -> int:
+    """N as the format takes it: the interleaved formats hold whole groups of 8 channels."""
+    return -(-n // GROUP) * GROUP if fmt in INTERLEAVED else n
 
 
 def relative(actual, expected) -> float:
@@ -40,6 +45,7 @@ def test_the_library_builds_and_picks_the_best_isa():
 def test_products_equal_numpy_on_the_dequantized_matrix(isa, fmt):
     rng = np.random.default_rng(FORMATS[fmt])
     for m, k, n in SHAPES:
+        n = channels(fmt, n)
         w = rng.standard_normal((n, k)).astype(np.float32)
         x = rng.standard_normal((m, k)).astype(np.float32)
         packed = pack(fmt, w)
@@ -74,10 +80,39 @@ def test_fused_norm_swiglu_bias_and_residual(isa, m):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_embedding_rows_are_the_dequantized_rows(isa, fmt):
     rng = np.random.default_rng(7)
-    vocab, dim = 50, 96
+    vocab, dim = channels(fmt, 50), 96
     table = pack(fmt, rng.standard_normal((vocab, dim)).astype(np.float32))
     tokens = np.array([[0, 49, 7], [3, 3, 12]], np.int32)
     np.testing.assert_array_equal(kernels.embed(fmt, tokens, table, dim), unpack(fmt, table, dim)[tokens])
+
+
+@pytest.mark.parametrize("fmt", list(INTERLEAVED))
+def test_interleaved_blocks_are_the_plain_blocks_regrouped(fmt):
+    """The layout of csrc/formats.h, byte by byte: group g's block b holds the 8 channels' d (and m), then vector i
+    = bytes 4i .. 4i+3 of each channel's values; deinterleave undoes it; N must be whole groups."""
+    base = INTERLEAVED[fmt]
+    rng = np.random.default_rng(11)
+    plain = pack(base, rng.standard_normal((16, 96)).astype(np.float32))
+    grouped = interleave(base, plain)
+    np.testing.assert_array_equal(grouped, pack(fmt, unpack(base, plain, 96)))
+    np.testing.assert_array_equal(deinterleave(base, grouped), plain)
+    size, head = {"Q8_0": (34, 2), "Q4_0": (18, 2), "Q4_1": (20, 4)}[base]
+    for g in range(2):
+        flat = grouped[8 * g:8 * g + 8].reshape(-1)
+        for b in range(3):
+            block = flat[b * 8 * size:(b + 1) * 8 * size]
+            for c in range(8):
+                mine = plain[8 * g + c, b * size:(b + 1) * size]
+                assert bytes(block[2 * c:2 * c + 2]) == bytes(mine[:2])
+                if head == 4:
+                    assert bytes(block[16 + 2 * c:18 + 2 * c]) == bytes(mine[2:4])
+                for i in range((size - head) // 4):
+                    at = 8 * head + 32 * i + 4 * c
+                    assert bytes(block[at:at + 4]) == bytes(mine[head + 4 * i:head + 4 * i + 4])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack(fmt, rng.standard_normal((12, 96)).astype(np.float32))
+    with pytest.raises(ValueError):
+        kernels.linear(fmt, np.ones((1, 96), np.float32), grouped[:12])
 
 
 def reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads):

@@ -20,9 +20,11 @@ import pytest
 
 from mstriton import kernels
 from mstriton.kernels import activations
-from mstriton.kernels.formats import pack, row_bytes, unpack
+from mstriton.kernels.formats import (INTERLEAVED, deinterleave, interleave, interleaved_format, pack, row_bytes,
+                                     unpack)
 
-FORMATS = ("Q8_0", "Q4_0", "Q4_1")
+# the block formats, plain and interleaved by 8 channels (the served layout of int8 activations)
+FORMATS = ("Q8_0", "Q4_0", "Q4_1", "Q8_0X8", "Q4_0X8", "Q4_1X8")
 SHAPES = [(1, 32, 1), (1, 576, 577), (2, 100, 33), (3, 64, 7), (4, 96, 9), (5, 45, 66), (7, 130, 13),
           (16, 200, 64), (17, 96, 9), (31, 577, 11), (32, 1536, 70), (33, 96, 9), (130, 200, 41)]
 MISSING = {"avx512vnni": "AVX512-VNNI (and AVX-512 F/BW/VL)", "avx512": "AVX-512 F/BW/VL", "avxvnni": "AVX-VNNI",
@@ -58,6 +60,8 @@ def quantize_reference(x: np.ndarray):
 
 def weight_blocks(fmt: str, packed: np.ndarray):
     """The integer values [N, nb, 32], scales d and min terms [N, nb] of a packed matrix: w = d * value + min."""
+    if fmt in INTERLEAVED:
+        fmt, packed = INTERLEAVED[fmt], deinterleave(INTERLEAVED[fmt], packed)
     n = packed.shape[0]
     size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[fmt]
     blocks = packed.reshape(n, -1, size)
@@ -78,6 +82,11 @@ def product_reference(fmt: str, packed: np.ndarray, x: np.ndarray) -> np.ndarray
     dots = np.einsum("rbi,cbi->rcb", q.reshape(m, nb, 32).astype(np.int64), values.astype(np.int64))
     return (dots * (dx[:, None, :].astype(np.float64) * dw[None].astype(np.float64))
             + minimum[None].astype(np.float64) * sx[:, None, :]).sum(-1)
+
+
+def channels(fmt: str, n: int) -> int:
+    """N as the format takes it: the interleaved formats hold whole groups of 8 channels."""
+    return -(-n // 8) * 8 if fmt in INTERLEAVED else n
 
 
 def relative(actual, expected) -> float:
@@ -111,12 +120,13 @@ def test_the_environment_chooses_the_activations(value, mode):
 
 
 def test_weight_blocks_are_the_dequantized_matrix():
-    w = np.random.default_rng(1).standard_normal((5, 70)).astype(np.float32)
+    w = np.random.default_rng(1).standard_normal((8, 70)).astype(np.float32)
     for fmt in FORMATS:
         packed = pack(fmt, w)
         values, d, minimum = weight_blocks(fmt, packed)
-        dense = (values * d[..., None] + minimum[..., None]).reshape(5, -1)[:, :70]
+        dense = (values * d[..., None] + minimum[..., None]).reshape(8, -1)[:, :70]
         np.testing.assert_array_equal(dense, unpack(fmt, packed, 70))
+        np.testing.assert_array_equal(dense, unpack(fmt.removesuffix("X8"), pack(fmt.removesuffix("X8"), w), 70))
 
 
 def test_quantization_equals_numpy(int8_isa):
@@ -135,6 +145,7 @@ def test_quantization_equals_numpy(int8_isa):
 def test_products_equal_numpy_with_the_same_quantization(int8_isa, fmt):
     rng = np.random.default_rng(3)
     for m, k, n in SHAPES:
+        n = channels(fmt, n)
         w = rng.standard_normal((n, k)).astype(np.float32)
         x = rng.standard_normal((m, k)).astype(np.float32)
         packed = pack(fmt, w)
@@ -153,7 +164,7 @@ def test_every_byte_value_of_the_blocks(int8_isa):
     rng = np.random.default_rng(6)
     for fmt, size, halves in (("Q8_0", 34, 1), ("Q4_0", 18, 1), ("Q4_1", 20, 2)):
         for m in (1, 2, 3, 4, 9):
-            n, nb = 19, 5
+            n, nb = 24, 5
             blocks = rng.integers(0, 256, (n, nb, size), dtype=np.uint8)
             blocks[..., :2 * halves] = rng.uniform(-2, 2, (n, nb, halves)).astype(np.float16).view(np.uint8)
             if fmt == "Q8_0":
@@ -161,9 +172,10 @@ def test_every_byte_value_of_the_blocks(int8_isa):
             packed = blocks.reshape(n, nb * size)
             x = rng.standard_normal((m, nb * 32)).astype(np.float32)
             x[:, ::32] = 50.0  # the largest value of each block: q = 127
-            got = kernels.linear(fmt, x, packed)
-            error = relative(got, product_reference(fmt, packed, x))
-            assert error < 2e-5, f"{int8_isa} {fmt} m={m}: relative error {error}"
+            for layout, matrix in ((fmt, packed[:19]), (interleaved_format(fmt), interleave(fmt, packed))):
+                got = kernels.linear(layout, x, matrix)
+                error = relative(got, product_reference(layout, matrix, x))
+                assert error < 2e-5, f"{int8_isa} {layout} m={m}: relative error {error}"
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 32])
@@ -176,8 +188,9 @@ def test_fused_norm_swiglu_bias_and_residual(int8_isa, m):
     g = rng.standard_normal(k).astype(np.float32)
     bias, residual = rng.standard_normal(n).astype(np.float32), rng.standard_normal((m, n)).astype(np.float32)
     for fmt in FORMATS:
-        packed = pack(fmt, rng.standard_normal((n, k)).astype(np.float32))
+        packed = pack(fmt, rng.standard_normal((channels(fmt, n), k)).astype(np.float32))
         dense = unpack(fmt, packed, k).T.astype(np.float64)
+        bias, residual = np.resize(bias, channels(fmt, n)), np.resize(residual, (m, channels(fmt, n)))
 
         normed = (x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g).astype(np.float32)
         got = kernels.linear(fmt, x, packed, pre="rmsnorm", norm=g, eps=eps, bias=bias)
@@ -215,7 +228,7 @@ def test_every_int8_isa_gives_the_same_products():
     try:
         for fmt in FORMATS:
             for m in (1, 2, 3, 4, 9, 32):
-                packed = pack(fmt, rng.standard_normal((37, 300)).astype(np.float32))
+                packed = pack(fmt, rng.standard_normal((channels(fmt, 37), 300)).astype(np.float32))
                 x = rng.standard_normal((m, 300)).astype(np.float32)
                 results = {}
                 for name in supported:

@@ -2,7 +2,9 @@
 CPU kernels as custom operators, against transformers (PyTorch CPU, float32) computing with the very same rounded
 weights (each matrix packed and unpacked by kernels/formats.py, whose block formats are the gguf package's own):
 logits of prefill and 16 decode steps within 1e-4 relative error and identical greedy tokens, for a tied GQA model
-and one with rope scaling and biases, on whole and chunked prompts.
+and one with rope scaling and biases, on whole and chunked prompts. The block formats convert as served (int8
+activations: their matrices interleaved by 8 channels, Q4_1 -> Q4_1X8) and run here with float32 activations,
+the exact path, on that layout; "Q4_1/float32" converts for float32 activations, GGUF's plain layout.
 
 And the graphs' portability: an engine exported here, its MindIR naming the kernel library at a path that does
 not exist on this machine (as on another machine or in a container), loads from another folder and gives the same
@@ -21,7 +23,7 @@ import pytest
 from conftest import engine_of, greedy_reference, logit_errors
 from test_golden import CONFIGS
 
-FORMATS = ["bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
+FORMATS = ["bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1", "Q4_1/float32"]
 MODELS = ["gqa-tied", "llama3-rope-biases"]
 PROMPTS = [[1, 5, 9, 22, 7], [1] + list(range(10, 47))]  # the second prefills in chunks of 16
 
@@ -49,11 +51,12 @@ def rounded_reference(folder, weights: str):
 def case(request, hf_checkpoint_factory, tmp_path_factory):
     from mstriton.convert import convert
 
-    model, weights = request.param
+    model, choice = request.param
+    weights, _, activations = choice.partition("/")
     folder = hf_checkpoint_factory(model, **CONFIGS[model])
     repo = tmp_path_factory.mktemp(f"formats-{model}-{weights}")
     convert(folder, "m", repo, max_batch_size=2, max_seq_len=64, prefill_chunk=16, weights=weights,
-            progress=lambda _: None)
+            activations=activations or None, progress=lambda _: None)
     return engine_of(repo, "m"), rounded_reference(folder, weights), repo
 
 
@@ -79,6 +82,8 @@ def test_packed_engine_stores_the_packed_bytes(case):
     for bfloat16, 1 for int8 and Q8_0, 0.6 for the 4-bit blocks, against float32's 4."""
     import json
 
+    from mstriton.repository import read_config
+
     engine, reference, repo = case
     manifest = json.loads((repo / "m_decode" / "1" / "engine" / "manifest.json").read_text())
     tied = reference.config.tie_word_embeddings
@@ -87,6 +92,13 @@ def test_packed_engine_stores_the_packed_bytes(case):
     matrices = sum(p.numel() for name, p in reference.named_parameters() if p.ndim == 2)
     stored = sum(a.nbytes for a in {id(a): a for a in engine.graphs.weight_arrays}.values() if a.ndim == 2)
     assert stored <= matrices * bytes_per_weight + 64 * 1024
+    # served with int8 activations (the block formats' default), the matrices of whole groups of 8 rows are
+    # interleaved; for float32 activations they keep GGUF's layout
+    served = read_config(repo / "m_decode").parameters["kernel_activations"].string_value
+    interleaved = manifest["weights_format"] in ("Q8_0", "Q4_0", "Q4_1") and served == "int8"
+    assert manifest["weight_formats"]
+    for name, fmt in manifest["weight_formats"].items():
+        assert fmt.endswith("X8") == interleaved, (name, fmt, served)
 
 
 LOAD_ELSEWHERE = """

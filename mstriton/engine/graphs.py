@@ -114,9 +114,10 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights_format: str = "float32",
                   kv_block_size: int = DEFAULT_BLOCK_SIZE,
                   blocks: dict[str, np.ndarray] | None = None, block_types: dict[str, str] | None = None,
-                  progress: Callable[[str], None] = print) -> dict:
+                  interleave_blocks: bool = False, progress: Callable[[str], None] = print) -> dict:
     """Write an engine directory. `weights` are in the network's layout (see ``model/weights.py``);
-    `weights_format` is one of weight_formats.WEIGHT_CHOICES (`blocks`: a GGUF file's own, see there)."""
+    `weights_format` is one of weight_formats.WEIGHT_CHOICES (`blocks`: a GGUF file's own, see there;
+    `interleave_blocks`: the block formats regrouped for int8 activations, see there)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     check_weights(weights_format)
@@ -138,7 +139,8 @@ def export_engine(config: LlamaConfig, weights: dict[str, np.ndarray], out_dir: 
     names = weight_names(config)
     # a tied model's LM head is its embedding table: counted once
     n_parameters = sum(w.size for n, w in weights.items() if not (n == "lm_head" and config.tie_word_embeddings))
-    stored, formats = pack_engine_weights(config, weights, weights_format, blocks, block_types, progress)
+    stored, formats = pack_engine_weights(config, weights, weights_format, blocks, block_types, progress,
+                                          interleave_blocks=interleave_blocks)
     aliases = {n: "lm_head" for n in ("embed_tokens",) if n not in stored}  # a tied, packed table: the LM head
     arrays = {n: stored[aliases.get(n, n)] for n in names}
 

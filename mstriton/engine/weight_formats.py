@@ -11,6 +11,11 @@
 
 The embedding table of a packed engine is packed too, and is read through the kernels' embedding lookup; a tied
 model stores it once, as its LM head.
+
+With `interleave` (what `convert` asks when the model is served with int8 activations, the default of the block
+formats), every block-format matrix whose rows come in whole groups of 8 is stored in its interleaved form (Q4_1 ->
+Q4_1X8, ...; kernels/formats.py): the same bytes, regrouped so that the int8 products read them without transposing
+them on every call. The float32 products read both forms (slower on the interleaved one).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..config import LlamaConfig
-from ..kernels.formats import GGUF_BLOCK_FORMATS, pack, row_bytes
+from ..kernels.formats import GGUF_BLOCK_FORMATS, GROUP, interleave, interleaved_format, pack, row_bytes
 
 WEIGHT_CHOICES = ("float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1")
 KERNEL_FORMATS = {"bfloat16": "BF16", "int8": "INT8", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1"}
@@ -61,7 +66,8 @@ def _kept_blocks(parts: tuple[str, ...], blocks: dict[str, np.ndarray], types: d
 
 def pack_engine_weights(config: LlamaConfig, weights: dict[str, np.ndarray], choice: str,
                         blocks: dict[str, np.ndarray] | None = None, block_types: dict[str, str] | None = None,
-                        progress: Callable[[str], None] = print) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+                        progress: Callable[[str], None] = print,
+                        interleave_blocks: bool = False) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """weights in the network's float32 layout -> (the arrays to store, {matrix name: kernel format}).
     Tied models: 'embed_tokens' is left out; the engine reads the table from 'lm_head'."""
     check_weights(choice)
@@ -85,10 +91,15 @@ def pack_engine_weights(config: LlamaConfig, weights: dict[str, np.ndarray], cho
                              weights[name].shape[0])
         if out[name].shape[1] != expected:
             raise ValueError(f"{name}: packed rows of {out[name].shape[1]} bytes, expected {expected}")
+        if interleave_blocks and formats[name] in GGUF_BLOCK_FORMATS and out[name].shape[0] % GROUP == 0:
+            formats[name], out[name] = interleaved_format(formats[name]), interleave(formats[name], out[name])
         if index % max(1, len(parts_of) // 5) == 0 or index == len(parts_of):
             progress(f"packing weights as {choice}: {index} of {len(parts_of)} matrices")
     if config.tie_word_embeddings:
         formats["embed_tokens"] = formats["lm_head"]
     if kept:
         progress(f"{kept} of {len(parts_of)} matrices keep the GGUF file's own blocks")
+    if interleave_blocks:
+        grouped = sum(formats[name].endswith("X8") for name in parts_of)
+        progress(f"{grouped} of {len(parts_of)} matrices interleaved by {GROUP} channels for the int8 products")
     return out, formats

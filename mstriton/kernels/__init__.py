@@ -139,7 +139,8 @@ def linear(fmt: str, x: np.ndarray, w: np.ndarray, *, pre: str = "none", norm: n
     status = library().mst_linear(FORMATS[fmt], PRE[pre], _ptr(x), m, k, _ptr(norm), eps, _ptr(w), n, _ptr(bias),
                                   _ptr(residual), _ptr(y))
     if status:
-        raise ValueError(f"mst_linear refused its arguments (status {status})")
+        raise ValueError(f"mst_linear refused its arguments (status {status}; {fmt} with N={n}, K={k}: the "
+                         f"interleaved formats take N a multiple of 8)")
     return y
 
 
@@ -147,7 +148,9 @@ def embed(fmt: str, tokens: np.ndarray, table: np.ndarray, dim: int) -> np.ndarr
     tokens = np.ascontiguousarray(tokens, np.int32)
     table = np.ascontiguousarray(table, np.uint8)
     out = np.empty(tokens.shape + (dim,), np.float32)
-    library().mst_embed(FORMATS[fmt], _ptr(tokens), tokens.size, _ptr(table), table.shape[0], dim, _ptr(out))
+    if library().mst_embed(FORMATS[fmt], _ptr(tokens), tokens.size, _ptr(table), table.shape[0], dim, _ptr(out)):
+        raise ValueError(f"mst_embed refused its arguments ({fmt} table of {table.shape[0]} rows: the interleaved "
+                         f"formats take a multiple of 8)")
     return out
 
 

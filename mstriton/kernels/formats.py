@@ -4,6 +4,10 @@ that unpacks them (``csrc/formats.h`` has the byte layouts; the numbering below 
 Every packed matrix is uint8 [N, row_bytes(format, K)], row n holding output channel n's K weights, as GGUF files
 and PyTorch's [out, in] store them. The GGUF block formats are quantized and dequantized by the `gguf` package
 (llama.cpp's own Python reference); ours (BF16, INT8) here.
+
+Q8_0X8, Q4_0X8 and Q4_1X8 hold the same blocks as Q8_0, Q4_0 and Q4_1, regrouped by 8 output channels so that the
+int8 products read each group as the vectors they multiply (csrc/formats.h has the layout): `interleave` and
+`deinterleave` move between the two, byte for byte.
 """
 
 from __future__ import annotations
@@ -11,10 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 # name -> the number the C++ side uses (csrc/formats.h)
-FORMATS = {"F32": 0, "BF16": 1, "INT8": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5}
+FORMATS = {"F32": 0, "BF16": 1, "INT8": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5, "Q8_0X8": 6, "Q4_0X8": 7, "Q4_1X8": 8}
 GGUF_BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1")
+INTERLEAVED = {"Q8_0X8": "Q8_0", "Q4_0X8": "Q4_0", "Q4_1X8": "Q4_1"}  # interleaved format -> the blocks it regroups
+GROUP = 8  # channels per interleaved group
 BLOCK = 32
 _BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}
+_SCALE_BYTES = {"Q8_0": 2, "Q4_0": 2, "Q4_1": 4}  # d (and m) before a block's values
 
 
 class FormatError(ValueError):
@@ -31,8 +38,18 @@ def blocks_of(k: int) -> int:
     return -(-k // BLOCK)
 
 
+def base_format(fmt: str) -> str:
+    """The block format an interleaved one regroups; any other format itself."""
+    return INTERLEAVED.get(check_format(fmt), fmt)
+
+
+def interleaved_format(fmt: str) -> str | None:
+    """Q8_0 -> Q8_0X8, ...; None for the formats that have no interleaved form."""
+    return {base: x8 for x8, base in INTERLEAVED.items()}.get(fmt)
+
+
 def row_bytes(fmt: str, k: int) -> int:
-    check_format(fmt)
+    fmt = base_format(fmt)
     if fmt == "F32":
         return 4 * k
     if fmt == "BF16":
@@ -44,7 +61,7 @@ def row_bytes(fmt: str, k: int) -> int:
 
 def values_per_row(fmt: str, nbytes: int) -> int:
     """K of a packed row of `nbytes` (for the block formats: whole blocks, K a multiple of 32)."""
-    check_format(fmt)
+    fmt = base_format(fmt)
     if fmt == "F32":
         return nbytes // 4
     if fmt == "BF16":
@@ -73,9 +90,41 @@ def round_bf16(w: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
+def _group_view(base: str, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    n, rb = rows.shape
+    if n % GROUP:
+        raise FormatError(f"an interleaved matrix needs a multiple of {GROUP} rows (output channels), got {n}")
+    return rows.reshape(n // GROUP, GROUP, rb // _BLOCK_BYTES[base], _BLOCK_BYTES[base]), rb
+
+
+def interleave(base: str, rows: np.ndarray) -> np.ndarray:
+    """Plain rows of block format `base` [N, rb] -> the same bytes interleaved by 8 channels [N, rb]."""
+    blocks, rb = _group_view(base, np.ascontiguousarray(rows, np.uint8))
+    g, _, nb, _ = blocks.shape
+    head = _SCALE_BYTES[base]
+    # per (group, block): each scale of the 8 channels side by side, then vector i = 4-byte piece i of every channel
+    scales = [blocks[..., s:s + 2].transpose(0, 2, 1, 3).reshape(g, nb, 2 * GROUP) for s in range(0, head, 2)]
+    values = blocks[..., head:].reshape(g, GROUP, nb, -1, 4).transpose(0, 2, 3, 1, 4).reshape(g, nb, -1)
+    return np.concatenate(scales + [values], axis=2).reshape(g * GROUP, rb)
+
+
+def deinterleave(base: str, packed: np.ndarray) -> np.ndarray:
+    """The inverse of `interleave`."""
+    grouped, rb = _group_view(base, np.ascontiguousarray(packed, np.uint8))
+    g, _, nb, nbytes = grouped.shape
+    flat = grouped.reshape(g, nb, GROUP * nbytes)  # one group's block b: 8 blocks' bytes, reordered
+    head = _SCALE_BYTES[base]
+    scales = [flat[:, :, 2 * GROUP * j:2 * GROUP * (j + 1)].reshape(g, nb, GROUP, 2) for j in range(head // 2)]
+    values = flat[:, :, GROUP * head:].reshape(g, nb, -1, GROUP, 4).transpose(0, 1, 3, 2, 4).reshape(g, nb, GROUP, -1)
+    blocks = np.concatenate(scales + [values], axis=3)  # [g, nb, 8, bytes]
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(g * GROUP, rb)
+
+
 def pack(fmt: str, w: np.ndarray) -> np.ndarray:
     """A float32 [N, K] matrix (output channels as rows) in format `fmt`: uint8 [N, row_bytes(fmt, K)]."""
     check_format(fmt)
+    if fmt in INTERLEAVED:
+        return interleave(INTERLEAVED[fmt], pack(INTERLEAVED[fmt], w))
     w = np.ascontiguousarray(w, np.float32)
     if w.ndim != 2:
         raise FormatError(f"a weight matrix must be 2-D [out, in], got shape {w.shape}")
@@ -97,6 +146,8 @@ def pack(fmt: str, w: np.ndarray) -> np.ndarray:
 def unpack(fmt: str, packed: np.ndarray, k: int) -> np.ndarray:
     """The float32 [N, K] matrix a packed one holds (the reference the kernels are tested against)."""
     check_format(fmt)
+    if fmt in INTERLEAVED:
+        return unpack(INTERLEAVED[fmt], deinterleave(INTERLEAVED[fmt], packed), k)
     packed = np.ascontiguousarray(packed, np.uint8)
     n = packed.shape[0]
     if packed.shape[1] != row_bytes(fmt, k):

@@ -113,19 +113,37 @@ struct DecodeQ4_1 {
   }
 };
 
-// Block b of a row of k values, zero past k. The blocked formats always hold whole blocks; the others have a scalar
-// path for their last, partial block.
-template <class D>
-static inline void decode_block(const uint8_t *row, int64_t b, int64_t k, vf out[NV]) {
-  if constexpr (requires { D::scalar(row, 0); }) {
-    if ((b + 1) * QK > k) {
-      alignas(64) float tmp[QK] = {};
-      for (int64_t i = b * QK; i < k; i++) tmp[i - b * QK] = D::scalar(row, i);
-      for (int j = 0; j < NV; j++) out[j] = load<vf>(tmp + j * W);
-      return;
-    }
+// A block format interleaved by 8 channels (formats.h): block b of channel c gathered into its plain GGUF block,
+// then decoded as that. (The float32 products and embedding lookups read these matrices so; the int8 products,
+// which they are made for, read the groups directly.)
+template <class D, int FORMAT>
+struct X8 {
+  static constexpr int BYTES = D::BYTES;
+  static inline void channel(const uint8_t *w, int64_t rb, int64_t c, int64_t b, vf out[NV]) {
+    alignas(64) uint8_t block[64];
+    gather_block(FORMAT, w, rb, c, b, block);
+    D::full(block, 0, out);
   }
-  D::full(row, b, out);
+};
+
+// Block b of channel c of matrix w (rows of rb bytes) of k values, zero past k. The blocked formats always hold
+// whole blocks; the others have a scalar path for their last, partial block.
+template <class D>
+static inline void decode_block(const uint8_t *w, int64_t rb, int64_t c, int64_t b, int64_t k, vf out[NV]) {
+  if constexpr (requires { D::channel(w, rb, c, b, out); }) {
+    return D::channel(w, rb, c, b, out);
+  } else {
+    const uint8_t *row = w + c * rb;
+    if constexpr (requires { D::scalar(row, 0); }) {
+      if ((b + 1) * QK > k) {
+        alignas(64) float tmp[QK] = {};
+        for (int64_t i = b * QK; i < k; i++) tmp[i - b * QK] = D::scalar(row, i);
+        for (int j = 0; j < NV; j++) out[j] = load<vf>(tmp + j * W);
+        return;
+      }
+    }
+    D::full(row, b, out);
+  }
 }
 
 }  // namespace MST_NS

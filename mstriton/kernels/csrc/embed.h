@@ -16,11 +16,10 @@ static void embed_rows(int format, const int32_t *tokens, int64_t count, const u
   for (int64_t t = 0; t < count; t++) {
     int64_t token = tokens[t];
     if (token < 0 || token >= vocab) token = 0;  // the tokenizer model validated ids; never read outside the table
-    const uint8_t *row = table + token * rb;
     float *y = out + t * e;
     for (int64_t b = 0; b < nb; b++) {
       vf v[NV];
-      decode_block<D>(row, b, e, v);
+      decode_block<D>(table, rb, token, b, e, v);
       alignas(64) float block[QK];
       for (int j = 0; j < NV; j++) store(block + j * W, v[j]);
       const int64_t n = std::min<int64_t>(QK, e - b * QK);
@@ -38,6 +37,9 @@ void embed(int format, const int32_t *tokens, int64_t count, const uint8_t *tabl
     case Q8_0: return embed_rows<DecodeQ8_0>(format, tokens, count, table, vocab, e, out);
     case Q4_0: return embed_rows<DecodeQ4_0>(format, tokens, count, table, vocab, e, out);
     case Q4_1: return embed_rows<DecodeQ4_1>(format, tokens, count, table, vocab, e, out);
+    case Q8_0X8: return embed_rows<X8<DecodeQ8_0, Q8_0X8>>(format, tokens, count, table, vocab, e, out);
+    case Q4_0X8: return embed_rows<X8<DecodeQ4_0, Q4_0X8>>(format, tokens, count, table, vocab, e, out);
+    case Q4_1X8: return embed_rows<X8<DecodeQ4_1, Q4_1X8>>(format, tokens, count, table, vocab, e, out);
   }
 }
 

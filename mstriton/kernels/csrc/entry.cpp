@@ -10,7 +10,7 @@
 //   MstDecodeAttention   qkv, positions, cos, sin, k_pool, v_pool, block_index, layer -> out; K/V into the pool
 //   MstDecodeLayerInPlace_<F>   a whole decoder layer of a decode step (see run_decode_layer)
 //   MstDecodeStep        a whole decode step, its weights in one blob (see MstDecodeStep)
-// with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1. A bias is told from a residual by its rank (1).
+// with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1 Q8_0X8 Q4_0X8 Q4_1X8. A bias is told from a residual by its rank (1).
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
 // (avx512, avx2, generic). Activations of the products: MSTRITON_KERNEL_ACTIVATIONS=float32 (the default, exact) or
@@ -177,6 +177,12 @@ int64_t elements(int ndim, const int64_t *shape, int upto) {
 bool is(const char *dtype, const char *name) { return dtype && !std::strcmp(dtype, name); }
 
 // The optional bias / residual inputs between `first` and the output (the last param).
+// A weight matrix of n rows of row_bytes bytes holds k values per row in this format (an interleaved one also
+// needs whole groups of 8 rows).
+bool matrix_fits(int format, int64_t n, int64_t bytes, int64_t k) {
+  return bytes == row_bytes(format, k) && (!interleaved(format) || n % 8 == 0);
+}
+
 void optional_terms(int nparam, void **params, int *ndims, int first, LinearArgs *a) {
   for (int i = first; i < nparam - 1; i++) {
     if (ndims[i] == 1)
@@ -198,7 +204,7 @@ int run_linear(int format, int pre, int nparam, void **params, int *ndims, int64
   a.m = elements(ndims[x], shapes[x], ndims[x] - 1);
   a.w = static_cast<const uint8_t *>(params[w]);
   a.n = shapes[w][0];
-  if (shapes[w][1] != row_bytes(format, a.k)) return 2;  // the matrix is not K values per row in this format
+  if (!matrix_fits(format, a.n, shapes[w][1], a.k)) return 2;
   if (pre == PRE_RMSNORM) {
     a.norm = static_cast<const float *>(params[1]);
     a.eps = *static_cast<const float *>(params[2]);
@@ -248,7 +254,7 @@ enum TypeId : int {};  // MindSpore's type ids; only passed through
     Timed timed;                                                                                                 \
     if (!is(dtypes[0], "int32") || !is(dtypes[1], "uint8")) return 1;                                            \
     const int64_t e = shapes[2][0];                                                                               \
-    if (shapes[1][1] != row_bytes(F, e)) return 2;                                                               \
+    if (!matrix_fits(F, shapes[1][0], shapes[1][1], e)) return 2;                                               \
     isa().embed(F, static_cast<const int32_t *>(params[0]), elements(ndims[0], shapes[0], ndims[0]),               \
                 static_cast<const uint8_t *>(params[1]), shapes[1][0], e, static_cast<float *>(params[3]));       \
     return 0;                                                                                                    \
@@ -267,6 +273,9 @@ LINEAR_OPS(INT8)
 LINEAR_OPS(Q8_0)
 LINEAR_OPS(Q4_0)
 LINEAR_OPS(Q4_1)
+LINEAR_OPS(Q8_0X8)
+LINEAR_OPS(Q4_0X8)
+LINEAR_OPS(Q4_1X8)
 
 // Rows of the batch the block index [L, B, blocks] at input `pool` + 2 was made for.
 static int64_t index_rows(int64_t **shapes, int pool) { return shapes[pool + 2][1]; }
@@ -387,9 +396,10 @@ int run_decode_layer(int format, int nparam, void **params, int64_t **shapes, co
   if (nparam != 16 || !is(dtypes[0], "float32") || !is(dtypes[10], "uint8")) return 1;
   const int64_t b = shapes[0][0], e = shapes[0][1], kv = shapes[4][1], d = shapes[4][2];
   const int64_t width = shapes[10][0], heads = width / d - 2 * kv, ffn = shapes[13][0] / 2;
-  if (heads <= 0 || heads % kv || shapes[10][1] != row_bytes(format, e) ||
-      shapes[11][1] != row_bytes(format, heads * d) || shapes[13][1] != row_bytes(format, e) ||
-      shapes[14][1] != row_bytes(format, ffn) || shapes[11][0] != e || shapes[14][0] != e)
+  if (heads <= 0 || heads % kv || !matrix_fits(format, shapes[10][0], shapes[10][1], e) ||
+      !matrix_fits(format, shapes[11][0], shapes[11][1], heads * d) ||
+      !matrix_fits(format, shapes[13][0], shapes[13][1], e) || !matrix_fits(format, shapes[14][0], shapes[14][1], ffn) ||
+      shapes[11][0] != e || shapes[14][0] != e)
     return 2;
   const float *x = static_cast<const float *>(params[0]);
   const float eps = *static_cast<const float *>(params[9]);
@@ -441,7 +451,8 @@ extern "C" int MstDecodeStep(AOT_ARGS) {
     *format = slot[1];
     const int64_t bytes = *format < 0 ? k_width * 4 : n_rows * row_bytes(*format, k_width);
     *where = blob + offset;
-    return offset >= 0 && bytes > 0 && offset + bytes <= blob_bytes;
+    return offset >= 0 && bytes > 0 && offset + bytes <= blob_bytes && *format < FORMAT_COUNT &&
+           (*format < 0 || n_rows == 1 || matrix_fits(*format, n_rows, row_bytes(*format, k_width), k_width));
   };
   const int64_t b = shapes[0][0];
   float *logits = static_cast<float *>(params[11]);
@@ -526,6 +537,9 @@ DECODE_LAYER(INT8)
 DECODE_LAYER(Q8_0)
 DECODE_LAYER(Q4_0)
 DECODE_LAYER(Q4_1)
+DECODE_LAYER(Q8_0X8)
+DECODE_LAYER(Q4_0X8)
+DECODE_LAYER(Q4_1X8)
 
 extern "C" std::vector<int64_t> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
   const int64_t kv = shapes[4][1], d = shapes[4][2];
@@ -575,6 +589,7 @@ int64_t mst_row_bytes(int format, int64_t k) { return row_bytes(format, k); }
 int mst_linear(int format, int pre, const float *x, int64_t m, int64_t k, const float *norm, float eps,
                const uint8_t *w, int64_t n, const float *bias, const float *residual, float *y) {
   if (format < 0 || format >= FORMAT_COUNT || pre < PRE_NONE || pre > PRE_SWIGLU) return 1;
+  if (interleaved(format) && n % 8) return 2;
   LinearArgs a{format, pre, x, m, k, norm, eps, w, n, bias, residual, y, threads()};
   product(a);
   return 0;
@@ -617,6 +632,7 @@ int mst_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *d,
 int mst_embed(int format, const int32_t *tokens, int64_t count, const uint8_t *table, int64_t vocab, int64_t e,
               float *out) {
   if (format < 0 || format >= FORMAT_COUNT) return 1;
+  if (interleaved(format) && vocab % 8) return 2;
   isa().embed(format, tokens, count, table, vocab, e, out);
   return 0;
 }

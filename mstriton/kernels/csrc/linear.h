@@ -92,7 +92,7 @@ static void gemv_tile(const LinearArgs &a, const float *xp, int64_t kp, int64_t 
     ahead.step();
     for (int c = 0; c < NC; c++) {
       vf w[NV];
-      decode_block<D>(a.w + (c0 + c) * rb, b, a.k, w);
+      decode_block<D>(a.w, rb, c0 + c, b, a.k, w);
       for (int r = 0; r < MR; r++) {
         const float *x = xp + r * kp + b * QK;
         for (int j = 0; j < NV; j++) acc[c][r] = load<vf>(x + j * W) * w[j] + acc[c][r];
@@ -161,10 +161,9 @@ static inline void decoded_group(const LinearArgs &a, const float *xp, int64_t k
                                  int64_t c0) {
   const int64_t nb = kp / QK;
   for (int c = 0; c < C; c++) {
-    const uint8_t *row = a.w + (c0 + c) * rb;
     for (int64_t b = 0; b < nb; b++) {
       vf w[NV];
-      decode_block<D>(row, b, a.k, w);
+      decode_block<D>(a.w, rb, c0 + c, b, a.k, w);
       for (int j = 0; j < NV; j++) store(wbuf + c * kp + b * QK + j * W, w[j]);
     }
   }
@@ -257,10 +256,9 @@ static void gemm(const LinearArgs &a, float *xp, int64_t kp) {
           for (int64_t i = 0; i < kp; i++) panel[i * NR + c] = 0.0f;
           continue;
         }
-        const uint8_t *row = a.w + (c0 + c) * rb;
         for (int64_t b = 0; b < nb; b++) {
           vf w[NV];
-          decode_block<D>(row, b, a.k, w);
+          decode_block<D>(a.w, rb, c0 + c, b, a.k, w);
           for (int j = 0; j < NV; j++) store(block + j * W, w[j]);
           for (int i = 0; i < QK; i++) panel[(b * QK + i) * NR + c] = block[i];
         }
@@ -306,6 +304,9 @@ void linear(const LinearArgs &a) {
     case Q8_0: return linear_with<DecodeQ8_0>(a);
     case Q4_0: return linear_with<DecodeQ4_0>(a);
     case Q4_1: return linear_with<DecodeQ4_1>(a);
+    case Q8_0X8: return linear_with<X8<DecodeQ8_0, Q8_0X8>>(a);
+    case Q4_0X8: return linear_with<X8<DecodeQ4_0, Q4_0X8>>(a);
+    case Q4_1X8: return linear_with<X8<DecodeQ4_1, Q4_1X8>>(a);
   }
 }
 

@@ -325,8 +325,60 @@ static inline void lanes_block(const uint8_t *const blk[8], int64_t b, const QLa
     _mm256_store_ps(p.min + b * 8, F::min_terms(d, in_order(_mm256_shuffle_ps(lo, hi, 0xdd))));
 }
 
-template <class F, class Dot, int RT>
-static inline void qtile_lanes(const LinearArgs &a, const QRows &x, const QLanes &p, int64_t r0, int64_t c0,
+// Where a tile reads a group's blocks: the 8 value vectors (as pairs i, i + 4: a 4-bit block's vector i and i + 4
+// come from one load, low and high nibbles), the 8 channels' d and their min terms.
+// LanesBuffer: unpacked by lanes_block from 8 plain rows, once per call.
+struct LanesBuffer {
+  QLanes p;
+  inline void pair(int64_t b, int i, __m256i *lo, __m256i *hi) const {
+    const __m256i *values = reinterpret_cast<const __m256i *>(p.values + b * 256);
+    *lo = _mm256_load_si256(values + i);
+    *hi = _mm256_load_si256(values + i + 4);
+  }
+  inline __m256 d(int64_t b) const { return _mm256_load_ps(p.d + b * 8); }
+  inline __m256 min(int64_t b, __m256) const { return _mm256_load_ps(p.min + b * 8); }
+  inline void prefetch(int64_t) const {}  // in L1: lanes_block prefetched the rows
+};
+
+// InterleavedGroup: a group of a matrix interleaved by 8 channels (formats.h), read as it is stored.
+template <class F, class Dot>
+struct InterleavedGroup {
+  const uint8_t *group;  // block 0 of the group
+  static constexpr int64_t STRIDE = 8 * F::BYTES;
+  static constexpr int VALUES = F::BYTES == 20 ? 32 : 16;  // d (and Q4_1's m) of the 8 channels come first
+  // The cache lines of block b + MST_AHEAD / STRIDE: a group is one stream, but at one row a tile consumes it
+  // faster than the hardware prefetcher alone brings it in.
+  inline void prefetch(int64_t b) const {
+    const char *p = reinterpret_cast<const char *>(group + b * STRIDE + MST_AHEAD);
+    for (int64_t o = 0; o < STRIDE; o += 64) __builtin_prefetch(p + o);
+  }
+  inline void pair(int64_t b, int i, __m256i *lo, __m256i *hi) const {
+    const __m256i *v = reinterpret_cast<const __m256i *>(group + b * STRIDE + VALUES);
+    if constexpr (F::SIGNED) {
+      *lo = _mm256_loadu_si256(v + i);
+      *hi = _mm256_loadu_si256(v + i + 4);
+      if constexpr (Dot::VNNI) {  // vpdpbusd takes the weights unsigned: w + 128 (min_terms takes it back)
+        *lo = _mm256_xor_si256(*lo, _mm256_set1_epi8(char(0x80)));
+        *hi = _mm256_xor_si256(*hi, _mm256_set1_epi8(char(0x80)));
+      }
+    } else {
+      const __m256i raw = _mm256_loadu_si256(v + i), mask = _mm256_set1_epi8(15);
+      *lo = _mm256_and_si256(raw, mask);
+      *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    }
+  }
+  inline __m256 d(int64_t b) const {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(group + b * STRIDE)));
+  }
+  inline __m256 min(int64_t b, __m256 d) const {
+    if constexpr (F::BYTES == 20)
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(group + b * STRIDE + 16)));
+    else return F::min_terms(d, d);
+  }
+};
+
+template <class F, class Dot, int RT, class Src>
+static inline void qtile_lanes(const LinearArgs &a, const QRows &x, const Src &src, int64_t r0, int64_t c0,
                                int channels) {
   const int64_t nb = x.nb, kp = x.kp;
   const int8_t *const xq = x.q + r0 * kp;
@@ -336,37 +388,44 @@ static inline void qtile_lanes(const LinearArgs &a, const QRows &x, const QLanes
 #pragma GCC unroll 16
   for (int r = 0; r < RT; r++) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < nb; b++) {
-    const __m256i *values = reinterpret_cast<const __m256i *>(p.values + b * 256);
+    src.prefetch(b);
     __m256i sum[RT];
 #pragma GCC unroll 8
-    for (int i = 0; i < 8; i++) {
-      const __m256i w = _mm256_load_si256(values + i);
+    for (int i = 0; i < 4; i++) {
+      __m256i w[2];
+      src.pair(b, i, &w[0], &w[1]);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; h++) {
 #pragma GCC unroll 16
-      for (int r = 0; r < RT; r++) {
-        int32_t group;
-        std::memcpy(&group, xq + r * kp + b * QK + 4 * i, 4);
-        const __m256i q = _mm256_set1_epi32(group);
-        if constexpr (Dot::VNNI) {
-          sum[r] = i ? Dot::accumulate(sum[r], w, q) : Dot::unsigned_signed(w, q);
-        } else if constexpr (F::SIGNED) {
-          const __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(q, w)), ones);
-          sum[r] = i ? _mm256_add_epi32(sum[r], t) : t;
-        } else {
-          const __m256i t = _mm256_maddubs_epi16(w, q);
-          sum[r] = i ? _mm256_add_epi16(sum[r], t) : t;
+        for (int r = 0; r < RT; r++) {
+          int32_t group;
+          std::memcpy(&group, xq + r * kp + b * QK + 4 * (i + 4 * h), 4);
+          const __m256i q = _mm256_set1_epi32(group);
+          const bool first = i == 0 && h == 0;
+          if constexpr (Dot::VNNI) {
+            sum[r] = first ? Dot::unsigned_signed(w[h], q) : Dot::accumulate(sum[r], w[h], q);
+          } else if constexpr (F::SIGNED) {
+            const __m256i t =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w[h], w[h]), _mm256_sign_epi8(q, w[h])), ones);
+            sum[r] = first ? t : _mm256_add_epi32(sum[r], t);
+          } else {
+            const __m256i t = _mm256_maddubs_epi16(w[h], q);
+            sum[r] = first ? t : _mm256_add_epi16(sum[r], t);
+          }
+          // Keep each row's sum a chain: GCC otherwise reassociates the 8 additions into a tree, whose 8 products
+          // per row wait on the stack (seen in the compiled loop: a spill beside each vpmaddubsw).
+          asm("" : "+v"(sum[r]));
         }
-        // Keep each row's sum a chain: GCC otherwise reassociates the 8 additions into a tree, whose 8 products
-        // per row wait on the stack (seen in the compiled loop: a spill beside each vpmaddubsw).
-        asm("" : "+v"(sum[r]));
       }
     }
-    const __m256 d = _mm256_load_ps(p.d + b * 8);
+    const __m256 d = src.d(b);
+    __m256 min = _mm256_setzero_ps();
+    if constexpr (lanes_offset<F, Dot>()) min = src.min(b, d);
 #pragma GCC unroll 16
     for (int r = 0; r < RT; r++) {
       const __m256i s32 = (!Dot::VNNI && !F::SIGNED) ? _mm256_madd_epi16(sum[r], ones) : sum[r];
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s32), _mm256_mul_ps(d, _mm256_broadcast_ss(xd + r * nb + b)), acc[r]);
-      if constexpr (lanes_offset<F, Dot>())
-        acc[r] = _mm256_fmadd_ps(_mm256_load_ps(p.min + b * 8), _mm256_broadcast_ss(xs + r * nb + b), acc[r]);
+      if constexpr (lanes_offset<F, Dot>()) acc[r] = _mm256_fmadd_ps(min, _mm256_broadcast_ss(xs + r * nb + b), acc[r]);
     }
   }
   alignas(32) float out[RT][8];
@@ -376,18 +435,26 @@ static inline void qtile_lanes(const LinearArgs &a, const QRows &x, const QLanes
     for (int c = 0; c < channels; c++) a.y[(r0 + r) * a.n + c0 + c] = epilogue(a, r0 + r, c0 + c, out[r][c]);
 }
 
-template <class F, class Dot, int R>
-static inline void qtile_lanes_rows(const LinearArgs &a, const QRows &x, const QLanes &p, int64_t r0, int rows,
+template <class F, class Dot, int R, class Src>
+static inline void qtile_lanes_rows(const LinearArgs &a, const QRows &x, const Src &src, int64_t r0, int rows,
                                     int64_t c0, int channels) {
   if constexpr (R > 0) {
-    if (rows == R) return qtile_lanes<F, Dot, R>(a, x, p, r0, c0, channels);
-    return qtile_lanes_rows<F, Dot, R - 1>(a, x, p, r0, rows, c0, channels);
+    if (rows == R) return qtile_lanes<F, Dot, R>(a, x, src, r0, c0, channels);
+    return qtile_lanes_rows<F, Dot, R - 1>(a, x, src, r0, rows, c0, channels);
   }
 }
 
 // Rows per tile: RT accumulators and RT running sums, a weight vector, a broadcast and temporaries within the
 // vector registers (AVX2: 16; AVX-512 with VL: 32).
 constexpr int QLANE_RT = W == 16 ? 8 : 4;
+
+// All rows of the call for one group of channels: tiles of QLANE_RT rows, then the rows left.
+template <class F, class Dot, class Src>
+static inline void qtile_lanes_all(const LinearArgs &a, const QRows &x, const Src &src, int64_t c0, int channels) {
+  int64_t r0 = 0;
+  for (; r0 + QLANE_RT <= a.m; r0 += QLANE_RT) qtile_lanes<F, Dot, QLANE_RT>(a, x, src, r0, c0, channels);
+  if (r0 < a.m) qtile_lanes_rows<F, Dot, QLANE_RT - 1>(a, x, src, r0, int(a.m - r0), c0, channels);
+}
 
 template <class F, class Dot>
 static void qgemv_lanes(const LinearArgs &a, const QRows &x) {
@@ -412,9 +479,20 @@ static void qgemv_lanes(const LinearArgs &a, const QRows &x) {
         lanes_block<F, Dot>(blk, b, p);
         for (int c = 0; c < 8; c++) blk[c] += step[c];
       }
-      int64_t r0 = 0;
-      for (; r0 + QLANE_RT <= a.m; r0 += QLANE_RT) qtile_lanes<F, Dot, QLANE_RT>(a, x, p, r0, c0, channels);
-      if (r0 < a.m) qtile_lanes_rows<F, Dot, QLANE_RT - 1>(a, x, p, r0, int(a.m - r0), c0, channels);
+      qtile_lanes_all<F, Dot>(a, x, LanesBuffer{p}, c0, channels);
+    }
+  });
+}
+
+// A matrix interleaved by 8 channels: each group read where it is stored, nothing unpacked (one contiguous stream
+// of 8 rb bytes per group, which the hardware prefetchers follow; Ahead still runs ahead of it).
+template <class F, class Dot>
+static void qgemv_interleaved(const LinearArgs &a, const QRows &x) {
+  const int64_t rb = row_bytes(a.format, a.k), groups = a.n / 8;
+  parallel_runs(a.threads, groups, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g++) {
+      const int64_t c0 = g * 8;
+      qtile_lanes_all<F, Dot>(a, x, InterleavedGroup<F, Dot>{a.w + c0 * rb}, c0, 8);
     }
   });
 }
@@ -425,6 +503,7 @@ static void qgemv_lanes(const LinearArgs &a, const QRows &x) {
 // 1.37, 1.38, 1.16 per channel; Q8_0 at 1, 3, 4 rows: 2.03, 1.12, 0.97 in lanes, 1.31, 1.03, 1.24 per channel).
 template <class F, class Dot>
 static void qproduct(const LinearArgs &a, const QRows &x) {
+  if (interleaved(a.format)) return qgemv_interleaved<F, Dot>(a, x);
   if constexpr (F::SIGNED) {
     if (a.m == 1) return qgemv_direct<F, Dot, 1>(a, x);
     if (a.m == 2) return qgemv_direct<F, Dot, 2>(a, x);
@@ -448,7 +527,12 @@ static void qproduct(const LinearArgs &a, const QRows &x) {
         const int64_t rows = std::min<int64_t>(GEMV_MAX_ROWS, a.m - r0);
         for (int64_t r = 0; r < rows; r++) acc[r] = 0.0f;
         for (int64_t b = 0; b < x.nb; b++) {
+          alignas(8) uint8_t gathered[64];
           const uint8_t *blk = a.w + c * rb + b * F::BYTES;
+          if (interleaved(a.format)) {
+            gather_block(a.format, a.w, rb, c, b, gathered);
+            blk = gathered;
+          }
           F::values(blk, w);
           float dw, mw;
           F::scales(blk, &dw, &mw);
@@ -490,9 +574,9 @@ template <class Dot>
 static bool linear_int8_with(const LinearArgs &a) {
   if (a.m == 0 || a.n == 0) return true;
   switch (a.format) {
-    case Q8_0: qlinear_with<QBlockQ8_0, Dot>(a); return true;
-    case Q4_0: qlinear_with<QBlockQ4_0, Dot>(a); return true;
-    case Q4_1: qlinear_with<QBlockQ4_1, Dot>(a); return true;
+    case Q8_0: case Q8_0X8: qlinear_with<QBlockQ8_0, Dot>(a); return true;
+    case Q4_0: case Q4_0X8: qlinear_with<QBlockQ4_0, Dot>(a); return true;
+    case Q4_1: case Q4_1X8: qlinear_with<QBlockQ4_1, Dot>(a); return true;
     default: return false;
   }
 }
