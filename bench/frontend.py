@@ -130,20 +130,23 @@ def llamacpp_gguf(hf_dir: Path, dtype: str) -> Path:
 
 
 def model_repository(gguf: Path, slots: int, max_seq_len: int, weights: str | None = None,
-                     repository: Path | None = None) -> Path:
-    """A model repository of its own holding `smollm2` (default BUILD/repo), converted once for these limits (and
-    this converter), by tools/convert.py in a process of its own (see run_quietly); `weights`: its --weights (the
-    converter's default, float32, when None), e.g. Q4_1 to keep the file's own blocks for the CPU kernels."""
+                     repository: Path | None = None, name: str = MODEL) -> Path:
+    """A model repository of its own holding `name` (default `smollm2`; default BUILD/repo), converted once for
+    this file, these limits (and this converter), by tools/convert.py in a process of its own (see run_quietly);
+    `weights`: its --weights (the converter's default, float32, when None), e.g. Q4_1 to keep the file's own blocks
+    for the CPU kernels. The stamp holds the file, the limits, the converter's code, `weights` and, for a name
+    other than the default, the name."""
     repository = repository or BUILD / "repo"
     code_files = CONVERTER_CODE + (KERNEL_CODE if weights else [])
     code = hashlib.sha256(b"".join((ROOT / "mstriton" / f).read_bytes() for f in code_files)).hexdigest()[:16]
     wanted = f"{gguf.resolve()} {gguf.stat().st_mtime_ns} {slots} {max_seq_len} {code}"
     wanted += f" {weights}" if weights else ""
+    wanted += f" {name}" if name != MODEL else ""  # the default's stamps, written before the name was, stay valid
     if _stamp_ok(repository / "bench_stamp.txt", wanted):
         return repository
-    say(f"converting {gguf.name} into {repository} as '{MODEL}' ({slots} slots, {max_seq_len} tokens each"
+    say(f"converting {gguf.name} into {repository} as '{name}' ({slots} slots, {max_seq_len} tokens each"
         + (f", --weights {weights}" if weights else "") + "; several minutes)")
-    run_quietly([sys.executable, str(ROOT / "tools" / "convert.py"), "--checkpoint", str(gguf), "--name", MODEL,
+    run_quietly([sys.executable, str(ROOT / "tools" / "convert.py"), "--checkpoint", str(gguf), "--name", name,
                  "--model-repository", str(repository), "--max-batch-size", str(slots),
                  "--max-seq-len", str(max_seq_len)] + (["--weights", weights] if weights else []), "convert")
     (repository / "bench_stamp.txt").write_text(wanted)

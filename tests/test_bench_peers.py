@@ -104,3 +104,27 @@ def test_report_is_written_with_its_plot(tmp_path):
     assert [p.name for p in written] == ["peers.json", "peers.md", "peers.png"]
     assert json.loads((tmp_path / "peers.json").read_text())["points"]["ours-q4_1"]["1"]["output_tokens_per_s"] == 100
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_llama1b_systems_serve_its_q8_0_and_bf16_files_and_vllm_its_folder():
+    model = peers.MODELS["llama1b"]
+    assert model.weights == "Q8_0" and model.ours_file == "q8_0" and model.output_tokens == 64
+    assert set(model.default_systems) == {"ours-q8_0", "ours-q8_0-int8", "llamacpp-q8_0", "llamacpp-bf16"}
+    assert {s: model.systems[s].file for s in model.default_systems} == {
+        "ours-q8_0": "q8_0", "ours-q8_0-int8": "q8_0", "llamacpp-q8_0": "q8_0", "llamacpp-bf16": "bf16"}
+    assert dict(model.systems["ours-q8_0-int8"].env) == {peers.ACTIVATIONS: "int8"}
+    assert model.systems["vllm"].kind == "vllm" and model.systems["vllm"].file == "hf"
+    assert peers.base_body("Hi", 64, model.name)["model"] == "llama1b"
+    assert peers.MODELS["smollm2"].default_systems == peers.DEFAULT_SYSTEMS  # the default run is unchanged
+
+
+def test_the_report_names_the_model_of_its_run():
+    results = fabricated()
+    assert peers.model_of(results) is peers.SMOLLM2  # a run from before --model
+    assert "SmolLM2-135M-Instruct, one GGUF file for every system (x.gguf)" in peers.markdown(results)
+    results["settings"]["model"] = "llama1b"
+    results["floors"]["weights_file"] = "llama1b-q8_0.gguf"
+    text = peers.markdown(results)
+    assert text.startswith("# Ours against llama.cpp and vLLM CPU on llama1b, ")
+    assert "Llama-3.2-1B's shape" in text and "`make bench-peers-1b`" in text
+    assert "the GGUF file llama1b-q8_0.gguf's 100 MB" in text
