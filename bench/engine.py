@@ -101,8 +101,10 @@ def run(args) -> None:
     config = source.config
     threads = kernels.threads()
     log(f"kernels: {kernels.isa()}, {threads} threads; measuring the floors")
-    bandwidth, peak = kernels.read_bandwidth(1 << 30, reps=5), kernels.fma_peak()
-    log(f"read bandwidth {bandwidth:.1f} GB/s, float32 FMA peak {peak:.0f} GFLOP/s")
+    bandwidth, peak, int8_peak = kernels.read_bandwidth(1 << 30, reps=5), kernels.fma_peak(), kernels.int8_peak()
+    log(f"read bandwidth {bandwidth:.1f} GB/s, float32 FMA peak {peak:.0f} GFLOP/s, int8 multiply-add peak "
+        f"{int8_peak:.0f} GMAC/s ({activations.int8_isa()})")
+    n_params = int(sum(np.prod(w.shape) for n, w in source.weights.items() if n != "embed_tokens" and w.ndim == 2))
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(100, config.vocab_size - 100, PROMPT)]
     log(f"transformers prefill of {PROMPT} tokens")
@@ -121,6 +123,10 @@ def run(args) -> None:
             graphs = EngineGraphs(out)
             weight_bytes = graphs.weight_bytes_per_step()
             row = {"format": fmt, "weight_mb": weight_bytes / 1e6}
+            # The products' compute at 16 rows: one multiply-add per weight and row, at the int8 dot products' peak
+            # where they run (int8 activations, block formats), else at the FMA peak.
+            int8_products = activations.activations() == "int8" and fmt in activations.INT8_FORMATS
+            row["compute_floor_b16_ms"] = 16 * n_params / ((int8_peak if int8_products else peak / 2) * 1e9) * 1e3
             for batch in BATCHES:
                 seconds = decode_step_time(graphs, batch, args.repeats)
                 floor = (weight_bytes + kv_bytes(config, batch)) / (bandwidth * 1e9)
@@ -130,9 +136,7 @@ def run(args) -> None:
             tokens = np.array([prompt], np.int32)
             seconds = median_time(lambda: graphs.prefill(tokens, np.array([PROMPT], np.int32)), 1,
                                   max(3, args.repeats // 4))
-            n_params = sum(np.prod(s) for n, s in ((n, w.shape) for n, w in source.weights.items())
-                           if n != "embed_tokens" and len(s) == 2)
-            flops = prefill_flops(config, int(n_params), PROMPT)
+            flops = prefill_flops(config, n_params, PROMPT)
             row.update(prefill_ms=seconds * 1e3, prefill_gflops=flops / seconds / 1e9,
                        transformers_prefill_ms=hf_prefill * 1e3)
             log(f"{fmt}: prefill {PROMPT}: {seconds * 1e3:.0f} ms, {flops / seconds / 1e9:.0f} GFLOP/s "
@@ -142,7 +146,7 @@ def run(args) -> None:
 
     result = {"date": datetime.date.today().isoformat(), "machine": report.machine_description(),
               "kernels": {"isa": kernels.isa(), "threads": threads, "activations": activations.activations()},
-              "read_gb_s": bandwidth,
+              "read_gb_s": bandwidth, "int8_isa": activations.int8_isa(), "int8_peak_gmacs": int8_peak,
               "fma_peak_gflops": peak, "cached_tokens": CACHED, "prompt_tokens": PROMPT, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,18 +164,24 @@ def render(r: dict) -> str:
              f"Machine: {r['machine']}. Kernels: {r['kernels']['isa']}, {r['kernels']['threads']} threads, "
              f"{r['kernels'].get('activations', 'float32')} activations (MSTRITON_KERNEL_ACTIVATIONS).",
              f"Floors measured in the same run: read bandwidth {bw:.1f} GB/s (1 GiB buffer), float32 FMA peak "
-             f"{peak:.0f} GFLOP/s.", "",
+             f"{peak:.0f} GFLOP/s" + (f", int8 multiply-add peak {r['int8_peak_gmacs']:.0f} GMAC/s "
+                                      f"({r['int8_isa']} dot products)" if "int8_peak_gmacs" in r else "") + ".", "",
              f"Decode: one step with {r['cached_tokens']} tokens cached per sequence; floor = (weight bytes + KV "
              f"cache in use) / read bandwidth. Prefill: one {r['prompt_tokens']}-token prompt; transformers is "
-             "PyTorch CPU float32 on the same file and prompt.", "",
+             "PyTorch CPU float32 on the same file and prompt. b16 compute floor: the products' multiply-adds of 16 "
+             "rows at the peak of the dot products that run them (int8 for the block formats with int8 "
+             "activations, else float32 FMAs).", "",
              "| weights | MB read per step | decode b1 ms | floor b1 ms | b1 / floor | decode b16 ms | b16 / b1 "
-             "| prefill ms | GFLOP/s | of peak | transformers prefill ms | ours / transformers |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| b16 compute floor ms | prefill ms | GFLOP/s | of peak | transformers prefill ms "
+             "| ours / transformers |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
+        compute = row.get("compute_floor_b16_ms")
         lines.append(
             f"| {row['format']} | {row['weight_mb']:.0f} | {row['decode_b1_ms']:.2f} | {row['floor_b1_ms']:.2f} "
             f"| {row['decode_b1_ms'] / row['floor_b1_ms']:.2f} | {row['decode_b16_ms']:.2f} "
-            f"| {row['decode_b16_ms'] / row['decode_b1_ms']:.2f} | {row['prefill_ms']:.0f} "
+            f"| {row['decode_b16_ms'] / row['decode_b1_ms']:.2f} | {f'{compute:.2f}' if compute else '-'} "
+            f"| {row['prefill_ms']:.0f} "
             f"| {row['prefill_gflops']:.0f} | {row['prefill_gflops'] / peak:.2f} "
             f"| {row['transformers_prefill_ms']:.0f} | {row['prefill_ms'] / row['transformers_prefill_ms']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -9,10 +9,12 @@ the machine's floors measured in the same run, on one of two models (--model, MO
 `--model smollm2` (the default, SMOLLM2): every system serves SmolLM2-135M-Instruct from the one GGUF file the
 project ships (mstriton.pretrained.smollm2_gguf: Q4_1 matrices, Q8_0 embeddings), 128 output tokens a request:
 - `ours-q4_1`: `python -m mstriton.serve` (bench.harness.ServeProcess: tritonserver and the OpenAI frontend) on a
-  repository converted from that file with `--weights Q4_1` (the file's own blocks on our CPU kernels), max batch
-  max(16, the largest concurrency), max_seq_len 512, converted once and cached with a stamp
-  (bench.frontend.model_repository); float32 activations (MSTRITON_KERNEL_ACTIVATIONS=float32);
-- `ours-q4_1-int8`: the same repository served with MSTRITON_KERNEL_ACTIVATIONS=int8, which the decode model's
+  repository converted from that file with `--weights Q4_1` (the file's own blocks on our CPU kernels) and
+  `--activations float32` (GGUF's own layout), max batch max(16, the largest concurrency), max_seq_len 512,
+  converted once and cached with a stamp (bench.frontend.model_repository); float32 activations
+  (MSTRITON_KERNEL_ACTIVATIONS=float32);
+- `ours-q4_1-int8`: as `make run` serves it: a repository converted with the default activations, int8 (the block
+  matrices interleaved by 8 channels), served with MSTRITON_KERNEL_ACTIVATIONS=int8, which the decode model's
   process inherits through mstriton.serve and tritonserver (checked in /proc/PID/environ of every decode stub
   before measuring; a stub without it fails the system);
 - `llamacpp-q4_1`: llama.cpp's `llama-server` (bench.llamacpp.build_server, cached in build/llamacpp) on the same
@@ -114,10 +116,10 @@ class PeerModel:
 
 SMOLLM2 = PeerModel(
     "smollm2", {
-        "ours-q4_1": System("ours", "ours: python -m mstriton.serve, --weights Q4_1 (the file's own blocks), float32 "
-                                    "activations", ((ACTIVATIONS, "float32"),), "q4_1"),
-        "ours-q4_1-int8": System("ours", "ours: the same repository, int8 activations in the decode-sized Q4_1 / "
-                                         "Q8_0 products", ((ACTIVATIONS, "int8"),), "q4_1"),
+        "ours-q4_1": System("ours", "ours: python -m mstriton.serve, --weights Q4_1 (the file's own blocks), "
+                                    "--activations float32", ((ACTIVATIONS, "float32"),), "q4_1"),
+        "ours-q4_1-int8": System("ours", "ours: as make run serves it, --weights Q4_1 with int8 activations (the "
+                                         "matrices interleaved by 8 channels)", ((ACTIVATIONS, "int8"),), "q4_1"),
         "llamacpp-q4_1": System("llamacpp", "llama.cpp llama-server on the same Q4_1 GGUF file", file="q4_1"),
         "vllm": System("vllm", "vLLM CPU (vllm serve) on the float32 Hugging Face folder made from the same file"),
     }, ["ours-q4_1", "ours-q4_1-int8", "llamacpp-q4_1"], "q4_1", WEIGHTS, OUTPUT_TOKENS, "peers", "make bench-peers",
@@ -126,9 +128,9 @@ SMOLLM2 = PeerModel(
 LLAMA1B = PeerModel(
     llama1b.NAME, {
         "ours-q8_0": System("ours", "ours: python -m mstriton.serve, --weights Q8_0 (the Q8_0 file's own blocks), "
-                                    "float32 activations", ((ACTIVATIONS, "float32"),), "q8_0"),
-        "ours-q8_0-int8": System("ours", "ours: the same repository, int8 activations in the decode-sized Q8_0 "
-                                         "products", ((ACTIVATIONS, "int8"),), "q8_0"),
+                                    "--activations float32", ((ACTIVATIONS, "float32"),), "q8_0"),
+        "ours-q8_0-int8": System("ours", "ours: --weights Q8_0 with int8 activations (the matrices interleaved by 8 "
+                                         "channels)", ((ACTIVATIONS, "int8"),), "q8_0"),
         "llamacpp-q8_0": System("llamacpp", "llama.cpp llama-server on the same Q8_0 GGUF file", file="q8_0"),
         "llamacpp-bf16": System("llamacpp", "llama.cpp llama-server on the BF16 GGUF file", file="bf16"),
         "vllm": System("vllm", "vLLM CPU (vllm serve) on the bfloat16 Hugging Face folder both GGUF files are "
@@ -594,15 +596,20 @@ def run(args, out: Path, command: str) -> int:
     gguf = files.ggufs[model.ours_file]
     slots = max(MIN_SLOTS, max(args.concurrency))
     ours = [s for s in args.systems if model.systems[s].kind == "ours"]
-    # SmolLM2's repository keeps its name (and stamp) of before --model; another model's names the model
+    # SmolLM2's repository keeps its name of before --model; another model's names the model. One repository per
+    # activations our systems are served with: each converted for them (int8 interleaves the block matrices).
     folder = f"repo_q4_1_b{slots}_s{args.max_seq_len}" if model is SMOLLM2 else \
         f"repo_{model.name}_{model.ours_file}_b{slots}_s{args.max_seq_len}"
-    repository = frontend.model_repository(gguf, slots, args.max_seq_len, weights=model.weights,
-                                           repository=BUILD / folder, name=model.name)
-    if ours:
-        from bench.kv_cache import set_decode_parameters
+    repositories = {}
+    for act in dict.fromkeys(dict(model.systems[s].env).get(ACTIVATIONS, "int8") for s in ours) or ["int8"]:
+        repositories[act] = frontend.model_repository(
+            gguf, slots, args.max_seq_len, weights=model.weights, name=model.name, activations=act,
+            repository=BUILD / (folder if act == "int8" else f"{folder}_{act}"))
+        if ours:
+            from bench.kv_cache import set_decode_parameters
 
-        set_decode_parameters(repository, model.name, ["enable_prefix_caching=false"])
+            set_decode_parameters(repositories[act], model.name, ["enable_prefix_caching=false"])
+    repository = next(iter(repositories.values()))  # the tokenizer's folder
     if "mindspore" in sys.modules:  # see bench.frontend.run_quietly
         raise SystemExit("bench_peers: MindSpore was imported in the benchmark's own process")
     largest = max(frontend.requests_for(c, args.requests, args.requests_per_client) for c in args.concurrency)
@@ -635,7 +642,7 @@ def run(args, out: Path, command: str) -> int:
         for system in args.systems:
             kind = model.systems[system].kind
             if kind == "ours":
-                bench.run_ours(system, repository)
+                bench.run_ours(system, repositories[dict(model.systems[system].env).get(ACTIVATIONS, "int8")])
             elif kind == "llamacpp":
                 bench.run_llamacpp(system, files.ggufs[model.systems[system].file])
             else:

@@ -226,8 +226,14 @@ def test_gguf_blocks_pack_as_the_gguf_package_quantizes():
 
 
 def test_machine_floors_are_measured():
+    from mstriton.kernels import activations
+
     assert kernels.read_bandwidth(64 << 20, reps=2) > 0.5
     assert kernels.fma_peak(1_000_000) > 1.0
+    for name in activations.supported_int8_isas():  # every int8 dot product's own peak
+        activations.set_int8_isa(name)
+        assert kernels.int8_peak(20_000 if name == "generic" else 1_000_000) > 0.1, name
+    kernels.set_isa(ISAS[0])
 
 
 def test_pool_survives_many_small_calls_from_two_threads():

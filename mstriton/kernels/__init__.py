@@ -89,6 +89,7 @@ def library() -> ctypes.CDLL:
             lib.mst_read_bandwidth.argtypes, lib.mst_read_bandwidth.restype = [u8p, i64, ctypes.c_int], \
                 ctypes.c_double
             lib.mst_fma_peak.argtypes, lib.mst_fma_peak.restype = [i64], ctypes.c_double
+            lib.mst_int8_peak.argtypes, lib.mst_int8_peak.restype = [i64], ctypes.c_double
             lib.mst_kernel_time.argtypes, lib.mst_kernel_time.restype = [ctypes.POINTER(i64)], ctypes.c_double
             lib.mst_set_step_profile.argtypes = [ctypes.c_int]
             lib.mst_step_profile.argtypes = [ctypes.POINTER(ctypes.c_double)]
@@ -201,3 +202,13 @@ def read_bandwidth(nbytes: int = 1 << 30, reps: int = 5) -> float:
 def fma_peak(iterations: int = 20_000_000) -> float:
     """GFLOP/s of float32 FMAs in registers on every kernel thread, with this ISA's vectors."""
     return library().mst_fma_peak(iterations)
+
+
+def int8_peak(iterations: int | None = None) -> float:
+    """GMAC/s of int8 multiply-adds on every kernel thread, by the dot products the int8-activation products use
+    (activations.int8_isa(): vpmaddubsw + vpaddw, vpdpbusd, or the plain fallback): their compute floor."""
+    from .activations import int8_isa
+
+    if iterations is None:  # about 0.1 s either way
+        iterations = 200_000 if int8_isa() == "generic" else 20_000_000
+    return library().mst_int8_peak(iterations)

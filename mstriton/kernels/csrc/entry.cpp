@@ -48,15 +48,18 @@ DECLARE_ISA(mst_generic)
   namespace ns {                                                                                                  \
   bool linear_int8(const LinearArgs &);                                                                          \
   void quantize_rows(const float *, int64_t, int64_t, int8_t *, float *, float *, int);                          \
+  double int8_peak(int, int64_t);                                                                                \
   }
 DECLARE_INT8(mst_avx512)
 DECLARE_INT8(mst_avx2)
 DECLARE_INT8(mst_generic)
 namespace mst_avx512 {
 bool linear_int8_vnni(const LinearArgs &);
+double int8_peak_vnni(int, int64_t);
 }
 namespace mst_avx2 {
 bool linear_int8_vnni(const LinearArgs &);
+double int8_peak_vnni(int, int64_t);
 }
 
 namespace {
@@ -103,12 +106,14 @@ struct Int8Isa {
   const char *name, *base;
   bool (*linear)(const LinearArgs &);  // false: not a product it takes (the float32 path does it)
   void (*quantize_rows)(const float *, int64_t, int64_t, int8_t *, float *, float *, int);
+  double (*peak)(int, int64_t);  // GMAC/s of its block dots on every thread
 };
-const Int8Isa INT8_ISAS[] = {{"avx512vnni", "avx512", mst_avx512::linear_int8_vnni, mst_avx512::quantize_rows},
-                             {"avx512", "avx512", mst_avx512::linear_int8, mst_avx512::quantize_rows},
-                             {"avxvnni", "avx2", mst_avx2::linear_int8_vnni, mst_avx2::quantize_rows},
-                             {"avx2", "avx2", mst_avx2::linear_int8, mst_avx2::quantize_rows},
-                             {"generic", "generic", mst_generic::linear_int8, mst_generic::quantize_rows}};
+const Int8Isa INT8_ISAS[] = {
+    {"avx512vnni", "avx512", mst_avx512::linear_int8_vnni, mst_avx512::quantize_rows, mst_avx512::int8_peak_vnni},
+    {"avx512", "avx512", mst_avx512::linear_int8, mst_avx512::quantize_rows, mst_avx512::int8_peak},
+    {"avxvnni", "avx2", mst_avx2::linear_int8_vnni, mst_avx2::quantize_rows, mst_avx2::int8_peak_vnni},
+    {"avx2", "avx2", mst_avx2::linear_int8, mst_avx2::quantize_rows, mst_avx2::int8_peak},
+    {"generic", "generic", mst_generic::linear_int8, mst_generic::quantize_rows, mst_generic::int8_peak}};
 
 bool supported(const Int8Isa &dots) {
   for (const Isa &base : ISAS)
@@ -652,5 +657,7 @@ double mst_read_bandwidth(const float *buf, int64_t count, int reps) {
   return isa().read_bandwidth(buf, count, threads(), reps);
 }
 double mst_fma_peak(int64_t iterations) { return isa().fma_peak(threads(), iterations); }
+// GMAC/s of int8 multiply-adds by the int8 products' dot products (mst_int8_isa) on every thread.
+double mst_int8_peak(int64_t iterations) { return int8_isa().peak(threads(), iterations); }
 
 }  // extern "C"

@@ -551,6 +551,48 @@ static void qproduct(const LinearArgs &a, const QRows &x) {
 
 #endif
 
+// ---- the compute floor of these products ------------------------------------------------------------------
+
+// Multiply-adds of int8 per second (GMAC/s) on every thread: independent chains of the products' inner step in
+// registers (a 32-byte block dot: vpmaddubsw then vpaddw, or vpdpbusd; the fallback's plain loop), 32 per step.
+// bench-engine sets the products of many rows (prefill, big batches) against it, as against the FMA peak.
+template <class Dot>
+static double int8_peak_with(int threads, int64_t iterations) {
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<int64_t> totals(threads, 0);
+  parallel(threads, [&](int t, int) {
+    volatile int8_t seed = int8_t(t + 3);
+#if MST_W >= 8
+    const __m256i u = _mm256_set1_epi8(char(seed)), s = _mm256_set1_epi8(char(seed + 1));
+    __m256i acc[12];
+    for (int i = 0; i < 12; i++) acc[i] = _mm256_set1_epi32(i);
+    for (int64_t it = 0; it < iterations; it++) {
+#pragma GCC unroll 12
+      for (int i = 0; i < 12; i++) {
+        if constexpr (Dot::VNNI) acc[i] = Dot::accumulate(acc[i], u, s);
+        else acc[i] = _mm256_add_epi16(acc[i], _mm256_maddubs_epi16(u, s));
+      }
+    }
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 12; i++) sum = _mm256_add_epi32(sum, acc[i]);
+    totals[t] = _mm256_extract_epi32(sum, 0);
+#else
+    int32_t acc[12] = {};
+    uint8_t u[32];
+    int8_t w[32];
+    for (int j = 0; j < 32; j++) u[j] = uint8_t(seed + j), w[j] = int8_t(seed - j);
+    for (int64_t it = 0; it < iterations; it++)
+      for (int i = 0; i < 12; i++)
+        for (int j = 0; j < 32; j++) acc[i] += int32_t(u[j]) * int32_t(w[j] ^ int8_t(i));
+    for (int i = 0; i < 12; i++) totals[t] += acc[i];
+#endif
+  });
+  volatile int64_t sink = 0;
+  for (int64_t v : totals) sink = sink + v;
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return double(threads) * iterations * 12 * 32 / seconds / 1e9;
+}
+
 // ---- entry --------------------------------------------------------------------------------------------------
 
 template <class F, class Dot>
@@ -584,8 +626,12 @@ static bool linear_int8_with(const LinearArgs &a) {
 #if MST_W >= 8
 bool linear_int8(const LinearArgs &a) { return linear_int8_with<DotMaddubs>(a); }
 bool linear_int8_vnni(const LinearArgs &a) { return linear_int8_with<DotVnni>(a); }
+double int8_peak(int threads, int64_t iterations) { return int8_peak_with<DotMaddubs>(threads, iterations); }
+double int8_peak_vnni(int threads, int64_t iterations) { return int8_peak_with<DotVnni>(threads, iterations); }
 #else
+struct DotPlain;
 bool linear_int8(const LinearArgs &a) { return linear_int8_with<DotPlain>(a); }
+double int8_peak(int threads, int64_t iterations) { return int8_peak_with<DotPlain>(threads, iterations); }
 #endif
 
 }  // namespace MST_NS
