@@ -235,7 +235,8 @@ sys.path.insert(0, sys.argv[1])
 from mstriton import kernels
 from mstriton.kernels import activations
 print("FLOORS " + json.dumps({"isa": kernels.library().mst_isa().decode(), "int8_isa": activations.int8_isa(),
-                              "threads": kernels.threads(), "fma_peak_gflops": kernels.fma_peak()}))
+                              "threads": kernels.threads(), "fma_peak_gflops": kernels.fma_peak(),
+                              "int8_peak_gmacs": kernels.int8_peak()}))
 """
 
 
@@ -245,6 +246,7 @@ def floors(gguf: Path) -> dict:
     out = frontend.run_quietly([sys.executable, "-c", FLOOR_PROBE, str(ROOT)], "the kernels' FMA probe")
     found.update(json.loads(next(line for line in out.splitlines() if line.startswith("FLOORS "))[7:]))
     found["fma_peak_gflops"] = round(found["fma_peak_gflops"], 1)
+    found["int8_peak_gmacs"] = round(found["int8_peak_gmacs"], 1)
     found["weights_bytes"], found["weights_file"] = gguf.stat().st_size, gguf.name
     bandwidth = max(found["read_bandwidth_gbs"].values())
     found["decode_floor_ms"] = round(found["weights_bytes"] / (bandwidth * 1e9) * 1e3, 2)
@@ -326,7 +328,8 @@ def markdown(results: dict) -> str:
         lines += [f"Floors, measured in this run before any server started (mstriton.kernels, in processes of their "
                   f"own): read bandwidth {bandwidth}; float32 FMA peak {f['fma_peak_gflops']} GFLOP/s over "
                   f"{f['threads']} kernel threads; the kernels' ISA `{f['isa']}`, their int8 dot products "
-                  f"`{f['int8_isa']}`. A decode step reads at least the weights: the {weights_file} "
+                  f"`{f['int8_isa']}`" + (f" ({f['int8_peak_gmacs']} G int8 multiply-adds/s: the compute floor of "
+                                          f"big batches)" if f.get("int8_peak_gmacs") else "") + ". A decode step reads at least the weights: the {weights_file} "
                   f"{f['weights_bytes'] / 1e6:.0f} MB at that bandwidth take {f['decode_floor_ms']} ms, the floor "
                   f"of one stream's inter-token latency (at most {1e3 / f['decode_floor_ms']:.0f} tokens/s at c=1).",
                   ""]
