@@ -329,7 +329,7 @@ def markdown(results: dict) -> str:
                   f"own): read bandwidth {bandwidth}; float32 FMA peak {f['fma_peak_gflops']} GFLOP/s over "
                   f"{f['threads']} kernel threads; the kernels' ISA `{f['isa']}`, their int8 dot products "
                   f"`{f['int8_isa']}`" + (f" ({f['int8_peak_gmacs']} G int8 multiply-adds/s: the compute floor of "
-                                          f"big batches)" if f.get("int8_peak_gmacs") else "") + ". A decode step reads at least the weights: the {weights_file} "
+                                          f"big batches)" if f.get("int8_peak_gmacs") else "") + f". A decode step reads at least the weights: the {weights_file} "
                   f"{f['weights_bytes'] / 1e6:.0f} MB at that bandwidth take {f['decode_floor_ms']} ms, the floor "
                   f"of one stream's inter-token latency (at most {1e3 / f['decode_floor_ms']:.0f} tokens/s at c=1).",
                   ""]
