@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,6 +17,15 @@ from ..params import ParameterError
 # unary models give the code back by it (`with_code_restored`).
 from ..serving.error_marks import INVALID_REQUEST, SERVER_BUSY
 from ..serving.finished_streams import FINISHED_STREAMS
+
+
+def freeze_loaded_objects() -> None:
+    """At the end of a model's initialize(): everything loaded so far (MindSpore's and transformers' modules, the
+    compiled graphs' Python side, the tokenizer) moves out of the garbage collector's reach. Full collections
+    otherwise walk those millions of objects again and again while requests run: in a SmolLM2 decode loop,
+    about 2% of a step's samples were the collector's, and freezing cut 0.2-0.5 ms off a 6-7 ms step."""
+    gc.collect()
+    gc.freeze()
 
 
 def model_config(args) -> dict:

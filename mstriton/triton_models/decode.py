@@ -86,6 +86,7 @@ class TritonPythonModel:
                                    on_step=self.on_step, on_state=self.on_queue,
                                    prefill_budget=int(common.parameter(config, "prefill_budget",
                                                                        str(DEFAULT_PREFILL_BUDGET))))
+        common.freeze_loaded_objects()
         self.scheduler.start()
         self.name = args["model_name"]
         self.stream_interval = int(common.parameter(config, "stream_interval", "1"))

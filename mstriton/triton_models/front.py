@@ -49,6 +49,7 @@ class TritonPythonModel:
         self.metrics_lock = threading.Lock()  # finalize() lets go of the metrics (common.drop_metrics)
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
+        common.freeze_loaded_objects()
 
     async def execute(self, requests):
         for request in requests:
