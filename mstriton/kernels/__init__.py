@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import FORMATS, row_bytes
+from .formats import FORMATS, GROUP, INTERLEAVED, row_bytes
 
 HERE = Path(__file__).resolve().parent
 LIBRARY = HERE / "libmstriton_kernels.so"
@@ -126,6 +126,11 @@ def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(a, np.float32)
 
 
+def _check_whole_groups(fmt: str, n: int) -> None:
+    if fmt in INTERLEAVED and n % GROUP:
+        raise ValueError(f"{fmt} matrices hold whole groups of {GROUP} rows (output channels); this one has {n}")
+
+
 def linear(fmt: str, x: np.ndarray, w: np.ndarray, *, pre: str = "none", norm: np.ndarray | None = None,
            eps: float = 1e-6, bias: np.ndarray | None = None, residual: np.ndarray | None = None) -> np.ndarray:
     """y [M, N] = pre(x) @ unpack(w)^T (+ bias) (+ residual), with x [M, K] ([M, 2K] for pre='swiglu')."""
@@ -135,13 +140,13 @@ def linear(fmt: str, x: np.ndarray, w: np.ndarray, *, pre: str = "none", norm: n
     if w.shape[1] != row_bytes(fmt, k):
         raise ValueError(f"{fmt} rows of K={k} take {row_bytes(fmt, k)} bytes; w has {w.shape[1]}")
     n = w.shape[0]
+    _check_whole_groups(fmt, n)
     y = np.empty((m, n), np.float32)
     norm, bias, residual = (None if a is None else _f32(a) for a in (norm, bias, residual))
     status = library().mst_linear(FORMATS[fmt], PRE[pre], _ptr(x), m, k, _ptr(norm), eps, _ptr(w), n, _ptr(bias),
                                   _ptr(residual), _ptr(y))
     if status:
-        raise ValueError(f"mst_linear refused its arguments (status {status}; {fmt} with N={n}, K={k}: the "
-                         f"interleaved formats take N a multiple of 8)")
+        raise ValueError(f"mst_linear refused its arguments (status {status})")
     return y
 
 
@@ -149,9 +154,9 @@ def embed(fmt: str, tokens: np.ndarray, table: np.ndarray, dim: int) -> np.ndarr
     tokens = np.ascontiguousarray(tokens, np.int32)
     table = np.ascontiguousarray(table, np.uint8)
     out = np.empty(tokens.shape + (dim,), np.float32)
+    _check_whole_groups(fmt, table.shape[0])
     if library().mst_embed(FORMATS[fmt], _ptr(tokens), tokens.size, _ptr(table), table.shape[0], dim, _ptr(out)):
-        raise ValueError(f"mst_embed refused its arguments ({fmt} table of {table.shape[0]} rows: the interleaved "
-                         f"formats take a multiple of 8)")
+        raise ValueError(f"mst_embed refused its arguments ({fmt}, a table of {table.shape[0]} rows)")
     return out
 
 

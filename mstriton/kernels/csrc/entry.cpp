@@ -185,7 +185,7 @@ bool is(const char *dtype, const char *name) { return dtype && !std::strcmp(dtyp
 // A weight matrix of n rows of row_bytes bytes holds k values per row in this format (an interleaved one also
 // needs whole groups of 8 rows).
 bool matrix_fits(int format, int64_t n, int64_t bytes, int64_t k) {
-  return bytes == row_bytes(format, k) && (!interleaved(format) || n % 8 == 0);
+  return bytes == row_bytes(format, k) && whole_groups(format, n);
 }
 
 void optional_terms(int nparam, void **params, int *ndims, int first, LinearArgs *a) {
@@ -457,7 +457,7 @@ extern "C" int MstDecodeStep(AOT_ARGS) {
     const int64_t bytes = *format < 0 ? k_width * 4 : n_rows * row_bytes(*format, k_width);
     *where = blob + offset;
     return offset >= 0 && bytes > 0 && offset + bytes <= blob_bytes && *format < FORMAT_COUNT &&
-           (*format < 0 || n_rows == 1 || matrix_fits(*format, n_rows, row_bytes(*format, k_width), k_width));
+           (*format < 0 || whole_groups(*format, n_rows));
   };
   const int64_t b = shapes[0][0];
   float *logits = static_cast<float *>(params[11]);
@@ -594,7 +594,7 @@ int64_t mst_row_bytes(int format, int64_t k) { return row_bytes(format, k); }
 int mst_linear(int format, int pre, const float *x, int64_t m, int64_t k, const float *norm, float eps,
                const uint8_t *w, int64_t n, const float *bias, const float *residual, float *y) {
   if (format < 0 || format >= FORMAT_COUNT || pre < PRE_NONE || pre > PRE_SWIGLU) return 1;
-  if (interleaved(format) && n % 8) return 2;
+  if (!whole_groups(format, n)) return 2;
   LinearArgs a{format, pre, x, m, k, norm, eps, w, n, bias, residual, y, threads()};
   product(a);
   return 0;
@@ -637,7 +637,7 @@ int mst_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *d,
 int mst_embed(int format, const int32_t *tokens, int64_t count, const uint8_t *table, int64_t vocab, int64_t e,
               float *out) {
   if (format < 0 || format >= FORMAT_COUNT) return 1;
-  if (interleaved(format) && vocab % 8) return 2;
+  if (!whole_groups(format, vocab)) return 2;
   isa().embed(format, tokens, count, table, vocab, e, out);
   return 0;
 }

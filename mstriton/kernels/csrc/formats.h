@@ -30,6 +30,8 @@ enum Format : int {
 };
 
 static inline bool interleaved(int format) { return format >= Q8_0X8 && format <= Q4_1X8; }
+// Whether a matrix of n rows can be in this format: an interleaved one holds whole groups of 8 rows.
+static inline bool whole_groups(int format, int64_t n) { return !interleaved(format) || n % 8 == 0; }
 // The block format an interleaved one regroups (itself for the others).
 static inline int base_format(int format) { return interleaved(format) ? format - Q8_0X8 + Q8_0 : format; }
 
@@ -51,7 +53,7 @@ static inline int64_t row_bytes(int format, int64_t k) {
 // 34, 18 or 20): the portable way to read one channel (embedding lookups, the float32 products, the fallback).
 static inline void gather_block(int format, const uint8_t *w, int64_t rb, int64_t c, int64_t b, uint8_t *out) {
   const int base = base_format(format);
-  const int bytes = base == Q8_0 ? 34 : base == Q4_0 ? 18 : 20;
+  const int64_t bytes = row_bytes(base, 32);
   const uint8_t *group = w + (c / 8) * 8 * rb + b * 8 * bytes;
   const int lane = int(c % 8);
   std::memcpy(out, group + 2 * lane, 2);  // d

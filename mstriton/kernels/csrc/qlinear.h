@@ -485,7 +485,7 @@ static void qgemv_lanes(const LinearArgs &a, const QRows &x) {
 }
 
 // A matrix interleaved by 8 channels: each group read where it is stored, nothing unpacked (one contiguous stream
-// of 8 rb bytes per group, which the hardware prefetchers follow; Ahead still runs ahead of it).
+// of 8 rb bytes per group, which the hardware prefetchers follow; InterleavedGroup::prefetch runs ahead of it).
 template <class F, class Dot>
 static void qgemv_interleaved(const LinearArgs &a, const QRows &x) {
   const int64_t rb = row_bytes(a.format, a.k), groups = a.n / 8;
