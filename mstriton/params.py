@@ -10,6 +10,7 @@ field and its allowed range.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -174,7 +175,9 @@ class Parameter:
     note: str = ""                  # said after the range in its error
     default_doc: str = ""           # the table's default, where the value alone does not say it
     allowed_doc: str = ""           # the table's allowed values of a text or a list (their sizes: RequestLimits)
-    many: bool = False              # a list (dims [-1]), else one value
+    many: bool = False              # a list (dims [-1]), else one value (a list of str; of int for an INT32)
+    # a check of a value beyond its range (a JSON text's content): check(value, limits) raises ParameterError
+    check: object = dataclasses.field(default=None, hash=False, compare=False)
     setting: bool = True            # a GenerationParams field (text_input, messages and stop are parse_request's)
     unary: bool = True              # NAME_unary takes it too (stop is the front model's only)
     doors: dict = dataclasses.field(default_factory=dict, hash=False)  # DOORS key -> DoorField
@@ -243,10 +246,61 @@ class Parameter:
         return text if params is None else f"{text}{' ' + self.note if self.note else ''}"
 
     @property
+    def item_kind(self) -> type:
+        """What a list's items are read as."""
+        return int if self.triton_type == "TYPE_INT32" else str
+
+    @property
     def annotation(self):
         if self.many:
-            return list[str]
+            return list[self.item_kind]
         return self.kind | None if self.default is None else self.kind
+
+
+MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_STOP_TOKEN_IDS = 64
+
+
+def check_token_ids(field: str, ids: list, vocab_size: int) -> None:
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise ParameterError(f"'{field}' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}")
+    for i, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+            raise ParameterError(f"'{field}[{i}]' must be a token id in [0, {vocab_size}), got {token!r}")
+
+
+def logit_biases(text: str) -> dict[int, float]:
+    """logit_bias's JSON text -> {token id: bias}, unchecked against the vocabulary (check_logit_bias does)."""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ParameterError(f"'logit_bias' must be a JSON object of token id -> bias: {exc}") from None
+    if not isinstance(value, dict):
+        raise ParameterError("'logit_bias' must be a JSON object of token id -> bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise ParameterError(f"'logit_bias' keys must be token ids, got {key!r:.40}") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ParameterError(f"'logit_bias[{key}]' must be a number in [-100, 100], got {bias!r:.40}")
+        out[token] = float(bias)
+    return out
+
+
+def check_logit_bias(text: str, vocab_size: int) -> None:
+    biases = logit_biases(text)
+    if len(biases) > MAX_LOGIT_BIAS_ENTRIES:
+        raise ParameterError(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS_ENTRIES} entries, got {len(biases)}")
+    for token in biases:
+        if not 0 <= token < vocab_size:
+            raise ParameterError(f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {token}")
+
+
+def check_structured_outputs(text: str) -> None:
+    from .engine.structured_output import check  # llguidance: imported where a grammar is met
+    check(text)
 
 
 _BYTES = f"at most {RequestLimits.max_prompt_bytes >> 20} MiB"
@@ -318,6 +372,21 @@ PARAMETERS: tuple[Parameter, ...] = (
               doors={"tgi": DoorField("top_n_tokens", low=0, high=MAX_TOP_LOGPROBS)}),
     Parameter("return_tokens", "TYPE_BOOL", False, "each new token's id, text, log-probability, special flag and "
               "alternatives in `tokens_json`"),
+    Parameter("min_p", "TYPE_FP32", 0.0, "sampling drops tokens less likely than min_p times the most likely one "
+              "(after temperature; 0: off)", low=0.0, high=1.0,
+              doors={"openai": DoorField(low=0.0, high=1.0)}),
+    Parameter("logit_bias", "TYPE_STRING", None, "added to the logits of these token ids before choosing (greedy "
+              "too), as OpenAI's API", default_doc="none",
+              allowed_doc="a JSON object, token id (text) -> bias in [-100, 100], at most 1024 entries",
+              check=lambda value, limits: check_logit_bias(value, limits["vocab_size"])),
+    Parameter("stop_token_ids", "TYPE_INT32", None, "also end on these token ids (as the end ids: not before "
+              "min_tokens)", many=True, default_doc="none", allowed_doc="ids in [0, vocab), at most 64",
+              check=lambda value, limits: check_token_ids("stop_token_ids", value, limits["vocab_size"])),
+    Parameter("structured_outputs", "TYPE_STRING", None, "constrain the output: a JSON object with one of `json` (a "
+              "schema), `json_object` (true), `regex`, `choice` (a list of strings), `grammar` (Lark or GBNF), as "
+              "vLLM's; every token is chosen among those the grammar allows", default_doc="none",
+              allowed_doc="a JSON object (text) of one kind; a grammar that does not compile is refused",
+              check=lambda value, limits: check_structured_outputs(value)),
     Parameter("fit_max_tokens", "TYPE_BOOL", False, "a `max_tokens` beyond the room the prompt leaves is cut to it "
               "instead of refused (for defaults)"),
 )
@@ -361,6 +430,8 @@ class GenerationParams:
         limits = {"max_new_tokens_limit": max_new_tokens_limit, "vocab_size": vocab_size}
         for p in SETTINGS:
             value = getattr(self, p.name)
+            if p.check is not None and value is not None:
+                p.check(value, limits)
             if not p.bounded or (value is None and p.default is None):
                 continue
             if not p.admits(value, self, limits):

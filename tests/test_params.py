@@ -44,12 +44,17 @@ def test_generation_params_fields_and_defaults_are_the_settings():
         assert getattr(defaults, p.name) == ([] if p.many else p.default), p.name
 
 
+VALID_TEXTS = {"logit_bias": '{"7": -3.5}', "structured_outputs": '{"regex": "[ab]+"}'}
+
+
 def _valid(p):
     """A value of `p` other than its default that every range admits."""
     if p.kind is bool:
         return not p.default
     if p.kind is list:
-        return ["word"]
+        return ["word"] if p.item_kind is str else [3, 9]
+    if p.kind is str:
+        return VALID_TEXTS[p.name]
     if p.kind is int:
         return 2 if p.name != "max_tokens" else 5
     return 0.5
@@ -60,8 +65,14 @@ def test_parse_request_reads_every_setting_under_each_of_its_names_as_a_tensor_o
     value = _valid(p)
     for name in p.input_names:
         sent = (not value) if name in p.negated else value
-        tensor = np.array([[w.encode() for w in sent]], np.object_) if p.kind is list else \
-            np.array([[sent]], NUMPY[p.triton_type])
+        if p.kind is list and p.item_kind is str:
+            tensor = np.array([[w.encode() for w in sent]], np.object_)
+        elif p.kind is list:
+            tensor = np.array([sent], np.int32)
+        elif p.kind is str:
+            tensor = np.array([[sent.encode()]], np.object_)
+        else:
+            tensor = np.array([[sent]], NUMPY[p.triton_type])
         by_tensor = parse_request({"text_input": np.array([[b"hi"]], np.object_), name: tensor}.get)
         by_parameter = parse_request({}.get, {"text_input": "hi", name: sent})
         for parsed in (by_tensor, by_parameter):

@@ -306,3 +306,48 @@ def test_the_loop_survives_a_failed_step_and_serves_the_next_request(graphs):
     finally:
         scheduler.shutdown()
     assert engine.blocks.num_used == 0
+
+
+class _ByteVocabulary:
+    """A vocabulary of one byte per token (ids 0..127: ASCII), for a real llguidance matcher over the random model's
+    128 tokens: what llguidance's TokenizerWrapper reads."""
+    tokens = [bytes([i]) for i in range(128)]
+    eos_token_id, bos_token_id, special_token_ids = 0, None, [0]
+
+    def __call__(self, text):
+        return list(text.encode() if isinstance(text, str) else text)
+
+
+def test_a_request_waits_for_its_grammar_while_others_go_on_and_then_keeps_to_it(graphs):
+    import concurrent.futures
+    import re
+
+    import llguidance
+
+    from mstriton.engine.structured_output import GrammarCompiler, grammar_of
+
+    vocabulary = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()), n_vocab=128)
+    compiler = GrammarCompiler(lambda: vocabulary)
+    scheduler = Scheduler(Engine(graphs, max_slots=3), max_waiting=8)
+    events = {}
+    slow = concurrent.futures.Future()  # a grammar still compiling
+    scheduler.submit(DecodeRequest(key="grammar", prompt_ids=PROMPTS[0], emit=events.setdefault("grammar", []).append,
+                                   params=GenerationParams(max_tokens=20, temperature=1.0, seed=3),
+                                   end_ids=(0,), grammar=slow))
+    scheduler.submit(make_request(graphs, "plain", PROMPTS[1], events, max_tokens=4))
+    scheduler.step()
+    scheduler.step()
+    assert [r.request.key for r in scheduler.running] == ["plain"] and len(scheduler.waiting) == 1
+    slow.set_result(compiler.submit(grammar_of({"regex": "[0-9]{2,3}(ab|cd)"})).result())
+    broken = concurrent.futures.Future()
+    broken.set_exception(ValueError("'structured_outputs' cannot be compiled: test"))
+    scheduler.submit(DecodeRequest(key="broken", prompt_ids=PROMPTS[3], emit=events.setdefault("broken", []).append,
+                                   params=GenerationParams(), grammar=broken))
+    run_until_idle(scheduler)
+    text = bytes(tokens_of(events["grammar"])).decode()
+    assert re.fullmatch("[0-9]{2,3}(ab|cd)\x00", text), text  # then the end id, which the grammar allows last
+    assert events["grammar"][-1].finish_reason == "end_id"
+    assert len(tokens_of(events["plain"])) == 4
+    assert events["broken"][-1].error.endswith("'structured_outputs' cannot be compiled: test")
+    assert scheduler.engine.blocks.num_used == 0
+    compiler.close()

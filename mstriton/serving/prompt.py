@@ -68,6 +68,8 @@ class PromptEncoder:
                                  f"max_seq_len={self.max_seq_len} tokens (at most {self.max_seq_len - 1})")
         params.validate(max_new_tokens_limit=room, vocab_size=self.vocab_size)
         end_ids = [params.end_id] if params.end_id is not None else self.end_ids
+        # stop_token_ids end a generation as the end ids do (and, as in vLLM, not before min_tokens)
+        end_ids = end_ids + [t for t in params.stop_token_ids if t not in end_ids]
         words = {"stop": self.tokenizer.encode_words(params.stop_words),
                  "bad": self.tokenizer.encode_words(params.bad_words), "end_ids": end_ids}
         return EncodedPrompt(ids=ids, params_dict=dataclasses.asdict(params), words=words)

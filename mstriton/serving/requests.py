@@ -13,6 +13,7 @@ its arrival.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Callable
 
 import numpy as np
@@ -27,7 +28,10 @@ INPUTS = {name: (p.name, p.kind) for p in SETTINGS for name in (p.name, *p.alias
 # Inputs whose meaning is the negation of a field.
 NEGATED = {name: p.name for p in SETTINGS for name in p.negated}
 # stop_words and bad_words: lists of words, read (and their sizes checked) before anything else
-WORD_INPUTS = tuple(p.name for p in SETTINGS if p.kind is list)
+WORD_INPUTS = tuple(p.name for p in SETTINGS if p.kind is list and p.item_kind is str)
+# lists of token ids (stop_token_ids)
+ID_INPUTS = tuple(p.name for p in SETTINGS if p.kind is list and p.item_kind is int)
+MAX_IDS = 1024  # the most items an id list is read with (its own limit, checked by validate, is lower)
 
 
 @dataclasses.dataclass
@@ -73,9 +77,21 @@ def _words(name: str, value, limits: RequestLimits) -> list[str]:
     return words
 
 
+def _ids(name: str, value) -> list[int]:
+    """A list of token ids: an INT32 tensor, or a parameter's list (or one id)."""
+    items = np.asarray(value if isinstance(value, (list, tuple, np.ndarray)) else [value], dtype=object).reshape(-1)
+    if items.size > MAX_IDS:
+        raise ParameterError(f"'{name}' may hold at most {MAX_IDS} ids, got {items.size}")
+    return [_convert(f"{name}[{i}]", int, item) for i, item in enumerate(items)]
+
+
 def _convert(name: str, kind, value):
     if isinstance(value, np.ndarray):
         value = _scalar(name, value)
+    if kind is str:  # a JSON text (structured_outputs, logit_bias): its content is checked by validate
+        if isinstance(value, (dict, list)):  # an HTTP generate / KServe parameter given as JSON itself
+            return json.dumps(value)
+        return _as_text(name, value)
     if isinstance(value, (bytes, str)):
         raise ParameterError(f"'{name}' must be a {kind.__name__}, got text {value!r:.80}")
     if kind is bool:
@@ -115,6 +131,11 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
         value = array if array is not None else parameters.get(name)
         if value is not None:
             words[name] = _words(name, value, limits)
+    for name in ID_INPUTS:
+        array = get(name)
+        value = array if array is not None else parameters.get(name)
+        if value is not None:
+            words[name] = _ids(name, value)
     stop_input = get("stop")
     stop = bool(_convert("stop", bool, stop_input)) if stop_input is not None else bool(parameters.get("stop"))
     messages = validate_messages(messages_value, limits.max_messages) if messages_value is not None else None
@@ -133,6 +154,8 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
         array = get(name)
         value = array if array is not None else parameters.get(name)
         if value is not None and field not in fields:
+            if kind is str:  # a JSON text: measured before it is decoded
+                value = _text_value(name, value, limits)
             fields[field] = _convert(name, kind, value)
     for name, field in NEGATED.items():
         array = get(name)

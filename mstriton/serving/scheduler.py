@@ -3,7 +3,8 @@
 Requests arrive as prompt token ids. Each step of the loop:
 1. ends cancelled requests and frees their blocks;
 2. admits waiting requests in arrival order while a decode slot and the blocks of the prompt (beyond what the
-   prefix cache already holds) are free: the KV cache is admitted by blocks, not by worst-case length;
+   prefix cache already holds) are free: the KV cache is admitted by blocks, not by worst-case length. A request
+   under a grammar waits until its grammar is compiled (off this loop); the requests behind it go on meanwhile;
 3. prefills: with no stream decoding, every admitted prompt in full; beside running streams only a budget of
    prompt tokens (chunks of the prompts, oldest first), so that a long prompt costs each stream a bounded delay
    per token instead of a stall (chunked prefill beside decode, as in vLLM and MindIE's SplitFuse). The budget
@@ -23,6 +24,7 @@ numbers. Past the bounded queue, submit() refuses with ServerBusy.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -34,7 +36,7 @@ import numpy as np
 from ..engine.engine import Engine, PromptTooLong, Sequence
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import DEFAULT_PREFILL_BUDGET, GenerationParams
-from .error_marks import SERVER_BUSY
+from .error_marks import INVALID_REQUEST, SERVER_BUSY
 
 # Beside running streams, prefill per step may take this share of a decode step's time (auto budget): the gap
 # between two tokens of a stream is then at most about 1 + share decode steps.
@@ -69,6 +71,12 @@ class DecodeRequest:
     stop_words: list[list[int]] = dataclasses.field(default_factory=list)
     bad_words: list[list[int]] = dataclasses.field(default_factory=list)
     arrived: float = dataclasses.field(default_factory=time.monotonic)
+    # its grammar's matcher, being compiled (structured_output.GrammarCompiler); None: no grammar
+    grammar: concurrent.futures.Future | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.grammar is None or self.grammar.done()
 
 
 def final_event(request: DecodeRequest, reason: str, error: str | None = None, cum_logprob: float = 0.0,
@@ -121,6 +129,12 @@ class Scheduler:
                 raise ServerBusy(f"{SERVER_BUSY}all {self.engine.max_slots} sequence slots are generating and "
                                  f"{self.max_waiting} requests already wait; retry later")
             self.waiting.append(request)
+            self.lock.notify()
+        if request.grammar is not None:  # the loop may be asleep with only this request waiting
+            request.grammar.add_done_callback(lambda _: self._wake())
+
+    def _wake(self) -> None:
+        with self.lock:
             self.lock.notify()
 
     def cancel(self, key: str) -> bool:
@@ -182,7 +196,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.lock:
-                while not self.stopping and not self.waiting and not self.running:
+                while not self.stopping and not self.running and not any(map(self._admissible, self.waiting)):
                     self.lock.wait()
                 if self.stopping:
                     return
@@ -211,17 +225,32 @@ class Scheduler:
         if self.on_state:
             self.on_state(self)
 
+    def _admissible(self, entry: DecodeRequest | Running) -> bool:
+        """Whether _admit can take `entry` now: admit it, or end it (cancelled). Called holding the lock."""
+        return _ready(entry) or _request(entry).key in self.cancelled_keys
+
     def _admit(self) -> None:
         while True:
             with self.lock:
-                if not self.waiting or len(self.running) >= self.engine.max_slots:
+                if len(self.running) >= self.engine.max_slots:
                     return
-                entry = self.waiting[0]
+                entry = next(filter(self._admissible, self.waiting), None)
+                if entry is None:
+                    return
                 request = _request(entry)
                 if request.key in self.cancelled_keys:
-                    self.waiting.popleft()
+                    self.waiting.remove(entry)
                     self.cancelled_keys.discard(request.key)
                     self._end_waiting(entry, "cancelled")
+                    continue
+            matcher = None
+            if isinstance(entry, DecodeRequest) and entry.grammar is not None:
+                try:
+                    matcher = entry.grammar.result()
+                except Exception as exc:  # noqa: BLE001 - its grammar did not compile: refuse this one only
+                    with self.lock:
+                        self.waiting.remove(entry)
+                    self._end_waiting(entry, "cancelled", error=f"{INVALID_REQUEST}{exc}")
                     continue
             if isinstance(entry, Running):  # preempted: recompute its prompt and what it generated before the last
                 tokens = request.prompt_ids + entry.sampling.generated[:-1]
@@ -231,19 +260,19 @@ class Scheduler:
                 sequence = self.engine.add(tokens)
             except PromptTooLong as exc:  # it could never fit: refuse this one, keep serving others
                 with self.lock:
-                    self.waiting.popleft()
+                    self.waiting.remove(entry)
                 self._end_waiting(entry, "length", error=str(exc))
                 continue
             if sequence is None:
-                return  # too few free blocks now: it keeps its place at the head of the queue
+                return  # too few free blocks now: it keeps its place in the queue
             with self.lock:
-                self.waiting.popleft()
+                self.waiting.remove(entry)
             if isinstance(entry, Running):  # resumed; one preempted before its first token starts over
                 entry.sequence, entry.resumed = sequence, bool(entry.sampling.generated)
                 self.running.append(entry)
                 continue
             sampling = SamplingState(params=request.params, end_ids=request.end_ids,
-                                     prompt_ids=request.prompt_ids, bad_words=request.bad_words)
+                                     prompt_ids=request.prompt_ids, bad_words=request.bad_words, matcher=matcher)
             self.running.append(Running(request=request, sequence=sequence, sampling=sampling))
 
     def _prefill(self) -> None:
@@ -375,6 +404,10 @@ class Scheduler:
 
 def _average(previous: float | None, value: float) -> float:
     return value if previous is None else previous + SMOOTHING * (value - previous)
+
+
+def _ready(entry: DecodeRequest | Running) -> bool:
+    return isinstance(entry, Running) or entry.ready
 
 
 def _request(entry: DecodeRequest | Running) -> DecodeRequest:

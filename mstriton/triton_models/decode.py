@@ -9,6 +9,7 @@ front model sends it when its client cancels or sends stop).
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -16,8 +17,10 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
+from ..engine.structured_output import GrammarCompiler, grammar_of
 from ..kernels import activations
 from ..params import DEFAULT_PREFILL_BUDGET, MAX_STREAM_INTERVAL, GenerationParams
+from ..repository import model_name
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
@@ -86,6 +89,10 @@ class TritonPythonModel:
                                    on_step=self.on_step, on_state=self.on_queue,
                                    prefill_budget=int(common.parameter(config, "prefill_budget",
                                                                        str(DEFAULT_PREFILL_BUDGET))))
+        # grammars (structured_outputs) compile on a thread of their own, over the tokenizer model's vocabulary
+        self.grammars = GrammarCompiler.for_tokenizer_model(
+            common.version_dir(args).parent.parent / model_name(args["model_name"].removesuffix("_decode"),
+                                                                "tokenizer"))
         common.freeze_loaded_objects()
         self.scheduler.start()
         self.name = args["model_name"]
@@ -186,14 +193,19 @@ class TritonPythonModel:
             pending.clear()
             pending_tops.clear()
 
+        # checked by the tokenizer step: compiled here against the vocabulary, off the decode loop
+        grammar = self.grammars.submit(grammar_of(json.loads(params.structured_outputs))) \
+            if params.structured_outputs else None
         return DecodeRequest(
             key=common.text(request, "request_key"),
             prompt_ids=prompt_ids,
             params=params,
-            emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"])
+            emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"],
+            grammar=grammar)
 
     def finalize(self):
         self.watch.close()
+        self.grammars.close()
         self.scheduler.shutdown("the server is shutting down; generation stopped")
         common.drop_metrics(self)
 
