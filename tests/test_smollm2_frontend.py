@@ -182,8 +182,9 @@ def test_openai_errors_are_the_sdk_exceptions_naming_the_param(openai_client, ke
     import openai
 
     cases = [({"max_tokens": 100000}, "max_tokens"), ({"temperature": 5}, "temperature"),
-             ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-             ({"response_format": {"type": "json_object"}}, "response_format"), ({"logit_bias": {"1": 2}}, "logit_bias"),
+             ({"tools": [{"type": "function", "function": {"name": "f g"}}]}, "tools[0].function.name"),
+             ({"response_format": {"type": "json_schema"}}, "response_format.json_schema.schema"),
+             ({"logit_bias": {"1": 200}}, "logit_bias.1"),
              ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"), ({"n": 0}, "n"),
              ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages")]
     for settings, param in cases:

@@ -1,6 +1,7 @@
 """OpenAI's API: /v1/models, /v1/completions and /v1/chat/completions, streamed (SSE, then `data: [DONE]`) or
-not, with vLLM's extensions for the same settings (top_k, repetition_penalty, min_tokens). A parameter this
-server does not implement is refused with 400 naming it, never ignored."""
+not, with vLLM's extensions for the same settings (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids,
+structured_outputs and guided_*). Structured output (response_format) and tools (tools.py) are held by a grammar.
+A parameter this server does not implement is refused with 400 naming it, never ignored."""
 
 from __future__ import annotations
 
@@ -14,15 +15,17 @@ from fastapi.responses import StreamingResponse
 from ..params import MAX_TOP_LOGPROBS, ParameterError, door_fields
 from ..tokenizer import validate_messages
 from . import generation as gen
+from . import structured
 from .errors import ApiError, invalid
 from .fields import Fields, check_prompt, door_settings, json_body, limits
+from .tools import ToolRequest, ToolStream, parse, with_generic_calls
 
 router = APIRouter()
 
 # The settings read as params.PARAMETERS maps them (door_settings); max_tokens, n, stop, logprobs and echo below
 SAMPLING = set(door_fields("openai").values())
-COMMON = SAMPLING | {"model", "max_tokens", "n", "stream", "stream_options", "stop", "user", "logprobs",
-                     "logit_bias", "best_of"}
+COMMON = SAMPLING | structured.OPENAI_FIELDS | {"model", "max_tokens", "n", "stream", "stream_options", "stop",
+                                                "user", "logprobs", "logit_bias", "best_of", "stop_token_ids"}
 COMPLETIONS = COMMON | {"prompt", "echo", "suffix"}
 CHAT = COMMON | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls",
                  "response_format", "functions", "function_call", "audio", "modalities", "prediction", "store",
@@ -33,15 +36,11 @@ MAX_N = 16
 
 def _refuse_unimplemented(body: Fields) -> None:
     """The parameters we know and do not implement: refused unless their value asks for nothing."""
-    body.refuse("logit_bias", "per-token logit biases are not implemented", unless=lambda v: not v)
     body.refuse("best_of", "only best_of = 1", unless=lambda v: v in (None, 1))
     body.refuse("suffix", "insertion (a suffix after the completion) is not implemented", unless=lambda v: not v)
-    body.refuse("tools", "tool calls are not implemented", unless=lambda v: not v)
-    body.refuse("functions", "function calls are not implemented", unless=lambda v: not v)
-    body.refuse("tool_choice", "tool calls are not implemented", unless=lambda v: v in (None, "none"))
-    body.refuse("function_call", "function calls are not implemented", unless=lambda v: v in (None, "none"))
-    body.refuse("response_format", "only plain text responses ({'type': 'text'})",
-                unless=lambda v: v is None or v == {"type": "text"})
+    body.refuse("functions", "the deprecated functions: send them as 'tools'", unless=lambda v: not v)
+    body.refuse("function_call", "the deprecated function_call: send 'tool_choice'",
+                unless=lambda v: v in (None, "none"))
     body.refuse("audio", "audio output is not implemented")
     body.refuse("modalities", "only text", unless=lambda v: v in (None, ["text"]))
     body.refuse("prediction", "predicted outputs are not implemented")
@@ -68,6 +67,16 @@ async def _settings(body: Fields, triton, model: str) -> dict:
     settings = door_settings(body, "openai")
     if settings.get("top_k") == -1:  # vLLM's "no top-k cut"
         settings["top_k"] = 0
+    if body.has("logit_bias"):
+        settings["logit_bias"] = _logit_bias(body)
+    if body.has("stop_token_ids"):
+        ids = body.values["stop_token_ids"]
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise invalid("stop_token_ids", "'stop_token_ids' must be a list of token ids (integers)")
+        settings["stop_token_ids"] = ids
+    spec, _ = structured.from_openai(body)
+    if spec is not None:
+        settings["structured_outputs"] = json.dumps(spec)
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"), low=1)
     if max_tokens is None:  # as vLLM: up to the end of the context
         settings["max_tokens"] = (await triton.info(model)).max_seq_len
@@ -75,6 +84,26 @@ async def _settings(body: Fields, triton, model: str) -> dict:
     else:
         settings["max_tokens"] = max_tokens
     return settings
+
+
+def _logit_bias(body: Fields) -> str:
+    """OpenAI's logit_bias, {token id (text): bias in [-100, 100]}, as the JSON text the server reads (which checks
+    the ids against the vocabulary)."""
+    value = body.values["logit_bias"]
+    if not isinstance(value, dict):
+        raise invalid("logit_bias", "'logit_bias' must be an object of token id -> bias in [-100, 100]")
+    biases = Fields(value, prefix="logit_bias.")
+    for key in value:
+        if not key.lstrip("-").isdigit():
+            raise invalid("logit_bias", f"'logit_bias' keys must be token ids, got {key!r:.40}")
+        biases.number(key, low=-100, high=100)
+    return json.dumps(value)
+
+
+def _names(body: Fields, **names) -> dict:
+    """The server's parameter names -> the client's, for errors that name one."""
+    field = structured.source_field(body)
+    return {**names, **({"structured_outputs": field} if field else {})}
 
 
 def _generations(request: Request, body: Fields, model: str, settings: dict, names: dict, **prompt
@@ -192,7 +221,7 @@ async def completions(request: Request):
         settings.update(return_tokens=True, top_logprobs=logprobs)
     if echo:
         settings["exclude_input_in_output"] = False
-    names = {"max_tokens": "max_tokens", "text_input": "prompt"}
+    names = _names(body, max_tokens="max_tokens", text_input="prompt")
     generations = [g for p in prompts for g in _generations(request, body, model, settings, names, prompt=p)]
     triton = request.app.state.triton
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -232,50 +261,109 @@ def _chat_logprobs(tokens: list[dict]) -> dict:
                         for t in tokens]}
 
 
+def chat_messages(body: Fields, request: Request, tools: ToolRequest | None) -> list[dict]:
+    """The body's messages as the model gets them: earlier tool calls written in the generic format, and with
+    tools, their instruction in the system message."""
+    raw = body.values.get("messages")
+    if isinstance(raw, list):  # an assistant's tool_calls (its content null) become its content
+        raw = [with_generic_calls(m) if isinstance(m, dict) and m.get("content") is None else m for m in raw]
+    try:
+        messages = validate_messages(raw, limits(request).max_messages)
+    except ParameterError as exc:
+        raise invalid("messages", str(exc)) from None
+    return tools.messages(messages) if tools else messages
+
+
+def chat_tools(body: Fields, settings: dict) -> ToolRequest | None:
+    """The request's tools; their answer's grammar goes into `settings`."""
+    tools = ToolRequest.from_body(body)
+    if tools is None:
+        return None
+    if "structured_outputs" in settings:
+        raise invalid("tools", f"'tools' and '{structured.source_field(body)}' both constrain the answer: send one")
+    settings["structured_outputs"] = json.dumps(structured.checked(tools.structured_outputs(), "tools"))
+    return tools
+
+
+def _tool_call_delta(delta) -> dict:
+    call = {"index": delta.index}
+    if delta.id is not None:
+        call.update(id=delta.id, type="function", function={"name": delta.name, "arguments": delta.arguments})
+    else:
+        call["function"] = {"arguments": delta.arguments}
+    return call
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body, settings, model = await _read(request, CHAT)
-    try:
-        messages = validate_messages(body.values.get("messages"), limits(request).max_messages)
-    except ParameterError as exc:
-        raise invalid("messages", str(exc)) from None
+    tools = chat_tools(body, settings)
+    messages = chat_messages(body, request, tools)
     logprobs = body.boolean("logprobs", False)
     top_logprobs = body.integer("top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
         raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     if logprobs:
         settings.update(return_tokens=True, top_logprobs=top_logprobs or 0)
-    names = {"max_tokens": "max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens"}
+    names = _names(body, max_tokens="max_completion_tokens" if body.has("max_completion_tokens") else "max_tokens")
     generations = _generations(request, body, model, settings, names, messages=messages)
     triton = request.app.state.triton
     created, rid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
+    def message(result) -> tuple[dict, str]:
+        if tools is None:
+            return {"role": "assistant", "content": result.text}, result.finish_reason
+        content, calls = parse(result.text)
+        if not calls:
+            return {"role": "assistant", "content": content}, result.finish_reason
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+
     include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
         results = await gen.unless_disconnected(request.receive, gen.complete_all(triton, generations))
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": r.text},
-                             "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
-                             "finish_reason": r.finish_reason} for i, r in enumerate(results)],
+        choices = []
+        for i, r in enumerate(results):
+            answer, finish = message(r)
+            choices.append({"index": i, "message": answer, "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
+                            "finish_reason": finish})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage(results)}
     chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.merged(triton, generations)))
     head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
 
     async def payloads():
         finals = {}
+        streams = [ToolStream() if tools else None for _ in generations]
+
+        def choice(index, delta, chunk_logprobs=None, finish=None):
+            return _chunk(head, [{"index": index, "delta": delta, "logprobs": chunk_logprobs,
+                                  "finish_reason": finish}], include_usage)
+
         # the assistant's role first, as OpenAI streams it
         for index in range(len(generations)):
-            yield _chunk(head, [{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}], include_usage)
+            yield choice(index, {"role": "assistant", "content": ""})
         async for index, chunk in chunks:
-            if chunk.text or chunk.tokens:
-                yield _chunk(head, [{"index": index, "delta": {"content": chunk.text},
-                                     "logprobs": _chat_logprobs(chunk.tokens) if logprobs else None,
-                                     "finish_reason": None}], include_usage)
+            tool_stream = streams[index]
+            chunk_logprobs = _chat_logprobs(chunk.tokens) if logprobs else None
+            if tool_stream is None:
+                if chunk.text or chunk.tokens:
+                    yield choice(index, {"content": chunk.text}, chunk_logprobs)
+            else:
+                deltas = tool_stream.feed(chunk.text)
+                if chunk.reason:
+                    left, _ = tool_stream.finish()
+                    deltas += left
+                for delta in deltas:
+                    if delta.content is not None:
+                        yield choice(index, {"content": delta.content}, chunk_logprobs)
+                    else:
+                        yield choice(index, {"tool_calls": [_tool_call_delta(delta)]}, chunk_logprobs)
+                    chunk_logprobs = None  # a chunk's log-probabilities go with its first delta
             if chunk.reason:
                 finals[index] = chunk
-                yield _chunk(head, [{"index": index, "delta": {}, "logprobs": None,
-                                     "finish_reason": chunk.finish_reason}], include_usage)
+                called = tool_stream is not None and tool_stream.calls and chunk.finish_reason == "stop"
+                finish = "tool_calls" if called else chunk.finish_reason
+                yield choice(index, {}, None, finish)
         if include_usage:
             yield _chunk(head, [], include_usage, _usage(finals.values()))
     return _event_stream(payloads())

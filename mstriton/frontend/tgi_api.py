@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from ..params import door_fields
 from .. import __version__
 from . import generation as gen
+from . import structured
 from .errors import ApiError
 from .fields import Fields, door_settings, inputs_body, limits
 
@@ -31,7 +32,6 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     inputs, p, stream = await inputs_body(request, PARAMETERS)
     p.refuse("best_of", "only best_of = 1", unless=lambda v: v in (None, 1))
     p.refuse("decoder_input_details", "the prompt's log-probabilities are not computed", unless=lambda v: not v)
-    p.refuse("grammar", "constrained generation is not implemented")
     p.refuse("truncate", "prompts are not truncated; send a shorter one")
     p.refuse("typical_p", "typical sampling is not implemented", unless=lambda v: v in (None, 1.0))
     p.refuse("watermark", "watermarking is not implemented", unless=lambda v: not v)
@@ -40,11 +40,14 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     p.boolean("details")
     p.boolean("return_full_text")
     settings = door_settings(p, "tgi")
+    spec = structured.from_tgi(p)
+    if spec is not None:
+        settings["structured_outputs"] = json.dumps(spec)
     max_new = settings.get("max_tokens")
     settings.update(return_tokens=True, max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
                     fit_max_tokens=max_new is None)
     names = {**{k: f"parameters.{k}" for k in PARAMETERS}, **{k: f"parameters.{v}" for k, v in FIELDS.items()},
-             "text_input": "inputs"}
+             "text_input": "inputs", "structured_outputs": "parameters.grammar"}
     generation = gen.Generation(model=model, prompt=inputs, settings=settings,
                                 stop=p.texts("stop", max_items=limits(request).max_words,
                                                      max_item_bytes=limits(request).max_word_bytes), names=names)

@@ -181,13 +181,14 @@ def _tensor(name: str, value, shown: str) -> grpcclient.InferInput:
         array = np.array([[text.encode("utf-8")]], np.object_)
     else:
         dtype = np.dtype(triton_to_np_dtype(kind))
-        if dtype.kind in "iu" and not isinstance(value, bool):
-            info = np.iinfo(dtype)
-            if not info.min <= value <= info.max:
-                raise invalid(shown, f"'{shown}' must be in [{info.min}, {info.max}], got {value}")
-        if dtype.kind == "f" and not abs(value) <= np.finfo(dtype).max:
-            raise invalid(shown, f"'{shown}' must be a finite {dtype.itemsize * 8}-bit number, got {value!r}")
-        array = np.array([[value]], dtype)
+        for item in value if isinstance(value, list) else [value]:  # a list: stop_token_ids
+            if dtype.kind in "iu" and not isinstance(item, bool):
+                info = np.iinfo(dtype)
+                if not info.min <= item <= info.max:
+                    raise invalid(shown, f"'{shown}' must be in [{info.min}, {info.max}], got {item}")
+            if dtype.kind == "f" and not abs(item) <= np.finfo(dtype).max:
+                raise invalid(shown, f"'{shown}' must be a finite {dtype.itemsize * 8}-bit number, got {item!r}")
+        array = np.array([value] if isinstance(value, list) else [[value]], dtype)
     tensor = grpcclient.InferInput(name, list(array.shape), kind)
     tensor.set_data_from_numpy(array)
     return tensor

@@ -32,8 +32,8 @@ def stream_window(ids: Sequence[int], new: int = 1) -> list[int]:
 
 def piece(decode: Callable[[Sequence[int]], str], window: Sequence[int], final: bool = False, new: int = 1) -> str:
     """The new text of the stream's `new` newest tokens, from `window` (see stream_window); `final` releases any
-    held-back bytes."""
-    shown_before = visible(decode(window[:-new]))
+    held-back bytes (with `new` = 0, only those)."""
+    shown_before = visible(decode(window[:len(window) - new]))
     after = decode(window)
     shown_after = after if final else visible(after)
     if not shown_after.startswith(shown_before):

@@ -1,0 +1,111 @@
+"""Tool calls in the generic JSON format, without a server: the request's tools and tool_choice (and their
+refusals, naming the field), the grammar's schema, the answer read back (whole, and streamed in pieces of any
+size: deltas that assemble to the whole), earlier calls written back into the chat."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from mstriton.frontend.errors import ApiError
+from mstriton.frontend.fields import Fields
+from mstriton.frontend.tools import ToolRequest, ToolStream, parse, with_generic_calls
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "the time"}}
+ANSWERS = [
+    '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Os\\"lo} ]"}}, '
+    '{"name": "get_time", "arguments": {}}]}',
+    '{"tool_call": {"name": "get_weather", "arguments": {"city": "Kyiv", "days": [1, {"a": "}"}]}}}',
+    '{"response": "caf\\u00e9 \\ud83d\\ude00 \\"quoted\\" back\\\\slash\\nline"}',
+]
+
+
+def request(**body):
+    return ToolRequest.from_body(Fields(body))
+
+
+def test_tool_choice_shapes_the_schema_the_answer_must_follow():
+    auto = request(tools=[WEATHER, TIME])
+    assert auto.choice == "auto" and auto.parallel
+    schema = auto.schema()
+    jsonschema.validate(json.loads(ANSWERS[0]), schema)
+    jsonschema.validate(json.loads(ANSWERS[2]), schema)
+    with pytest.raises(jsonschema.ValidationError):  # a tool that does not exist
+        jsonschema.validate({"tool_calls": [{"name": "other", "arguments": {}}]}, schema)
+    required = request(tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False)
+    jsonschema.validate({"tool_call": {"name": "get_time", "arguments": {}}}, required.schema())
+    with pytest.raises(jsonschema.ValidationError):  # no words when a call is required
+        jsonschema.validate(json.loads(ANSWERS[2]), required.schema())
+    named = request(tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"tool_call": {"name": "get_time", "arguments": {}}}, named.schema())
+    assert "get_time" not in named.instruction() and "You must call a tool" in named.instruction()
+    assert request(tools=[WEATHER], tool_choice="none") is None and request() is None
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
+    ({"tools": [{"type": "retrieval"}]}, "tools[0]"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice.function.name"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "x", "parameters": [1]}}]}, "tools[0].function.parameters"),
+])
+def test_bad_tools_are_refused_naming_the_field(body, field):
+    with pytest.raises(ApiError) as raised:
+        ToolRequest.from_body(Fields(body))
+    assert raised.value.status == 400 and raised.value.param == field
+
+
+def test_answers_are_read_back_into_openai_tool_calls():
+    content, calls = parse(ANSWERS[0])
+    assert content is None and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'Os"lo} ]'}
+    assert parse(ANSWERS[2]) == (json.loads(ANSWERS[2])["response"], [])
+    assert parse('{"tool_calls": [{"name": "get_w') == ('{"tool_calls": [{"name": "get_w', [])  # cut short
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_streamed_deltas_assemble_to_the_whole_answer(answer, step):
+    stream, deltas = ToolStream(), []
+    for i in range(0, len(answer), step):
+        deltas += stream.feed(answer[i:i + step])
+    left, called = stream.finish()
+    deltas += left
+    content = "".join(d.content for d in deltas if d.content is not None)
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if d.index is None:
+            continue
+        entry = calls.setdefault(d.index, {"name": None, "arguments": ""})
+        if d.id is not None:
+            assert entry["name"] is None and d.id.startswith("call_")  # id and name come once, first
+            entry["name"] = d.name
+        entry["arguments"] += d.arguments or ""
+    whole_content, whole_calls = parse(answer)
+    assert called == bool(whole_calls)
+    assert (content or None) == whole_content
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls]
+
+
+def test_text_that_never_became_an_answer_object_is_content_at_the_end():
+    stream = ToolStream()
+    assert stream.feed('{"tool') == []
+    assert [d.content for d in stream.finish()[0]] == ['{"tool']
+
+
+def test_earlier_calls_are_written_into_the_chat_in_the_generic_format():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    message = with_generic_calls({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert json.loads(message["content"]) == {"tool_call": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    chat = request(tools=[WEATHER]).messages([{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "hi"}])
+    assert chat[0]["content"].startswith("Be brief.\n\nYou can call these tools:") and len(chat) == 2
