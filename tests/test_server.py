@@ -444,7 +444,8 @@ def test_sigterm_lets_running_streams_end_and_the_server_exit_cleanly(server):
     """Last in this file: it stops the server. At SIGTERM, every stream either finishes or ends with an error
     saying the server is shutting down, and tritonserver exits with 0 within its exit timeout. `tiny` keeps the
     default grace (20 s), so its stream finishes; `tiny1` (one slot, grace 0.3 s) has more queued work than
-    its grace, so some of its streams are ended by the drain."""
+    its grace, so some of its streams are ended by the drain: 12 streams of 100 tokens, one at a time, are 1200
+    decode steps (4 streams, 400 steps, all finished within 0.3 s on an idle AVX-512 machine)."""
     import tritonclient.grpc  # noqa: F401 - here, not in the streams' threads: under load the import outlasted a wait
 
     def arrived(model: str) -> float:
@@ -455,14 +456,15 @@ def test_sigterm_lets_running_streams_end_and_the_server_exit_cleanly(server):
             ("mstriton_requests_running", "mstriton_requests_prefilling", "mstriton_requests_waiting"))
 
     server.stopped_by_test = True
-    results = [{} for _ in range(5)]
+    queued = 12
+    results = [{} for _ in range(1 + queued)]
     runners = [threading.Thread(target=lambda r=r, model=model: r.update(stream=grpc_stream(
-        server, model, PROMPTS[0], 100))) for r, model in zip(results, ["tiny"] + ["tiny1"] * 4)]
+        server, model, PROMPTS[0], 100))) for r, model in zip(results, ["tiny"] + ["tiny1"] * queued)]
     before = {model: arrived(model) for model in ("tiny", "tiny1")}
     for runner in runners:
         runner.start()
     deadline = time.monotonic() + 30  # every stream is running or queued (100 tokens take about half a second)
-    while (arrived("tiny") - before["tiny"] < 1 or arrived("tiny1") - before["tiny1"] < 4) and \
+    while (arrived("tiny") - before["tiny"] < 1 or arrived("tiny1") - before["tiny1"] < queued) and \
             time.monotonic() < deadline:
         time.sleep(0.05)
     started = time.monotonic()
