@@ -18,6 +18,8 @@
 #                       OpenAI streaming client, with the floors measured in the same run (BENCH_PEERS_ARGS)
 #   make bench-peers-1b the same on a random LLaMA in Llama-3.2-1B's shape (Q8_0, and llama.cpp on BF16 too), made
 #                       once in build/llama1b by bench/llama1b.py; 64 output tokens (BENCH_PEERS_ARGS)
+#   make bench-structured every request under a JSON schema against none on SmolLM2 (c = 1, 16), the mask's CPU
+#                       cost per token, grammar compile times (benchmarks/structured.md)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -32,7 +34,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured soak clean docker-lint docker-test
 
 all: install
 
@@ -143,6 +145,9 @@ bench-peers-1b: install
 # (valid, invalid, cancelled, disconnected, bursts over the queue) for --minutes; exits 1 if a request went
 # unanswered or a greedy answer differed from its solo run. Not in CI.
 SOAK_ARGS ?=
+bench-structured: install
+	$(PY) tools/bench_structured.py $(BENCH_STRUCTURED_ARGS)
+
 soak: install
 	$(PY) tools/soak.py $(SOAK_ARGS)
 

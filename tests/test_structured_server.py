@@ -55,7 +55,7 @@ def ask(client, prompt, **kwargs):
                                           max_tokens=kwargs.pop("max_tokens", 96), **kwargs)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_json_schema_answers_validate_for_many_prompts_and_seeds(client, seed):
     response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
     for prompt in PROMPTS:
@@ -110,7 +110,7 @@ def _call_valid(call, names):
     assert call.id.startswith("call_")
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_required_and_named_tool_choices_always_give_a_valid_call(client, seed):
     questions = ["What's the weather like in Oslo?", "What time is it in Tokyo?", "Tell me a joke."]
     for question in questions:
@@ -219,3 +219,65 @@ def test_bad_grammars_and_tool_choices_are_400s_naming_the_field_and_the_server_
         assert raised.value.body["param"] == field, (kwargs, raised.value.body)
         assert f"'{field}'" in raised.value.body["message"]
     assert ask(client, "Hello", max_tokens=4).choices[0].message.content
+
+
+# ---- the Responses API ---------------------------------------------------------------------------------------
+
+def test_responses_text_equals_the_chat_answer_whole_and_streamed(client):
+    chat = ask(client, "Name a colour.", max_tokens=12, temperature=0.0).choices[0].message.content
+    response = client.responses.create(model="smollm2", input="Name a colour.", max_output_tokens=12, temperature=0.0)
+    assert response.output_text == chat and response.status in ("completed", "incomplete")
+    assert response.usage.output_tokens > 0 and response.usage.input_tokens > 0
+    events = list(client.responses.create(model="smollm2", input="Name a colour.", max_output_tokens=12,
+                                          temperature=0.0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",
+                                                                                       "response.incomplete")
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == chat
+    assert events[-1].response.output_text == chat
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+
+
+def test_responses_instructions_schema_and_function_tools(client):
+    response = client.responses.create(
+        model="smollm2", instructions="Answer in JSON.", input=[{"role": "user", "content": PROMPTS[0]}],
+        max_output_tokens=96, text={"format": {"type": "json_schema", "name": "person", "schema": PERSON}})
+    jsonschema.validate(json.loads(response.output_text), PERSON)
+    flat = [{"type": "function", **WEATHER["function"]}]
+    response = client.responses.create(model="smollm2", input="What's the weather in Oslo?", tools=flat,
+                                       tool_choice="required", max_output_tokens=200)
+    calls = [item for item in response.output if item.type == "function_call"]
+    assert calls and calls[0].name == "get_weather" and calls[0].call_id.startswith("call_")
+    jsonschema.validate(json.loads(calls[0].arguments), ARGUMENT_SCHEMAS["get_weather"])
+    streamed = list(client.responses.create(model="smollm2", input="What's the weather in Oslo?", tools=flat,
+                                            tool_choice="required", max_output_tokens=200, temperature=0.0,
+                                            stream=True))
+    done = [e.item for e in streamed if e.type == "response.output_item.done"]
+    whole = client.responses.create(model="smollm2", input="What's the weather in Oslo?", tools=flat,
+                                    tool_choice="required", max_output_tokens=200, temperature=0.0)
+    assert [(i.name, json.loads(i.arguments)) for i in done] == \
+        [(i.name, json.loads(i.arguments)) for i in whole.output]
+    assert "".join(e.delta for e in streamed if e.type == "response.function_call_arguments.delta") == \
+        done[0].arguments
+    # the call and its output go back in, and the model answers
+    follow = client.responses.create(model="smollm2", tools=flat, max_output_tokens=40, input=[
+        {"role": "user", "content": "What's the weather in Oslo?"},
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": '{"temperature": 3}'}])
+    assert follow.output
+
+
+def test_responses_refusals_name_the_responses_fields(client):
+    import openai
+
+    for kwargs, field in [(dict(previous_response_id="resp_1"), "previous_response_id"),
+                          (dict(store=True), "store"),
+                          (dict(max_output_tokens=0), "max_output_tokens"),
+                          (dict(tools=[{"type": "function", "name": "a b"}]), "tools[0].name"),
+                          (dict(tools=[{"type": "web_search"}]), "tools[0]"),
+                          (dict(text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "foo"}}}),
+                           "text.format"),
+                          (dict(input=[{"role": "wizard", "content": "hi"}]), "input[0].role")]:
+        with pytest.raises(openai.BadRequestError) as raised:
+            client.responses.create(model="smollm2", **{"input": "hi", **kwargs})
+        assert raised.value.body["param"] == field, (kwargs, raised.value.body)

@@ -109,3 +109,41 @@ def test_earlier_calls_are_written_into_the_chat_in_the_generic_format():
     chat = request(tools=[WEATHER]).messages([{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "hi"}])
     assert chat[0]["content"].startswith("Be brief.\n\nYou can call these tools:") and len(chat) == 2
+
+
+# ---- the Responses API's body, read into the chat request it stands for ----------------------------------------
+
+def test_a_responses_body_is_the_chat_request_it_stands_for():
+    from mstriton.frontend.responses_api import chat_body
+
+    body = Fields({"model": "m", "instructions": "Be brief.", "max_output_tokens": 7, "temperature": 0.5,
+                   "input": [{"role": "developer", "content": [{"type": "input_text", "text": "rules"}]},
+                             {"role": "user", "content": "hi"},
+                             {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}"},
+                             {"type": "function_call", "call_id": "call_2", "name": "g", "arguments": "{}"},
+                             {"type": "function_call_output", "call_id": "call_1", "output": "ok"}],
+                   "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+                   "tool_choice": {"type": "function", "name": "f"},
+                   "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}})
+    chat = chat_body(body)
+    assert [m["role"] for m in chat["messages"]] == ["system", "system", "user", "assistant", "tool"]
+    assert [c["id"] for c in chat["messages"][3]["tool_calls"]] == ["call_1", "call_2"]  # one turn
+    assert chat["max_tokens"] == 7 and chat["temperature"] == 0.5
+    assert chat["tools"] == [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "f"}}
+    assert chat["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"input": []}, "input"),
+    ({"input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"type": "image", "url": "x"}]}, "input[0].type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image"}]}]}, "input[0].content[0]"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0]"),
+])
+def test_bad_responses_bodies_are_refused_naming_their_own_fields(body, field):
+    from mstriton.frontend.responses_api import chat_body
+
+    with pytest.raises(ApiError) as raised:
+        chat_body(Fields(body))
+    assert raised.value.param == field

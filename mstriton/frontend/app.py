@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..params import LIMITS, RequestLimits
-from . import mindspore_serving_api, openai_api, tgi_api
+from . import mindspore_serving_api, openai_api, responses_api, tgi_api
 from .generation import ClientDisconnected
 from .errors import ApiError
 from .metrics import FrontendMetrics, MetricsMiddleware
@@ -60,7 +60,7 @@ def create_app(triton: Triton, *, api_key: str | None = None, default_model: str
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    for door in (openai_api, mindspore_serving_api, tgi_api):
+    for door in (openai_api, responses_api, mindspore_serving_api, tgi_api):
         app.include_router(door.router)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)

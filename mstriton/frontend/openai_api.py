@@ -59,10 +59,10 @@ async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
         raise invalid("model", "'model' is required: one of the names GET /v1/models lists")
     triton = request.app.state.triton
     await triton.require(model)
-    return body, await _settings(body, triton, model), model
+    return body, await request_settings(body, triton, model), model
 
 
-async def _settings(body: Fields, triton, model: str) -> dict:
+async def request_settings(body: Fields, triton, model: str) -> dict:
     """The front model's inputs for the body's sampling settings (ranges the server checks, named back)."""
     settings = door_settings(body, "openai")
     if settings.get("top_k") == -1:  # vLLM's "no top-k cut"
@@ -133,26 +133,33 @@ def _usage(results) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(payload) -> bytes:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+def _sse(payload, typed: bool = False) -> bytes:
+    """One server-sent event; `typed`: named by its payload's type (the Responses API's events)."""
+    name = f"event: {payload.get('type', 'error')}\n" if typed else ""
+    return f"{name}data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
 
 
-def _error_event(exc: Exception) -> bytes:
+def _error_event(exc: Exception, typed: bool = False) -> bytes:
     error = exc if isinstance(exc, ApiError) else ApiError(500, f"{type(exc).__name__}: {exc}")
+    if typed:  # the Responses API's error event
+        return _sse({"type": "error", "code": error.code or str(error.status), "message": error.message,
+                     "param": error.param}, typed)
     return _sse({"error": {"message": error.message, "type": error.kind, "param": error.param,
                            "code": error.code or error.status}})
 
 
-def _event_stream(payloads) -> StreamingResponse:
-    """The chunks an async generator yields, as SSE, then `data: [DONE]`; an error once the stream has begun
-    (with status 200) goes into it as an error object."""
+def event_stream(payloads, typed: bool = False) -> StreamingResponse:
+    """The chunks an async generator yields, as SSE, then `data: [DONE]` (`typed`: events named by their type, with
+    no [DONE], as the Responses API streams); an error once the stream has begun (with status 200) goes into it as
+    an error object."""
     async def events():
         try:
             async for payload in payloads:
-                yield _sse(payload)
+                yield _sse(payload, typed)
         except Exception as exc:  # noqa: BLE001 - the stream has begun: the error goes in it
-            yield _error_event(exc)
-        yield b"data: [DONE]\n\n"
+            yield _error_event(exc, typed)
+        if not typed:
+            yield b"data: [DONE]\n\n"
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
@@ -249,7 +256,7 @@ async def completions(request: Request):
                 finals[index] = chunk
         if include_usage:
             yield _chunk(head, [], include_usage, _usage(finals.values()))
-    return _event_stream(payloads())
+    return event_stream(payloads())
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------------
@@ -366,4 +373,4 @@ async def chat_completions(request: Request):
                 yield choice(index, {}, None, finish)
         if include_usage:
             yield _chunk(head, [], include_usage, _usage(finals.values()))
-    return _event_stream(payloads())
+    return event_stream(payloads())
