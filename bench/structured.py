@@ -4,8 +4,8 @@
   client as bench-peers (bench.peers.measure), every request exactly OUTPUT_TOKENS tokens, greedy, at each
   concurrency: with no constraint (`none`, min_tokens holding the length), and with every request under a JSON
   schema (`json_schema`: a long list of objects, so that max_tokens ends each answer while the grammar still
-  constrains every token). The two alternate, twice, in one server: the ratio is json_schema / none, per round
-  and on the rounds' sums;
+  constrains every token). The two alternate in one server, A B then B A, with the decode model's prefix cache
+  off (the same prompts run in both); the ratio is json_schema / none, per round and on the rounds' sums;
 - the mask alone: llguidance's mask for 1 and 16 rows at every position of a schema's answer, over SmolLM2's
   vocabulary (GrammarMasks.allowed: the fill and the bitmask applied as the sampler gets it), in CPU microseconds
   per row;
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
 from bench import frontend, peers, report
+from bench.kv_cache import set_decode_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "build" / "bench_structured"
@@ -120,9 +120,11 @@ def served(repository: Path, contents: list[str], concurrencies: list[int], requ
         for c in concurrencies:
             n = max(requests, 3 * c)
             for round_ in range(ROUNDS):
-                for kind in ("none", "json_schema"):
+                # A B, then B A: a drift of the machine over the point (a first round after the server's start ran
+                # slower) weighs on both alike
+                for kind in ("none", "json_schema") if round_ % 2 == 0 else ("json_schema", "none"):
                     chosen = bodies(contents[:n], kind == "json_schema")
-                    warm = bodies(contents[-max(2, c):], kind == "json_schema")
+                    warm = bodies(contents[-max(4, 2 * c):], kind == "json_schema")
                     value = peers.measure(port, chosen, warm, c, OUTPUT_TOKENS)
                     results["points"].setdefault(kind, {}).setdefault(str(c), []).append(value)
                     say(f"{kind}, c={c}, round {round_ + 1}: {value['output_tokens_per_s']:.1f} output tok/s, "
@@ -157,8 +159,9 @@ def markdown(results: dict) -> str:
              f"float32 FMA peak {f['fma_peak_gflops']} GFLOP/s, int8 peak {f['int8_peak_gmacs']} G multiply-adds/s "
              f"({f['int8_isa']}), decode floor {f['decode_floor_ms']} ms a token at one stream.", "",
              "## Served: every request under a JSON schema against none", "",
-             "Output tok/s per round (none and json_schema alternate in one server); the ratio is json_schema / "
-             "none per round, and on the rounds' sums (target >= 0.9). The schema's answers are a list of at least "
+             "Output tok/s per round (none and json_schema alternate in one server, in the order A B, then B A, each "
+             "after a warm-up of max(4, 2c) requests; the prefix cache off); the ratio is json_schema / none per round, and on the rounds' "
+             "sums (target >= 0.9). The schema's answers are a list of at least "
              "40 objects, so max_tokens ends every answer while the grammar constrains every token; the "
              "unconstrained ones are held to the same length by min_tokens.", "",
              "| c | none tok/s | json_schema tok/s | ratio per round | ratio | ITL p50 added (ms) |",
@@ -213,6 +216,8 @@ def run(args, command: str) -> int:
     results["floors"] = peers.floors(gguf)
     slots = max(16, max(args.concurrency))
     repository = frontend.model_repository(gguf, slots, 512, weights="Q4_1", repository=BUILD / "repo")
+    # every request computes its prompt: with the prefix cache, whichever kind ran second found the prompts cached
+    set_decode_parameters(repository, "smollm2", ["enable_prefix_caching=false"])
     tokenizer_model = repository / "smollm2_tokenizer"
     parameters = {k: v.string_value for k, v in read_config(tokenizer_model).parameters.items()}
     results["vocab_size"] = int(parameters["vocab_size"])
@@ -220,7 +225,7 @@ def run(args, command: str) -> int:
     results["mask"] = mask_costs(tokenizer_model / "1" / parameters["tokenizer"], results["vocab_size"],
                                  [int(i) for i in parameters["end_ids"].split(",")])
     say(f"mask: {results['mask']['mask_us_per_row']}")
-    contents, _ = peers.make_contents(tokenizer_model / "1", max(args.requests, 3 * max(args.concurrency)) + 16,
+    contents, _ = peers.make_contents(tokenizer_model / "1", max(args.requests, 3 * max(args.concurrency)) + 32,
                                       prompt_tokens=peers.PROMPT_TOKENS)
     served(repository, contents, args.concurrency, args.requests, results)
     out = Path(args.out)
