@@ -5,9 +5,7 @@ Keys come from the environment ($MSTRITON_API_KEY, $MSTRITON_ADMIN_KEY) or files
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import os
 
 import uvicorn
 

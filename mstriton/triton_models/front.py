@@ -19,6 +19,7 @@ It also saves every token one trip through a Triton model.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import threading
 import time
@@ -183,6 +184,11 @@ class TritonPythonModel:
 
     def finalize(self):
         common.drop_metrics(self)
+        running = [t for t in self.tasks if not t.done()]
+        if running:  # a stream still waiting for the pipeline keeps a worker thread, and the process, alive
+            pb_utils.Logger.log_warn(f"{self.llm}: {len(running)} streams still running at unload; their "
+                                     f"requests: {sorted(self.active.values())[:8]}; the threads' stacks follow")
+            faulthandler.dump_traceback(all_threads=True)
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,
