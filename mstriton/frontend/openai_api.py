@@ -50,16 +50,22 @@ def _refuse_unimplemented(body: Fields) -> None:
     body.refuse("service_tier", "one service tier", unless=lambda v: v in (None, "auto", "default"))
 
 
-async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
+async def read_body(request: Request, known: set[str], refuse_unimplemented=_refuse_unimplemented
+                    ) -> tuple[Fields, str]:
+    """The body (unknown fields and what we do not implement refused) and its served model (404 otherwise)."""
     body = Fields(await json_body(request))
     body.refuse_unknown(known)
-    _refuse_unimplemented(body)
+    refuse_unimplemented(body)
     model = body.text("model")
     if not model:
         raise invalid("model", "'model' is required: one of the names GET /v1/models lists")
-    triton = request.app.state.triton
-    await triton.require(model)
-    return body, await request_settings(body, triton, model), model
+    await request.app.state.triton.require(model)
+    return body, model
+
+
+async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
+    body, model = await read_body(request, known)
+    return body, await request_settings(body, request.app.state.triton, model), model
 
 
 async def request_settings(body: Fields, triton, model: str) -> dict:

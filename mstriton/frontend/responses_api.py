@@ -19,7 +19,7 @@ from ..params import door_fields
 from . import generation as gen
 from . import openai_api
 from .errors import ApiError, invalid
-from .fields import Fields, json_body
+from .fields import Fields
 from .tools import ToolStream, parse
 
 router = APIRouter()
@@ -149,14 +149,8 @@ def _in_responses_terms(error: ApiError) -> ApiError:
 
 @router.post("/v1/responses")
 async def responses(request: Request):
-    body = Fields(await json_body(request))
-    body.refuse_unknown(KNOWN)
-    _refuse_unimplemented(body)
-    model = body.text("model")
-    if not model:
-        raise invalid("model", "'model' is required: one of the names GET /v1/models lists")
+    body, model = await openai_api.read_body(request, KNOWN, _refuse_unimplemented)
     triton = request.app.state.triton
-    await triton.require(model)
     try:
         chat = Fields(chat_body(body))
         settings = await openai_api.request_settings(chat, triton, model)
