@@ -132,17 +132,21 @@ static inline void weighted_values_heads(const float *v_pool, const int32_t *tab
 // KV head's query heads over one part of the sequence's cached blocks (the last part also over the new token):
 // the largest score m, the sum l of exp(score - m), and o = sum of exp(score - m) V. Pass 2: per (sequence, KV
 // head), the parts merged (out = sum e^(m_i - M) o_i / sum e^(m_i - M) l_i) and the new token's K and V written.
-// A sequence is cut into parts only when the batch has fewer (sequence, KV head) tasks than 2 per thread: one
-// sequence of SmolLM2 has 3 tasks for 2 threads, and each task walks its blocks one after another. Otherwise each
-// task is one part, and pass 1 finishes it (normalizes into a.out, stores the new token): no pass 2.
+// Parts are fixed ranges of PART_BLOCKS blocks, the same whatever else is in the batch: a sequence's attention is
+// then the same float operations in the same order alone or beside others (a greedy answer does not depend on what
+// runs beside it). An earlier cut chose the number of parts from the batch (more for one sequence, to keep both
+// threads busy): a row's sums then changed with the batch by about 1e-5, which int8 activations turned into other
+// tokens after a dozen steps. A sequence within one part (or a batch whose table fits in one) needs no pass 2: pass 1
+// finishes it (normalizes into a.out, stores the new token), with the same arithmetic as the merge of one part.
+constexpr int64_t PART_BLOCKS = 4;
+
 void decode_attention(const AttentionArgs &a) {
   const int64_t d = a.dim, groups = a.heads / a.kv_heads, width = (a.heads + 2 * a.kv_heads) * d;
   const int64_t bs = a.block_size, capacity = a.blocks * bs;
   const float scale = 1.0f / std::sqrt(float(d));
   const int64_t tasks = a.batch * a.kv_heads;
   if (tasks <= 0) return;
-  const int64_t wanted = 2 * int64_t(std::max(a.threads, 1));
-  const int64_t parts = tasks >= wanted ? 1 : std::min<int64_t>((wanted + tasks - 1) / tasks, std::max<int64_t>(a.blocks, 1));
+  const int64_t parts = std::max<int64_t>((a.blocks + PART_BLOCKS - 1) / PART_BLOCKS, 1);
   const int64_t items = tasks * parts;
   // per item: the largest score and the sum per query head, and the unnormalized output (with one part, the task's
   // output is written straight into a.out instead)
@@ -168,13 +172,19 @@ void decode_attention(const AttentionArgs &a) {
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       const int64_t pos = std::max<int32_t>(a.positions[b], 0);
       const int64_t len = std::min<int64_t>(pos, capacity);  // cached positions this token attends to
+      // this part's blocks [blk0, blk1) of the sequence's (len + bs - 1) / bs; the part of its last block (part 0
+      // for an empty cache) also has the new token; the parts past them are empty
+      const int64_t nblk = (len + bs - 1) / bs, blk0 = std::min(part * PART_BLOCKS, nblk);
+      const int64_t blk1 = std::min((part + 1) * PART_BLOCKS, nblk);
+      const bool self = part == (nblk > 0 ? (nblk - 1) / PART_BLOCKS : 0);
+      if (blk0 == blk1 && !self) {  // nothing here: merged as nothing (its largest score is -inf)
+        std::fill(part_max.begin() + item * groups, part_max.begin() + (item + 1) * groups, -INFINITY);
+        continue;
+      }
       const int64_t t = std::min<int64_t>(pos, a.table_len - 1);
       const int32_t *table = a.block_index + b * a.blocks;
       const float *row = a.qkv + b * width, *cos = a.cos + t * d, *sin = a.sin + t * d;
       for (int64_t i = 0; i < groups; i++) rope(row + (g * groups + i) * d, cos, sin, d, scale, q.data() + i * d);
-      // this part's blocks [blk0, blk1) of the sequence's (len + bs - 1) / bs; the last part also has the new token
-      const int64_t nblk = (len + bs - 1) / bs, blk0 = nblk * part / parts, blk1 = nblk * (part + 1) / parts;
-      const bool self = part == parts - 1;
       const int64_t lo = blk0 * bs, hi = std::min(len, blk1 * bs);  // positions [lo, hi)
       const int64_t span = capacity + 1;  // scores of one query head: the cached positions, then the new token
 
