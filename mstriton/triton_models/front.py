@@ -134,8 +134,9 @@ class TritonPythonModel:
                 final = step["is_final"]
                 window = out["output_ids"].reshape(-1).tolist()
                 new = step["num_new_tokens"]
-                # The end token's own text (the end id, a stop_token_id) is not part of the output, as in vLLM
-                left_out = 1 if finish == "end_id" and new else 0
+                # The end token's own text (a stop_token_id that is a plain token) is not part of the output, as in
+                # vLLM; asked for special tokens (skip_special_tokens false), the end token is shown, as before
+                left_out = 1 if finish == "end_id" and new and params.skip_special_tokens else 0
                 piece = self.tokenizer.piece(window[:len(window) - left_out], final=final, new=new - left_out,
                                              skip_special_tokens=params.skip_special_tokens) if new else ""
                 token_logprobs, cum = step["logprobs"], step["cum_logprob"]
