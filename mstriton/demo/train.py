@@ -42,7 +42,7 @@ VOCAB_SIZE = 1500
 @dataclasses.dataclass
 class TrainSettings:
     steps: int | None = None     # None: `epochs` passes over the rows (one row per sentence of the corpus)
-    epochs: float = 15.0
+    epochs: float = 20.0
     batch_size: int = 16
     window: int = 96             # the model's input length: BOS, then a sentence and what follows it
     learning_rate: float = 2e-3  # peak; linear warm-up over a tenth of the steps, then cosine decay to a tenth
