@@ -65,6 +65,14 @@ def test_json_schema_answers_validate_for_many_prompts_and_seeds(client, seed):
         jsonschema.validate(json.loads(choice.message.content), PERSON)
 
 
+def test_each_of_n_sampled_answers_keeps_to_the_schema(client):
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    answer = ask(client, PROMPTS[1], response_format=response_format, temperature=1.0, seed=11, n=2)
+    assert len(answer.choices) == 2
+    for choice in answer.choices:
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+
+
 def test_json_object_regex_choice_and_grammar_through_the_vllm_fields(client):
     answer = ask(client, "Give me a JSON object about cats.", response_format={"type": "json_object"},
                  max_tokens=120)
