@@ -158,20 +158,27 @@ def paged(k_cache, v_cache, block_size, rng):
     return k_pool, v_pool, table
 
 
+def attention_case(rng, heads, kv, d, b, seq, table_len):
+    """Random q/k/v rows for `b` sequences, rotary tables of `table_len` positions, and each sequence's cache of
+    `seq` positions: (qkv, cos, sin, k_cache [b, kv, d, seq], v_cache [b, kv, seq, d])."""
+    qkv = rng.standard_normal((b, (heads + 2 * kv) * d)).astype(np.float32)
+    angles = np.outer(np.arange(table_len), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
+    angles = np.concatenate([angles, angles], -1)
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    k_cache = rng.standard_normal((b, kv, d, seq)).astype(np.float32)
+    v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
+    return qkv, cos, sin, k_cache, v_cache
+
+
 # (10, 2, 128, 16): 5 query heads per KV head (whole blocks take them 4 at a time) and d of two register chunks;
 # (8, 1, 72, 16): d past whole chunks (the last values one at a time)
 @pytest.mark.parametrize("heads,kv,d,block_size", [(9, 3, 64, 16), (4, 4, 32, 8), (6, 2, 20, 5), (10, 2, 128, 16),
                                                    (8, 1, 72, 16)])
 def test_paged_decode_attention_equals_the_formula_and_stores_the_new_token(isa, heads, kv, d, block_size):
     rng = np.random.default_rng(heads)
-    b, seq, table_len = 5, 40, 64
-    qkv = rng.standard_normal((b, (heads + 2 * kv) * d)).astype(np.float32)
+    b = 5
+    qkv, cos, sin, k_cache, v_cache = attention_case(rng, heads, kv, d, b, seq=40, table_len=64)
     positions = np.array([0, 1, 17, 36, 39], np.int32)  # an empty cache, a nearly full one, and between
-    angles = np.outer(np.arange(table_len), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
-    angles = np.concatenate([angles, angles], -1)
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    k_cache = rng.standard_normal((b, kv, d, seq)).astype(np.float32)
-    v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
     k_pool, v_pool, table = paged(k_cache, v_cache, block_size, rng)
     expected, k_new, v_new = reference_attention(qkv, positions, cos, sin, k_cache, v_cache, heads)
     # the whole batch, and batches of one and two sequences: with fewer (sequence, KV head) tasks than two per
@@ -355,14 +362,9 @@ def test_paged_decode_attention_of_a_sequence_is_the_same_alone_or_in_any_batch(
     """Bit for bit: a greedy answer must not depend on what runs beside it (a batch-dependent cut of the sequences
     into parts changed a row's sums by about 1e-5, and int8 activations made other tokens of that)."""
     rng = np.random.default_rng(11)
-    heads, kv, d, b, seq, table_len = 9, 3, 64, 6, 150, 256
-    qkv = rng.standard_normal((b, (heads + 2 * kv) * d)).astype(np.float32)
+    heads, b = 9, 6
+    qkv, cos, sin, k_cache, v_cache = attention_case(rng, heads, 3, 64, b, seq=150, table_len=256)
     positions = np.array([0, 3, 40, 77, 120, 149], np.int32)
-    angles = np.outer(np.arange(table_len), 1.0 / 10000 ** (np.arange(0, d, 2) / d))
-    angles = np.concatenate([angles, angles], -1)
-    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
-    k_cache = rng.standard_normal((b, kv, d, seq)).astype(np.float32)
-    v_cache = rng.standard_normal((b, kv, seq, d)).astype(np.float32)
     k_pool, v_pool, table = paged(k_cache, v_cache, block_size, rng)
     wide = np.concatenate([table, np.zeros((b, 7), np.int32)], 1)  # a wider table: a longer cache bucket
     whole = kernels.decode_attention(qkv, positions, cos, sin, k_pool.copy(), v_pool.copy(), table, heads)
