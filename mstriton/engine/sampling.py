@@ -146,8 +146,8 @@ def choose_tokens(logits: np.ndarray, states: list[SamplingState]
     logprobs = log_softmax(logits.astype(np.float32))
     tokens = np.empty(len(states), np.int64)
     constrained = [i for i, s in enumerate(states) if s.matcher is not None]
-    allowed = _grammar_masks().allowed([states[i].matcher for i in constrained], logits.shape[1]) \
-        if constrained else None
+    masks = dict(zip(constrained, _grammar_masks().allowed([states[i].matcher for i in constrained],
+                                                           logits.shape[1]))) if constrained else {}
     for i, state in enumerate(states):
         p = state.params
         processed = state.processed
@@ -157,7 +157,7 @@ def choose_tokens(logits: np.ndarray, states: list[SamplingState]
             _apply_penalties(row, state)
             _apply_bans(row, state)
         if state.matcher is not None:
-            mask = allowed[constrained.index(i)]
+            mask = masks[i]
             row[~mask] = -np.inf
             if not mask.any():  # the matcher failed (it allows nothing): end the output here
                 row = np.full_like(row, -np.inf)

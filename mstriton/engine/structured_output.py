@@ -18,7 +18,6 @@ import concurrent.futures
 import functools
 import json
 import threading
-import time
 from pathlib import Path
 
 import llguidance
@@ -99,18 +98,28 @@ def grammar_error(grammar: str) -> str:
     return LLMatcher.validate_grammar(grammar)
 
 
+def cannot_compile(field: str, error: str) -> ParameterError:
+    return ParameterError(f"'{field}' cannot be compiled: {one_line(error)}")
+
+
+def checked_grammar(spec, field: str = FIELD, value_field: str | None = None) -> str:
+    """The grammar of a `structured_outputs` object, checked: a ParameterError naming the field says what is wrong
+    (a malformed object, a schema feature llguidance lacks, a regex that does not parse, a grammar with no
+    `start`). `value_field`: as grammar_of's."""
+    grammar = grammar_of(spec, field, value_field)
+    error = grammar_error(grammar)
+    if error:
+        raise cannot_compile(field, error)
+    return grammar
+
+
 def check(text: str, field: str = FIELD) -> str:
-    """The grammar of a `structured_outputs` JSON text, checked: a ParameterError naming the field says what is
-    wrong (a schema feature llguidance lacks, a regex that does not parse, a grammar with no `start`)."""
+    """checked_grammar of a `structured_outputs` JSON text."""
     try:
         spec = json.loads(text)
     except ValueError as exc:
         raise ParameterError(f"'{field}' must be a JSON object: {exc}") from None
-    grammar = grammar_of(spec, field)
-    error = grammar_error(grammar)
-    if error:
-        raise ParameterError(f"'{field}' cannot be compiled: {one_line(error)}")
-    return grammar
+    return checked_grammar(spec, field)
 
 
 # ---- the vocabulary ---------------------------------------------------------------------------------------
@@ -184,9 +193,7 @@ class GrammarCompiler:
         self._compiled: collections.OrderedDict[str, LLMatcher] = collections.OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
-        self.compiles = 0
-        self.cache_hits = 0
-        self.compile_seconds = 0.0
+        self.cache_hits = 0  # requests given a copy of a kept grammar
 
     @property
     def tokenizer(self) -> LLTokenizer:
@@ -205,13 +212,10 @@ class GrammarCompiler:
                 self._compiled.move_to_end(grammar)
                 self.cache_hits += 1
                 return kept.deep_copy()
-        started = time.perf_counter()
         compiled = LLMatcher(self.tokenizer, grammar, log_level=0)
         if compiled.is_error():
-            raise ParameterError(f"'{FIELD}' cannot be compiled: {one_line(compiled.get_error())}")
+            raise cannot_compile(FIELD, compiled.get_error())
         with self._lock:
-            self.compiles += 1
-            self.compile_seconds += time.perf_counter() - started
             self._compiled[grammar] = compiled
             while len(self._compiled) > self._cache_size:
                 self._compiled.popitem(last=False)

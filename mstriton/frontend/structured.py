@@ -21,17 +21,15 @@ def checked(spec: dict, field: str, value_field: str | None = None) -> dict:
     """`spec` if its grammar compiles; a 400 naming `field` (or `value_field`, the client's field for the
     grammar's value) otherwise."""
     try:
-        grammar = structured_output.grammar_of(spec, field, value_field)
-        error = structured_output.grammar_error(grammar)
+        structured_output.checked_grammar(spec, field, value_field)
     except ParameterError as exc:
         raise invalid(field, str(exc)) from None
-    if error:
-        raise invalid(field, f"'{field}' cannot be compiled: {structured_output.one_line(error)}")
     return spec
 
 
-def from_openai(body: Fields) -> tuple[dict | None, str | None]:
-    """(the structured_outputs object of an OpenAI or vLLM body, the field it came from), or (None, None)."""
+def _constraints(body: Fields) -> list[tuple[str, dict]]:
+    """(the field, its structured_outputs object) for each field of an OpenAI or vLLM body that constrains the
+    output, in the order they are named in errors."""
     found = []
     response_format = body.obj("response_format")
     if response_format.values:
@@ -50,6 +48,12 @@ def from_openai(body: Fields) -> tuple[dict | None, str | None]:
     for field, kind in GUIDED.items():
         if body.has(field):
             found.append((field, {kind: body.values[field]}))
+    return found
+
+
+def from_openai(body: Fields) -> tuple[dict | None, str | None]:
+    """(the structured_outputs object of an OpenAI or vLLM body, the field it came from), or (None, None)."""
+    found = _constraints(body)
     if len(found) > 1:
         raise invalid(found[1][0], f"'{found[1][0]}' and '{found[0][0]}' both constrain the output: send one")
     if not found:
@@ -60,10 +64,8 @@ def from_openai(body: Fields) -> tuple[dict | None, str | None]:
 
 def source_field(body: Fields) -> str | None:
     """The field of an OpenAI body that from_openai reads its constraint from (for errors that name it)."""
-    if isinstance(body.values.get("response_format"), dict) and \
-            body.values["response_format"].get("type") in ("json_object", "json_schema"):
-        return "response_format"
-    return next((f for f in ("structured_outputs", *GUIDED) if body.has(f)), None)
+    found = _constraints(body)
+    return found[0][0] if found else None
 
 
 def from_tgi(parameters: Fields) -> dict | None:

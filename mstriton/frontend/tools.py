@@ -95,11 +95,15 @@ class ToolRequest:
 
     # ---- what the model is given ------------------------------------------------------------------------
 
+    @property
+    def callable(self) -> list[Tool]:
+        """The tools tool_choice lets the model call: all of them, or the one it names."""
+        return [t for t in self.tools if self.choice in ("auto", "required", t.name)]
+
     def schema(self) -> dict:
         """The JSON schema of the model's answer."""
-        allowed = [t for t in self.tools if self.choice in ("auto", "required", t.name)]
         calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
-                  "required": ["name", "arguments"], "additionalProperties": False} for t in allowed]
+                  "required": ["name", "arguments"], "additionalProperties": False} for t in self.callable]
         call = calls[0] if len(calls) == 1 else {"anyOf": calls}
         if self.parallel:
             envelope = _object("tool_calls", {"type": "array", "items": call, "minItems": 1,
@@ -114,8 +118,8 @@ class ToolRequest:
         return {"json": self.schema()}
 
     def instruction(self) -> str:
-        described = [{"name": t.name, "description": t.description, "parameters": t.parameters} for t in self.tools
-                     if self.choice in ("auto", "required", t.name)]
+        described = [{"name": t.name, "description": t.description, "parameters": t.parameters}
+                     for t in self.callable]
         key = "tool_calls" if self.parallel else "tool_call"
         call = '{"name": "<tool name>", "arguments": {<its arguments>}}'
         shape = f'{{"{key}": [{call}, ...]}}' if self.parallel else f'{{"{key}": {call}}}'

@@ -125,17 +125,17 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
                              parameters.get("text_input") or parameters.get("inputs"), limits)
     messages_value = _text_value("messages", messages_array if messages_array is not None else
                                  parameters.get("messages"), limits)
-    words = {}
-    for name in WORD_INPUTS:
+
+    def given(name: str):
+        """An input's value: its tensor, else the request parameter of that name (None: neither)."""
         array = get(name)
-        value = array if array is not None else parameters.get(name)
+        return array if array is not None else parameters.get(name)
+
+    lists = {}  # stop_words, bad_words (measured before they are decoded), stop_token_ids
+    for name in WORD_INPUTS + ID_INPUTS:
+        value = given(name)
         if value is not None:
-            words[name] = _words(name, value, limits)
-    for name in ID_INPUTS:
-        array = get(name)
-        value = array if array is not None else parameters.get(name)
-        if value is not None:
-            words[name] = _ids(name, value)
+            lists[name] = _words(name, value, limits) if name in WORD_INPUTS else _ids(name, value)
     stop_input = get("stop")
     stop = bool(_convert("stop", bool, stop_input)) if stop_input is not None else bool(parameters.get("stop"))
     messages = validate_messages(messages_value, limits.max_messages) if messages_value is not None else None
@@ -147,19 +147,17 @@ def parse_request(get: Callable[[str], np.ndarray | None], parameters: dict | No
         raise ParameterError("send either 'text_input' or 'messages', not both")
     if messages is None and not text.strip() and not stop:
         raise ParameterError("'text_input' must not be empty")
-    fields = dict(words)  # stop_words and bad_words are the fields' own names
+    fields = dict(lists)  # the lists' inputs are the fields' own names
     for name, (field, kind) in INPUTS.items():
         if kind is list:
-            continue  # the words, read above
-        array = get(name)
-        value = array if array is not None else parameters.get(name)
+            continue  # read above
+        value = given(name)
         if value is not None and field not in fields:
             if kind is str:  # a JSON text: measured before it is decoded
                 value = _text_value(name, value, limits)
             fields[field] = _convert(name, kind, value)
     for name, field in NEGATED.items():
-        array = get(name)
-        value = array if array is not None else parameters.get(name)
+        value = given(name)
         if value is not None:
             fields[field] = not _convert(name, bool, value)
     return ParsedRequest(text=text, params=GenerationParams(**fields), stop=stop, messages=messages)
