@@ -138,7 +138,7 @@ def train_byte_fallback_tokenizer(path: Path) -> Path:
     return path
 
 
-def save_streaming_checkpoint(root: Path) -> Path:
+def save_streaming_checkpoint(root: Path, max_position_embeddings: int = 256) -> Path:
     """A random checkpoint whose vocabulary is exactly the byte-fallback tokenizer's, for the server tests: every
     generated id has text, including byte tokens that must be joined into whole characters."""
     import shutil
@@ -147,7 +147,7 @@ def save_streaming_checkpoint(root: Path) -> Path:
     tokenizer_file = train_byte_fallback_tokenizer(root / "tokenizer.model")
     vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
     checkpoint = save_random_hf_llama(root / "ckpt", vocab_size=vocab, num_key_value_heads=2,
-                                      max_position_embeddings=256)
+                                      max_position_embeddings=max_position_embeddings)
     shutil.copy(tokenizer_file, checkpoint / "tokenizer.model")
     return checkpoint
 

@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +33,8 @@ from mstriton.server_process import free_port, metric_value, terminate, wait_unt
 MODEL = "tiny"
 KEY = "faults-admin-key"
 PROMPT = "The quick brown fox"
-LONG = 200     # tokens of the stream that is cut: about 2 s here, far longer than the time to kill it
+LONG = 1000    # tokens of the stream that is cut: 2-3 s on an AVX-512 machine (200 took under 1 s there, too close to
+               # the kill plus the supervisor's 0.5 s poll), far longer than the time to kill it
 GREEDY = 24    # tokens of the greedy text compared before and after each fault
 ERROR_WITHIN = 10  # seconds from the kill to the error of the request in flight
 BACK_WITHIN = 60   # seconds from the kill to ready again
@@ -77,9 +79,16 @@ class Served:
         for url in (self.ready_url, self.health_url):
             wait_until_healthy(self.process, url, "mstriton.serve", self.tail, max(1.0, deadline - time.monotonic()))
 
-    def triton_pid(self) -> int:
-        [pid] = [p.pid for p in supervisor.processes()
-                 if p.ppid == self.process.pid and p.argv and p.argv[0].endswith(b"/tritonserver")]
+    def triton_pid(self, timeout: float = BACK_WITHIN) -> int:
+        """tritonserver's pid; while the supervisor restarts it (a test before failed midway) there is none for a
+        few seconds: waits for it rather than failing every test after that one."""
+        deadline = time.monotonic() + timeout
+        while not (pids := [p.pid for p in supervisor.processes()
+                            if p.ppid == self.process.pid and p.argv and p.argv[0].endswith(b"/tritonserver")]):
+            assert time.monotonic() < deadline and self.process.poll() is None, \
+                f"no tritonserver under mstriton.serve:\n{self.tail()}"
+            time.sleep(0.1)
+        [pid] = pids
         return pid
 
     def model_pids(self) -> dict[str, int]:
@@ -118,9 +127,9 @@ def served(tmp_path_factory):
     from mstriton.convert import convert
 
     root = tmp_path_factory.mktemp("faults")
-    # 2 slots: a gRPC stream and an SSE stream decode side by side; 256 tokens: room for the long stream
-    convert(save_streaming_checkpoint(root), MODEL, root / "repo", max_batch_size=2, max_seq_len=256,
-            progress=lambda _: None)
+    # 2 slots: a gRPC stream and an SSE stream decode side by side; 1024 tokens: room for the long stream
+    convert(save_streaming_checkpoint(root, max_position_embeddings=1024), MODEL, root / "repo", max_batch_size=2,
+            max_seq_len=1024, progress=lambda _: None)
     server = Served(root / "repo", root / "serve.log")
     try:
         started = time.monotonic()
@@ -322,8 +331,12 @@ def test_a_killed_model_process_ends_the_stream_and_the_server_comes_back(served
     if sse:
         outcome = sse.outcome(ERROR_WITHIN)
         assert outcome.startswith("error 503: tritonserver at"), outcome
-    assert f"model process {model} (pid" in served.text()
     assert_down_then_back(served, killed_at, failed_at, model)
+    # the supervisor saw the process die, or tritonserver itself died of it first (2.51's python backend may
+    # crash when a stub dies with a stream in flight): restarted either way
+    [*_, restart] = [line for line in served.text().splitlines() if line.endswith("restarting tritonserver")]
+    assert f"model process {model} (pid" in restart or re.search(r"tritonserver \(pid \d+\) exited with -", restart), \
+        served.tail()
     assert_same_text_and_no_shm(served, greedy, regions)
 
 
