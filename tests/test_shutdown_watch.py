@@ -1,8 +1,10 @@
 """The decode model's watch for tritonserver shutting down, with a probe standing in for the request it sends
-to itself (the real one runs in test_server's SIGTERM test)."""
+to itself (the real one runs in test_server's SIGTERM test); and the watchdog that bounds a model process's exit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -46,3 +48,26 @@ def test_a_failing_probe_does_not_end_the_watch():
         assert stopping.wait(5) and len(calls) == 3
     finally:
         watch.close()
+
+
+# ---- the exit watchdog at the end of finalize() -------------------------------------------------------------------
+
+
+def run_after_finalize(body: str) -> subprocess.CompletedProcess:
+    script = f"from mstriton.serving.shutdown import exit_watchdog\nimport threading\n{body}\nexit_watchdog('m', 1)\n"
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+
+
+def test_a_process_that_exits_by_itself_is_left_alone_by_the_watchdog():
+    started = time.monotonic()
+    done = run_after_finalize("pass")
+    assert done.returncode == 0 and time.monotonic() - started < 30
+    assert "Timeout" not in done.stderr
+
+
+def test_a_process_that_cannot_exit_prints_its_stacks_and_exits_1():
+    # a non-daemon thread that never ends: the interpreter's exit would wait for it forever
+    done = run_after_finalize("threading.Thread(target=threading.Event().wait, name='stuck').start()")
+    assert done.returncode == 1
+    assert "m: finalized" in done.stderr and "Timeout (0:00:01)!" in done.stderr
+    assert "in wait" in done.stderr  # the stuck thread's stack

@@ -10,7 +10,9 @@ requests, so the watch asks a `probe` (a request the model sends to itself) whil
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import sys
 import threading
 from typing import Callable
 
@@ -47,3 +49,20 @@ class ShutdownWatch:
             if not accepted:
                 self.on_stopping()
                 return
+
+
+# Seconds a model process may take to exit after its finalize() returned; they take under 2 here. Past them it
+# prints every thread's stack and exits: tritonserver waits for its stubs at shutdown, and one stub that never
+# exited turned a soak's SIGTERM into exit status 1 (its model still "live" when the exit timeout ran out).
+EXIT_WATCHDOG_SECONDS = 12.0
+
+
+def exit_watchdog(model_name: str, seconds: float = EXIT_WATCHDOG_SECONDS) -> None:
+    """At the end of a model's finalize(): bounds the process's own teardown. faulthandler's timer is a C thread:
+    it fires even when a Python thread holds the GIL or the interpreter, past its last Python code, waits to join
+    a thread that never ends (a ThreadPoolExecutor's worker, say). The dump goes to stderr, tritonserver's log."""
+    # faulthandler's header is only "Timeout (0:00:12)!": say first whose stacks would follow
+    sys.stderr.write(f"{model_name}: finalized; the process exits within {seconds:.0f} s or prints its threads' "
+                     f"stacks and exits 1\n")
+    sys.stderr.flush()
+    faulthandler.dump_traceback_later(seconds, exit=True)

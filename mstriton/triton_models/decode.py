@@ -24,7 +24,7 @@ from ..repository import model_name
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
-from ..serving.shutdown import ShutdownWatch
+from ..serving.shutdown import ShutdownWatch, exit_watchdog
 from ..tokenizer import stream_window
 from . import common
 
@@ -208,4 +208,5 @@ class TritonPythonModel:
         self.grammars.close()
         self.scheduler.shutdown("the server is shutting down; generation stopped")
         common.drop_metrics(self)
+        exit_watchdog(self.name)
 

@@ -31,6 +31,7 @@ import triton_python_backend_utils as pb_utils
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
+from ..serving.shutdown import exit_watchdog
 from ..serving.token_details import TokenDetails
 from ..tokenizer import load_tokenizer
 from . import common
@@ -190,6 +191,7 @@ class TritonPythonModel:
             pb_utils.Logger.log_warn(f"{self.llm}: {len(running)} streams still running at unload; their "
                                      f"requests: {sorted(self.active.values())[:8]}; the threads' stacks follow")
             faulthandler.dump_traceback(all_threads=True)
+        exit_watchdog(self.llm)
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,

@@ -32,6 +32,7 @@ from ..repository import CLIENT_OUTPUTS
 from ..serving.cancel_poll import CANCEL_CHECK_SECONDS
 from ..serving.cancel_watch import CancelWatch
 from ..serving.requests import parse_request
+from ..serving.shutdown import exit_watchdog
 from . import common
 
 OUTPUTS = [name for name, _, _ in CLIENT_OUTPUTS]
@@ -155,3 +156,4 @@ class TritonPythonModel:
     def finalize(self):
         if self.watch is not None:
             self.watch.close()
+        exit_watchdog(self.name)
