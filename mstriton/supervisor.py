@@ -46,6 +46,9 @@ POLL_SECONDS = 0.5
 EXIT_TIMEOUT_SECONDS, STOP_MARGIN_SECONDS = 30, 15
 # A killed process group is gone within milliseconds; this only bounds a wait for a stuck one.
 KILL_WAIT_SECONDS = 10
+# Seconds before tritonserver's exit timeout runs out at which the model processes still running are asked for
+# their threads' stacks (SIGUSR1, serving/shutdown.py's stacks_on_request): the one that keeps it waiting says why.
+STACKS_BEFORE_EXIT_TIMEOUT = 8
 # The stub's first argument is the model's file: REPOSITORY/MODEL/VERSION/model.py
 _MODEL_FILE = re.compile(rb"([^/]+)/\d+/[^/]+\.py$")
 
@@ -211,14 +214,21 @@ class SupervisedTriton:
         self._wait_group_gone()
         self.remove_shared_memory()
 
-    def stop(self, timeout: float) -> int:
+    def stop(self, timeout: float, stacks_after: float | None = None) -> int:
         """Waits up to `timeout` seconds for tritonserver to exit after terminate(); then kills it. Its exit
-        status (1 when it had to be killed), after removing what it left in /dev/shm."""
+        status (1 when it had to be killed), after removing what it left in /dev/shm. `stacks_after`: seconds
+        after which the model processes still running print their threads' stacks into the log."""
         if self.process is None:
             return 0
         self.terminate()
+        deadline = time.monotonic() + timeout
         try:
-            code = self.process.wait(timeout)
+            if stacks_after is not None and stacks_after < timeout:
+                try:
+                    self.process.wait(stacks_after)
+                except subprocess.TimeoutExpired:
+                    self.request_stacks(f"tritonserver still runs {stacks_after:.0f} s after SIGTERM")
+            code = self.process.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             self.log(f"tritonserver did not exit within {timeout:.0f} s of SIGTERM; killing it")
             self.kill()
@@ -226,6 +236,17 @@ class SupervisedTriton:
         self._wait_group_gone()
         self.remove_shared_memory()
         return exit_status(code)
+
+    def request_stacks(self, why: str) -> None:
+        """SIGUSR1 to each model process still running: each prints its threads' stacks to the log."""
+        running = model_processes(self.process.pid)
+        self.log(f"{why}; the model processes still running print their threads' stacks: "
+                 f"{', '.join(f'{model} (pid {pid})' for pid, model in running.items()) or 'none'}")
+        for pid in running:
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
 
     def remove_shared_memory(self) -> None:
         removed = remove_unmapped_regions(shared_memory_regions() - self.shm_before)
@@ -283,7 +304,8 @@ class Supervisor:
         self.frontend: subprocess.Popen | None = None
         self.stopping = False
         exit_timeout = option_value(triton.command, "--exit-timeout-secs")
-        self.stop_timeout = float(exit_timeout or EXIT_TIMEOUT_SECONDS) + STOP_MARGIN_SECONDS
+        self.exit_timeout = float(exit_timeout or EXIT_TIMEOUT_SECONDS)
+        self.stop_timeout = self.exit_timeout + STOP_MARGIN_SECONDS
 
     def run(self) -> int:
         handlers = {s: signal.signal(s, self._signalled) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -344,7 +366,7 @@ class Supervisor:
         self.stopping = True
         if self.frontend and self.frontend.poll() is None:
             self.frontend.send_signal(signal.SIGTERM)
-        code = self.triton.stop(self.stop_timeout)
+        code = self.triton.stop(self.stop_timeout, stacks_after=max(1.0, self.exit_timeout - STACKS_BEFORE_EXIT_TIMEOUT))
         if self.frontend:
             self.frontend.wait()
         self.log(f"tritonserver exited with {code}; stopped")

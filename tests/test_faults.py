@@ -405,6 +405,16 @@ def test_a_tritonserver_that_keeps_dying_is_restarted_then_given_up_on(tmp_path)
     assert "giving up" in lines[-2]
 
 
+def test_a_tritonserver_slow_to_exit_has_its_model_processes_asked_for_their_stacks():
+    lines = []
+    triton = supervisor.SupervisedTriton(["sh", "-c", "trap '' TERM; sleep 2"], log=lines.append)
+    triton.start()
+    time.sleep(0.2)  # the trap is set
+    assert triton.stop(timeout=30, stacks_after=0.5) == 0
+    assert lines and lines[0].startswith("tritonserver still runs 0 s after SIGTERM; the model processes still "
+                                         "running print their threads' stacks: none")
+
+
 def test_model_processes_are_the_serving_stubs_not_the_config_reading_one():
     def stub(*args: bytes) -> supervisor.Process:
         argv = [b"/venv/share/mstriton/backends/python/triton_python_backend_stub", *args]

@@ -69,5 +69,13 @@ def test_a_process_that_cannot_exit_prints_its_stacks_and_exits_1():
     # a non-daemon thread that never ends: the interpreter's exit would wait for it forever
     done = run_after_finalize("threading.Thread(target=threading.Event().wait, name='stuck').start()")
     assert done.returncode == 1
-    assert "m: finalized" in done.stderr and "Timeout (0:00:01)!" in done.stderr
+    assert "m: unloading" in done.stderr and "Timeout (0:00:01)!" in done.stderr
     assert "in wait" in done.stderr  # the stuck thread's stack
+
+
+def test_sigusr1_prints_the_stacks_and_the_process_goes_on():
+    script = ("import os, signal\nfrom mstriton.serving.shutdown import stacks_on_request\nstacks_on_request()\n"
+              "def waiting_here():\n    os.kill(os.getpid(), signal.SIGUSR1)\nwaiting_here()\nprint('went on')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "went on"
+    assert "in waiting_here" in done.stderr

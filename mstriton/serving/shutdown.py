@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import signal
 import sys
 import threading
 from typing import Callable
@@ -51,18 +52,27 @@ class ShutdownWatch:
                 return
 
 
-# Seconds a model process may take to exit after its finalize() returned; they take under 2 here. Past them it
-# prints every thread's stack and exits: tritonserver waits for its stubs at shutdown, and one stub that never
-# exited turned a soak's SIGTERM into exit status 1 (its model still "live" when the exit timeout ran out).
-EXIT_WATCHDOG_SECONDS = 12.0
+# Seconds a model process may take from the start of its finalize() to its exit; they take under 2 here. Past them
+# it prints every thread's stack and exits: tritonserver waits for its stubs at shutdown, and one stub that never
+# exited turned a soak's SIGTERM into exit status 1 (its model still "live" when the 30 s exit timeout ran out,
+# with no request in flight and its finalize() never heard from).
+EXIT_WATCHDOG_SECONDS = 15.0
 
 
 def exit_watchdog(model_name: str, seconds: float = EXIT_WATCHDOG_SECONDS) -> None:
-    """At the end of a model's finalize(): bounds the process's own teardown. faulthandler's timer is a C thread:
-    it fires even when a Python thread holds the GIL or the interpreter, past its last Python code, waits to join
-    a thread that never ends (a ThreadPoolExecutor's worker, say). The dump goes to stderr, tritonserver's log."""
-    # faulthandler's header is only "Timeout (0:00:12)!": say first whose stacks would follow
-    sys.stderr.write(f"{model_name}: finalized; the process exits within {seconds:.0f} s or prints its threads' "
+    """First thing in a model's finalize(): bounds the rest of the process's life. faulthandler's timer is a C
+    thread: it fires even when a Python thread holds the GIL, or finalize() waits on a lock forever, or the
+    interpreter, past its last Python code, waits to join a thread that never ends. The stacks go to stderr,
+    tritonserver's log."""
+    # faulthandler's header is only "Timeout (0:00:15)!": say first whose stacks would follow
+    sys.stderr.write(f"{model_name}: unloading; the process exits within {seconds:.0f} s or prints its threads' "
                      f"stacks and exits 1\n")
     sys.stderr.flush()
     faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+def stacks_on_request() -> None:
+    """In a model's initialize(): SIGUSR1 makes the process print every thread's stack to stderr (tritonserver's
+    log) and go on. The supervisor sends it to the model processes that keep tritonserver from exiting; anyone
+    may (`kill -USR1 PID`)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)

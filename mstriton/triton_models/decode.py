@@ -24,7 +24,7 @@ from ..repository import model_name
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
-from ..serving.shutdown import ShutdownWatch, exit_watchdog
+from ..serving.shutdown import ShutdownWatch, exit_watchdog, stacks_on_request
 from ..tokenizer import stream_window
 from . import common
 
@@ -59,6 +59,7 @@ def error_as_data(message: str, num_input_tokens: int = 0) -> "pb_utils.Inferenc
 
 class TritonPythonModel:
     def initialize(self, args):
+        stacks_on_request()  # kill -USR1: every thread's stack in the log
         config = common.model_config(args)
         mode, source = activations.apply_configured(common.parameter(config, "kernel_activations"))
         pb_utils.Logger.log_info(f"{args['model_name']}: {mode} activations in the CPU kernels' products ({source})")
@@ -204,9 +205,9 @@ class TritonPythonModel:
             grammar=grammar)
 
     def finalize(self):
+        exit_watchdog(self.name)  # first: finalize() itself may be what never ends
         self.watch.close()
         self.grammars.close()
         self.scheduler.shutdown("the server is shutting down; generation stopped")
         common.drop_metrics(self)
-        exit_watchdog(self.name)
 

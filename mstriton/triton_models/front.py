@@ -31,7 +31,7 @@ import triton_python_backend_utils as pb_utils
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
-from ..serving.shutdown import exit_watchdog
+from ..serving.shutdown import exit_watchdog, stacks_on_request
 from ..serving.token_details import TokenDetails
 from ..tokenizer import load_tokenizer
 from . import common
@@ -42,6 +42,7 @@ PIPELINE_OUTPUTS = ["output_ids", "step_ints", "step_floats", "finish_reason"]
 
 class TritonPythonModel:
     def initialize(self, args):
+        stacks_on_request()  # kill -USR1: every thread's stack in the log
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
         self.tokenizer = load_tokenizer(common.version_dir(args) / common.parameter(config, "tokenizer",
@@ -185,13 +186,13 @@ class TritonPythonModel:
                     self.metrics.finished(arrival, first, last or time.monotonic(), prompt_tokens, generated, reason)
 
     def finalize(self):
+        exit_watchdog(self.llm)  # first: finalize() itself may be what never ends
         common.drop_metrics(self)
         running = [t for t in self.tasks if not t.done()]
         if running:  # a stream still waiting for the pipeline keeps a worker thread, and the process, alive
             pb_utils.Logger.log_warn(f"{self.llm}: {len(running)} streams still running at unload; their "
                                      f"requests: {sorted(self.active.values())[:8]}; the threads' stacks follow")
             faulthandler.dump_traceback(all_threads=True)
-        exit_watchdog(self.llm)
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,

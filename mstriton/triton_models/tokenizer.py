@@ -11,11 +11,13 @@ import triton_python_backend_utils as pb_utils
 
 from ..params import GenerationParams, check_prompt_fits
 from ..serving.prompt import PromptEncoder
+from ..serving.shutdown import stacks_on_request
 from . import common
 
 
 class TritonPythonModel:
     def initialize(self, args):
+        stacks_on_request()  # kill -USR1: every thread's stack in the log
         config = common.model_config(args)
         self.encoder = PromptEncoder.from_config_parameters(common.version_dir(args), config.get("parameters", {}))
         self.max_token_bytes = self.encoder.tokenizer.max_token_bytes  # computed now, not on the first request

@@ -32,7 +32,7 @@ from ..repository import CLIENT_OUTPUTS
 from ..serving.cancel_poll import CANCEL_CHECK_SECONDS
 from ..serving.cancel_watch import CancelWatch
 from ..serving.requests import parse_request
-from ..serving.shutdown import exit_watchdog
+from ..serving.shutdown import exit_watchdog, stacks_on_request
 from . import common
 
 OUTPUTS = [name for name, _, _ in CLIENT_OUTPUTS]
@@ -47,6 +47,7 @@ BLS_CALLS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstriton-bls
 
 class TritonPythonModel:
     def initialize(self, args):
+        stacks_on_request()  # kill -USR1: every thread's stack in the log
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
         self.name = args["model_name"]
@@ -154,6 +155,6 @@ class TritonPythonModel:
             await asyncio.sleep(self.cancel_check)
 
     def finalize(self):
+        exit_watchdog(self.name)  # first: finalize() itself may be what never ends
         if self.watch is not None:
             self.watch.close()
-        exit_watchdog(self.name)
