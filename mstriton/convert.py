@@ -20,6 +20,7 @@ from .engine.weight_formats import check_weights
 from .kernels.activations import MODES as ACTIVATION_MODES, served_default
 from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .sources import TEMPLATE_CHOICES, read_source
+from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
 
 STAGING_PREFIX = ".staging-"
@@ -103,7 +104,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
             (tokenizer_dir / CHAT_TEMPLATE_FILE).write_text(source.chat_template, encoding="utf-8")
         engine_params = {"tokenizer": source.tokenizer_entry, "max_seq_len": str(max_seq_len),
                          "vocab_size": str(config.vocab_size), "end_ids": ",".join(map(str, source.end_ids)),
-                         "template": "none" if template == "none" else Path(template).stem}
+                         "template": "none" if template == "none" else Path(template).stem,
+                         "tool_format": tool_format_of(source.chat_template)}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
                                 engine_params=engine_params,
                                 kernel_activations=activations)

@@ -298,6 +298,26 @@ def check_logit_bias(text: str, vocab_size: int) -> None:
             raise ParameterError(f"'logit_bias' keys must be token ids in [0, {vocab_size}), got {token}")
 
 
+MAX_TOOLS = 128
+
+
+def template_tools(text: str) -> list[dict]:
+    """`tools`' JSON text -> OpenAI's function tools, as the chat template is given them. Errors name the field."""
+    try:
+        tools = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise ParameterError(f"'tools' must be a JSON list of function tools: {exc}") from None
+    if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+        raise ParameterError(f"'tools' must be a JSON list of at most {MAX_TOOLS} function tools")
+    if json_depth_exceeds(tools, MAX_JSON_DEPTH):
+        raise ParameterError(f"'tools' must not nest lists and objects more than {MAX_JSON_DEPTH} deep")
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ParameterError(f"'tools[{i}]' must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}")
+    return tools
+
+
 def check_structured_outputs(text: str) -> None:
     from .engine.structured_output import check  # llguidance: imported where a grammar is met
     check(text)
@@ -387,6 +407,11 @@ PARAMETERS: tuple[Parameter, ...] = (
               "vLLM's; every token is chosen among those the grammar allows", default_doc="none",
               allowed_doc="a JSON object (text) of one kind; a grammar that does not compile is refused",
               check=lambda value, limits: check_structured_outputs(value)),
+    Parameter("tools", "TYPE_STRING", None, "function tools given to the chat template (as transformers' "
+              "`apply_chat_template(tools=...)`) for models whose template writes tool calls of its own; the HTTP "
+              "frontend's OpenAI doors send them", default_doc="none",
+              allowed_doc=f'a JSON list (text) of at most {MAX_TOOLS} `{{"type": "function", "function": {{...}}}}`',
+              check=lambda value, limits: template_tools(value)),
     Parameter("fit_max_tokens", "TYPE_BOOL", False, "a `max_tokens` beyond the room the prompt leaves is cut to it "
               "instead of refused (for defaults)"),
 )

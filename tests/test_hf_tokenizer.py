@@ -5,11 +5,12 @@ asked for, and our chat rendering and its token ids equal transformers' apply_ch
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
 from mstriton.pretrained import smollm2_gguf
-from mstriton.tokenizer import ChatTemplate, HFTokenizer, load_tokenizer, stream_window
+from mstriton.tokenizer import ChatTemplate, HFTokenizer, load_tokenizer, stream_window, validate_messages
 
 TEXTS = ["Streaming keeps every space,   and  every word\tarrives whole.\n\nNext line.",
          "MindSpore 图模式 在 Triton 上 流式 输出 中文 文本。", "Emoji too: 🚀 launches, 🎉 celebrates, 👍🏽 agrees.",
@@ -89,3 +90,46 @@ def test_chat_rendering_and_ids_equal_apply_chat_template(ours, theirs, name):
     assert rendered == theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     want = theirs.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert ours.encode_rendered(rendered) == list(want)
+
+
+# ---- templates that write tools in a syntax of their own -------------------------------------------------------
+
+TEMPLATES = Path(__file__).parent / "data" / "templates"
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+TOOL_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Oslo and Köln?"},
+              {"role": "assistant", "content": None, "tool_calls": [
+                  {"id": "call_1", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+                  {"id": "call_2", "type": "function",
+                   "function": {"name": "get_weather", "arguments": '{"city": "Köln"}'}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "4 °C"},
+              {"role": "tool", "tool_call_id": "call_2", "content": "7 °C"}]
+
+
+@pytest.mark.parametrize("template, tool_format", [("hermes_tools.jinja", "hermes"),
+                                                   ("llama3_tools.jinja", "llama3_json")])
+def test_tools_and_earlier_calls_render_as_apply_chat_template_renders_them(ours, theirs, template, tool_format):
+    from mstriton.frontend.native_tools import with_template_calls
+    from mstriton.tokenizer.chat import tool_format_of
+
+    source = (TEMPLATES / template).read_text()
+    assert tool_format_of(source) == tool_format
+    messages = validate_messages([with_template_calls(m) for m in TOOL_TURNS])
+    rendered = ChatTemplate(source, ours.special_tokens).render(messages, tools=[WEATHER])
+    assert rendered == theirs.apply_chat_template(messages, tools=[WEATHER], chat_template=source,
+                                                  add_generation_prompt=True, tokenize=False)
+    assert '"get_weather"' in rendered and "Köln" in rendered and "7 °C" in rendered
+    without = ChatTemplate(source, ours.special_tokens).render(messages[:2])
+    assert without == theirs.apply_chat_template(messages[:2], chat_template=source, add_generation_prompt=True,
+                                                 tokenize=False)
+    assert "get_weather" not in without
+
+
+def test_templates_without_a_tool_syntax_get_the_generic_format(ours):
+    from mstriton.tokenizer.chat import NAMED_TEMPLATES, tool_format_of
+
+    assert tool_format_of(ours.chat_template) == "generic"  # SmolLM2's ChatML
+    assert {tool_format_of(t) for t in NAMED_TEMPLATES.values()} == {"generic"}
+    assert tool_format_of("{% for t in tools %}[TOOLS]{{ t | tojson }}{% endfor %}") == "generic"  # unknown syntax

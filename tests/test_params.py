@@ -44,7 +44,8 @@ def test_generation_params_fields_and_defaults_are_the_settings():
         assert getattr(defaults, p.name) == ([] if p.many else p.default), p.name
 
 
-VALID_TEXTS = {"logit_bias": '{"7": -3.5}', "structured_outputs": '{"regex": "[ab]+"}'}
+VALID_TEXTS = {"logit_bias": '{"7": -3.5}', "structured_outputs": '{"regex": "[ab]+"}',
+               "tools": '[{"type": "function", "function": {"name": "f"}}]'}
 
 
 def _valid(p):

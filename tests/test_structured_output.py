@@ -155,3 +155,30 @@ def test_min_p_logit_bias_and_a_grammar_with_no_way_out_end_cleanly():
                           prompt_ids=[])
     assert int(choose_tokens(logits, [state])[0][0]) == 7
     assert state.processed
+
+
+@pytest.mark.parametrize("tool_format, parallel", [("hermes", True), ("hermes", False), ("llama3_json", False)])
+@pytest.mark.parametrize("seed", range(3))
+def test_a_random_model_held_to_a_templates_tool_syntax_writes_calls_that_validate(compiler, smollm2, tool_format,
+                                                                                  parallel, seed):
+    import jsonschema
+
+    from mstriton.frontend.fields import Fields
+    from mstriton.frontend.native_tools import in_format
+    from mstriton.frontend.tools import ToolRequest
+
+    city = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+            "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": city}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object",
+                                                                                  "additionalProperties": False}}}]
+    request = in_format(ToolRequest.from_body(Fields({"tools": tools, "tool_choice": "required",
+                                                      "parallel_tool_calls": parallel})), tool_format)
+    _, tokenizer = smollm2
+    text, finish = _generate(compiler, tokenizer, request.structured_outputs(), seed, steps=400)
+    assert finish == "end", text
+    content, calls = request.parse(text)
+    assert content is None and calls and (parallel or len(calls) == 1), text
+    for call in calls:
+        schema = {"get_weather": city, "get_time": tools[1]["function"]["parameters"]}[call["function"]["name"]]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schema)

@@ -11,6 +11,7 @@ import pytest
 
 from mstriton.frontend.errors import ApiError
 from mstriton.frontend.fields import Fields
+from mstriton.frontend.native_tools import in_format, with_template_calls
 from mstriton.frontend.tools import ToolRequest, ToolStream, parse, with_generic_calls
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
@@ -109,6 +110,90 @@ def test_earlier_calls_are_written_into_the_chat_in_the_generic_format():
     chat = request(tools=[WEATHER]).messages([{"role": "system", "content": "Be brief."},
                                               {"role": "user", "content": "hi"}])
     assert chat[0]["content"].startswith("Be brief.\n\nYou can call these tools:") and len(chat) == 2
+
+
+# ---- tool calls in the syntax of the model's own template (native_tools.py) ---------------------------------
+
+HERMES_ANSWERS = [
+    'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os\\"lo</tool_call>"}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Kyiv"}}\n</tool_call>',
+    'No tool needed: it is 4 <tool degrees, and < tool_call> is not a tag.',
+    '<tool_call>\nnot json\n</tool_call>',       # a block that is no call: all of it is words
+    'Cut short <tool_call>\n{"name": "get_w',    # never closed: words at the end
+]
+LLAMA3_ANSWERS = ['{"name": "get_weather", "parameters": {"city": "Kyiv", "days": [1, {"a": "}"}]}}',
+                  '<|python_tag|>{"name": "get_time", "parameters": {}}', "It is sunny in {Kyiv}.",
+                  '{"no": "call"}', '  {"name": "get_w']
+
+
+def native(tool_format, **body):
+    return in_format(request(tools=[WEATHER, TIME], **body), tool_format)
+
+
+def test_hermes_answers_are_read_back_with_the_words_around_them():
+    hermes = native("hermes")
+    content, calls = hermes.parse(HERMES_ANSWERS[0])
+    assert content == "Let me look." and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": 'Os"lo</tool_call>'}
+    for text in HERMES_ANSWERS[2:]:
+        assert hermes.parse(text) == (text, [])
+
+
+def test_llama3_json_answers_are_one_call_or_words():
+    llama3 = native("llama3_json")
+    content, [call] = llama3.parse(LLAMA3_ANSWERS[1])
+    assert content is None and call["function"] == {"name": "get_time", "arguments": "{}"}
+    for text in LLAMA3_ANSWERS[2:]:
+        assert llama3.parse(text) == (text, [])
+    assert llama3.parallel is False  # the template's syntax has one call per answer
+
+
+@pytest.mark.parametrize("tool_format, answer", [("hermes", a) for a in HERMES_ANSWERS] +
+                                                [("llama3_json", a) for a in LLAMA3_ANSWERS])
+@pytest.mark.parametrize("step", [1, 2, 5, 1000])
+def test_native_streamed_deltas_assemble_to_the_whole_answer(tool_format, answer, step):
+    tools = native(tool_format)
+    stream, deltas = tools.stream(), []
+    for i in range(0, len(answer), step):
+        deltas += stream.feed(answer[i:i + step])
+    left, called = stream.finish()
+    deltas += left
+    content = "".join(d.content for d in deltas if d.content is not None)
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if d.index is not None:
+            entry = calls.setdefault(d.index, {"name": None, "arguments": ""})
+            if d.id is not None:
+                assert entry["name"] is None  # id and name once, first
+                entry["name"] = d.name
+            entry["arguments"] += d.arguments or ""
+    whole_content, whole_calls = tools.parse(answer)
+    assert called == bool(whole_calls)
+    assert (content.strip() or None) == (whole_content.strip() if whole_content else None)
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == \
+        [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in whole_calls]
+
+
+def test_native_formats_give_the_template_the_tools_and_hold_only_forced_choices_to_a_grammar():
+    hermes = native("hermes")
+    assert hermes.structured_outputs() is None  # auto: the model may answer in words
+    assert [t["function"]["name"] for t in hermes.template_tools()] == ["get_weather", "get_time"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert hermes.messages(chat) == chat  # no instruction: the template describes the tools
+    named = native("hermes", tool_choice={"type": "function", "function": {"name": "get_time"}})
+    grammar = named.structured_outputs()["grammar"]
+    assert '"const": "get_time"' in grammar and "get_weather" not in grammar
+    assert len(named.template_tools()) == 2  # the model is still told of every tool
+    assert '"parameters"' in native("llama3_json", tool_choice="required").structured_outputs()["grammar"]
+    assert request(tools=[WEATHER]).template_tools() is None  # generic: the instruction describes them
+
+
+def test_earlier_calls_are_given_to_a_native_template_in_openais_form():
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    message = with_template_calls({"role": "assistant", "content": None, "tool_calls": [call]})
+    assert message["content"] == "" and message["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}
+    assert message["tool_calls"][0]["id"] == "call_1"
 
 
 # ---- the Responses API's body, read into the chat request it stands for ----------------------------------------

@@ -18,7 +18,8 @@ from . import generation as gen
 from . import structured
 from .errors import ApiError, invalid
 from .fields import Fields, check_prompt, door_settings, json_body, limits
-from .tools import ToolRequest, ToolStream, parse, with_generic_calls
+from .native_tools import in_format, with_template_calls
+from .tools import ToolRequest, with_generic_calls
 
 router = APIRouter()
 
@@ -274,12 +275,16 @@ def _chat_logprobs(tokens: list[dict]) -> dict:
                         for t in tokens]}
 
 
-def chat_messages(body: Fields, request: Request, tools: ToolRequest | None) -> list[dict]:
-    """The body's messages as the model gets them: earlier tool calls written in the generic format, and with
-    tools, their instruction in the system message."""
+def chat_messages(body: Fields, request: Request, tools: ToolRequest | None, tool_format: str) -> list[dict]:
+    """The body's messages as the model gets them: earlier tool calls as the model's template writes them (or, in
+    the generic format, as the assistant's content), and with generic tools, their instruction in the system
+    message."""
     raw = body.values.get("messages")
-    if isinstance(raw, list):  # an assistant's tool_calls (its content null) become its content
-        raw = [with_generic_calls(m) if isinstance(m, dict) and m.get("content") is None else m for m in raw]
+    if isinstance(raw, list):
+        if tool_format == "generic":  # an assistant's tool_calls (its content null) become its content
+            raw = [with_generic_calls(m) if isinstance(m, dict) and m.get("content") is None else m for m in raw]
+        else:
+            raw = [with_template_calls(m) for m in raw]
     try:
         messages = validate_messages(raw, limits(request).max_messages)
     except ParameterError as exc:
@@ -287,15 +292,28 @@ def chat_messages(body: Fields, request: Request, tools: ToolRequest | None) -> 
     return tools.messages(messages) if tools else messages
 
 
-def chat_tools(body: Fields, settings: dict) -> ToolRequest | None:
-    """The request's tools; their answer's grammar goes into `settings`."""
+def chat_tools(body: Fields, settings: dict, tool_format: str) -> ToolRequest | None:
+    """The request's tools in the model's tool format; the tools its template is given and their answer's grammar
+    go into `settings`."""
     tools = ToolRequest.from_body(body)
     if tools is None:
         return None
+    tools = in_format(tools, tool_format)
     if "structured_outputs" in settings:
         raise invalid("tools", f"'tools' and '{structured.source_field(body)}' both constrain the answer: send one")
-    settings["structured_outputs"] = json.dumps(structured.checked(tools.structured_outputs(), "tools"))
+    if (grammar := tools.structured_outputs()) is not None:
+        settings["structured_outputs"] = json.dumps(structured.checked(grammar, "tools"))
+    if (template_tools := tools.template_tools()) is not None:
+        settings["tools"] = json.dumps(template_tools, ensure_ascii=False)
     return tools
+
+
+async def chat_request(request: Request, body: Fields, settings: dict, model: str
+                       ) -> tuple[ToolRequest | None, list[dict]]:
+    """A chat body's tools (their settings added) and messages, in the model's tool format."""
+    tool_format = (await request.app.state.triton.info(model)).tool_format
+    tools = chat_tools(body, settings, tool_format)
+    return tools, chat_messages(body, request, tools, tool_format)
 
 
 def _tool_call_delta(delta) -> dict:
@@ -310,8 +328,7 @@ def _tool_call_delta(delta) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request):
     body, settings, model = await _read(request, CHAT)
-    tools = chat_tools(body, settings)
-    messages = chat_messages(body, request, tools)
+    tools, messages = await chat_request(request, body, settings, model)
     logprobs = body.boolean("logprobs", False)
     top_logprobs = body.integer("top_logprobs", low=0, high=MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
@@ -326,7 +343,7 @@ async def chat_completions(request: Request):
     def message(result) -> tuple[dict, str]:
         if tools is None:
             return {"role": "assistant", "content": result.text}, result.finish_reason
-        content, calls = parse(result.text)
+        content, calls = tools.parse(result.text)
         if not calls:
             return {"role": "assistant", "content": content}, result.finish_reason
         return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
@@ -346,7 +363,7 @@ async def chat_completions(request: Request):
 
     async def payloads():
         finals = {}
-        streams = [ToolStream() if tools else None for _ in generations]
+        streams = [tools.stream() if tools else None for _ in generations]
 
         def choice(index, delta, chunk_logprobs=None, finish=None):
             return _chunk(head, [{"index": index, "delta": delta, "logprobs": chunk_logprobs,

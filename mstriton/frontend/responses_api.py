@@ -20,7 +20,6 @@ from . import generation as gen
 from . import openai_api
 from .errors import ApiError, invalid
 from .fields import Fields
-from .tools import ToolStream, parse
 
 router = APIRouter()
 
@@ -154,8 +153,7 @@ async def responses(request: Request):
     try:
         chat = Fields(chat_body(body))
         settings = await openai_api.request_settings(chat, triton, model)
-        tools = openai_api.chat_tools(chat, settings)
-        messages = openai_api.chat_messages(chat, request, tools)
+        tools, messages = await openai_api.chat_request(request, chat, settings, model)
     except ApiError as exc:
         raise _in_responses_terms(exc) from None
     names = {"max_tokens": "max_output_tokens", "structured_outputs": "text.format"}
@@ -179,12 +177,12 @@ async def responses(request: Request):
 
     if not body.boolean("stream", False):
         result = await gen.unless_disconnected(request.receive, gen.complete(triton, generation))
-        content, calls = parse(result.text) if tools else (result.text, [])
+        content, calls = tools.parse(result.text) if tools else (result.text, [])
         output = [_call_item(c["id"], c["function"]["name"], c["function"]["arguments"]) for c in calls] \
             if calls else [_message_item(f"msg_{uuid.uuid4().hex}", content or "", "completed")]
         return finished(result.reason, output, result.prompt_tokens, result.completion_tokens)
     chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.stream(triton, generation)))
-    return openai_api.event_stream(_events(chunks, head, tools is not None, finished), typed=True)
+    return openai_api.event_stream(_events(chunks, head, tools, finished), typed=True)
 
 
 def _message_item(item_id: str, text: str, status: str) -> dict:
@@ -197,7 +195,7 @@ def _call_item(call_id: str, name: str, arguments: str, status: str = "completed
             "arguments": arguments, "status": status}
 
 
-async def _events(chunks, head: dict, with_tools: bool, finished):
+async def _events(chunks, head: dict, tools, finished):
     """The stream's typed events: response.created, then per output item its added / delta / done events, then
     response.completed (or .incomplete) with the whole response."""
     sequence = 0
@@ -212,7 +210,7 @@ async def _events(chunks, head: dict, with_tools: bool, finished):
     output: list[dict] = []
     message = None           # the open message item: [output index, id, text so far]
     calls: dict[int, list] = {}  # tool-call index -> [output index, call item]
-    tool_stream = ToolStream() if with_tools else None
+    tool_stream = tools.stream() if tools else None
     last = None
 
     def open_message():

@@ -114,8 +114,19 @@ class ToolRequest:
             return envelope
         return {"anyOf": [envelope, _object("response", {"type": "string"})]}
 
-    def structured_outputs(self) -> dict:
+    def structured_outputs(self) -> dict | None:
+        """The grammar of the answer (None: the model is left free)."""
         return {"json": self.schema()}
+
+    def template_tools(self) -> list[dict] | None:
+        """The tools as the chat template is given them: none, the instruction describes them."""
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        return parse(text)
+
+    def stream(self) -> "ToolStream":
+        return ToolStream()
 
     def instruction(self) -> str:
         described = [{"name": t.name, "description": t.description, "parameters": t.parameters}
@@ -246,7 +257,7 @@ class ToolStream:
                         "end": None}
                 self.calls.append(call)
                 deltas.append(Delta(index=len(self.calls) - 1, id=call["id"], name=name, arguments=""))
-            end = _value_end(self.text, call["start"])
+            end = value_end(self.text, call["start"])
             arguments = self.text[call["start"]:end if end is not None else len(self.text)]
             if len(arguments) > call["sent"]:
                 deltas.append(Delta(index=self.calls.index(call), arguments=arguments[call["sent"]:]))
@@ -296,7 +307,7 @@ def _string_prefix(body: str) -> str:
     return text[:-1] if text and "\ud800" <= text[-1] <= "\udbff" else text
 
 
-def _value_end(text: str, start: int) -> int | None:
+def value_end(text: str, start: int) -> int | None:
     """The index just after the JSON object or array beginning at `start`, or None while it is unfinished."""
     depth, i = 0, start
     while i < len(text):

@@ -50,6 +50,7 @@ class LlmInfo:
     vocab_size: int
     slots: int          # sequences the decode model runs at once
     max_waiting: int    # requests it queues beyond those
+    tool_format: str = "generic"  # how its chat template writes tool calls (tokenizer/chat.py's TOOL_FORMATS)
 
 
 class Triton:
@@ -104,7 +105,8 @@ class Triton:
                 name=llm, max_seq_len=int(param(tokenizer, "max_seq_len")),
                 vocab_size=int(param(tokenizer, "vocab_size")),
                 slots=int(param(decode, "max_slots", str(decode.get("max_batch_size", 1)))),
-                max_waiting=int(param(decode, "max_waiting", "64")))
+                max_waiting=int(param(decode, "max_waiting", "64")),
+                tool_format=param(tokenizer, "tool_format", "generic"))
         return self._info[llm]
 
     async def _config(self, name: str) -> dict:

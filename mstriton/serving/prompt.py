@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..params import GenerationParams, ParameterError
+from ..params import GenerationParams, ParameterError, template_tools
 from ..tokenizer import ChatTemplate, TextTokenizer, load_tokenizer, validate_messages
 # Beside the tokenizer files in the tokenizer model's folder: the chat template requests with `messages` are
 # rendered with (the one named at conversion, else the model's own).
@@ -49,18 +49,18 @@ class PromptEncoder:
                    max_seq_len=int(value("max_seq_len")), vocab_size=int(value("vocab_size")),
                    end_ids=[int(i) for i in end_ids.split(",") if i.strip()])
 
-    def prompt_ids(self, text: str, messages=None) -> list[int]:
+    def prompt_ids(self, text: str, messages=None, tools: list[dict] | None = None) -> list[int]:
         if messages is not None:
             if self.chat is None:
                 raise ParameterError("'messages' needs a chat template, and this model has none: convert it with "
                                      "--template (chatml, llama2, internlm, or a .jinja file), or send text_input")
-            return self.tokenizer.encode_rendered(self.chat.render(validate_messages(messages)))
+            return self.tokenizer.encode_rendered(self.chat.render(validate_messages(messages), tools=tools))
         if self.wrap_text:
             return self.tokenizer.encode_rendered(self.chat.render([{"role": "user", "content": text}]))
         return self.tokenizer.encode(text)
 
     def encode(self, text: str, params: GenerationParams, messages=None) -> EncodedPrompt:
-        ids = self.prompt_ids(text, messages)
+        ids = self.prompt_ids(text, messages, template_tools(params.tools) if params.tools else None)
         field = "messages" if messages is not None else "text_input"
         room = self.max_seq_len - len(ids)
         if room < 1:
@@ -72,4 +72,5 @@ class PromptEncoder:
         end_ids = end_ids + [t for t in params.stop_token_ids if t not in end_ids]
         words = {"stop": self.tokenizer.encode_words(params.stop_words),
                  "bad": self.tokenizer.encode_words(params.bad_words), "end_ids": end_ids}
-        return EncodedPrompt(ids=ids, params_dict=dataclasses.asdict(params), words=words)
+        # the tools are in the prompt now: the decode step has no use for them
+        return EncodedPrompt(ids=ids, params_dict={**dataclasses.asdict(params), "tools": None}, words=words)

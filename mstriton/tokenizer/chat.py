@@ -40,6 +40,23 @@ NAMED_TEMPLATES = {
         "{% endfor %}{% if add_generation_prompt %}<|Bot|>:{% endif %}"),
 }
 ROLES = ("system", "user", "assistant", "tool")
+# How a model writes a tool call, by what its chat template shows it (frontend/native_tools.py reads each back):
+#   hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>, once per call (Qwen2.5/3, Hermes 2/3)
+#   llama3_json  {"name": ..., "parameters": {...}}, after <|python_tag|> or alone (Llama 3.1-3.3)
+#   generic      the template has no tool syntax: the frontend's own JSON format (frontend/tools.py)
+TOOL_FORMATS = ("generic", "hermes", "llama3_json")
+
+
+def tool_format_of(source: str | None) -> str:
+    """The tool-call format a chat template teaches its model; "generic" when it renders no `tools` or writes
+    them in a syntax this server does not read back."""
+    if not source or "tools" not in source:
+        return "generic"
+    if "<tool_call>" in source:
+        return "hermes"
+    if "<|python_tag|>" in source or "<|eom_id|>" in source:
+        return "llama3_json"
+    return "generic"
 
 
 class TemplateError(ValueError):
@@ -81,10 +98,13 @@ class ChatTemplate:
             raise TemplateError(f"chat template must be one of {sorted(NAMED_TEMPLATES)}, got {name!r}")
         return cls(NAMED_TEMPLATES[name], special_tokens)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """`tools`: OpenAI's function tools ({"type": "function", "function": {...}}), given to the template as
+        transformers' apply_chat_template(tools=...) gives them; templates that know no tools ignore them."""
+        extra = {"tools": tools} if tools else {}
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special_tokens)
+                                        **self.special_tokens, **extra)
         except TemplateError as exc:  # the template's own raise_exception: it refuses these messages
             raise ParameterError(f"'messages' refused by the model's chat template: {exc}") from None
         except jinja2.TemplateError as exc:
