@@ -57,7 +57,8 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
-            activations: str | None = None, progress: Callable[[str], None] = print) -> list[Path]:
+            activations: str | None = None, speculative: str = "off",
+            progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
     `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights))."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
@@ -72,6 +73,12 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     if activations is not None and activations not in ACTIVATION_MODES:
         raise ValueError(f"--activations must be one of {list(ACTIVATION_MODES)}, got {activations!r}")
     activations = activations or served_default(weights)
+    if speculative not in ("off", "ngram"):
+        raise ValueError(f"--speculative must be 'off' or 'ngram', got {speculative!r}")
+    if speculative != "off" and weights == "float32":
+        raise ValueError("--speculative ngram needs the CPU kernels' decode steps: give --weights one of bfloat16, "
+                         "int8, Q8_0, Q4_0, Q4_1 (float32 weights decode with MindSpore's ops, which cannot verify "
+                         "drafted tokens)")
     checkpoint, repository = Path(checkpoint), Path(repository)
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
@@ -108,7 +115,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                          "tool_format": tool_format_of(source.chat_template)}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
                                 engine_params=engine_params,
-                                kernel_activations=activations)
+                                kernel_activations=activations, speculative=speculative)
         for component, model_config in configs.items():
             folder = models / model_name(name, component)
             write_config(folder, model_config)

@@ -412,6 +412,9 @@ PARAMETERS: tuple[Parameter, ...] = (
               "frontend's OpenAI doors send them", default_doc="none",
               allowed_doc=f'a JSON list (text) of at most {MAX_TOOLS} `{{"type": "function", "function": {{...}}}}`',
               check=lambda value, limits: template_tools(value)),
+    Parameter("speculative", "TYPE_BOOL", True, "where the model drafts tokens by n-gram lookup (its decode "
+              "model's `speculative` parameter), verify them several per step; false: one token per step. The "
+              "output is the same either way"),
     Parameter("fit_max_tokens", "TYPE_BOOL", False, "a `max_tokens` beyond the room the prompt leaves is cut to it "
               "instead of refused (for defaults)"),
 )

@@ -23,6 +23,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from .params import DEFAULT_PREFILL_BUDGET, PARAMETERS
+from .serving.speculation import Speculation
 
 VERSION = "1"
 COMPONENTS = ("", "unary", "pipeline", "tokenizer", "decode")
@@ -97,7 +98,7 @@ def add_tensors(message, specs, optional: bool = False) -> None:
 
 
 def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict,
-                  kernel_activations: str = "float32") -> dict:
+                  kernel_activations: str = "float32", speculative: str = "off") -> dict:
     """Every model of the LLM `name`: component -> ModelConfig ("" is the front model NAME itself).
     `engine_params` (tokenizer, max_seq_len, vocab_size, end_ids, template) go to the tokenizer; its
     `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too."""
@@ -136,7 +137,9 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                               "prefill_budget": str(DEFAULT_PREFILL_BUDGET),
                               # float32 or int8 activations of the CPU kernels' products (kernels/activations.py);
                               # MSTRITON_KERNEL_ACTIVATIONS in the server's environment overrides it
-                              "kernel_activations": kernel_activations, **dev})
+                              "kernel_activations": kernel_activations,
+                              # speculative decoding (off, or ngram: drafts by n-gram lookup, serving/scheduler.py)
+                              **Speculation.PARAMETERS, "speculative": speculative, **dev})
     add_tensors(decode.input, [("input_ids", pb.TYPE_INT32, [-1]),
         ("params_json", pb.TYPE_STRING, [1]), ("word_ids", pb.TYPE_STRING, [1]),
         ("request_key", pb.TYPE_STRING, [1])], optional=True)

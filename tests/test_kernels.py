@@ -373,3 +373,24 @@ def test_paged_decode_attention_of_a_sequence_is_the_same_alone_or_in_any_batch(
             got = kernels.decode_attention(qkv[rows], positions[rows], cos, sin, k_pool.copy(), v_pool.copy(), t[rows],
                                            heads)
             assert np.array_equal(got, whole[rows]), (isa, rows, t.shape)
+
+
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_rows_of_one_sequence_at_consecutive_positions_are_the_steps_one_after_another(isa, block_size):
+    """A speculative step verifies drafted tokens as extra rows of one sequence, at the positions after its newest
+    token: each row must attend to the rows before it, bit for bit as if they had been decoded in earlier steps
+    (every row's K/V is stored before any row attends)."""
+    rng = np.random.default_rng(5)
+    heads, kv, d, first, count = 8, 2, 32, 61, 6
+    qkv, cos, sin, k_cache, v_cache = attention_case(rng, heads, kv, d, count, seq=first + count, table_len=128)
+    k_pool, v_pool, table = paged(k_cache[:1], v_cache[:1], block_size, rng)  # one sequence's cache
+    positions = np.arange(first, first + count, dtype=np.int32)
+    tables = np.repeat(table, count, axis=0)
+    pools = k_pool.copy(), v_pool.copy()
+    together = kernels.decode_attention(qkv, positions, cos, sin, *pools, tables, heads)
+    alone_pools = k_pool.copy(), v_pool.copy()
+    for row in range(count):  # the same rows, one step at a time, each after the one before stored its K/V
+        alone = kernels.decode_attention(qkv[row:row + 1], positions[row:row + 1], cos, sin, *alone_pools, table,
+                                         heads)
+        assert np.array_equal(alone[0], together[row]), (isa, row)
+    assert np.array_equal(pools[0], alone_pools[0]) and np.array_equal(pools[1], alone_pools[1])

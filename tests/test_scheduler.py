@@ -276,14 +276,14 @@ def test_the_loop_survives_a_failed_step_and_serves_the_next_request(graphs):
     import threading
 
     engine = Engine(graphs, max_slots=2)
-    real_decode, failures = engine.decode, [RuntimeError("a broken step")]
+    real_decode, failures = engine.decode_with_drafts, [RuntimeError("a broken step")]
 
     def decode_failing_once(*args, **kwargs):
         if failures:
             raise failures.pop()
         return real_decode(*args, **kwargs)
 
-    engine.decode = decode_failing_once
+    engine.decode_with_drafts = decode_failing_once
     scheduler = Scheduler(engine)
     events, done = {}, {k: threading.Event() for k in ("first", "second")}
 

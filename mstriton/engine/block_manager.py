@@ -145,6 +145,15 @@ class BlockManager:
         table.blocks += self.allocate(need)
         return True
 
+    def trim(self, table: BlockTable, positions: int) -> None:
+        """Give back the blocks past those of `positions` token positions: a speculative step took blocks for
+        drafted tokens that were rejected. They were never entered in the prefix cache (only blocks full of
+        accepted tokens are)."""
+        keep = max(self.blocks_for(positions), table.registered)
+        if len(table.blocks) > keep:
+            extra, table.blocks = table.blocks[keep:], table.blocks[:keep]
+            self.release(extra)
+
     def cache_full_blocks(self, table: BlockTable, tokens: list[int], computed: int) -> None:
         """The first `computed` of `tokens` have their K/V in `table`'s blocks: enter the blocks they fill that
         are not entered yet in the prefix cache (the keys of blocks filled by decoding are chained on from the

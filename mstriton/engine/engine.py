@@ -214,33 +214,77 @@ class Engine:
         """One decode step for every running sequence. `next_tokens` gives each sequence's newest token (by
         sequence, or as a list in slot order). Every sequence must have room for it (grow()). Returns logits
         [n_running, V] in slot order."""
-        n = len(self.running)
-        batch = smallest_fitting(self.graphs.batch_buckets, n)
-        tokens = np.zeros(batch, np.int32)
         if isinstance(next_tokens, dict):
+            ordered = [0] * len(self.running)
             for sequence, token in next_tokens.items():
-                tokens[sequence.slot] = token
-        else:
-            tokens[:n] = next_tokens
-        for sequence in self.running:
-            if not self.grow(sequence):
-                raise OutOfBlocks("no free KV block for a running sequence's next token (preempt first)")
+                ordered[sequence.slot] = token
+            next_tokens = ordered
+        logits, _ = self.decode_with_drafts(next_tokens, [[] for _ in self.running])
+        return logits
+
+    @property
+    def can_verify_drafts(self) -> bool:
+        """Whether a decode step can verify drafted tokens: the CPU kernels' steps write every row's K/V into the
+        pool before any row attends (kernels/csrc/attention.h), so rows of one sequence at consecutive positions
+        see each other. MindSpore's own ops (float32 weights) attend to the pool and then store: they cannot."""
+        return bool(self.graphs.manifest.get("decode_writes_cache"))
+
+    def draft_room(self, sequence: Sequence, drafts: int) -> int:
+        """How many of `drafts` tokens the sequence can verify in the next step: blocks permitting (taken from
+        the free ones, never by preempting) and below max_seq_len."""
+        drafts = min(drafts, self.max_len - 1 - sequence.computed - 1)
+        while drafts > 0 and not self.blocks.make_room(sequence.table, sequence.computed + 1 + drafts):
+            drafts -= 1
+        return max(drafts, 0)
+
+    def decode_with_drafts(self, next_tokens: list[int], drafts: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+        """A decode step in which each running sequence (slot order) runs its newest token and, after it, the
+        tokens drafted for it, each at the next position, in one batch: the logits of every row, and the first
+        row of each sequence. A row's logits are those a plain step would give once the drafts before it were
+        accepted. Each sequence keeps its newest token; accept() keeps the drafts that proved right. Every
+        sequence must have room for its tokens (grow(), draft_room())."""
+        n = len(self.running)
+        if drafts and any(drafts) and not self.can_verify_drafts:
+            raise ValueError("this engine's decode steps cannot verify drafted tokens (float32 MindSpore ops)")
+        counts = [1 + len(d) for d in drafts]
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        rows = sum(counts)
+        batch = smallest_fitting(self.graphs.batch_buckets, rows)
+        tokens = np.zeros(batch, np.int32)
         positions = np.full(batch, self.padding_position, np.int32)
-        positions[:n] = [s.computed for s in self.running]
-        seq = smallest_fitting(self.graphs.seq_buckets, int(positions[:n].max()) + 1)
+        for sequence, start, token, drafted in zip(self.running, starts, next_tokens, drafts):
+            if not self.blocks.make_room(sequence.table, sequence.computed + 1 + len(drafted)):
+                raise OutOfBlocks("no free KV block for a running sequence's next token (preempt first)")
+            tokens[start:start + 1 + len(drafted)] = [token, *drafted]
+            positions[start:start + 1 + len(drafted)] = range(sequence.computed, sequence.computed + 1 + len(drafted))
+        seq = smallest_fitting(self.graphs.seq_buckets, int(positions[:rows].max()) + 1)
         tables = np.full((batch, blocks_for(seq, self.blocks.block_size)), SCRATCH_BLOCK, np.int32)
-        for row, sequence in enumerate(self.running):
-            tables[row, :len(sequence.blocks)] = sequence.blocks[:tables.shape[1]]
+        for sequence, start, count in zip(self.running, starts, counts):
+            tables[start:start + count, :len(sequence.blocks)] = sequence.blocks[:tables.shape[1]]
         logits, new_keys, new_values = self.graphs.decode(tokens, positions, self.pool.keys, self.pool.values,
                                                           self.pool.block_index(tables))
-        if new_keys is not None:  # MindSpore's ops: the host stores the new K/V
+        if new_keys is not None:  # MindSpore's ops: the host stores the new K/V (no drafts here)
             self.pool.write_tokens([s.blocks for s in self.running], positions[:n].tolist(), new_keys, new_values)
-        for row, sequence in enumerate(self.running):
-            sequence.tokens.append(int(tokens[row]))
-            sequence.computed += 1
-            if sequence.computed % self.blocks.block_size == 0:
-                self._register_full_blocks(sequence)
-        return logits[:n]
+        for sequence, start in zip(self.running, starts):
+            self._append(sequence, [int(tokens[start])])
+        return logits[:rows], starts
+
+    def accept(self, sequence: Sequence, drafted: list[int]) -> None:
+        """After decode_with_drafts: the first `drafted` tokens proved right, their K/V stays; the blocks taken for
+        the rest go back."""
+        self._append(sequence, drafted)
+        self.blocks.trim(sequence.table, sequence.computed + 1)
+
+    def _append(self, sequence: Sequence, tokens: list[int]) -> None:
+        """Tokens whose K/V the last step put in the pool: now part of the sequence (full blocks into the prefix
+        cache)."""
+        if not tokens:
+            return
+        before = sequence.computed // self.blocks.block_size
+        sequence.tokens += tokens
+        sequence.computed += len(tokens)
+        if sequence.computed // self.blocks.block_size > before:
+            self._register_full_blocks(sequence)
 
     def release(self, sequence: Sequence) -> None:
         """Give the sequence's blocks back; if it was decoding, the last running sequence moves into its slot."""

@@ -34,6 +34,8 @@ from typing import Callable
 import numpy as np
 
 from ..engine.engine import Engine, PromptTooLong, Sequence
+from ..engine.ngram import NgramDrafter
+from .speculation import Speculation
 from ..engine.sampling import SamplingState, choose_tokens
 from ..params import DEFAULT_PREFILL_BUDGET, GenerationParams
 from .error_marks import INVALID_REQUEST, SERVER_BUSY
@@ -94,14 +96,21 @@ class Running:
     sampling: SamplingState
     cum_logprob: float = 0.0
     resumed: bool = False  # recomputing after a preemption: its next token is already known
+    drafter: NgramDrafter | None = None  # its prompt and output, for speculative steps (None: it drafts nothing)
 
 
 class Scheduler:
     def __init__(self, engine: Engine, max_waiting: int = 64,
                  on_step: Callable[["Scheduler", int, float], None] | None = None,
                  on_state: Callable[["Scheduler"], None] | None = None,
-                 prefill_budget: int = DEFAULT_PREFILL_BUDGET):
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET, speculation: Speculation | None = None):
         self.engine = engine
+        if speculation is not None and not engine.can_verify_drafts:
+            raise ValueError("speculative decoding needs the CPU kernels' decode steps (a packed weight format: "
+                             "bf16, int8, q8_0, q4_0, q4_1); this engine runs MindSpore's float32 ops")
+        self.speculation = speculation
+        self.drafted_tokens = 0   # drafted tokens verified so far, and those of them accepted (vLLM's counters)
+        self.accepted_tokens = 0
         self.max_waiting = max_waiting
         self.prefill_budget = prefill_budget  # tokens per step beside decode; 0: auto (PREFILL_TIME_SHARE)
         self.decode_seconds: float | None = None         # running average of a decode step
@@ -156,6 +165,7 @@ class Scheduler:
                     "kv_blocks_used": blocks.used, "kv_blocks_total": blocks.total,
                     "kv_block_size": blocks.block_size,
                     "kv_tokens_used": sum(r.sequence.computed for r in self.running),
+                    "spec_draft_tokens": self.drafted_tokens, "spec_accepted_tokens": self.accepted_tokens,
                     "prefix_cache_queries": blocks.prefix_queries,
                     "prefix_cache_hits": blocks.prefix_hits,
                     "preemptions": blocks.preemptions}
@@ -273,7 +283,11 @@ class Scheduler:
                 continue
             sampling = SamplingState(params=request.params, end_ids=request.end_ids,
                                      prompt_ids=request.prompt_ids, bad_words=request.bad_words, matcher=matcher)
-            self.running.append(Running(request=request, sequence=sequence, sampling=sampling))
+            drafter = None
+            if self.speculation and request.params.speculative and matcher is None:
+                drafter = NgramDrafter(request.prompt_ids, self.speculation.ngram_max, self.speculation.ngram_min,
+                                       capacity=self.engine.max_len)
+            self.running.append(Running(request=request, sequence=sequence, sampling=sampling, drafter=drafter))
 
     def _prefill(self) -> None:
         prefilling = [r for r in self.running if r.sequence.slot < 0]
@@ -334,13 +348,50 @@ class Scheduler:
     def _decode(self) -> None:
         started = time.monotonic()
         by_slot = sorted([r for r in self.running if r.sequence.slot >= 0], key=lambda r: r.sequence.slot)
-        logits = self.engine.decode([r.sampling.generated[-1] for r in by_slot])
-        tokens, logprobs, tops = choose_tokens(logits, [r.sampling for r in by_slot])
-        for item, token, logprob, top in zip(by_slot, tokens, logprobs, tops):
-            self._emit(item, int(token), float(logprob), top)
+        drafts = self._drafts(by_slot)
+        logits, starts = self.engine.decode_with_drafts([r.sampling.generated[-1] for r in by_slot], drafts)
+        # every sequence's own row first, in one call, as a plain step chooses
+        tokens, logprobs, tops = choose_tokens(logits[starts], [r.sampling for r in by_slot])
+        for item, start, drafted, token, logprob, top in zip(by_slot, starts, drafts, tokens, logprobs, tops):
+            token = int(token)
+            ended = self._emit(item, token, float(logprob), top)
+            # A drafted token stays when the token chosen before it is that token: then its row's logits are those
+            # the next plain step would give, and the next token is chosen from them, with the request's own
+            # settings and random numbers, as it would have been. Greedy or sampled, the output is the one the
+            # request gets without speculation.
+            accepted = 0
+            while not ended and accepted < len(drafted) and token == drafted[accepted]:
+                accepted += 1
+                [token], [logprob], [top] = choose_tokens(logits[start + accepted][None], [item.sampling])
+                token = int(token)
+                ended = self._emit(item, token, float(logprob), top)
+            if drafted:
+                self.drafted_tokens += len(drafted)
+                self.accepted_tokens += accepted
+            if not ended:
+                self.engine.accept(item.sequence, drafted[:accepted])
         self.decode_seconds = _average(self.decode_seconds, time.monotonic() - started)
         if self.on_step:
             self.on_step(self, len(by_slot), time.monotonic() - started)
+
+    def _drafts(self, by_slot: list[Running]) -> list[list[int]]:
+        """Tokens drafted for each decoding sequence (slot order), within the step's rows and each one's room."""
+        drafts: list[list[int]] = [[] for _ in by_slot]
+        if self.speculation is None:
+            return drafts
+        rows = min(self.speculation.max_rows, max(self.engine.graphs.batch_buckets)) - len(by_slot)
+        for i, item in enumerate(by_slot):
+            if rows <= 0:
+                break
+            if item.drafter is None:
+                continue
+            # no use drafting past the request's last token: the one after the drafts is chosen anyway
+            left = item.request.params.max_tokens - len(item.sampling.generated) - 1
+            drafted = item.drafter.draft(min(self.speculation.tokens, rows, left))
+            drafted = drafted[:self.engine.draft_room(item.sequence, len(drafted))]
+            drafts[i] = drafted
+            rows -= len(drafted)
+        return drafts
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -364,8 +415,11 @@ class Scheduler:
         else:
             entry.emit(final_event(entry, reason, error=error))
 
-    def _emit(self, item: Running, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+    def _emit(self, item: Running, token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
+        """Record and send `token`; whether the request ended with it (its blocks are then released)."""
         item.sampling.record(token)
+        if item.drafter is not None:
+            item.drafter.extend([token])
         item.cum_logprob += logprob
         reason = self._finish_reason(item, token)
         event = TokenEvent(token=token, logprob=logprob, cum_logprob=item.cum_logprob,
@@ -377,6 +431,7 @@ class Scheduler:
             reason = reason or "cancelled"
         if reason:
             self._release(item)
+        return bool(reason)
 
     def _finish_reason(self, item: Running, token: int) -> str | None:
         generated = item.sampling.generated

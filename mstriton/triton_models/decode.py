@@ -24,6 +24,7 @@ from ..repository import model_name
 from ..serving.cancel_poll import CancelPoll
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
+from ..serving.speculation import Speculation
 from ..serving.shutdown import ShutdownWatch, exit_watchdog, stacks_on_request
 from ..tokenizer import stream_window
 from . import common
@@ -89,7 +90,12 @@ class TritonPythonModel:
         self.scheduler = Scheduler(engine, max_waiting=int(common.parameter(config, "max_waiting", "64")),
                                    on_step=self.on_step, on_state=self.on_queue,
                                    prefill_budget=int(common.parameter(config, "prefill_budget",
-                                                                       str(DEFAULT_PREFILL_BUDGET))))
+                                                                       str(DEFAULT_PREFILL_BUDGET))),
+                                   speculation=Speculation.from_parameters(
+                                       lambda key, default: common.parameter(config, key, default)))
+        if self.scheduler.speculation:
+            pb_utils.Logger.log_info(f"{args['model_name']}: speculative decoding by n-gram lookup: "
+                                     f"{self.scheduler.speculation}")
         # grammars (structured_outputs) compile on a thread of their own, over the tokenizer model's vocabulary
         self.grammars = GrammarCompiler.for_tokenizer_model(
             common.version_dir(args).parent.parent / model_name(args["model_name"].removesuffix("_decode"),

@@ -131,13 +131,14 @@ static inline void weighted_values_heads(const float *v_pool, const int32_t *tab
 // Decode attention in two passes. Pass 1: items (sequence, KV head, part), each the unnormalized attention of the
 // KV head's query heads over one part of the sequence's cached blocks (the last part also over the new token):
 // the largest score m, the sum l of exp(score - m), and o = sum of exp(score - m) V. Pass 2: per (sequence, KV
-// head), the parts merged (out = sum e^(m_i - M) o_i / sum e^(m_i - M) l_i) and the new token's K and V written.
+// head), the parts merged (out = sum e^(m_i - M) o_i / sum e^(m_i - M) l_i). Before both (pass 0), each row's new
+// K and V are written into its block.
 // Parts are fixed ranges of PART_BLOCKS blocks, the same whatever else is in the batch: a sequence's attention is
 // then the same float operations in the same order alone or beside others (a greedy answer does not depend on what
 // runs beside it). An earlier cut chose the number of parts from the batch (more for one sequence, to keep both
 // threads busy): a row's sums then changed with the batch by about 1e-5, which int8 activations turned into other
 // tokens after a dozen steps. A sequence within one part (or a batch whose table fits in one) needs no pass 2: pass 1
-// finishes it (normalizes into a.out, stores the new token), with the same arithmetic as the merge of one part.
+// finishes it (normalizes into a.out), with the same arithmetic as the merge of one part.
 constexpr int64_t PART_BLOCKS = 4;
 
 void decode_attention(const AttentionArgs &a) {
@@ -163,6 +164,21 @@ void decode_attention(const AttentionArgs &a) {
     for (int64_t e = 0; e < d; e++) kc[e * bs] = k[e];
     std::memcpy(a.v_pool + ((blk * a.kv_heads + g) * bs + off) * d, v, d * sizeof(float));
   };
+
+  // Pass 0: every row's new key and value into the pool first, then the attention reads. A row attends to the
+  // cached positions below its own, so several rows of one sequence at consecutive positions (a speculative
+  // step verifying drafted tokens) each see the rows before them, with the same arithmetic as if those had been
+  // decoded in earlier steps; a row never reads its own position from the pool (the new token comes from qkv).
+  parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
+    std::vector<float> k(d);
+    for (int64_t task = first; task < last; task++) {
+      const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
+      if (a.positions[b] < 0) continue;
+      const int64_t t = std::min<int64_t>(a.positions[b], a.table_len - 1);
+      rope(a.qkv + b * width + a.heads * d + g * d, a.cos + t * d, a.sin + t * d, d, 1.0f, k.data());
+      store_new_token(b, g, k.data());
+    }
+  });
 
   // (sequence, KV head, part) items in runs from a shared counter (pool.h: a descheduled thread delays one run only)
   parallel_runs(a.threads, items, [&](int64_t first, int64_t last) {
@@ -257,21 +273,19 @@ void decode_attention(const AttentionArgs &a) {
           for (int64_t e = 0; e < d; e++) out[i * d + e] += w * v[e];
         }
       }
-      if (parts == 1) {  // the whole task: normalize into a.out, store the new token
+      if (parts == 1) {  // the whole task: normalize into a.out
         for (int64_t i = 0; i < groups; i++) {
           const float inv = 1.0f / sums_out[i];
           float *dst = a.out + b * a.heads * d + (g * groups + i) * d;
           for (int64_t e = 0; e < d; e++) dst[e] = out[i * d + e] * inv;
         }
-        store_new_token(b, g, k.data());
       }
     }
   });
   if (parts == 1) return;
 
-  // Pass 2 (sequences cut into parts): merge the parts, normalize, store the new token.
+  // Pass 2 (sequences cut into parts): merge the parts, normalize.
   parallel_runs(a.threads, tasks, [&](int64_t first, int64_t last) {
-    std::vector<float> k(d);
     for (int64_t task = first; task < last; task++) {
       const int64_t b = task / a.kv_heads, g = task % a.kv_heads;
       for (int64_t i = 0; i < groups; i++) {
@@ -292,9 +306,6 @@ void decode_attention(const AttentionArgs &a) {
         const float inv = 1.0f / total;
         for (int64_t e = 0; e < d; e++) dst[e] *= inv;
       }
-      const int64_t t = std::min<int64_t>(std::max<int32_t>(a.positions[b], 0), a.table_len - 1);
-      rope(a.qkv + b * width + a.heads * d + g * d, a.cos + t * d, a.sin + t * d, d, 1.0f, k.data());
-      store_new_token(b, g, k.data());
     }
   });
 }

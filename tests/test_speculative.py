@@ -1,0 +1,107 @@
+"""Speculative decoding by n-gram lookup in the decode loop, without a server (a tiny converted model on the CPU
+kernels): drafted tokens are verified as extra rows of a decode step, and the output is the one the request gets
+without speculation, token for token, greedy or sampled with a seed, with stop words, max_tokens and
+log-probabilities; rejected drafts give their blocks back; the float32 MindSpore path is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from mstriton.engine.engine import Engine
+from mstriton.engine.graphs import EngineGraphs
+from mstriton.params import GenerationParams
+from mstriton.serving.scheduler import DecodeRequest, Scheduler
+from mstriton.serving.speculation import Speculation
+
+# Repetitive prompts (drafts found at once) and plain ones; a random model's greedy output loops, so drafts from
+# its own output are accepted too.
+PROMPTS = [[1, 5, 9, 22, 7] * 6, [1, 40, 3], [1] + list(range(10, 30)) * 2, [1, 17, 4, 17, 4, 17], [1, 8, 8, 8]]
+
+
+@pytest.fixture(scope="module", params=["int8", "bfloat16"])
+def graphs(request, hf_checkpoint_factory, tmp_path_factory):
+    from mstriton.convert import convert
+
+    repo = tmp_path_factory.mktemp(f"repo-spec-{request.param}")
+    convert(hf_checkpoint_factory("mha"), "tiny", repo, max_batch_size=8, max_seq_len=256, weights=request.param,
+            progress=lambda _: None)
+    return EngineGraphs(repo / "tiny_decode/1/engine")
+
+
+def run(graphs, requests: list[dict], speculation: Speculation | None, slots: int = 4):
+    """Every request through one scheduler until all end: (events by key, the scheduler)."""
+    scheduler = Scheduler(Engine(graphs, max_slots=slots), max_waiting=16, speculation=speculation)
+    events: dict[str, list] = {}
+    for i, settings in enumerate(requests):
+        settings = dict(settings)
+        prompt = settings.pop("prompt")
+        scheduler.submit(DecodeRequest(key=f"r{i}", prompt_ids=list(prompt), params=GenerationParams(**settings),
+                                       emit=events.setdefault(f"r{i}", []).append,
+                                       stop_words=[[17, 4]] if i == 3 else []))
+    for _ in range(2000):
+        if not scheduler.running and not scheduler.waiting:
+            return events, scheduler
+        scheduler.step()
+    raise AssertionError("the scheduler did not finish")
+
+
+def outputs(events):
+    return {key: ([e.token for e in got if e.token >= 0], [round(e.logprob, 6) for e in got if e.token >= 0],
+                  got[-1].finish_reason) for key, got in events.items()}
+
+
+@pytest.mark.parametrize("slots", [1, 4])
+def test_greedy_output_is_the_same_token_for_token(graphs, slots):
+    requests = [{"prompt": p, "max_tokens": n, "temperature": 0.0} for p, n in zip(PROMPTS, [40, 33, 60, 25, 50])]
+    plain, _ = run(graphs, requests, None, slots)
+    speculated, scheduler = run(graphs, requests, Speculation(tokens=4, max_rows=8), slots)
+    assert outputs(speculated) == outputs(plain)
+    assert scheduler.drafted_tokens > 0 and scheduler.accepted_tokens > 0, scheduler.stats()
+    # rejected drafts gave their blocks back: nothing is held once every request ended
+    assert scheduler.engine.blocks.usage().used == 0
+
+
+def test_sampled_output_with_a_seed_is_the_same_token_for_token(graphs):
+    requests = [{"prompt": p, "max_tokens": 40, "temperature": 0.7, "top_k": 5, "seed": 3 + i,
+                 "repetition_penalty": 1.1} for i, p in enumerate(PROMPTS)]
+    plain, _ = run(graphs, requests, None)
+    speculated, scheduler = run(graphs, requests, Speculation(tokens=3, max_rows=8))
+    assert outputs(speculated) == outputs(plain)
+    assert scheduler.drafted_tokens > 0
+
+
+def test_a_request_may_opt_out_and_a_big_batch_drafts_nothing(graphs):
+    requests = [{"prompt": p, "max_tokens": 20, "temperature": 0.0, "speculative": False} for p in PROMPTS]
+    _, scheduler = run(graphs, requests, Speculation())
+    assert scheduler.drafted_tokens == 0
+    # four sequences of one row each, and rows for at most 4: no room for a draft
+    requests = [{"prompt": p, "max_tokens": 20, "temperature": 0.0} for p in PROMPTS[:4]]
+    plain, _ = run(graphs, requests, None)
+    speculated, scheduler = run(graphs, requests, Speculation(max_rows=4))
+    assert outputs(speculated) == outputs(plain)
+    assert scheduler.drafted_tokens <= 4 * 20  # only once requests end and rows free up
+
+
+def test_the_float32_mindspore_path_cannot_verify_drafts(hf_checkpoint_factory, tmp_path):
+    from mstriton.convert import convert
+
+    convert(hf_checkpoint_factory("mha"), "tiny", tmp_path, max_batch_size=2, max_seq_len=64,
+            progress=lambda _: None)
+    engine = Engine(EngineGraphs(tmp_path / "tiny_decode/1/engine"))
+    assert not engine.can_verify_drafts
+    with pytest.raises(ValueError, match="CPU kernels"):
+        Scheduler(engine, speculation=Speculation())
+    with pytest.raises(ValueError, match="--speculative ngram needs"):
+        convert(hf_checkpoint_factory("mha"), "tiny2", tmp_path, speculative="ngram", progress=lambda _: None)
+
+
+def test_parameters_read_into_settings_and_bad_ones_name_themselves():
+    values = {"speculative": "ngram", "num_speculative_tokens": "6"}
+    spec = Speculation.from_parameters(lambda key, default: values.get(key, default))
+    assert spec == Speculation(tokens=6, max_rows=8, ngram_max=4, ngram_min=2)
+    assert Speculation.from_parameters(lambda key, default: default) is None  # off unless asked
+    with pytest.raises(ValueError, match="'num_speculative_tokens' must be an integer >= 1"):
+        Speculation.from_parameters(lambda key, default: {"speculative": "ngram",
+                                                          "num_speculative_tokens": "0"}.get(key, default))
+    with pytest.raises(ValueError, match="'speculative' must be 'off' or 'ngram'"):
+        Speculation.from_parameters(lambda key, default: "eagle" if key == "speculative" else default)
