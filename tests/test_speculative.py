@@ -105,3 +105,53 @@ def test_parameters_read_into_settings_and_bad_ones_name_themselves():
                                                           "num_speculative_tokens": "0"}.get(key, default))
     with pytest.raises(ValueError, match="'speculative' must be 'off' or 'ngram'"):
         Speculation.from_parameters(lambda key, default: "eagle" if key == "speculative" else default)
+
+
+GOLDEN = ["mha", "gqa-tied", "mqa-rope500k-odd-vocab", "llama3-rope-biases", "linear-rope-head-dim-24", "qwen2-tied"]
+
+
+@pytest.mark.parametrize("key", GOLDEN)
+def test_golden_configs_give_the_same_greedy_tokens_with_speculation(key, hf_checkpoint_factory, tmp_path):
+    """The golden configs (tests/test_golden.py: biases, scaled rope, GQA/MQA, an odd head_dim, Qwen2) on the CPU
+    kernels (bfloat16 weights, where drafts can be verified), with and without speculation."""
+    from conftest import copy_test_hf_tokenizer, save_random_hf_qwen2
+    from mstriton.convert import convert
+    from test_golden import CONFIGS, QWEN2_CONFIGS
+
+    if key in CONFIGS:
+        folder = hf_checkpoint_factory(key, **CONFIGS[key])
+    else:
+        folder = save_random_hf_qwen2(tmp_path / "hf", **QWEN2_CONFIGS[key])
+        copy_test_hf_tokenizer(folder)
+    convert(folder, "tiny", tmp_path / "repo", max_batch_size=8, max_seq_len=128, weights="bfloat16",
+            progress=lambda _: None)
+    graphs = EngineGraphs(tmp_path / "repo" / "tiny_decode/1/engine")
+    requests = [{"prompt": p, "max_tokens": 40, "temperature": 0.0} for p in PROMPTS]
+    plain, _ = run(graphs, requests, None)
+    speculated, scheduler = run(graphs, requests, Speculation())
+    assert outputs(speculated) == outputs(plain)
+    assert scheduler.accepted_tokens > 0
+
+
+def test_smollm2_gives_the_same_greedy_tokens_with_speculation(smollm2_repository):
+    """SmolLM2 as `make run` converts it (Q4_1 / Q8_0 blocks, int8 activations; 2 slots, so one draft a step),
+    rewriting a text its prompt carries."""
+    from mstriton.kernels import activations
+    from mstriton.tokenizer import load_tokenizer
+
+    before = activations.activations()
+    activations.set_activations("int8")  # as the decode model serves it
+    graphs = EngineGraphs(smollm2_repository / "smollm2_decode/1/engine")
+    tokenizer = load_tokenizer(smollm2_repository / "smollm2_tokenizer/1")
+    text = ("The decode model batches continuously over a paged KV cache with prefix caching. A decoupled front "
+            "model in front of it sees cancels and detokenizes. ")
+    prompt = tokenizer.encode_rendered(
+        f"<|im_start|>user\nRepeat this text exactly: {text}<|im_end|>\n<|im_start|>assistant\n")
+    requests = [{"prompt": prompt, "max_tokens": 48, "temperature": 0.0}]
+    try:
+        plain, _ = run(graphs, requests, None, slots=1)
+        speculated, scheduler = run(graphs, requests, Speculation(tokens=1, max_rows=2), slots=1)
+    finally:
+        activations.set_activations(before)
+    assert outputs(speculated) == outputs(plain)
+    assert scheduler.accepted_tokens > 0, tokenizer.decode(outputs(plain)["r0"][0])

@@ -40,6 +40,11 @@ class DecodeMetrics:
                                   counter).Metric(labels)
         self.preemptions = family("vllm:num_preemptions_total", "Sequences preempted for KV-cache blocks",
                                   counter).Metric(labels)
+        # speculative decoding (serving/speculation.py), under vLLM's names: the acceptance rate is accepted / drafts
+        self.spec_drafts = family("vllm:spec_decode_num_draft_tokens_total", "Drafted tokens verified",
+                                  counter).Metric(labels)
+        self.spec_accepted = family("vllm:spec_decode_num_accepted_tokens_total", "Drafted tokens accepted",
+                                    counter).Metric(labels)
         self.counted: dict[str, int] = {}  # counter -> the total already added
         self.batch = family("mstriton_decode_batch_size", "Sequences in the last decode step").Metric(labels)
         self.step_time = family("mstriton_decode_step_seconds", "Duration of decode steps",
@@ -55,7 +60,8 @@ class DecodeMetrics:
         self._set(self.tokens_used, stats["kv_tokens_used"])
         self._set(self.usage, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
         for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
-                             (self.preemptions, "preemptions")):
+                             (self.preemptions, "preemptions"), (self.spec_drafts, "spec_draft_tokens"),
+                             (self.spec_accepted, "spec_accepted_tokens")):
             added = stats[key] - self.counted.get(key, 0)
             if added:
                 counter.increment(added)
