@@ -20,6 +20,8 @@
 #                       once in build/llama1b by bench/llama1b.py; 64 output tokens (BENCH_PEERS_ARGS)
 #   make bench-structured every request under a JSON schema against none on SmolLM2 (c = 1, 16), the mask's CPU
 #                       cost per token, grammar compile times (benchmarks/structured.md)
+#   make bench-speculative n-gram speculation on and off on SmolLM2: rewriting a text (c = 1) and free chat
+#                       (c = 1, 4, 16), beside llama-server's own (benchmarks/speculative.md)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -34,7 +36,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured bench-speculative soak clean docker-lint docker-test
 
 all: install
 
@@ -147,6 +149,9 @@ bench-peers-1b: install
 SOAK_ARGS ?=
 bench-structured: install
 	$(PY) tools/bench_structured.py $(BENCH_STRUCTURED_ARGS)
+
+bench-speculative: install
+	$(PY) tools/bench_speculative.py $(BENCH_SPECULATIVE_ARGS)
 
 soak: install
 	$(PY) tools/soak.py $(SOAK_ARGS)

@@ -414,7 +414,7 @@ PARAMETERS: tuple[Parameter, ...] = (
               check=lambda value, limits: template_tools(value)),
     Parameter("speculative", "TYPE_BOOL", True, "where the model drafts tokens by n-gram lookup (its decode "
               "model's `speculative` parameter), verify them several per step; false: one token per step. The "
-              "output is the same either way"),
+              "output is the same either way", doors={"openai": DoorField()}),
     Parameter("fit_max_tokens", "TYPE_BOOL", False, "a `max_tokens` beyond the room the prompt leaves is cut to it "
               "instead of refused (for defaults)"),
 )
