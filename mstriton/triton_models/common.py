@@ -163,6 +163,42 @@ def drop_metrics(model) -> None:
         model.metrics = None
 
 
+# Seconds after a request's task ends before the garbage collector runs (once for all the tasks ending meanwhile).
+COLLECT_AFTER_SECONDS = 1.0
+
+
+class RequestTasks:
+    """The tasks of a decoupled async model's requests (a task must be referenced until it ends), and a garbage
+    collection soon after they end. A request's response sender that ends up in a reference cycle is freed only by
+    the collector, and until it is, tritonserver 2.51 keeps the request's response factory, which holds the
+    model: a model whose last requests left such garbage could not unload at shutdown, with nothing running, until
+    the exit timeout ran out (exit status 1). An idle process allocates nothing that would trigger the collector, so
+    it is run here; the heap frozen at initialize() (freeze_loaded_objects) is not walked."""
+
+    def __init__(self):
+        self.tasks: set[asyncio.Task] = set()
+        self._collect_scheduled = False
+
+    def start(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._ended)
+        return task
+
+    def running(self) -> list[asyncio.Task]:
+        return [t for t in self.tasks if not t.done()]
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not self._collect_scheduled:
+            self._collect_scheduled = True
+            asyncio.get_running_loop().call_later(COLLECT_AFTER_SECONDS, self._collect)
+
+    def _collect(self) -> None:
+        self._collect_scheduled = False
+        gc.collect()
+
+
 # One waiting thread per open stream; idle ones cost nothing. Sized above any sensible concurrency so that a
 # stream never waits for another stream's wait to end.
 RESPONSE_WAITERS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="mstriton-bls-wait")

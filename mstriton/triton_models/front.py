@@ -18,7 +18,6 @@ It also saves every token one trip through a Triton model.
 
 from __future__ import annotations
 
-import asyncio
 import faulthandler
 import json
 import threading
@@ -51,7 +50,7 @@ class TritonPythonModel:
         self.metrics: RequestMetrics | None = RequestMetrics(pb_utils, model=args["model_name"])
         self.metrics_lock = threading.Lock()  # finalize() lets go of the metrics (common.drop_metrics)
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
-        self.tasks: set[asyncio.Task] = set()  # running streams (a task must be referenced until it ends)
+        self.tasks = common.RequestTasks()  # running streams
         common.freeze_loaded_objects()
 
     async def execute(self, requests):
@@ -65,9 +64,7 @@ class TritonPythonModel:
             if parsed.stop:
                 await self.explicit_stop(request, sender)
                 continue
-            task = asyncio.ensure_future(self.generate(request, sender, parsed))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            self.tasks.start(self.generate(request, sender, parsed))
         return None
 
     async def explicit_stop(self, request, sender) -> None:
@@ -188,7 +185,7 @@ class TritonPythonModel:
     def finalize(self):
         exit_watchdog(self.llm)  # first: finalize() itself may be what never ends
         common.drop_metrics(self)
-        running = [t for t in self.tasks if not t.done()]
+        running = self.tasks.running()
         if running:  # a stream still waiting for the pipeline keeps a worker thread, and the process, alive
             pb_utils.Logger.log_warn(f"{self.llm}: {len(running)} streams still running at unload; their "
                                      f"requests: {sorted(self.active.values())[:8]}; the threads' stacks follow")

@@ -58,7 +58,7 @@ class TritonPythonModel:
             if self.cancel_check > 0 else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.running: set[str] = set()  # request ids of the generations not ended yet
-        self.tasks: set[asyncio.Task] = set()  # generations and stops (a task must be referenced until it ends)
+        self.tasks = common.RequestTasks()  # generations and stops
 
     async def execute(self, requests):
         if self.loop is None:  # the backend's event loop, the same at every call
@@ -75,9 +75,7 @@ class TritonPythonModel:
         return None
 
     def start(self, coroutine) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.start(coroutine)
 
     def bls_request(self, request) -> "pb_utils.InferenceRequest":
         """The request to NAME, built now: a request's tensors are freed when execute() returns."""
