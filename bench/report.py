@@ -65,6 +65,22 @@ class Results:
                        for by_concurrency in systems.values() for c in by_concurrency})
 
 
+def run_results(command: str, **fields) -> dict:
+    """The start of a run's results: when, on what machine, by which command; points and notes to fill."""
+    import datetime
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_description(), "command": command, "points": {}, "notes": [], **fields}
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure laid out, written to `path` and closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)

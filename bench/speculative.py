@@ -17,7 +17,6 @@ each point. Writes STEM.md, STEM.json and STEM.png (default benchmarks/speculati
 
 from __future__ import annotations
 
-import datetime
 import json
 import re
 import time
@@ -243,10 +242,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.set_ylabel("output tokens/s")
     ax.set_title("SmolLM2, n-gram speculation on and off")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def run(args, command: str) -> int:
@@ -255,9 +251,7 @@ def run(args, command: str) -> int:
     BUILD.mkdir(parents=True, exist_ok=True)
     frontend.say = say
     gguf = smollm2_gguf()
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": report.machine_description(), "command": command, "points": {}, "notes": [],
-               "commands": {}, "versions": {}}
+    results = report.run_results(command, commands={}, versions={})
     say("measuring the floors")
     results["floors"] = peers.floors(gguf)
     slots = max(16, max(args.concurrency))

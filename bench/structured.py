@@ -18,7 +18,6 @@ Writes STEM.md, STEM.json and STEM.png (default benchmarks/structured).
 
 from __future__ import annotations
 
-import datetime
 import json
 import time
 from pathlib import Path
@@ -197,10 +196,7 @@ def plot(results: dict, path: Path) -> Path:
     ax.set_ylabel("output tokens/s (mean of rounds)")
     ax.set_title("SmolLM2, every request under a JSON schema or none")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, path)
 
 
 def run(args, command: str) -> int:
@@ -210,8 +206,7 @@ def run(args, command: str) -> int:
     BUILD.mkdir(parents=True, exist_ok=True)
     frontend.say = say
     gguf = smollm2_gguf()
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "machine": report.machine_description(), "command": command, "points": {}, "notes": []}
+    results = report.run_results(command)
     say("measuring the floors")
     results["floors"] = peers.floors(gguf)
     slots = max(16, max(args.concurrency))

@@ -72,15 +72,14 @@ def test_answers_are_read_back_into_openai_tool_calls():
     assert parse('{"tool_calls": [{"name": "get_w') == ('{"tool_calls": [{"name": "get_w', [])  # cut short
 
 
-@pytest.mark.parametrize("answer", ANSWERS)
-@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
-def test_streamed_deltas_assemble_to_the_whole_answer(answer, step):
-    stream, deltas = ToolStream(), []
+def assembled(stream, answer: str, step: int) -> tuple[str, dict[int, dict], bool]:
+    """`answer` fed to `stream` `step` characters at a time: the content deltas joined, each call's name and
+    arguments as a client assembles them, and whether it called."""
+    deltas = []
     for i in range(0, len(answer), step):
         deltas += stream.feed(answer[i:i + step])
     left, called = stream.finish()
     deltas += left
-    content = "".join(d.content for d in deltas if d.content is not None)
     calls: dict[int, dict] = {}
     for d in deltas:
         if d.index is None:
@@ -90,6 +89,13 @@ def test_streamed_deltas_assemble_to_the_whole_answer(answer, step):
             assert entry["name"] is None and d.id.startswith("call_")  # id and name come once, first
             entry["name"] = d.name
         entry["arguments"] += d.arguments or ""
+    return "".join(d.content for d in deltas if d.content is not None), calls, called
+
+
+@pytest.mark.parametrize("answer", ANSWERS)
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 1000])
+def test_streamed_deltas_assemble_to_the_whole_answer(answer, step):
+    content, calls, called = assembled(ToolStream(), answer, step)
     whole_content, whole_calls = parse(answer)
     assert called == bool(whole_calls)
     assert (content or None) == whole_content
@@ -154,20 +160,7 @@ def test_llama3_json_answers_are_one_call_or_words():
 @pytest.mark.parametrize("step", [1, 2, 5, 1000])
 def test_native_streamed_deltas_assemble_to_the_whole_answer(tool_format, answer, step):
     tools = native(tool_format)
-    stream, deltas = tools.stream(), []
-    for i in range(0, len(answer), step):
-        deltas += stream.feed(answer[i:i + step])
-    left, called = stream.finish()
-    deltas += left
-    content = "".join(d.content for d in deltas if d.content is not None)
-    calls: dict[int, dict] = {}
-    for d in deltas:
-        if d.index is not None:
-            entry = calls.setdefault(d.index, {"name": None, "arguments": ""})
-            if d.id is not None:
-                assert entry["name"] is None  # id and name once, first
-                entry["name"] = d.name
-            entry["arguments"] += d.arguments or ""
+    content, calls, called = assembled(tools.stream(), answer, step)
     whole_content, whole_calls = tools.parse(answer)
     assert called == bool(whole_calls)
     assert (content.strip() or None) == (whole_content.strip() if whole_content else None)
