@@ -81,6 +81,19 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def save_run(results: dict, out: str | Path, markdown, plot) -> str:
+    """OUT.json, OUT.md (markdown(results)) and OUT.png (plot(results, path)); the markdown, printed."""
+    import json
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(out.with_suffix(".json"), json.dumps(results, indent=1))
+    text = markdown(results)
+    write_atomically(out.with_suffix(".md"), text)
+    plot(results, out.with_suffix(".png"))
+    print(text)
+    return text
+
+
 def write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)

@@ -273,13 +273,7 @@ def run(args, command: str) -> int:
             llamacpp_points(gguf, texts, contents, args.concurrency, args.requests, args.max_seq_len, results)
         except Exception as exc:  # noqa: BLE001 - the peer did not build or start: the table says so
             results["notes"].append(f"llama.cpp: {type(exc).__name__}: {str(exc)[:300]}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report.write_atomically(out.with_suffix(".json"), json.dumps(results, indent=1))
-    text = markdown(results)
-    report.write_atomically(out.with_suffix(".md"), text)
-    plot(results, out.with_suffix(".png"))
-    print(text)
+    report.save_run(results, args.out, markdown, plot)
     return 0
 
 

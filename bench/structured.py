@@ -223,13 +223,7 @@ def run(args, command: str) -> int:
     contents, _ = peers.make_contents(tokenizer_model / "1", max(args.requests, 3 * max(args.concurrency)) + 32,
                                       prompt_tokens=peers.PROMPT_TOKENS)
     served(repository, contents, args.concurrency, args.requests, results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report.write_atomically(out.with_suffix(".json"), json.dumps(results, indent=1))
-    text = markdown(results)
-    report.write_atomically(out.with_suffix(".md"), text)
-    plot(results, out.with_suffix(".png"))
-    print(text)
+    report.save_run(results, args.out, markdown, plot)
     return 0
 
 
