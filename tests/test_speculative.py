@@ -155,3 +155,41 @@ def test_smollm2_gives_the_same_greedy_tokens_with_speculation(smollm2_repositor
         activations.set_activations(before)
     assert outputs(speculated) == outputs(plain)
     assert scheduler.accepted_tokens > 0, tokenizer.decode(outputs(plain)["r0"][0])
+
+
+def test_a_grammar_request_drafts_too_and_keeps_to_its_grammar(graphs):
+    """Each drafted row's token is chosen under the grammar's mask after the tokens accepted before it (the matcher
+    takes only accepted tokens): a draft the grammar forbids is simply not the chosen token."""
+    import re
+
+    import llguidance
+
+    from mstriton.engine.structured_output import GrammarCompiler, grammar_of
+    from test_scheduler import _ByteVocabulary
+
+    compiler = GrammarCompiler(lambda: llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteVocabulary()),
+                                                              n_vocab=128))
+    pattern = "(ab|abc){6,12}x"
+
+    def outcome(speculation):
+        scheduler = Scheduler(Engine(graphs, max_slots=2), speculation=speculation)
+        events: dict[str, list] = {}
+        for i, seed in enumerate((1, 2)):
+            grammar = compiler.submit(grammar_of({"regex": pattern}))
+            grammar.result()  # compiled before the steps run
+            scheduler.submit(DecodeRequest(
+                key=f"g{i}", prompt_ids=[1, 97, 98, 97, 98, 97, 98], emit=events.setdefault(f"g{i}", []).append,
+                params=GenerationParams(max_tokens=40, temperature=0.8, seed=seed), end_ids=(0,), grammar=grammar))
+        for _ in range(500):
+            if not scheduler.running and not scheduler.waiting:
+                break
+            scheduler.step()
+        return outputs(events), scheduler
+
+    plain, _ = outcome(None)
+    speculated, scheduler = outcome(Speculation())
+    compiler.close()
+    assert speculated == plain
+    for tokens, _, reason in plain.values():
+        assert re.fullmatch(pattern + "\x00", bytes(tokens).decode()) and reason == "end_id"
+    assert scheduler.accepted_tokens > 0

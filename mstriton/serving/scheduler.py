@@ -284,7 +284,7 @@ class Scheduler:
             sampling = SamplingState(params=request.params, end_ids=request.end_ids,
                                      prompt_ids=request.prompt_ids, bad_words=request.bad_words, matcher=matcher)
             drafter = None
-            if self.speculation and request.params.speculative and matcher is None:
+            if self.speculation and request.params.speculative:
                 drafter = NgramDrafter(request.prompt_ids, self.speculation.ngram_max, self.speculation.ngram_min,
                                        capacity=self.engine.max_len)
             self.running.append(Running(request=request, sequence=sequence, sampling=sampling, drafter=drafter))
