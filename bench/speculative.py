@@ -36,8 +36,10 @@ FREE_OUTPUT = 128
 ROUNDS = 2
 INSTRUCTION = ("Rewrite the following text. Keep every sentence, with the same words in the same order; change "
                "nothing.\n\n")
-# llama-server's n-gram speculation without a draft model (this llama.cpp's --spec-type choices)
-LLAMACPP_NGRAM = ["--spec-type", "ngram-simple"]
+# llama-server's n-gram speculation without a draft model (this llama.cpp's --spec-type; no per-request control).
+# Its defaults (12-token lookups, 48-token drafts) were slower than none on a rewrite of this kind; 4 and 16 were
+# the best of the settings tried here (1.37x its plain generation rate, 58% of drafts accepted).
+LLAMACPP_NGRAM = ["--spec-type", "ngram-simple", "--spec-ngram-simple-size-n", "4", "--spec-ngram-simple-size-m", "16"]
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_accepted_tokens_total")
 
 

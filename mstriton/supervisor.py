@@ -177,7 +177,7 @@ class SupervisedTriton:
         self.shm_before = shared_memory_regions()
         self.models, self.terminated = {}, False
         self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True,
-                                        preexec_fn=die_with_parent)
+                                        preexec_fn=dying_with(os.getpid()))
 
     def failure(self, table: list[Process]) -> str | None:
         """Why tritonserver must be restarted, or None while it and every model process it started run.
@@ -263,12 +263,18 @@ class SupervisedTriton:
             time.sleep(0.05)
 
 
-def die_with_parent() -> None:
-    """In a child before it runs its program: SIGKILL when this process dies (Linux's PR_SET_PDEATHSIG), so that a
-    supervisor killed itself (SIGKILL, the out-of-memory killer) leaves no tritonserver running on in its own
-    session, holding the ports. Kept across exec (the tritonserver wrapper script execs the binary)."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def dying_with(parent: int) -> Callable[[], None]:
+    """What a child runs before its program (Popen's preexec_fn), `parent` being the process that forks it: SIGKILL
+    when the parent dies (Linux's PR_SET_PDEATHSIG), so that a supervisor killed itself (SIGKILL, the out-of-memory
+    killer) leaves no tritonserver running on in its own session, holding the ports. Kept across exec (the
+    tritonserver wrapper script execs the binary). A parent that died between the fork and the prctl call would
+    never send the signal: the child then finds another parent than `parent` and exits at once."""
+    def die_with_parent() -> None:
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    return die_with_parent
 
 
 def exit_status(code: int) -> int:
@@ -313,7 +319,7 @@ class Supervisor:
             self.triton.start()
             if self.frontend_command:
                 self.frontend = subprocess.Popen(self.frontend_command, env=self.frontend_env,
-                                                 preexec_fn=die_with_parent)
+                                                 preexec_fn=dying_with(os.getpid()))
             code = self._watch()
             return self._stop() if code is None else code
         finally:
@@ -366,7 +372,8 @@ class Supervisor:
         self.stopping = True
         if self.frontend and self.frontend.poll() is None:
             self.frontend.send_signal(signal.SIGTERM)
-        code = self.triton.stop(self.stop_timeout, stacks_after=max(1.0, self.exit_timeout - STACKS_BEFORE_EXIT_TIMEOUT))
+        stacks_after = max(1.0, self.exit_timeout - STACKS_BEFORE_EXIT_TIMEOUT)
+        code = self.triton.stop(self.stop_timeout, stacks_after=stacks_after)
         if self.frontend:
             self.frontend.wait()
         self.log(f"tritonserver exited with {code}; stopped")
