@@ -219,7 +219,8 @@ def markdown(results: dict) -> str:
     lines += ["", "Per round (output tok/s):", "", "| system | point | rounds |", "|---|---|---|"]
     for system, points in results["points"].items():
         for key, rounds in points.items():
-            lines.append(f"| {system} | {key} | {' / '.join(format(r['output_tokens_per_s'], '.1f') for r in rounds)} |")
+            rates = " / ".join(format(r["output_tokens_per_s"], ".1f") for r in rounds)
+            lines.append(f"| {system} | {key} | {rates} |")
     lines += ["", "Commands:", ""] + [f"- {s}: `{c}`" for s, c in results["commands"].items()] + [""]
     if results.get("versions"):
         lines += ["Versions: " + "; ".join(f"{k} {v}" for k, v in results["versions"].items()), ""]
