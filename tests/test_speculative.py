@@ -98,7 +98,7 @@ def test_the_float32_mindspore_path_cannot_verify_drafts(hf_checkpoint_factory, 
 def test_parameters_read_into_settings_and_bad_ones_name_themselves():
     values = {"speculative": "ngram", "num_speculative_tokens": "6"}
     spec = Speculation.from_parameters(lambda key, default: values.get(key, default))
-    assert spec == Speculation(tokens=6, max_rows=8, ngram_max=4, ngram_min=2)
+    assert spec == Speculation(tokens=6, max_rows=12, ngram_max=4, ngram_min=2)
     assert Speculation.from_parameters(lambda key, default: default) is None  # off unless asked
     with pytest.raises(ValueError, match="'num_speculative_tokens' must be an integer >= 1"):
         Speculation.from_parameters(lambda key, default: {"speculative": "ngram",
