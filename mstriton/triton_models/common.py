@@ -169,11 +169,11 @@ COLLECT_AFTER_SECONDS = 1.0
 
 class RequestTasks:
     """The tasks of a decoupled async model's requests (a task must be referenced until it ends), and a garbage
-    collection soon after they end. A request's response sender that ends up in a reference cycle is freed only by
-    the collector, and until it is, tritonserver 2.51 keeps the request's response factory, which holds the
-    model: a model whose last requests left such garbage could not unload at shutdown, with nothing running, until
-    the exit timeout ran out (exit status 1). An idle process allocates nothing that would trigger the collector, so
-    it is run here; the heap frozen at initialize() (freeze_loaded_objects) is not walked."""
+    collection soon after they end, so that what a request leaves in reference cycles (its response sender among
+    it) is freed while the server runs rather than whenever an allocation next triggers the collector; the heap
+    frozen at initialize() (freeze_loaded_objects) is not walked. It was written against the front model that a
+    soak's SIGTERM could not unload (docs/limits.md), on the guess that a sender held in a cycle kept tritonserver's
+    response factory, and with it the model: the next soak still hung, so that guess does not explain it."""
 
     def __init__(self):
         self.tasks: set[asyncio.Task] = set()
