@@ -244,7 +244,7 @@ class Engine:
         accepted. Each sequence keeps its newest token; accept() keeps the drafts that proved right. Every
         sequence must have room for its tokens (grow(), draft_room())."""
         n = len(self.running)
-        if drafts and any(drafts) and not self.can_verify_drafts:
+        if any(drafts) and not self.can_verify_drafts:
             raise ValueError("this engine's decode steps cannot verify drafted tokens (float32 MindSpore ops)")
         counts = [1 + len(d) for d in drafts]
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()

@@ -23,9 +23,11 @@ def _json_rule(schema: dict) -> str:
     return "%json " + json.dumps({**schema, "x-guidance": COMPACT_JSON})
 
 
-def _call(call_id_: str, name: str, arguments) -> dict:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": call_id_, "type": "function", "function": {"name": name, "arguments": text}}
+def _call_deltas(index: int, call: dict) -> list[Delta]:
+    """A whole call streamed: its id and name, then its arguments."""
+    function = call["function"]
+    return [Delta(index=index, id=call["id"], name=function["name"], arguments=""),
+            Delta(index=index, arguments=function["arguments"])]
 
 
 def with_template_calls(message: dict) -> dict:
@@ -142,7 +144,8 @@ def _named_call(text: str, arguments_key: str) -> dict | None:
     arguments = value.get(arguments_key, {})
     if not isinstance(arguments, dict):
         return None
-    return _call(call_id(), value["name"], arguments)
+    return {"id": call_id(), "type": "function",
+            "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
 
 
 class HermesStream:
@@ -172,15 +175,12 @@ class HermesStream:
                 self.sent = start
             if end is None:
                 return deltas  # not closed yet
-            deltas += self._call_deltas(call) if call else [Delta(content=self.text[start:end])]
+            if call:
+                deltas += _call_deltas(len(self.calls), call)
+                self.calls.append(call)
+            else:
+                deltas.append(Delta(content=self.text[start:end]))
             self.sent = end
-
-    def _call_deltas(self, call: dict) -> list[Delta]:
-        index = len(self.calls)
-        self.calls.append(call)
-        function = call["function"]
-        return [Delta(index=index, id=call["id"], name=function["name"], arguments=""),
-                Delta(index=index, arguments=function["arguments"])]
 
     def finish(self) -> tuple[list[Delta], bool]:
         """The text held back (a block never closed, a partial "<tool_call>") as words; whether it called."""
@@ -249,9 +249,7 @@ class Llama3JsonStream:
         if not calls:
             return [Delta(content=content)], False
         self.calls = calls
-        function = calls[0]["function"]
-        return [Delta(index=0, id=calls[0]["id"], name=function["name"], arguments=""),
-                Delta(index=0, arguments=function["arguments"])], True
+        return _call_deltas(0, calls[0]), True
 
 
 FORMATS: dict[str, type[ToolRequest]] = {"generic": ToolRequest, "hermes": HermesToolRequest,
