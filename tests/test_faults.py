@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +369,41 @@ def test_a_killed_tritonserver_ends_the_streams_and_comes_back(served, greedy):
     assert_down_then_back(served, killed_at, failed_at, "tritonserver")
     assert "exited with -9; restarting tritonserver" in served.text()
     assert_same_text_and_no_shm(served, greedy, regions)
+
+
+def test_refused_requests_let_their_calls_end_before_the_clients_go(served):
+    """Requests refused inside the ensemble (top_p out of range, max_tokens past the prompt's room) and in the front
+    model (an empty prompt), 160 through the bench harness's gRPC stream and 160 through the frontend's doors, 8 at
+    a time. A gRPC stream cancelled just after its request's final response leaves tritonserver 2.51 holding the
+    model (docs/limits.md): the soak's client cancelled every stream that had ended with an error, and its SIGTERM
+    then waited out the exit timeout (in most runs on SmolLM2; this tiny model did not show it). So the harness
+    must count an error as the request's end (a stream closed with nothing unfinished is not cancelled); each
+    refusal must name its field; the next test checks the exit status."""
+    from bench.harness.streams import GrpcStream, scalar
+
+    def grpc_refusal(i: int) -> tuple[str, bool]:
+        inputs = {"text_input": scalar("BYTES", "" if i % 2 else PROMPT), "max_tokens": scalar("INT32", 4),
+                  "top_p": scalar("FP32", 5.0), "stream": scalar("BOOL", True)}
+        with GrpcStream(served.grpc, response_timeout=60) as stream:
+            return stream.generate(MODEL, inputs).error or "accepted", stream.unfinished
+
+    def frontend_refusal(i: int) -> str:
+        body = {"model": MODEL, "prompt": PROMPT * (1 + i % 3), "max_tokens": 1023}
+        request = urllib.request.Request(f"http://127.0.0.1:{served.ports['frontend']}/v1/completions",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return f"accepted {response.status}"
+        except urllib.error.HTTPError as exc:
+            return f"{exc.code} {exc.read().decode()}"
+
+    with ThreadPoolExecutor(8) as pool:
+        grpc_outcomes = list(pool.map(grpc_refusal, range(160)))
+        frontend_errors = list(pool.map(frontend_refusal, range(160)))
+    assert all(("'text_input' must not be empty" if i % 2 else "'top_p' must be in (0, 1]") in error
+               for i, (error, _) in enumerate(grpc_outcomes)), grpc_outcomes[:4]
+    assert not any(unfinished for _, unfinished in grpc_outcomes)  # closed without a cancel
+    assert all(error.startswith("400 ") and "max_tokens" in error for error in frontend_errors), frontend_errors[:4]
 
 
 def test_sigterm_drains_and_exits_0_leaving_no_shared_memory(served):

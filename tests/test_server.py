@@ -440,6 +440,26 @@ def test_a_burst_of_short_requests_into_one_slot_leaves_the_server_whole(server)
                                                                            front_after - front_before)
 
 
+def test_every_request_refused_inside_the_ensemble_gets_its_refusal_under_concurrency(server):
+    """240 refused requests (top_p out of range: refused by the ensemble's tokenizer step, where the prompt is
+    known) among as many valid ones, 16 at a time. While the tokenizer step answered them with error responses,
+    tritonserver 2.51's python backend lost the error on its way to the front model's BLS call in about 1 of 25 (the
+    client got "the generation ended before its last token"), and a server that had lost one could not unload the
+    front model at SIGTERM: the next test's exit status was 1. The refusal now travels as data (common.REFUSAL)."""
+    def one(i: int):
+        if i % 2:
+            return grpc_stream(server, "tiny", PROMPTS[i % 5], 2)
+        return grpc_stream(server, "tiny", PROMPTS[i % 5], 2, top_p=np.array([[5.0]], np.float32))
+
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(one, range(480)))
+    refusals = [str(error) for _, _, error in outcomes[0::2]]
+    wrong = [message for message in refusals if "'top_p' must be in (0, 1], got 5.0" not in message]
+    assert not wrong, (len(wrong), wrong[:3])
+    answered = [(len(pieces), error) for pieces, _, error in outcomes[1::2]]
+    assert answered == [(2, None)] * 240, [a for a in answered if a != (2, None)][:3]
+
+
 def test_sigterm_lets_running_streams_end_and_the_server_exit_cleanly(server):
     """Last in this file: it stops the server. At SIGTERM, every stream either finishes or ends with an error
     saying the server is shutting down, and tritonserver exits with 0 within its exit timeout. `tiny` keeps the

@@ -137,7 +137,10 @@ class GrpcStream:
                 raise StreamTimeout(f"{request_id or model}: no response within "
                                     f"{wait if deadline is None else timeout:g} s") from None
             if error is not None:
-                generation.error = str(error)
+                # Our models send every error as the request's final response. Closing the stream with a cancel
+                # now would cancel a stream whose request has ended, which left tritonserver 2.51 holding the
+                # model (docs/limits.md): the soak's SIGTERM then waited out the exit timeout and exited 1.
+                generation.error, self.unfinished = str(error), False
                 return generation
             response = result.get_response()
             if response.outputs:  # not the empty final response

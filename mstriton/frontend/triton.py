@@ -140,10 +140,12 @@ class Triton:
             async for result, error in stream:
                 if error is not None:
                     finished = True
+                    await _read_to_end(stream)
                     raise from_triton(error.message() or str(error), names)
                 out = {name: _value(result.as_numpy(name)) for name in wanted if result.get_output(name) is not None}
                 if out.get("finish_reason"):
                     finished = True
+                    await _read_to_end(stream)
                 yield out
                 if finished:
                     return
@@ -172,6 +174,25 @@ class Triton:
             if match:
                 values[match.group(1)][match.group(2)] = float(match.group(3))
         return values
+
+
+# Seconds to wait for a finished request's gRPC call to end. tritonserver ends it as soon as it has sent the final
+# response (the client half-closed after its one request): this bounds a server that does not.
+CALL_END_SECONDS = 5.0
+
+
+async def _read_to_end(stream) -> None:
+    """Wait for the gRPC call of a request that has had its final response (or its error) to end. Dropped before
+    its status arrives, grpc.aio cancels the call, and a stream cancelled just after its request's final response
+    left tritonserver 2.51 holding the model: at SIGTERM the front model never unloaded and tritonserver exited 1
+    after its exit timeout (docs/limits.md; 143 tritonclient streams cancelled that way were enough)."""
+    async def drain():
+        async for _ in stream:
+            pass
+    try:
+        await asyncio.wait_for(drain(), CALL_END_SECONDS)
+    except (asyncio.TimeoutError, InferenceServerException, grpc.RpcError):
+        pass  # the call is over either way; what the request got stands
 
 
 def _tensor(name: str, value, shown: str) -> grpcclient.InferInput:

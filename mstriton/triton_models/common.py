@@ -124,8 +124,30 @@ def read_step(outputs: dict[str, np.ndarray]) -> dict:
 
 # The decode model reports errors as data: a final response whose finish_reason is STEP_ERROR + the message.
 # An error response from a decoupled step never left tritonserver 2.51's ensemble once its stream had begun (the
-# caller's stream just never ended), so the front model turns this mark back into an UNAVAILABLE error.
+# caller's stream just never ended), so the front model turns this mark back into an error (UNAVAILABLE, or the
+# code its message's mark names: INVALID_ARG for a refused request).
 STEP_ERROR = "error: "
+
+# The tokenizer step refuses a request as data too: its outputs carry the refusal under this key of params_json,
+# and the decode model answers it with the STEP_ERROR response at once. When the ensemble's first step answered
+# with an error instead, tritonserver 2.51's python backend lost that error on its way to the front model's BLS
+# call in about 1 of 25 refused requests under concurrency: the call's response iterator ended with no response at
+# all, and the client got "the generation ended before its last token" instead of its refusal (the same requests
+# sent to the ensemble over gRPC always got theirs).
+REFUSAL = "refusal"
+
+
+def refusal_tensors(exc: Exception) -> list["pb_utils.Tensor"]:
+    """The tokenizer step's outputs for a request it refuses (any input_ids: the decode model reads the refusal
+    first)."""
+    return [pb_utils.Tensor("input_ids", np.zeros((1, 1), np.int32)),
+            pb_utils.Tensor("input_length", np.ones((1, 1), np.int32)),
+            bytes_tensor("params_json", [json.dumps({REFUSAL: error_message(exc)})]),
+            bytes_tensor("word_ids", ["{}"])]
+
+
+class StepRefused(Exception):
+    """A request the tokenizer step refused (REFUSAL): the decode model answers it with the message as data."""
 
 
 def failed_response(message: str, code) -> "pb_utils.InferenceResponse":
@@ -135,8 +157,13 @@ def failed_response(message: str, code) -> "pb_utils.InferenceResponse":
 
 def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
     if isinstance(exc, (ParameterError, ValueError)):
-        return failed_response(INVALID_REQUEST + str(exc), pb_utils.TritonError.INVALID_ARG)
-    return failed_response(str(exc), pb_utils.TritonError.INTERNAL)
+        return failed_response(error_message(exc), pb_utils.TritonError.INVALID_ARG)
+    return failed_response(error_message(exc), pb_utils.TritonError.INTERNAL)
+
+
+def error_message(exc: Exception) -> str:
+    """`exc`'s message, marked INVALID_REQUEST when it refuses the request (so the code can be restored by it)."""
+    return INVALID_REQUEST + str(exc) if isinstance(exc, (ParameterError, ValueError)) else str(exc)
 
 
 def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":
@@ -171,9 +198,9 @@ class RequestTasks:
     """The tasks of a decoupled async model's requests (a task must be referenced until it ends), and a garbage
     collection soon after they end, so that what a request leaves in reference cycles (its response sender among
     it) is freed while the server runs rather than whenever an allocation next triggers the collector; the heap
-    frozen at initialize() (freeze_loaded_objects) is not walked. It was written against the front model that a
-    soak's SIGTERM could not unload (docs/limits.md), on the guess that a sender held in a cycle kept tritonserver's
-    response factory, and with it the model: the next soak still hung, so that guess does not explain it."""
+    frozen at initialize() (freeze_loaded_objects) is not walked. (It was written against the front model that a
+    soak's SIGTERM could not unload, on the guess that a sender held in a cycle kept the model; the cause was a
+    client cancelling gRPC streams after their final response: docs/limits.md.)"""
 
     def __init__(self):
         self.tasks: set[asyncio.Task] = set()

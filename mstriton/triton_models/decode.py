@@ -149,16 +149,19 @@ class TritonPythonModel:
                 continue
             try:
                 self.scheduler.submit(self.decode_request(request, sender))
-            except Exception as exc:  # noqa: BLE001 - ServerBusy, or a malformed step input
+            except Exception as exc:  # noqa: BLE001 - ServerBusy, a refusal, or a malformed step input
                 sender.send(error_as_data(str(exc)), flags=FINAL)
             self.on_queue(self.scheduler)
         return None
 
     def decode_request(self, request, sender) -> DecodeRequest:
+        fields = common.json_input(request, "params_json")
+        if common.REFUSAL in fields:  # refused by the tokenizer step: answered as data by execute()
+            raise common.StepRefused(fields[common.REFUSAL])
         words = common.json_input(request, "word_ids")
         prompt_ids = common.get(request, "input_ids").reshape(-1).tolist()
         prompt_tail = stream_window(prompt_ids)
-        params = GenerationParams(**common.json_input(request, "params_json"))
+        params = GenerationParams(**fields)
         # A client that does not stream (KServe /infer, /generate) gets one text at the end: its tokens travel
         # to the front model in as few responses as the interval's bound allows.
         interval = params.stream_interval or (self.stream_interval if params.stream else MAX_STREAM_INTERVAL)

@@ -125,7 +125,8 @@ class TritonPythonModel:
                 step = common.read_step(out)
                 finish = step["finish_reason"]
                 if finish.startswith(common.STEP_ERROR):
-                    ending = common.failed_response(finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)
+                    ending = pb_utils.InferenceResponse(output_tensors=[], error=common.with_code_restored(
+                        pb_utils.TritonError(finish[len(common.STEP_ERROR):], pb_utils.TritonError.UNAVAILABLE)))
                     continue
                 now = time.monotonic()
                 first = first or now

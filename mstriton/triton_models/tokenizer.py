@@ -40,6 +40,6 @@ class TritonPythonModel:
                     common.bytes_tensor("params_json", [json.dumps(encoded.params_dict)]),
                     common.bytes_tensor("word_ids", [json.dumps(encoded.words)]),
                 ]))
-            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
-                responses.append(common.error_response(exc))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's refusal, as data
+                responses.append(pb_utils.InferenceResponse(output_tensors=common.refusal_tensors(exc)))
         return responses
