@@ -67,7 +67,7 @@ class GGUFError(ValueError):
 
 QK = 32  # values per block of the Q4/Q5/Q8 types
 # Block types the CPU kernels multiply as the file stores them (mstriton/kernels/formats.py)
-KERNEL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+KERNEL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _f16(column: np.ndarray) -> np.ndarray:
@@ -471,7 +471,7 @@ class GGUFModel:
     metadata: dict[str, Any]               # the file's key/values
     tensor_types: dict[str, str]           # Hugging Face name -> how the file stored it (Q4_1, F32, ...)
     # Hugging Face name -> the file's own bytes [out, row bytes] of each matrix stored in a block format the CPU
-    # kernels run as it is (Q8_0, Q4_0, Q4_1), rotary rows un-permuted like the float32 tensors
+    # kernels run as it is (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), rotary rows un-permuted like the float32 tensors
     blocks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
