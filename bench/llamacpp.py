@@ -242,6 +242,63 @@ def _run_build_steps(steps: Sequence[tuple[str, Sequence[str]]], log_path: Path,
                                       f"{log_path}:\n" + "\n".join(last))
 
 
+def _moved_build_folder(build: Path) -> bool:
+    """Whether `build` holds a cmake cache written for another folder (a build folder copied from another
+    checkout): cmake refuses to configure it again, so it has to be built afresh."""
+    cache = build / "CMakeCache.txt"
+    with contextlib.suppress(OSError):
+        for line in cache.read_text(errors="replace").splitlines():
+            if line.startswith("CMAKE_CACHEFILE_DIR:"):
+                return Path(line.split("=", 1)[1]).resolve() != build.resolve()
+    return False
+
+
+def _build_tool(name: str, subdir: str, cache_dir: Path, progress: Progress, version: str,
+                has_version: bool = True) -> Path:
+    """A tool of the vendored llama.cpp (tools/<subdir>, cmake target <name>) built with build_server's source
+    and configuration, cached as cache_dir/bin/<name>-<version> with the server's <binary>.build.json record.
+    `has_version`: the tool answers `--version` (llama-quantize does not: an executable file is taken as working)."""
+    works = _binary_works if has_version else (lambda path: path.is_file() and os.access(path, os.X_OK))
+    cache_dir = Path(cache_dir)
+    server = build_server(cache_dir, progress, version)
+    record_text = server.with_name(server.name + ".build.json").read_text()
+    binary = cache_dir / "bin" / f"{name}-{version}"
+    record_path = binary.with_name(binary.name + ".build.json")
+    with contextlib.suppress(OSError):
+        if record_path.read_text() == record_text and works(binary):
+            progress(f"llama.cpp: using the cached {binary}")
+            return binary
+    tree = cache_dir / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    build = cache_dir / f"build-{version}"
+    if fetch_source(cache_dir, progress, version) != tree or not (tree / "tools" / subdir).is_dir():
+        raise PeerUnavailable(f"the llama.cpp vendored in llama-cpp-python {version} has no tools/{subdir}")
+    if _moved_build_folder(build):
+        progress(f"llama.cpp: {build} was configured in another folder; building it afresh")
+        shutil.rmtree(build, ignore_errors=True)
+    record_path.unlink(missing_ok=True)
+    began = time.monotonic()
+    _run_build_steps([("configuring", configure_arguments(tree, build, cpu_flags())),
+                      (f"compiling {name}", _compile_command(build, name))],
+                     cache_dir / f"build-{version}.log", progress, mode="a")
+    built = build / "bin" / name
+    if not built.is_file():
+        raise PeerUnavailable(f"llama.cpp build finished without {built}")
+    shutil.copy2(built, binary)
+    if not works(binary):
+        raise PeerUnavailable(f"the built {binary} does not run")
+    record_path.write_text(record_text)
+    progress(f"llama.cpp: built {binary} in {time.monotonic() - began:.0f} s")
+    return binary
+
+
+def build_quantize(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print,
+                   version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
+    """The `llama-quantize` tool (tools/quantize) of the same vendored source and cmake configuration as
+    build_server's llama-server (the libraries are the server's), cached as cache_dir/bin/llama-quantize-<version>;
+    reused and rebuilt on the same terms as build_perplexity. Raises PeerUnavailable as build_server does."""
+    return _build_tool("llama-quantize", "quantize", cache_dir, progress, version, has_version=False)
+
+
 def build_perplexity(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = print,
                      version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
     """The `llama-perplexity` tool (tools/perplexity) of the same vendored source and cmake configuration as

@@ -9,6 +9,16 @@ precision the format stands for. Saves benchmarks/weight_fidelity.md and .json.
 
 SmolLM2's file stores its layers as Q4_1 and its embeddings as Q8_0: the Q4_1 engine keeps those blocks (and
 equals float32 up to rounding); the other formats are made from their dequantized values.
+
+K-quant rows (Q4_K_M, Q5_K_M, Q6_K: the files people download): llama-quantize (bench/llamacpp.py,
+build_quantize: the llama.cpp of the llama-cpp-python sdist llama-server is built from) makes each from SmolLM2's
+file with --allow-requantize; that source is already Q4_1 / Q8_0, so these files quantize its dequantized values
+again (a download made from the bfloat16 checkpoint would lose less). SmolLM2's rows are 576 wide, not a multiple
+of the 256 values of a K-quant super-block, so llama-quantize stores only the 1536-wide ffn_down matrices as
+K-quants and falls back to 32-value types for the rest (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). Each file is
+converted with --weights Q8_0 (its K-quant and Q8_0 blocks kept, its Q5_0 / Q5_1 matrices re-quantized to Q8_0)
+and compared with the same float32 transformers reference as the other rows (the source file), and also with
+transformers reading the K-quant file itself (the engine's own error on that file).
 """
 
 from __future__ import annotations
@@ -26,6 +36,28 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GLOG_v", "3")
 
 FORMATS = ["float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1"]
+# K-quant files made by llama-quantize from SmolLM2's file: the file type -> the --weights they are converted with
+K_FILES = {"Q4_K_M": "Q8_0", "Q5_K_M": "Q8_0", "Q6_K": "Q8_0"}
+
+
+def k_quant_file(kind: str, source: Path, folder: Path) -> Path:
+    """SmolLM2's file re-quantized by llama-quantize as `kind` (Q4_K_M, ...), made once into `folder`."""
+    import subprocess
+
+    from bench import llamacpp
+
+    out = folder / f"{source.stem.rsplit('.', 1)[0]}.{kind}.gguf"
+    if out.is_file():
+        return out
+    binary = llamacpp.build_quantize(progress=log)
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    done = subprocess.run([str(binary), "--allow-requantize", str(source), str(partial), kind, "2"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-quantize {kind} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    partial.replace(out)
+    return out
 HELD_TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, counting the steps as his "
              "father had taught him. From the gallery he could see the fishing boats returning to the harbour, "
              "their lanterns swinging with the swell. On clear nights the beam reached the far island, where a "
@@ -100,6 +132,31 @@ def run(args) -> None:
                 f"(transformers float32 {row['reference_perplexity']:.3f}), max logit diff "
                 f"{row['max_logit_diff']:.2e}")
             rows.append(row)
+        for kind in getattr(args, "k_files", []):
+            path = k_quant_file(kind, gguf, ROOT / "build" / "kquants")
+            k_source = read_source(path, progress=lambda _: None)
+            weights = K_FILES[kind]
+            out = Path(tmp) / kind
+            export_engine(k_source.config, k_source.weights, out, dtype="float32", device="CPU", max_batch_size=1,
+                          max_seq_len=256, batches=[1], seqs=[128], weights_format=weights, blocks=k_source.blocks,
+                          block_types=k_source.block_types, progress=lambda _: None)
+            ours = engine_logits(EngineGraphs(out), ids)
+            k_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+            with torch.no_grad():
+                k_reference = k_model(torch.tensor([ids])).logits[0, :-1].numpy()
+            counts: dict[str, int] = {}
+            from gguf import GGUFReader
+            for t in GGUFReader(str(path)).tensors:
+                if len(t.shape) == 2:  # the matrices (norms are F32 vectors)
+                    counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+            row = {"format": f"{kind} file, --weights {weights}", **compare(ours, reference, targets),
+                   "vs_transformers_on_the_file": compare(ours, k_reference, targets),
+                   "file_types": dict(sorted(counts.items())), "file_mb": round(path.stat().st_size / 1e6, 1)}
+            log(f"{row['format']}: top-1 agreement {row['top1_agreement']:.3f}, perplexity {row['perplexity']:.3f}; "
+                f"against transformers on the file: max logit diff "
+                f"{row['vs_transformers_on_the_file']['max_logit_diff']:.2e}; types {row['file_types']}")
+            rows.append(row)
     torch_bf16 = compare(reference_bf16, reference, targets)
     result = {"date": datetime.date.today().isoformat(), "tokens": len(ids), "rows": rows,
               "torch_bfloat16_vs_float32": torch_bf16}
@@ -120,6 +177,18 @@ def run(args) -> None:
             lines += ["", f"Our bfloat16 engine (bfloat16 weights, float32 activations) against transformers in "
                           f"torch.bfloat16: top-1 agreement {v['top1_agreement']:.3f}, max logit difference "
                           f"{v['max_logit_diff']:.2e}."]
+    k_rows = [row for row in rows if "vs_transformers_on_the_file" in row]
+    if k_rows:
+        lines += ["", "The K-quant files (llama-quantize --allow-requantize from SmolLM2's Q4_1 / Q8_0 file: its "
+                      "values quantized again) against transformers reading each file itself, and what they store "
+                      "(matrices by type: SmolLM2's 576-wide rows are not whole 256-value super-blocks, so only "
+                      "ffn_down is a K-quant; llama-quantize falls back to 32-value types for the rest):", "",
+                  "| file | top-1 agreement | max logit difference | matrices by type | MB |", "|---|---|---|---|---|"]
+        for row in k_rows:
+            v = row["vs_transformers_on_the_file"]
+            kinds = ", ".join(f"{n} {t}" for t, n in row["file_types"].items())
+            lines.append(f"| {row['format']} | {v['top1_agreement']:.3f} | {v['max_logit_diff']:.2e} | {kinds} "
+                         f"| {row['file_mb']} |")
     out = Path(args.out)
     text = "\n".join(lines) + "\n"
     print(text)

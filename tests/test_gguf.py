@@ -42,10 +42,10 @@ def test_dequantize_equals_gguf_package(qtype):
 
 
 def test_refused_type_names_tensor_and_type():
-    _, type_size = gguf.GGML_QUANT_SIZES[T.Q6_K]
+    _, type_size = gguf.GGML_QUANT_SIZES[T.IQ4_NL]
     raw = np.zeros((3, type_size), np.uint8)
-    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*Q6_K"):
-        dequantize(raw, T.Q6_K, name="blk.0.ffn_down.weight")
+    with pytest.raises(GGUFError, match=r"blk\.0\.ffn_down\.weight.*IQ4_NL"):
+        dequantize(raw, T.IQ4_NL, name="blk.0.ffn_down.weight")
 
 
 # ---- small synthetic GGUF files ---------------------------------------------------------------------------------
@@ -154,7 +154,7 @@ def write_gguf(path: Path, arch: str = "llama", tied: bool = True, tokenizer_mod
         qtype = (tensor_type or {}).get(gguf_name(name))
         if qtype is None:
             w.add_tensor(gguf_name(name), stored)
-        elif qtype == T.Q6_K:  # no quantizer for it in the gguf package: right-sized bytes do
+        elif qtype == T.IQ4_NL:  # a type we refuse, and the gguf package cannot quantize: right-sized bytes do
             block, size = gguf.GGML_QUANT_SIZES[qtype]
             w.add_tensor(gguf_name(name), np.zeros((stored.shape[0], stored.shape[1] // block * size), np.uint8),
                          raw_dtype=qtype)
@@ -216,9 +216,9 @@ def test_unsupported_architecture(tmp_path):
 
 def test_unsupported_tensor_type_refused_before_work(tmp_path):
     path = tmp_path / "k.gguf"
-    write_gguf(path, tensor_type={"blk.1.ffn_down.weight": T.Q6_K})
+    write_gguf(path, tensor_type={"blk.1.ffn_down.weight": T.IQ4_NL})
     lines = []
-    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_down\.weight.*Q6_K"):
+    with pytest.raises(GGUFError, match=r"blk\.1\.ffn_down\.weight.*IQ4_NL"):
         read_gguf(path, progress=lines.append)
     assert not any("dequantizing" in line for line in lines)
 

@@ -7,7 +7,11 @@
   per output channel; the Q formats are GGUF's blocks. From a GGUF file, a matrix the file already stores in
   the block format asked for keeps the file's bytes (its fused parts alike), and so does a Q8_0 matrix when a
   4-bit format is asked for: SmolLM2's Q4_1 file as Q4_1 keeps its Q8_0 embeddings and Q4_1 layers as they are,
-  nothing re-quantized. Other matrices are quantized to the format asked (SmolLM2 as Q4_0: its Q4_1 layers).
+  nothing re-quantized. A matrix the file stores in one K-quant (Q4_K, Q5_K, Q6_K: super-blocks of 256 values)
+  keeps its blocks under any of the three block formats: a Q4_K_M file as Q4_1 keeps its Q4_K and Q6_K matrices
+  and quantizes only the others (its F16/F32 ones, or Q5_0 / Q5_1 fallbacks) to Q4_1. A fused matrix whose parts
+  differ in type (Q4_K queries beside Q6_K values) is quantized to the format asked as a whole: the kernels take
+  one format per matrix. Other matrices are quantized to the format asked (SmolLM2 as Q4_0: its Q4_1 layers).
 
 The embedding table of a packed engine is packed too, and is read through the kernels' embedding lookup; a tied
 model stores it once, as its LM head.
@@ -25,7 +29,8 @@ from typing import Callable
 import numpy as np
 
 from ..config import LlamaConfig
-from ..kernels.formats import GGUF_BLOCK_FORMATS, GROUP, interleave, interleaved_format, pack, row_bytes
+from ..kernels.formats import (GGUF_BLOCK_FORMATS, GROUP, K_QUANT_FORMATS, interleave, interleaved_format, pack,
+                               row_bytes)
 
 WEIGHT_CHOICES = ("float32", "bfloat16", "int8", "Q8_0", "Q4_0", "Q4_1")
 KERNEL_FORMATS = {"bfloat16": "BF16", "int8": "INT8", "Q8_0": "Q8_0", "Q4_0": "Q4_0", "Q4_1": "Q4_1"}
@@ -52,14 +57,16 @@ def matrix_parts(config: LlamaConfig) -> dict[str, tuple[str, ...]]:
 
 def _kept_blocks(parts: tuple[str, ...], blocks: dict[str, np.ndarray], types: dict[str, str], fmt: str):
     """The file's own rows of a matrix when every part is stored in the block format asked for, or in Q8_0 when
-    a 4-bit format is asked for (4-bit files keep their embeddings and head in Q8_0, as SmolLM2's does)."""
+    a 4-bit format is asked for (4-bit files keep their embeddings and head in Q8_0, as SmolLM2's does), or in one
+    K-quant (Q4_K, Q5_K, Q6_K) when any block format is asked for (a Q4_K_M file keeps its Q4_K and Q6_K
+    matrices: re-quantizing them to 32-value blocks would only add error)."""
     if fmt not in GGUF_BLOCK_FORMATS or not all(p in blocks for p in parts):
         return None
     kinds = {types[p] for p in parts}
-    if len(kinds) != 1 or not kinds <= set(GGUF_BLOCK_FORMATS):
+    if len(kinds) != 1 or not kinds <= set(GGUF_BLOCK_FORMATS + K_QUANT_FORMATS):
         return None
     kind = kinds.pop()
-    if kind != fmt and not (kind == "Q8_0" and fmt in ("Q4_0", "Q4_1")):
+    if kind != fmt and kind not in K_QUANT_FORMATS and not (kind == "Q8_0" and fmt in ("Q4_0", "Q4_1")):
         return None
     return kind, np.concatenate([blocks[p] for p in parts], axis=0)
 

@@ -1,6 +1,7 @@
 """Which activations the kernels' weight products use: float32 (the exact path, the default) or int8 (issue 27).
 
-With int8, the products of Q8_0, Q4_0 and Q4_1 weights (decode steps and prefill) quantize each row of
+With int8, the products of Q8_0, Q4_0 and Q4_1 weights, and of the K-quants Q4_K, Q5_K and Q6_K that a converted
+GGUF keeps (decode steps and prefill) quantize each row of
 pre(x) into blocks of 32 int8 with one float32 scale per block and multiply in integers (``csrc/qlinear.h``);
 every other product keeps float32 activations. The environment chooses at load,
 ``MSTRITON_KERNEL_ACTIVATIONS=int8|float32``; ``set_activations`` changes it in this process (tests, benchmarks),

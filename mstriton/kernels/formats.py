@@ -8,6 +8,9 @@ and PyTorch's [out, in] store them. The GGUF block formats are quantized and deq
 Q8_0X8, Q4_0X8 and Q4_1X8 hold the same blocks as Q8_0, Q4_0 and Q4_1, regrouped by 8 output channels so that the
 int8 products read each group as the vectors they multiply (csrc/formats.h has the layout): `interleave` and
 `deinterleave` move between the two, byte for byte.
+
+Q4_K, Q5_K and Q6_K are GGUF's K-quant super-blocks as the file stores them (csrc/formats.h); they are kept from
+files, never packed here (`pack` refuses them), and unpacked by the `gguf` package like the other block formats.
 """
 
 from __future__ import annotations
@@ -15,8 +18,14 @@ from __future__ import annotations
 import numpy as np
 
 # name -> the number the C++ side uses (csrc/formats.h)
-FORMATS = {"F32": 0, "BF16": 1, "INT8": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5, "Q8_0X8": 6, "Q4_0X8": 7, "Q4_1X8": 8}
+FORMATS = {"F32": 0, "BF16": 1, "INT8": 2, "Q8_0": 3, "Q4_0": 4, "Q4_1": 5, "Q8_0X8": 6, "Q4_0X8": 7, "Q4_1X8": 8,
+           "Q4_K": 9, "Q5_K": 10, "Q6_K": 11}
 GGUF_BLOCK_FORMATS = ("Q8_0", "Q4_0", "Q4_1")
+# GGUF's K-quants, kept as the file stores them (super-blocks of 256 values: K a multiple of 256). No quantizer:
+# these matrices come from files (the `gguf` package quantizes none of them either).
+K_QUANT_FORMATS = ("Q4_K", "Q5_K", "Q6_K")
+SUPER_BLOCK = 256
+_SUPER_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 INTERLEAVED = {"Q8_0X8": "Q8_0", "Q4_0X8": "Q4_0", "Q4_1X8": "Q4_1"}  # interleaved format -> the blocks it regroups
 GROUP = 8  # channels per interleaved group
 BLOCK = 32
@@ -56,6 +65,10 @@ def row_bytes(fmt: str, k: int) -> int:
         return 2 * k
     if fmt == "INT8":
         return 4 + k
+    if fmt in _SUPER_BYTES:
+        if k % SUPER_BLOCK:
+            raise FormatError(f"{fmt} rows hold whole super-blocks of {SUPER_BLOCK} values, got {k} values")
+        return _SUPER_BYTES[fmt] * (k // SUPER_BLOCK)
     return _BLOCK_BYTES[fmt] * blocks_of(k)
 
 
@@ -68,6 +81,8 @@ def values_per_row(fmt: str, nbytes: int) -> int:
         return nbytes // 2
     if fmt == "INT8":
         return nbytes - 4
+    if fmt in _SUPER_BYTES:
+        return nbytes // _SUPER_BYTES[fmt] * SUPER_BLOCK
     return nbytes // _BLOCK_BYTES[fmt] * BLOCK
 
 
@@ -139,6 +154,8 @@ def pack(fmt: str, w: np.ndarray) -> np.ndarray:
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         q = np.clip(np.rint(w / scale[:, None]), -127, 127).astype(np.int8)
         return np.concatenate([scale[:, None].view(np.uint8), q.view(np.uint8)], axis=1)
+    if fmt in K_QUANT_FORMATS:
+        raise FormatError(f"{fmt} matrices are kept from GGUF files as they are; there is no quantizer to {fmt} here")
     from gguf.quants import quantize
     return np.ascontiguousarray(quantize(_padded(w), _gguf_type(fmt)), np.uint8).reshape(n, row_bytes(fmt, k))
 

@@ -18,8 +18,27 @@ written from ggml's block layouts (ggml-common.h):
     Q5_1   32 values: f16 d, f16 m, u32 qh, u8 qs[16]       x = d * q + m
 
 In the 4- and 5-bit blocks, value j < 16 is the low nibble of qs[j] and value j + 16 its high nibble; the 5-bit
-types add bit j of qh (little-endian) as bit 4 of value j. Every product and sum is one float32 operation on
-exactly representable inputs, so the results are those of ggml itself, bit for bit.
+types add bit j of qh (little-endian) as bit 4 of value j.
+
+The K-quants hold super-blocks of 256 values, cut into 8 sub-blocks of 32 (Q4_K, Q5_K) or 16 of 16 (Q2_K, Q3_K,
+Q6_K), each with a small integer scale (and min) that multiplies the super-block's f16 d (and dmin):
+
+    Q2_K   u8 sc[16], u8 qs[64], f16 d, f16 dmin             (84 bytes)  x = (d sc_lo) q - (dmin sc_hi), q 2-bit
+    Q3_K   u8 hmask[32], u8 qs[64], u8 sc[12], f16 d          (110)       x = (d (sc - 32)) (q - 4 + 4 h), q 2-bit
+    Q4_K   f16 d, f16 dmin, u8 sc[12], u8 qs[128]             (144)       x = (d sc) q - (dmin m), 6-bit sc and m
+    Q5_K   f16 d, f16 dmin, u8 sc[12], u8 qh[32], u8 qs[128]  (176)       as Q4_K, q 5-bit
+    Q6_K   u8 ql[128], u8 qh[64], i8 sc[16], f16 d            (210)       x = (d sc) (q - 32), q 6-bit
+
+Every 32 values of a K-quant super-block come from one run of 32 bytes, shifted and masked (`_k_bits`): Q4_K and
+Q5_K's sub-block j reads qs[32 (j / 2) ..] (low nibbles for even j, high for odd; Q5_K adds bit j of qh[0 .. 32] as
+bit 4); Q6_K's j = 4 h + i reads ql[64 h + 32 (i % 2) ..] (nibble i / 2) and bits 2 i of qh[32 h ..] as bits 4-5;
+Q2_K's j = 4 h + i bits 2 i of qs[32 h ..]; Q3_K's the same plus bit j of hmask[0 .. 32]. The 12 bytes of 6-bit
+scales: Q4_K/Q5_K's sc and m of sub-block j < 4 are the low 6 bits of bytes j and j + 4, for j >= 4 a nibble of
+byte j + 4 plus the top 2 bits of bytes j - 4 and j; Q3_K's 16 scales are a nibble of bytes 0-7 (low for the
+first 8) plus 2 bits of bytes 8-11.
+
+Every product and sum is one float32 operation on exactly representable inputs, in ggml's order (the scale
+product first), so the results are those of ggml itself, bit for bit.
 
 GGUF lists a tensor's dimensions innermost first (ne[0] is the length of a row), so a [rows, cols] matrix, PyTorch's
 [out, in], is stored with shape [cols, rows]; blocks run along the rows. llama.cpp's converter also permutes the
@@ -48,7 +67,7 @@ class GGUFError(ValueError):
 
 QK = 32  # values per block of the Q4/Q5/Q8 types
 # Block types the CPU kernels multiply as the file stores them (mstriton/kernels/formats.py)
-KERNEL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1")
+KERNEL_BLOCK_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _f16(column: np.ndarray) -> np.ndarray:
@@ -106,6 +125,85 @@ def _deq_q5_1(blocks: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * d + m
 
 
+# ---- K-quants: super-blocks of 256 values -------------------------------------------------------------------
+
+QK_K = 256
+
+
+def _k_bits(run: np.ndarray, shift: int, mask: int) -> np.ndarray:
+    """u8 [n, 32] -> u8 [n, 32]: (run >> shift) & mask."""
+    return (run >> np.uint8(shift)) & np.uint8(mask)
+
+
+def k_scale_min(sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes of packed scales [n, 12] -> the 6-bit scale and min of each sub-block, u8 [n, 8]."""
+    low, high = sc[:, 0:4], sc[:, 4:8]  # sub-blocks 0-3 in their low 6 bits; bytes 8-11 hold 4-7's low nibbles
+    last = sc[:, 8:12]
+    scale = np.concatenate([low & 63, (last & 15) | ((low >> 6) << 4)], axis=1)
+    mins = np.concatenate([high & 63, (last >> 4) | ((high >> 6) << 4)], axis=1)
+    return scale, mins
+
+
+def q3_k_scales(sc: np.ndarray) -> np.ndarray:
+    """Q3_K's 12 bytes of packed scales [n, 12] -> the 16 signed scales (stored + 32 in 6 bits), int8 [n, 16]."""
+    low = np.concatenate([sc[:, 0:8] & 15, sc[:, 0:8] >> 4], axis=1)
+    high = np.concatenate([(sc[:, 8:12] >> np.uint8(2 * i)) & 3 for i in range(4)], axis=1)
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def k_values(kind: str, blocks: np.ndarray, j: int) -> np.ndarray:
+    """The integer values of sub-block j (0..7: 32 values) of K-quant super-blocks [n, type_size] -> u8 [n, 32]
+    (Q3_K: q + 4 - 4 h, so 0..7, the value being it minus 4; Q6_K: 0..63, the value being it minus 32)."""
+    h, i = divmod(j, 4)
+    if kind in ("Q4_K", "Q5_K"):
+        qs = blocks[:, 16:144] if kind == "Q4_K" else blocks[:, 48:176]
+        q = _k_bits(qs[:, 32 * (j // 2):32 * (j // 2) + 32], 4 * (j % 2), 15)
+        if kind == "Q5_K":
+            q = q | (_k_bits(blocks[:, 16:48], j, 1) << 4)
+        return q
+    if kind == "Q6_K":
+        ql = _k_bits(blocks[:, 64 * h + 32 * (i % 2):64 * h + 32 * (i % 2) + 32], 4 * (i // 2), 15)
+        return ql | (_k_bits(blocks[:, 128 + 32 * h:128 + 32 * h + 32], 2 * i, 3) << 4)
+    if kind == "Q2_K":
+        return _k_bits(blocks[:, 16 + 32 * h:16 + 32 * h + 32], 2 * i, 3)
+    if kind == "Q3_K":
+        low = _k_bits(blocks[:, 32 + 32 * h:32 + 32 * h + 32], 2 * i, 3)
+        return low + (_k_bits(blocks[:, 0:32], j, 1) << 2)  # hmask bit set: no -4
+    raise ValueError(kind)
+
+
+def _deq_q2_k(blocks: np.ndarray) -> np.ndarray:
+    d, dmin = _f16(blocks[:, 80:82]), _f16(blocks[:, 82:84])
+    sc = blocks[:, 0:16]
+    scale = (d * (sc & 15).astype(np.float32)).repeat(16, axis=1)   # [n, 256], per 16 values
+    mins = (dmin * (sc >> 4).astype(np.float32)).repeat(16, axis=1)
+    q = np.concatenate([k_values("Q2_K", blocks, j) for j in range(8)], axis=1).astype(np.float32)
+    return scale * q - mins
+
+
+def _deq_q3_k(blocks: np.ndarray) -> np.ndarray:
+    d = _f16(blocks[:, 108:110])
+    scale = (d * q3_k_scales(blocks[:, 96:108]).astype(np.float32)).repeat(16, axis=1)
+    q = np.concatenate([k_values("Q3_K", blocks, j) for j in range(8)], axis=1).astype(np.float32) - 4.0
+    return scale * q
+
+
+def _deq_q45_k(kind: str, blocks: np.ndarray) -> np.ndarray:
+    d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+    sc, m = k_scale_min(blocks[:, 4:16])
+    scale = (d * sc.astype(np.float32)).repeat(32, axis=1)
+    mins = (dmin * m.astype(np.float32)).repeat(32, axis=1)
+    q = np.concatenate([k_values(kind, blocks, j) for j in range(8)], axis=1).astype(np.float32)
+    return scale * q - mins
+
+
+def _deq_q6_k(blocks: np.ndarray) -> np.ndarray:
+    d = _f16(blocks[:, 208:210])
+    scale = (d * blocks[:, 192:208].view(np.int8).astype(np.float32)).repeat(16, axis=1)
+    q = np.concatenate([k_values("Q6_K", blocks, j) for j in range(8)], axis=1).astype(np.float32) - 32.0
+    return scale * q
+
+
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     block_size: int  # values per block
@@ -123,9 +221,14 @@ LAYOUTS: dict[int, _Layout] = {
     3: _Layout(QK, 4 + QK // 2, _deq_q4_1),    # Q4_1
     6: _Layout(QK, 6 + QK // 2, _deq_q5_0),    # Q5_0
     7: _Layout(QK, 8 + QK // 2, _deq_q5_1),    # Q5_1
+    10: _Layout(QK_K, 84, _deq_q2_k),          # Q2_K
+    11: _Layout(QK_K, 110, _deq_q3_k),         # Q3_K
+    12: _Layout(QK_K, 144, functools.partial(_deq_q45_k, "Q4_K")),  # Q4_K
+    13: _Layout(QK_K, 176, functools.partial(_deq_q45_k, "Q5_K")),  # Q5_K
+    14: _Layout(QK_K, 210, _deq_q6_k),         # Q6_K
 }
 
-CHUNK_BLOCKS = 1 << 18  # blocks decoded at once: bounds the temporaries to a few tens of MB
+CHUNK_VALUES = 1 << 23  # values decoded at once: bounds the temporaries to a few tens of MB
 
 
 def type_name(tensor_type) -> str:
@@ -174,8 +277,9 @@ def dequantize(data: np.ndarray, tensor_type, shape: tuple[int, ...] | None = No
         return layout.decode(raw).reshape(shape)
     blocks = raw.reshape(-1, layout.type_size)
     out = np.empty((blocks.shape[0], layout.block_size), dtype=np.float32)
-    for start in range(0, blocks.shape[0], CHUNK_BLOCKS):
-        out[start:start + CHUNK_BLOCKS] = layout.decode(blocks[start:start + CHUNK_BLOCKS])
+    chunk = max(1, CHUNK_VALUES // layout.block_size)
+    for start in range(0, blocks.shape[0], chunk):
+        out[start:start + chunk] = layout.decode(blocks[start:start + chunk])
     return out.reshape(shape)
 
 
@@ -367,7 +471,7 @@ class GGUFModel:
     metadata: dict[str, Any]               # the file's key/values
     tensor_types: dict[str, str]           # Hugging Face name -> how the file stored it (Q4_1, F32, ...)
     # Hugging Face name -> the file's own bytes [out, row bytes] of each matrix stored in a block format the CPU
-    # kernels run as it is (Q8_0, Q4_0, Q4_1), rotary rows un-permuted like the float32 tensors
+    # kernels run as it is (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K), rotary rows un-permuted like the float32 tensors
     blocks: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property

@@ -113,6 +113,61 @@ struct DecodeQ4_1 {
   }
 };
 
+// ---- K-quants (formats.h): block b of a row is sub-block b % 8 of super-block b / 8 -------------------------
+
+// Q4_K / Q5_K: the 6-bit scale and min of sub-block j from the super-block's 12 bytes of scales.
+static inline void k_scale_min(const uint8_t *sc, int j, int *scale, int *min) {
+  if (j < 4) {
+    *scale = sc[j] & 63;
+    *min = sc[j + 4] & 63;
+  } else {
+    *scale = (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+    *min = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  }
+}
+
+// Q4_K and Q5_K (FIVE): w = (d sc) q - (dmin m), q the nibble of qs[32 (j / 2) + i] (low for even j) and, for Q5_K,
+// bit j of qh[i] as bit 4.
+template <bool FIVE>
+struct DecodeQ45_K {
+  static constexpr int SUPER = FIVE ? 176 : 144;
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *s = row + SUPER * (b >> 3);
+    const int j = int(b & 7);
+    int sc, m;
+    k_scale_min(s + 4, j, &sc, &m);
+    const vf d = splat(half_to_float(s) * float(sc)), min = splat(-(half_to_float(s + 2) * float(m)));
+    const uint8_t *qs = s + (FIVE ? 48 : 16) + 32 * (j >> 1);
+    const int shift = 4 * (j & 1);
+    for (int e = 0; e < NV; e++) {
+      vi q = (widen_u8(qs + e * W) >> shift) & 15;
+      if constexpr (FIVE) q |= ((widen_u8(s + 16 + e * W) >> j) & 1) << 4;
+      out[e] = to_float(q) * d + min;  // ggml's order: the product rounded, then the min subtracted
+    }
+  }
+};
+using DecodeQ4_K = DecodeQ45_K<false>;
+using DecodeQ5_K = DecodeQ45_K<true>;
+
+// Q6_K: w = (d sc) (q - 32) with one int8 sc per 16 values; sub-block j = 4 h + i: the nibble i / 2 of
+// ql[64 h + 32 (i % 2) + l], bits 2 i of qh[32 h + l] as bits 4-5.
+struct DecodeQ6_K {
+  static constexpr int SUPER = 210;
+  static inline void full(const uint8_t *row, int64_t b, vf out[NV]) {
+    const uint8_t *s = row + SUPER * (b >> 3);
+    const int j = int(b & 7), h = j >> 2, i = j & 3;
+    const float d = half_to_float(s + 208);
+    const int8_t *sc = reinterpret_cast<const int8_t *>(s + 192) + 2 * j;
+    const vf d0 = splat(d * float(sc[0])), d1 = splat(d * float(sc[1]));
+    const uint8_t *ql = s + 64 * h + 32 * (i & 1), *qh = s + 128 + 32 * h;
+    const int lshift = 4 * (i >> 1), hshift = 2 * i;
+    for (int e = 0; e < NV; e++) {  // W divides 16: a vector lies in one half of the sub-block
+      const vi q = ((widen_u8(ql + e * W) >> lshift) & 15) | (((widen_u8(qh + e * W) >> hshift) & 3) << 4);
+      out[e] = to_float(q - 32) * (e * W < 16 ? d0 : d1);
+    }
+  }
+};
+
 // A block format interleaved by 8 channels (formats.h): block b of channel c gathered into its plain GGUF block,
 // then decoded as that. (The float32 products and embedding lookups read these matrices so; the int8 products,
 // which they are made for, read the groups directly.)

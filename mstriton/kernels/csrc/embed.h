@@ -40,6 +40,9 @@ void embed(int format, const int32_t *tokens, int64_t count, const uint8_t *tabl
     case Q8_0X8: return embed_rows<X8<DecodeQ8_0, Q8_0X8>>(format, tokens, count, table, vocab, e, out);
     case Q4_0X8: return embed_rows<X8<DecodeQ4_0, Q4_0X8>>(format, tokens, count, table, vocab, e, out);
     case Q4_1X8: return embed_rows<X8<DecodeQ4_1, Q4_1X8>>(format, tokens, count, table, vocab, e, out);
+    case Q4_K: return embed_rows<DecodeQ4_K>(format, tokens, count, table, vocab, e, out);
+    case Q5_K: return embed_rows<DecodeQ5_K>(format, tokens, count, table, vocab, e, out);
+    case Q6_K: return embed_rows<DecodeQ6_K>(format, tokens, count, table, vocab, e, out);
   }
 }
 

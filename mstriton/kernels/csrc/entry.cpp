@@ -10,11 +10,12 @@
 //   MstDecodeAttention   qkv, positions, cos, sin, k_pool, v_pool, block_index, layer -> out; K/V into the pool
 //   MstDecodeLayerInPlace_<F>   a whole decoder layer of a decode step (see run_decode_layer)
 //   MstDecodeStep        a whole decode step, its weights in one blob (see MstDecodeStep)
-// with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1 Q8_0X8 Q4_0X8 Q4_1X8. A bias is told from a residual by its rank (1).
+// with <F> one of F32 BF16 INT8 Q8_0 Q4_0 Q4_1 Q8_0X8 Q4_0X8 Q4_1X8 Q4_K Q5_K Q6_K. A bias is told from a residual by its rank (1).
 //
 // Threads: MSTRITON_KERNEL_THREADS, else the CPUs this process may run on (the kernels' own pool, pool.h). ISA: the best the CPU has, or MSTRITON_KERNEL_ISA
 // (avx512, avx2, generic). Activations of the products: MSTRITON_KERNEL_ACTIVATIONS=float32 (the default, exact) or
-// int8 (qlinear.h: Q8_0 / Q4_0 / Q4_1 products as integer dot products, decode and prefill).
+// int8 (qlinear.h: Q8_0 / Q4_0 / Q4_1 / Q4_K / Q5_K / Q6_K products as integer dot products, decode and
+// prefill).
 #include <sched.h>
 
 #include <atomic>
@@ -281,6 +282,9 @@ LINEAR_OPS(Q4_1)
 LINEAR_OPS(Q8_0X8)
 LINEAR_OPS(Q4_0X8)
 LINEAR_OPS(Q4_1X8)
+LINEAR_OPS(Q4_K)
+LINEAR_OPS(Q5_K)
+LINEAR_OPS(Q6_K)
 
 // Rows of the batch the block index [L, B, blocks] at input `pool` + 2 was made for.
 static int64_t index_rows(int64_t **shapes, int pool) { return shapes[pool + 2][1]; }
@@ -545,6 +549,9 @@ DECODE_LAYER(Q4_1)
 DECODE_LAYER(Q8_0X8)
 DECODE_LAYER(Q4_0X8)
 DECODE_LAYER(Q4_1X8)
+DECODE_LAYER(Q4_K)
+DECODE_LAYER(Q5_K)
+DECODE_LAYER(Q6_K)
 
 extern "C" std::vector<int64_t> MstDecodeAttentionInferShape(int *, int64_t **shapes, AotExtra *) {
   const int64_t kv = shapes[4][1], d = shapes[4][2];

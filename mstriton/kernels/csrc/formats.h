@@ -20,14 +20,28 @@
 //   holding bytes 4i .. 4i+3 of channel c's values (Q8_0: its int8 q; the 4-bit formats: its 16 bytes of nibbles)
 //   at bytes 4c .. 4c+3: 8 vectors for Q8_0, 4 for the 4-bit formats.
 // (8 * 34, 8 * 18 and 8 * 20 bytes: the 8 blocks of the rows, reordered.)
+//
+// GGUF's K-quants, as the file stores them: super-blocks of 256 values (K a multiple of 256), each read by the
+// kernels as 8 blocks of 32 values (block b of a row: sub-block b % 8 of super-block b / 8):
+//   Q4_K  {half d, dmin; uint8 scales[12]; uint8 qs[128]}            w = (d sc) q - (dmin m)       (144 / 256)
+//   Q5_K  {half d, dmin; uint8 scales[12]; uint8 qh[32]; qs[128]}    the same with a 5th bit        (176 / 256)
+//   Q6_K  {uint8 ql[128]; uint8 qh[64]; int8 scales[16]; half d}      w = (d sc) (q - 32), 16 values  (210 / 256)
+// (mstriton/model/gguf.py has where each value's bits and each sub-block's 6-bit scale and min are; decode.h and
+// qlinear.h read them with the same shifts and masks.) The scale products d sc and dmin m are one float32
+// product each, as ggml computes them, so a decoded block equals ggml's dequantization.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 enum Format : int {
-  F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q8_0X8 = 6, Q4_0X8 = 7, Q4_1X8 = 8, FORMAT_COUNT = 9
+  F32 = 0, BF16 = 1, INT8 = 2, Q8_0 = 3, Q4_0 = 4, Q4_1 = 5, Q8_0X8 = 6, Q4_0X8 = 7, Q4_1X8 = 8,
+  Q4_K = 9, Q5_K = 10, Q6_K = 11, FORMAT_COUNT = 12
 };
+
+static inline bool k_quant(int format) { return format >= Q4_K && format <= Q6_K; }
+// Bytes of one K-quant super-block of 256 values.
+static inline int64_t super_bytes(int format) { return format == Q4_K ? 144 : format == Q5_K ? 176 : 210; }
 
 static inline bool interleaved(int format) { return format >= Q8_0X8 && format <= Q4_1X8; }
 // Whether a matrix of n rows can be in this format: an interleaved one holds whole groups of 8 rows.
@@ -45,6 +59,7 @@ static inline int64_t row_bytes(int format, int64_t k) {
     case Q8_0: return 34 * blocks_of(k);
     case Q4_0: return 18 * blocks_of(k);
     case Q4_1: return 20 * blocks_of(k);
+    case Q4_K: case Q5_K: case Q6_K: return k % 256 ? -1 : super_bytes(format) * (k / 256);
     default: return -1;
   }
 }

@@ -307,6 +307,9 @@ void linear(const LinearArgs &a) {
     case Q8_0X8: return linear_with<X8<DecodeQ8_0, Q8_0X8>>(a);
     case Q4_0X8: return linear_with<X8<DecodeQ4_0, Q4_0X8>>(a);
     case Q4_1X8: return linear_with<X8<DecodeQ4_1, Q4_1X8>>(a);
+    case Q4_K: return linear_with<DecodeQ4_K>(a);
+    case Q5_K: return linear_with<DecodeQ5_K>(a);
+    case Q6_K: return linear_with<DecodeQ6_K>(a);
   }
 }
 

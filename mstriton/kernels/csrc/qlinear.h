@@ -1,5 +1,5 @@
-// Weight products with int8 activations (issue 27): the products of Q8_0, Q4_0 and Q4_1 weights (decode steps and
-// prefill alike) as integer dot products of 32-value blocks.
+// Weight products with int8 activations (issue 27): the products of Q8_0, Q4_0 and Q4_1 weights, and of the
+// K-quants Q4_K, Q5_K and Q6_K (decode steps and prefill alike) as integer dot products of 32-value blocks.
 //
 // Each row of pre(x) (prepare_rows: x, RMSNorm(x) * g or SwiGLU, as the float32 path computes it) is quantized once
 // per call into blocks of 32 int8 with one float32 scale per block, d_x = max|x| / 127, q_x = rint(x / d_x), and
@@ -551,6 +551,127 @@ static void qproduct(const LinearArgs &a, const QRows &x) {
 
 #endif
 
+// ---- K-quants (Q4_K, Q5_K, Q6_K), read as the file stores them ----------------------------------------------
+// Block b of a row is sub-block b % 8 of super-block b / 8 (formats.h), 32 values from one run of 32 bytes, shifted
+// and masked: its share of a product is d_x (d_lo sum_{i<16} w_i q_i + d_hi sum_{i>=16} w_i q_i) + min s_x, with
+// Q4_K/Q5_K: w the unsigned 4- or 5-bit value, d_lo = d_hi = d sc, min = -dmin m; Q6_K: w = q - 32 (signed, |w| <=
+// 32), d_lo and d_hi the two 16-value scales d sc, no min. Both halves' sums come out of one block dot: lanes 0-3
+// of the 8 int32 lanes hold values 0-15, lanes 4-7 values 16-31.
+// Each weight block is unpacked once per call and multiplied into every row (each row's 8-lane accumulator in a
+// small buffer): simpler than the lanes layout above, and as much work per row and block as the per-channel
+// products (qtile_direct) of Q8_0.
+
+// Scalar unpacking (the plain C++ path, and the reference of the vector one): the values as int8, the two halves'
+// scales, the min.
+template <int FORMAT>
+struct QBlockK {
+  static constexpr int SUPER = FORMAT == Q4_K ? 144 : FORMAT == Q5_K ? 176 : 210;
+  static constexpr bool SIGNED = FORMAT == Q6_K, OFFSET = FORMAT != Q6_K;
+  static inline void unpack(const uint8_t *row, int64_t b, int8_t w[QK], float d[2], float *min) {
+    const uint8_t *s = row + SUPER * (b >> 3);
+    const int j = int(b & 7);
+    if constexpr (FORMAT == Q6_K) {
+      const int h = j >> 2, i = j & 3;
+      const uint8_t *ql = s + 64 * h + 32 * (i & 1), *qh = s + 128 + 32 * h;
+      for (int l = 0; l < QK; l++) w[l] = int8_t((((ql[l] >> (4 * (i >> 1))) & 15) | (((qh[l] >> (2 * i)) & 3) << 4)) - 32);
+      const float dd = half_to_float(s + 208);
+      const int8_t *sc = reinterpret_cast<const int8_t *>(s + 192) + 2 * j;
+      d[0] = dd * float(sc[0]);
+      d[1] = dd * float(sc[1]);
+      *min = 0.0f;
+    } else {
+      int sc, m;
+      k_scale_min(s + 4, j, &sc, &m);
+      const uint8_t *qs = s + (FORMAT == Q5_K ? 48 : 16) + 32 * (j >> 1);
+      for (int l = 0; l < QK; l++) {
+        int v = (qs[l] >> (4 * (j & 1))) & 15;
+        if constexpr (FORMAT == Q5_K) v |= ((s[16 + l] >> j) & 1) << 4;
+        w[l] = int8_t(v);
+      }
+      d[0] = d[1] = half_to_float(s) * float(sc);
+      *min = -(half_to_float(s + 2) * float(m));
+    }
+  }
+#if MST_W >= 8
+  // The same with the values in a vector (Q6_K's as int8 q - 32) and the scales as the 8 lanes' (4 x d_lo, 4 x d_hi).
+  static inline void unpack(const uint8_t *row, int64_t b, __m256i *w, __m256 *d, float *min) {
+    const uint8_t *s = row + SUPER * (b >> 3);
+    const int j = int(b & 7);
+    auto run = [](const uint8_t *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); };
+    auto bits = [](__m256i v, int shift, int mask) {  // (v >> shift) & mask in every byte
+      return _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(shift)), _mm256_set1_epi8(char(mask)));
+    };
+    if constexpr (FORMAT == Q6_K) {
+      const int h = j >> 2, i = j & 3;
+      const __m256i q = _mm256_or_si256(bits(run(s + 64 * h + 32 * (i & 1)), 4 * (i >> 1), 15),
+                                        _mm256_slli_epi16(bits(run(s + 128 + 32 * h), 2 * i, 3), 4));
+      *w = _mm256_sub_epi8(q, _mm256_set1_epi8(32));
+      const float dd = half_to_float(s + 208);
+      const int8_t *sc = reinterpret_cast<const int8_t *>(s + 192) + 2 * j;
+      const float lo = dd * float(sc[0]), hi = dd * float(sc[1]);
+      *d = _mm256_setr_ps(lo, lo, lo, lo, hi, hi, hi, hi);
+      *min = 0.0f;
+    } else {
+      int sc, m;
+      k_scale_min(s + 4, j, &sc, &m);
+      __m256i q = bits(run(s + (FORMAT == Q5_K ? 48 : 16) + 32 * (j >> 1)), 4 * (j & 1), 15);
+      if constexpr (FORMAT == Q5_K) q = _mm256_or_si256(q, _mm256_slli_epi16(bits(run(s + 16), j, 1), 4));
+      *w = q;
+      *d = _mm256_set1_ps(half_to_float(s) * float(sc));
+      *min = -(half_to_float(s + 2) * float(m));
+    }
+  }
+#endif
+};
+
+template <class F, class Dot>
+static void kproduct(const LinearArgs &a, const QRows &x) {
+  const int64_t rb = row_bytes(a.format, a.k), nb = x.nb, kp = x.kp, m = a.m;
+  parallel_runs(a.threads, a.n, [&](int64_t c0, int64_t c1) {
+#if MST_W >= 8
+    __m256 *acc = static_cast<__m256 *>(mst_scratch(1, m * (sizeof(__m256) + sizeof(float))));
+    float *mins = reinterpret_cast<float *>(acc + m);
+    for (int64_t c = c0; c < c1; c++) {
+      const uint8_t *row = a.w + c * rb;
+      for (int64_t r = 0; r < m; r++) acc[r] = _mm256_setzero_ps(), mins[r] = 0.0f;
+      for (int64_t b = 0; b < nb; b++) {
+        if ((b & 7) == 0) __builtin_prefetch(row + F::SUPER * (b / 8 + 1));
+        __m256i w;
+        __m256 d;
+        float min;
+        F::unpack(row, b, &w, &d, &min);
+        for (int64_t r = 0; r < m; r++) {
+          const __m256i q = _mm256_load_si256(reinterpret_cast<const __m256i *>(x.q + r * kp + b * QK));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot<F, Dot>(w, q)),
+                                   _mm256_mul_ps(d, _mm256_broadcast_ss(x.d + r * nb + b)), acc[r]);
+          if constexpr (F::OFFSET) mins[r] += min * x.s[r * nb + b];
+        }
+      }
+      for (int64_t r = 0; r < m; r++) a.y[r * a.n + c] = epilogue(a, r, c, hsum8(acc[r]) + mins[r]);
+    }
+#else
+    float *acc = static_cast<float *>(mst_scratch(1, m * sizeof(float)));
+    for (int64_t c = c0; c < c1; c++) {
+      const uint8_t *row = a.w + c * rb;
+      for (int64_t r = 0; r < m; r++) acc[r] = 0.0f;
+      for (int64_t b = 0; b < nb; b++) {
+        alignas(32) int8_t w[QK];
+        float d[2], min;
+        F::unpack(row, b, w, d, &min);
+        for (int64_t r = 0; r < m; r++) {
+          const int8_t *q = x.q + r * kp + b * QK;
+          int32_t lo = 0, hi = 0;
+          for (int i = 0; i < 16; i++) lo += int32_t(w[i]) * int32_t(q[i]);
+          for (int i = 16; i < QK; i++) hi += int32_t(w[i]) * int32_t(q[i]);
+          acc[r] += (d[0] * float(lo) + d[1] * float(hi)) * x.d[r * nb + b] + min * x.s[r * nb + b];
+        }
+      }
+      for (int64_t r = 0; r < m; r++) a.y[r * a.n + c] = epilogue(a, r, c, acc[r]);
+    }
+#endif
+  });
+}
+
 // ---- the compute floor of these products ------------------------------------------------------------------
 
 // Multiply-adds of int8 per second (GMAC/s) on every thread: independent chains of the products' inner step in
@@ -606,7 +727,8 @@ static void qlinear_with(const LinearArgs &a) {
   float *d = reinterpret_cast<float *>(scratch + xp_bytes + q_bytes), *s = d + a.m * nb;
   prepare_rows(a, xp, kp);
   quantize_rows(xp, a.m, kp, q, d, s, a.threads);
-  qproduct<F, Dot>(a, QRows{q, d, s, kp, nb});
+  if constexpr (requires { F::SUPER; }) kproduct<F, Dot>(a, QRows{q, d, s, kp, nb});
+  else qproduct<F, Dot>(a, QRows{q, d, s, kp, nb});
 }
 
 // False (nothing done) for the products that keep float32 activations: the other formats. Prefill products (more
@@ -619,6 +741,9 @@ static bool linear_int8_with(const LinearArgs &a) {
     case Q8_0: case Q8_0X8: qlinear_with<QBlockQ8_0, Dot>(a); return true;
     case Q4_0: case Q4_0X8: qlinear_with<QBlockQ4_0, Dot>(a); return true;
     case Q4_1: case Q4_1X8: qlinear_with<QBlockQ4_1, Dot>(a); return true;
+    case Q4_K: qlinear_with<QBlockK<Q4_K>, Dot>(a); return true;
+    case Q5_K: qlinear_with<QBlockK<Q5_K>, Dot>(a); return true;
+    case Q6_K: qlinear_with<QBlockK<Q6_K>, Dot>(a); return true;
     default: return false;
   }
 }
