@@ -352,3 +352,67 @@ def test_frontend_metrics_count_requests_by_route_and_status(frontend):
     assert 'mstriton_frontend_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert 'route="/v1/chat/completions",status="400"' in text
     assert "mstriton_frontend_request_seconds_bucket" in text and "mstriton_frontend_requests_in_flight" in text
+
+
+def gateway_samples(frontend) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the frontend's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, raw = get(f"{frontend.url}/metrics")
+    assert status == 200
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(raw.decode()) for s in family.samples}
+
+
+def test_gateway_gauges_and_vllm_histograms_move_under_a_burst(frontend, smollm2_server):
+    """The inference gateway's model-server protocol on the frontend's port: 3 long streams at once into 2 slots
+    and 1 queue place: vllm:num_requests_running reaches 2 and vllm:num_requests_waiting at least 1 (pod total and
+    model_name="smollm2" alike), the KV cache fills, and all three drain to 0; the request histograms count the
+    three requests with their tokens."""
+    import threading
+
+    def sample(samples, name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    from mstriton.server_process import metric_value
+
+    before = gateway_samples(frontend)
+    triton = smollm2_server.metrics()
+    block_size = int(metric_value(triton, "mstriton_kv_cache_block_size", model="smollm2_decode"))
+    blocks = int(metric_value(triton, "mstriton_kv_cache_blocks_total", model="smollm2_decode"))
+    assert block_size > 0 and blocks > 0
+    for labels in ({}, {"model_name": "smollm2"}):  # the pod's and the model's
+        assert sample(before, "vllm:cache_config_info", block_size=str(block_size), num_gpu_blocks=str(blocks),
+                      **labels) == 1
+    body = {"model": "smollm2", "prompt": PROMPT, "max_tokens": 120, "min_tokens": 120, "stream": True}
+    statuses = []
+    streams = [threading.Thread(target=lambda: statuses.append(post(f"{frontend.url}/v1/completions", body)[0]))
+               for _ in range(3)]
+    for stream in streams:
+        stream.start()
+    seen = {"running": 0.0, "waiting": 0.0, "usage": 0.0}
+    while any(s.is_alive() for s in streams):
+        now = gateway_samples(frontend)
+        for key, name in (("running", "vllm:num_requests_running"), ("waiting", "vllm:num_requests_waiting"),
+                          ("usage", "vllm:kv_cache_usage_perc")):
+            total, own = sample(now, name), sample(now, name, model_name="smollm2")
+            assert total == own, (name, total, own)  # one LLM served: the pod's sum is its value
+            seen[key] = max(seen[key], own)
+        time.sleep(0.05)
+    assert statuses == [200, 200, 200]
+    assert seen["running"] == 2 and seen["waiting"] >= 1 and 0 < seen["usage"] <= 1, seen
+    after = gateway_samples(frontend)
+    assert sample(after, "vllm:num_requests_running") == 0 and sample(after, "vllm:num_requests_waiting") == 0
+    model = {"model_name": "smollm2"}
+    assert sample(after, "vllm:e2e_request_latency_seconds_count", **model) - \
+        sample(before, "vllm:e2e_request_latency_seconds_count", **model) == 3
+    assert sample(after, "vllm:time_to_first_token_seconds_count", **model) - \
+        sample(before, "vllm:time_to_first_token_seconds_count", **model) == 3
+    assert sample(after, "vllm:generation_tokens_total", **model) - \
+        sample(before, "vllm:generation_tokens_total", **model) == 360
+    # every token after each request's first chunk is one inter-token gap
+    assert sample(after, "vllm:inter_token_latency_seconds_count", **model) - \
+        sample(before, "vllm:inter_token_latency_seconds_count", **model) == 3 * 119
+    assert sample(after, "vllm:prompt_tokens_total", **model) > sample(before, "vllm:prompt_tokens_total", **model)
+    assert sample(after, "vllm:request_success_total", finished_reason="length", **model) - \
+        sample(before, "vllm:request_success_total", finished_reason="length", **model) == 3

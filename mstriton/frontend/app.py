@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 
@@ -13,6 +14,7 @@ from ..params import LIMITS, RequestLimits
 from . import mindspore_serving_api, openai_api, responses_api, tgi_api
 from .generation import ClientDisconnected
 from .errors import ApiError
+from .gateway_metrics import DecodeGaugeCollector, RequestTimings
 from .metrics import FrontendMetrics, MetricsMiddleware
 from .triton import Triton
 
@@ -31,6 +33,9 @@ def create_app(triton: Triton, *, api_key: str | None = None, default_model: str
     app = FastAPI(title="mstriton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.triton, app.state.default_model, app.state.limits = triton, default_model, limits
     metrics = FrontendMetrics()
+    # vLLM's names beside ours: the inference gateway's endpoint picker and KEDA read them (gateway_metrics.py)
+    metrics.registry.register(DecodeGaugeCollector(triton.metrics_url))
+    triton.timings = RequestTimings(metrics.registry)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
@@ -58,7 +63,9 @@ def create_app(triton: Triton, *, api_key: str | None = None, default_model: str
 
     @app.get("/metrics")
     async def prometheus():
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        # in a thread: the decode gauges are read from tritonserver's metrics port at each scrape
+        text = await asyncio.to_thread(generate_latest, metrics.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     for door in (openai_api, responses_api, mindspore_serving_api, tgi_api):
         app.include_router(door.router)

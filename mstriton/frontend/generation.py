@@ -75,6 +75,7 @@ async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]
     if generation.stop:
         inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
     responses = triton.generate(generation.model, inputs, generation.names)
+    timer = triton.timings.start(generation.model) if triton.timings is not None else None
     async with contextlib.aclosing(responses):
         async for out in responses:
             reason = out.get("finish_reason") or None
@@ -82,8 +83,13 @@ async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]
             if stops.stopped:
                 reason = "stop_string"
             tokens = json.loads(out["tokens_json"]) if out.get("tokens_json") else []
-            yield Chunk(text=text, tokens=tokens, reason=reason, prompt_tokens=int(out.get("num_input_tokens", 0)),
-                        completion_tokens=int(out.get("num_output_tokens", 0)))
+            chunk = Chunk(text=text, tokens=tokens, reason=reason, prompt_tokens=int(out.get("num_input_tokens", 0)),
+                          completion_tokens=int(out.get("num_output_tokens", 0)))
+            if timer is not None:
+                timer.chunk(chunk.completion_tokens)
+                if reason is not None:
+                    timer.finished(chunk.prompt_tokens, chunk.finish_reason)
+            yield chunk
             if reason is not None:
                 return  # closing `responses` cancels the server's generation if it is still running
 

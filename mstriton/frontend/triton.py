@@ -65,6 +65,9 @@ class Triton:
         self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
         self._client: grpcclient.InferenceServerClient | None = None
         self._info: dict[str, LlmInfo] = {}
+        # vLLM's request histograms (gateway_metrics.RequestTimings), observed by the shared request path; the app
+        # sets them (None: not measured)
+        self.timings = None
 
     @property
     def client(self) -> grpcclient.InferenceServerClient:

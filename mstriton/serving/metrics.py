@@ -29,6 +29,7 @@ class DecodeMetrics:
         self.blocks_used = family("mstriton_kv_cache_blocks_used", "KV-cache blocks held by sequences") \
             .Metric(labels)
         self.blocks_total = family("mstriton_kv_cache_blocks_total", "KV-cache blocks in the pool").Metric(labels)
+        self.block_size = family("mstriton_kv_cache_block_size", "Tokens per KV-cache block").Metric(labels)
         self.tokens_used = family("mstriton_kv_cache_tokens_used", "Tokens held in the KV cache").Metric(labels)
         self.usage = family("mstriton_kv_cache_usage_ratio", "Blocks held / blocks in the KV-cache pool") \
             .Metric(labels)
@@ -57,6 +58,7 @@ class DecodeMetrics:
         self._set(self.waiting, stats["waiting"])
         self._set(self.blocks_used, stats["kv_blocks_used"])
         self._set(self.blocks_total, stats["kv_blocks_total"])
+        self._set(self.block_size, stats["kv_block_size"])
         self._set(self.tokens_used, stats["kv_tokens_used"])
         self._set(self.usage, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
         for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),

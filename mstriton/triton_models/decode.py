@@ -102,6 +102,7 @@ class TritonPythonModel:
                                                                 "tokenizer"))
         common.freeze_loaded_objects()
         self.scheduler.start()
+        self.on_queue(self.scheduler)  # the pool's gauges from the start, before any request (gateway_metrics.py)
         self.name = args["model_name"]
         self.stream_interval = int(common.parameter(config, "stream_interval", "1"))
         grace = float(common.parameter(config, "shutdown_grace_seconds", "20"))
