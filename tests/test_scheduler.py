@@ -238,6 +238,43 @@ def test_prompts_prefill_in_budgeted_chunks_beside_running_streams(graphs):
     assert tokens_of(events["long"]) == expected_long and tokens_of(events["stream"]) == expected_stream
 
 
+def test_a_prompt_cut_by_the_budget_is_cut_on_block_boundaries_and_equals_its_whole_prefill(graphs):
+    """A budget of 20 beside a running stream: every piece that does not finish the prompt ends on a multiple of
+    the KV block size (16), and the prompt's logits are bit for bit those of its prefill in one call. A piece
+    starting elsewhere put its keys in other columns of the chunk graph's attention, where MindSpore's softmax
+    sums in 8-wide lanes: the probabilities came out 1 ulp apart, and int8 activations grew that into other greedy
+    tokens under load. A budget under one block still moves the first prompt in line."""
+    long_prompt = [1] + list(range(2, 90))
+    (_,), whole = Engine(graphs, max_slots=1).prefill_prompts([long_prompt])
+    for budget in (20, 7):
+        engine = Engine(graphs, max_slots=2)
+        pieces, logits = [], {}
+        prefill = engine.prefill
+
+        def recording(work, prefill=prefill, pieces=pieces, logits=logits):
+            pieces += [(sequence.computed, count) for sequence, count in work if len(sequence.tokens) > 80]
+            done = prefill(work)
+            logits.update({id(s): v for s, v in done.items() if len(s.tokens) > 80})
+            return done
+
+        engine.prefill = recording
+        scheduler = Scheduler(engine, prefill_budget=budget)
+        events = {}
+        scheduler.submit(make_request(graphs, "stream", PROMPTS[0], events, max_tokens=60))
+        scheduler.step()
+        scheduler.submit(make_request(graphs, "long", long_prompt, events, max_tokens=2))
+        run_until_idle(scheduler)
+        ends = [start + count for start, count in pieces]
+        assert ends[-1] == len(long_prompt) and len(pieces) > 1, pieces
+        if budget >= engine.blocks.block_size:
+            assert all(end % engine.blocks.block_size == 0 for end in ends[:-1]), pieces
+            [prompt_logits] = logits.values()
+            np.testing.assert_array_equal(prompt_logits, whole[0])
+        else:  # under one block: pieces of at most the budget, ending on a boundary where one is in reach
+            assert all(0 < count <= budget for _, count in pieces), pieces
+            assert [end for end in ends if end % 16 == 0][:5] == [16, 32, 48, 64, 80], pieces
+
+
 def test_a_prompt_sharing_a_cached_prefix_computes_only_the_rest_and_equals_a_cold_run(graphs):
     engine = Engine(graphs, max_slots=1)
     cold = Engine(graphs, max_slots=1, enable_prefix_caching=False)

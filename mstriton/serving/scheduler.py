@@ -298,6 +298,8 @@ class Scheduler:
         work = []
         for item in prefilling:
             count = item.sequence.to_compute if budget is None else min(item.sequence.to_compute, budget)
+            if count < item.sequence.to_compute:
+                count = self._aligned_piece(item.sequence.computed, count, first=not work)
             if count <= 0:
                 break
             work.append((item, count))
@@ -319,6 +321,18 @@ class Scheduler:
         for item, token, logprob, top in zip(fresh, tokens, logprobs, tops):
             self.engine.start_decoding(item.sequence)
             self._emit(item, int(token), float(logprob), top)
+
+    def _aligned_piece(self, computed: int, count: int, first: bool) -> int:
+        """A piece of a prompt that does not finish it ends on a multiple of the KV block size. The chunked-prefill
+        graph lays a piece's keys after the earlier ones padded to a bucket's width, so a key at position p sits in
+        a column that depends on where its piece began; MindSpore's CPU softmax sums in 8-wide lanes, so a piece
+        that began off a multiple of 8 gave attention probabilities 1 ulp apart, which int8 activations grew into
+        different greedy tokens (a soak's greedy answers under load: 30 of 441 unlike their solo run). Pieces on
+        block boundaries are bit for bit the whole prompt's, as prefix-cache hits (whole blocks) always were.
+        The first prompt in line still moves when the budget is under one block."""
+        block = self.engine.blocks.block_size
+        aligned = (computed + count) // block * block - computed
+        return aligned if aligned > 0 or not first else count
 
     def budget(self) -> int:
         """Prompt tokens to prefill in this step beside running streams: the configured number, or (0) what
