@@ -36,7 +36,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured bench-speculative soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured bench-speculative bench-gateway soak clean docker-lint docker-test
 
 all: install
 
@@ -152,6 +152,9 @@ bench-structured: install
 
 bench-speculative: install
 	$(PY) tools/bench_speculative.py $(BENCH_SPECULATIVE_ARGS)
+
+bench-gateway: install
+	$(PY) tools/bench_gateway_burst.py $(BENCH_GATEWAY_ARGS)
 
 soak: install
 	$(PY) tools/soak.py $(SOAK_ARGS)

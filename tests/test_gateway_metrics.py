@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mstriton.frontend.gateway_metrics import RequestTimings, RequestTimer, decode_gauges, gateway_gauges
+from mstriton.frontend.gateway_metrics import RequestTimings, decode_gauges, gateway_gauges
 
 TRITON_METRICS = """\
 # HELP mstriton_requests_running Requests generating in the decode batch
@@ -63,7 +63,7 @@ def test_a_requests_timer_counts_its_first_token_gaps_and_end():
     registry = CollectorRegistry()
     timings = RequestTimings(registry)
     now = [10.0]
-    timer = RequestTimer(timings, "a", clock=lambda: now[0])
+    timer = timings.start("a", clock=lambda: now[0])
     now[0] = 10.5
     timer.chunk(1)          # TTFT 0.5
     now[0] = 10.7
@@ -85,7 +85,26 @@ def test_a_requests_timer_counts_its_first_token_gaps_and_end():
 
 def test_a_first_chunk_of_several_tokens_counts_only_its_ttft():
     registry = CollectorRegistry()
-    timer = RequestTimer(RequestTimings(registry), "a", clock=lambda: 1.0)
+    timer = RequestTimings(registry).start("a", clock=lambda: 1.0)
     timer.chunk(256)  # a non-streamed request's first response
     assert registry.get_sample_value("vllm:inter_token_latency_seconds_count", {"model_name": "a"}) is None
     assert registry.get_sample_value("vllm:time_to_first_token_seconds_count", {"model_name": "a"}) == 1
+
+
+def test_requests_sent_and_not_yet_prefilling_count_as_waiting():
+    """5 requests of `a` sent by the frontend, none with a token yet: 1 is prefilling, the decode model queues 2,
+    the other 2 are on their way (front model, tokenizer step): waiting is 4. Once a request has its first token,
+    or has ended without one, it is no longer counted."""
+    timings = RequestTimings(CollectorRegistry())
+    timers = [timings.start("a") for _ in range(5)]
+    gauges = {"a": {"mstriton_requests_waiting": 2, "mstriton_requests_prefilling": 1}}
+    waiting = {tuple(labels.items()): value for name, labels, value in samples(gateway_gauges(gauges, timings.pending()))
+               if name == "vllm:num_requests_waiting"}
+    assert waiting == {(): 4, (("model_name", "a"),): 4}
+    timers[0].chunk(1)
+    timers[1].closed()
+    timers[1].closed()  # once
+    assert timings.pending() == {"a": 3}
+    # a model the frontend sent requests to before tritonserver reported it: its own series
+    found = samples(gateway_gauges({}, {"b": 2}))
+    assert ("vllm:num_requests_waiting", {"model_name": "b"}, 2) in found

@@ -34,8 +34,8 @@ def create_app(triton: Triton, *, api_key: str | None = None, default_model: str
     app.state.triton, app.state.default_model, app.state.limits = triton, default_model, limits
     metrics = FrontendMetrics()
     # vLLM's names beside ours: the inference gateway's endpoint picker and KEDA read them (gateway_metrics.py)
-    metrics.registry.register(DecodeGaugeCollector(triton.metrics_url))
     triton.timings = RequestTimings(metrics.registry)
+    metrics.registry.register(DecodeGaugeCollector(triton.metrics_url, triton.timings))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

@@ -11,7 +11,8 @@ request whatever door it came through):
     vllm:gpu_cache_usage_perc     the same, under the name endpoint pickers before vLLM 0.10 read
     vllm:cache_config_info        1, with labels block_size (tokens per block) and num_gpu_blocks (the pool's)
 
-Each comes first as the pod's sum over the LLMs it serves (no label: what an endpoint picker reads when its metric
+vllm:num_requests_waiting also counts the requests this frontend has sent that are neither prefilling nor
+generating yet (gateway_gauges). Each comes first as the pod's sum over the LLMs it serves (no label: what an endpoint picker reads when its metric
 spec names no label, as it takes a family's first series), then once per LLM with `model_name`.
 
 Counters and histograms of the requests this frontend serves, measured here as each door's chunks arrive, with
@@ -53,9 +54,20 @@ def decode_gauges(text: str) -> dict[str, dict[str, float]]:
     return gauges
 
 
-def gateway_gauges(gauges: dict[str, dict[str, float]]) -> list[Metric]:
-    """The vLLM gauge families of `decode_gauges`' reading: the pod's sum first, then one series per LLM."""
+def gateway_gauges(gauges: dict[str, dict[str, float]], pending: dict[str, int] | None = None) -> list[Metric]:
+    """The vLLM gauge families of `decode_gauges`' reading: the pod's sum first, then one series per LLM.
+
+    `pending`: LLM -> requests this frontend has sent that have no token yet. Those not yet prefilling are waiting
+    too, wherever they are (in the frontend, the front model, the tokenizer step): under a burst on a busy CPU most
+    of a burst's requests were still on their way to the decode model's queue (48 sent at once into 16 slots: the
+    decode model counted at most 6 waiting)."""
+    pending = pending or {}
+    gauges = {**{llm: {} for llm in pending}, **gauges}
+
     def value(llm: str, name: str) -> float:
+        if name == "mstriton_requests_waiting":
+            queued = gauges[llm].get(name, 0.0)
+            return max(queued, pending.get(llm, 0) - gauges[llm].get("mstriton_requests_prefilling", 0.0))
         return gauges[llm].get(name, 0.0)
 
     def family(name: str, doc: str, per_llm: Callable[[str], float], total: float) -> Metric:
@@ -96,8 +108,8 @@ class DecodeGaugeCollector:
     """A prometheus_client collector: at each scrape, tritonserver's decode gauges as vLLM's (none while
     tritonserver's metrics port does not answer: an endpoint picker then keeps its last reading)."""
 
-    def __init__(self, metrics_url: str):
-        self.metrics_url = metrics_url
+    def __init__(self, metrics_url: str, timings: "RequestTimings | None" = None):
+        self.metrics_url, self.timings = metrics_url, timings
 
     def collect(self):
         try:
@@ -105,7 +117,7 @@ class DecodeGaugeCollector:
                 text = response.read().decode()
         except OSError:
             return
-        yield from gateway_gauges(decode_gauges(text))
+        yield from gateway_gauges(decode_gauges(text), self.timings.pending() if self.timings else None)
 
 
 class RequestTimings:
@@ -124,18 +136,29 @@ class RequestTimings:
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", labels, registry=registry)
         self.success = Counter("vllm:request_success", "Requests finished, by reason", labels + ["finished_reason"],
                                registry=registry)
+        self._pending: dict[str, int] = {}  # model -> requests started that have no token yet (one event loop)
 
-    def start(self, model: str) -> "RequestTimer":
-        return RequestTimer(self, model)
+    def start(self, model: str, clock: Callable[[], float] = time.monotonic) -> "RequestTimer":
+        self._pending[model] = self._pending.get(model, 0) + 1
+        return RequestTimer(self, model, clock)
+
+    def answered(self, model: str) -> None:
+        """A request started by `start` has its first token, or has ended without one."""
+        self._pending[model] -= 1
+
+    def pending(self) -> dict[str, int]:
+        return dict(self._pending)
 
 
 class RequestTimer:
-    """One request's clock: `chunk()` at each chunk of text, `finished()` at its end."""
+    """One request's clock (from RequestTimings.start): `chunk()` at each chunk of text, `finished()` at its
+    end, `closed()` however it ends."""
 
     def __init__(self, timings: RequestTimings, model: str, clock: Callable[[], float] = time.monotonic):
         self.timings, self.model, self.clock = timings, model, clock
         self.arrival = self.last = clock()
         self.tokens = 0  # generated so far
+        self.pending = True  # counted in timings.pending() until its first token or its end
 
     def chunk(self, completion_tokens: int) -> None:
         """A chunk arrived carrying the request's first `completion_tokens` tokens."""
@@ -144,11 +167,18 @@ class RequestTimer:
             return
         if self.tokens == 0:  # the first token's wait; the first chunk's other tokens have no gap of their own
             self.timings.ttft.labels(self.model).observe(now - self.arrival)
+            self.closed()
         else:
             itl, gap = self.timings.itl.labels(self.model), (now - self.last) / new
             for _ in range(new):
                 itl.observe(gap)
         self.tokens, self.last = completion_tokens, now
+
+    def closed(self) -> None:
+        """No longer waiting for a first token (call at the request's end, whatever ended it)."""
+        if self.pending:
+            self.pending = False
+            self.timings.answered(self.model)
 
     def finished(self, prompt_tokens: int, reason: str) -> None:
         t = self.timings

@@ -76,7 +76,7 @@ async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]
         inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
     responses = triton.generate(generation.model, inputs, generation.names)
     timer = triton.timings.start(generation.model) if triton.timings is not None else None
-    async with contextlib.aclosing(responses):
+    async with contextlib.aclosing(responses), _closing_timer(timer):
         async for out in responses:
             reason = out.get("finish_reason") or None
             text = stops.feed(out.get("text_output", ""), final=reason is not None)
@@ -92,6 +92,16 @@ async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]
             yield chunk
             if reason is not None:
                 return  # closing `responses` cancels the server's generation if it is still running
+
+
+@contextlib.asynccontextmanager
+async def _closing_timer(timer):
+    """A request's timer stops counting it as waiting when it ends, however it ends (error, cancel)."""
+    try:
+        yield
+    finally:
+        if timer is not None:
+            timer.closed()
 
 
 async def complete(triton: Triton, generation: Generation) -> Result:
