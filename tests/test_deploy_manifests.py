@@ -1,6 +1,7 @@
 """The deployment files (docker/) without building or deploying anything: hadolint on both Dockerfiles, the
-KServe manifests' structure, and that the Dockerfiles, the manifests, the image test and the client examples
-agree on ports, image name, model names, protocol, user and the closed admin APIs; and the image test's Debian
+structure of the KServe manifests and of the gateway ones (Deployment, Service, InferencePool, HTTPRoute, KEDA
+ScaledObject), and that the Dockerfiles, the manifests, the image test and the client examples agree on ports,
+image name, model names, protocol, user, probes and the closed admin APIs; and the image test's Debian
 mirror lookup and error reports, run alone. `make docker-test` is what builds and serves."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 KSERVE = DOCKER / "kserve"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile", "ascend": DOCKER / "Dockerfile.ascend"}
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORTS = {"frontend": 9000, "http": 8000, "grpc": 8001, "metrics": 8002}
 DEMO_NAME = "demo"  # the Makefile's `make demo` converts with --name demo
 DEMO_MODELS = {DEMO_NAME, f"{DEMO_NAME}_unary"}
 
@@ -118,19 +119,22 @@ def test_serving_stage_user_ports_healthcheck_and_command(dockerfile):
     exposed = {int(p.split("/")[0]) for k, rest in stage if k == "EXPOSE" for p in rest.split()}
     assert exposed == set(PORTS.values()), f"{path.name}: EXPOSE {sorted(exposed)}"
     health = [rest for k, rest in stage if k == "HEALTHCHECK"]
-    assert health and f"127.0.0.1:{PORTS['http']}/v2/health/ready" in health[-1]
+    assert health and f"127.0.0.1:{PORTS['frontend']}/health" in health[-1], "healthy: the frontend's /health"
     check_serve_command(cmd_of(steps), f"{path.name}: CMD")
 
 
 def check_serve_command(argv: list[str], where: str):
-    """The images' and the runtime's command: mstriton.serve's console script running tritonserver alone with the
-    admin APIs closed (no --open-api), every option its own; its parsed options."""
+    """The images', the runtimes' and the Deployment's command: mstriton.serve's console script running the HTTP
+    frontend beside tritonserver, tritonserver's ports exposed for KServe v2 clients (--expose-triton), the admin
+    APIs closed (no --open-api), every option its own; its parsed options."""
     assert argv[0] == "mstriton-serve", f"{where} {argv}"
     scripts = re.search(r"\[project\.scripts\]\n(.*?)\n\n", (ROOT / "pyproject.toml").read_text(), re.S).group(1)
     assert 'mstriton-serve = "mstriton.serve:main"' in scripts
     args, passthrough = serve.parse_args(argv[1:])
-    assert args.no_frontend and not args.open_api and not passthrough, f"{where} {argv}"
+    assert not args.no_frontend and args.expose_triton, f"{where}: the frontend beside an exposed tritonserver {argv}"
+    assert not args.open_api and not passthrough, f"{where} {argv}"
     assert option(argv, "--model-repository") == args.model_repository
+    assert args.frontend_port == PORTS["frontend"], f"{where}: the frontend on {PORTS['frontend']}"
     return args
 
 
@@ -186,9 +190,9 @@ def test_ascend_entrypoint_is_executable_and_used():
 # KServe manifests
 
 
-def manifests() -> dict[str, list[dict]]:
+def manifests(folder: Path = KSERVE) -> dict[str, list[dict]]:
     by_kind: dict[str, list[dict]] = {}
-    for path in sorted(KSERVE.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is None:
                 continue
@@ -203,12 +207,12 @@ def manifests() -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def kserve():
     found = manifests()
-    runtimes = found.get("ServingRuntime", []) + found.get("ClusterServingRuntime", [])
-    assert len(runtimes) == 1, "docker/kserve/ must hold one ServingRuntime (or ClusterServingRuntime)"
+    assert set(found) <= {"ServingRuntime", "ClusterServingRuntime", "InferenceService"}, sorted(found)
+    runtimes = {r["metadata"]["name"]: r for r in found.get("ServingRuntime", []) + found.get("ClusterServingRuntime", [])}
+    assert FRONTEND_RUNTIME in runtimes, f"docker/kserve/ has no runtime {FRONTEND_RUNTIME}"
     services = found.get("InferenceService", [])
     assert services, "docker/kserve/ has no InferenceService"
-    assert set(found) <= {"ServingRuntime", "ClusterServingRuntime", "InferenceService"}, sorted(found)
-    return runtimes[0], services
+    return runtimes, services
 
 
 def quantity(value) -> float:
@@ -227,82 +231,217 @@ def check_resources(resources: dict, where: str) -> None:
             f"{where}: {name} request above its limit"
 
 
-def check_probe(probe: dict, where: str) -> str:
-    get = probe.get("httpGet")
-    assert get and get.get("path", "").startswith("/v2/"), f"{where}: an httpGet probe on a /v2/ path"
-    assert get.get("port") == PORTS["http"], f"{where}: probe port {get.get('port')} is not the HTTP port"
-    return get["path"]
+def probe_target(probe: dict, ports: dict[str, int] | None = None) -> tuple[int, str | None]:
+    """(port, HTTP path or None for a TCP probe); a named port resolved through `ports`."""
+    action = probe.get("httpGet") or probe.get("tcpSocket")
+    assert action, f"an httpGet or tcpSocket probe: {probe}"
+    port = action.get("port")
+    if isinstance(port, str):
+        assert ports and port in ports, f"probe port {port!r} names no container port"
+        port = ports[port]
+    return port, probe["httpGet"].get("path") if "httpGet" in probe else None
 
 
-def test_serving_runtime(kserve):
-    runtime, _ = kserve
-    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
-    spec = runtime["spec"]
-    assert {"v2", "grpc-v2"} <= set(spec.get("protocolVersions", [])), "the runtime speaks KServe v2 (HTTP, gRPC)"
-    formats = spec.get("supportedModelFormats") or []
-    assert formats and all(f.get("name") for f in formats)
-    [container] = spec["containers"]
-    assert container["name"] == "kserve-container"
+# Knative routes the one port of a runtime: which serves what.
+ROUTED = {PORTS["frontend"]: ("http1", "/health"), PORTS["http"]: ("http1", "/v2/health/"),
+          PORTS["grpc"]: ("h2c", None)}
+FRONTEND_RUNTIME = "mstriton"
 
-    # the image: what the Dockerfile builds and the image test tags (registry aside)
+
+def test_serving_runtimes_route_one_port_each_with_the_image_command(kserve):
+    runtimes, _ = kserve
     test_script = (ROOT / "tools" / "docker_test.sh").read_text()
     built = re.search(r'IMAGE="\$\{IMAGE:-([^}]+)\}"', test_script).group(1)
-    assert container["image"].rsplit("/", 1)[-1] == built.rsplit("/", 1)[-1], (container["image"], built)
-
-    # the command: the image's CMD program and model repository, with the image's ports
-    args = container["args"]
-    parsed = check_serve_command(args, "ServingRuntime args")
     cmd = cmd_of(instructions(DOCKERFILES["cpu"]))
-    assert args[0] == cmd[0]
-    assert parsed.model_repository == option(cmd, "--model-repository")
-    for kind, port in PORTS.items():
-        assert getattr(parsed, f"{kind}_port") == port, f"--{kind}-port must be {port}"
-    # the admin key from a Secret the cluster may hold; without it the server makes one and logs it
-    [key] = [e for e in container["env"] if e["name"] == serve.ADMIN_KEY_VARIABLE]
-    secret = key["valueFrom"]["secretKeyRef"]
-    assert secret["name"] and secret["key"] and secret["optional"] is True
-    assert [p["containerPort"] for p in container["ports"]] == [PORTS["http"]]
-    assert container["ports"][0]["name"] == "http1", "Knative's name for an HTTP/1 port"
-    assert spec["annotations"]["prometheus.kserve.io/port"] == str(PORTS["metrics"])
-
-    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
-        check_probe(container[kind], f"ServingRuntime {kind}")
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    check_resources(container["resources"], "ServingRuntime")
-
-    # the same non-root user as the image
     uid = int(next(rest for k, rest in final_stage(instructions(DOCKERFILES["cpu"])) if k == "USER").split(":")[0])
-    assert container["securityContext"]["runAsNonRoot"] is True
-    assert container["securityContext"]["runAsUser"] == uid
+    routed = {}
+    for name, runtime in runtimes.items():
+        where = f"{runtime['_file']}: {name}"
+        assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1", where
+        spec = runtime["spec"]
+        assert spec.get("protocolVersions") and set(spec["protocolVersions"]) <= {"v2", "grpc-v2"}, where
+        formats = spec.get("supportedModelFormats") or []
+        assert formats and all(f.get("name") for f in formats), where
+        [container] = spec["containers"]
+        assert container["name"] == "kserve-container", where
+        # the image: what the Dockerfile builds and the image test tags (registry aside)
+        assert container["image"].rsplit("/", 1)[-1] == built.rsplit("/", 1)[-1], (where, container["image"], built)
+        # the command: the image's CMD program and model repository, every port as the image exposes it
+        args = container["args"]
+        parsed = check_serve_command(args, f"{where} args")
+        assert args[0] == cmd[0] and parsed.model_repository == option(cmd, "--model-repository"), where
+        for kind, port in PORTS.items():
+            assert getattr(parsed, f"{kind}_port") == port, f"{where}: --{kind}-port must be {port}"
+        # the admin key from a Secret the cluster may hold; without it the server makes one and logs it
+        [key] = [e for e in container["env"] if e["name"] == serve.ADMIN_KEY_VARIABLE]
+        secret = key["valueFrom"]["secretKeyRef"]
+        assert secret["name"] and secret["key"] and secret["optional"] is True, where
+        # Knative: one port, named for its protocol; every probe on it (the runtime contract)
+        [port] = container["ports"]
+        number = port["containerPort"]
+        assert number in ROUTED and port["name"] == ROUTED[number][0], f"{where}: port {port}"
+        routed[number] = name
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            target, path = probe_target(container[kind])
+            assert target == number, f"{where}: {kind} on {target}, not the routed port {number}"
+            want = ROUTED[number][1]
+            assert (path is None) if want is None else path.startswith(want), f"{where}: {kind} path {path}"
+        assert spec["annotations"]["prometheus.kserve.io/port"] == str(PORTS["frontend"]), \
+            f"{where}: Prometheus scrapes the frontend's /metrics (vLLM's gauges)"
+        check_resources(container["resources"], where)
+        # the same non-root user as the image
+        assert container["securityContext"]["runAsNonRoot"] is True
+        assert container["securityContext"]["runAsUser"] == uid
+        # the Python backend's shared memory: /dev/shm from a declared memory volume
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        shm = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        assert shm and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory", where
+    assert routed.get(PORTS["frontend"]) == FRONTEND_RUNTIME, "the runtime mstriton routes the frontend's port"
+    auto = [n for n, r in runtimes.items() if any(f.get("autoSelect") for f in r["spec"]["supportedModelFormats"])]
+    assert auto == [FRONTEND_RUNTIME], f"only the frontend's runtime is chosen by model format: {auto}"
 
-    # the Python backend's shared memory: /dev/shm from a declared memory volume
-    volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    shm = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
-    assert shm and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    # one container for every runtime: they differ in the routed port and its probes only
+    def same_part(runtime):
+        spec = dict(runtime["spec"], protocolVersions=None, supportedModelFormats=None)
+        container = {k: v for k, v in spec["containers"][0].items()
+                     if k not in ("ports", "readinessProbe", "livenessProbe", "startupProbe")}
+        return dict(spec, containers=[container])
+    reference = same_part(runtimes[FRONTEND_RUNTIME])
+    for name, runtime in runtimes.items():
+        assert same_part(runtime) == reference, f"{name} differs from {FRONTEND_RUNTIME} beyond its port and probes"
 
 
 def test_inference_services(kserve):
-    runtime, services = kserve
-    formats = {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    args = runtime["spec"]["containers"][0]["args"]
-    protocols = set()
+    runtimes, services = kserve
+    routed = set()
     for service in services:
         where = f"{service['_file']}: {service['metadata']['name']}"
         assert service["apiVersion"] == "serving.kserve.io/v1beta1", where
-        model = service["spec"]["predictor"]["model"]
-        assert model["runtime"] == runtime["metadata"]["name"], where
-        assert model["modelFormat"]["name"] in formats, where
-        protocol = model["protocolVersion"]
-        assert protocol in runtime["spec"]["protocolVersions"], where
-        protocols.add(protocol)
+        predictor = service["spec"]["predictor"]
+        # the 30 s drain, and mstriton.serve's 15 s after it
+        assert predictor["terminationGracePeriodSeconds"] >= 45, where
+        model = predictor["model"]
+        runtime = runtimes.get(model["runtime"])
+        assert runtime, f"{where}: no runtime {model['runtime']}"
+        assert model["modelFormat"]["name"] in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}, where
+        assert model["protocolVersion"] in runtime["spec"]["protocolVersions"], where
+        # KServe merges an InferenceService's ports into its runtime's, and Knative refuses a second one
+        assert "ports" not in model, f"{where}: choose the port by runtime, not with ports"
         check_resources(model["resources"], where)
-        path = check_probe(model["readinessProbe"], where)
-        served = re.fullmatch(r"/v2/models/([^/]+)/ready", path)
-        assert served and served.group(1) in DEMO_MODELS, f"{where}: probe {path} is not a demo model"
-        if protocol == "grpc-v2":  # Knative routes the one declared port; gRPC needs it named h2c
-            ports = model.get("ports", [])
-            assert [(p["name"], p["containerPort"]) for p in ports] == [("h2c", int(option(args, "--grpc-port")))]
-    assert protocols == {"v2", "grpc-v2"}, "one InferenceService per protocol"
+        [port] = runtime["spec"]["containers"][0]["ports"]
+        routed.add(port["containerPort"])
+        # readiness on the routed port (Knative probes no other): the frontend's /health, a demo model's own
+        # readiness on tritonserver's HTTP, a TCP connection on its gRPC
+        target, path = probe_target(model["readinessProbe"])
+        assert target == port["containerPort"], f"{where}: readiness on {target}, not the routed port"
+        if target == PORTS["http"]:
+            served = re.fullmatch(r"/v2/models/([^/]+)/ready", path or "")
+            assert served and served.group(1) in DEMO_MODELS, f"{where}: probe {path} is not a demo model"
+        else:
+            assert path == ROUTED[target][1], f"{where}: readiness path {path}"
+    by_name = {s["metadata"]["name"]: s for s in services}
+    assert by_name["mstriton-demo"]["spec"]["predictor"]["model"]["runtime"] == FRONTEND_RUNTIME, \
+        "the main InferenceService routes the frontend"
+    assert routed == set(ROUTED), f"an InferenceService per routed port: {sorted(routed)}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Many replicas behind the inference gateway (docker/gateway/)
+
+GATEWAY = DOCKER / "gateway"
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    found = manifests(GATEWAY)
+    expected = {"Deployment", "Service", "InferencePool", "HTTPRoute", "ScaledObject"}
+    assert set(found) == expected, sorted(found)
+    assert all(len(docs) == 1 for docs in found.values()), {k: len(v) for k, v in found.items()}
+    return {kind: docs[0] for kind, docs in found.items()}
+
+
+def test_deployment_runs_the_image_with_probes_on_health_and_time_to_drain(gateway):
+    deployment = gateway["Deployment"]
+    assert deployment["apiVersion"] == "apps/v1"
+    spec = deployment["spec"]
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    pod = spec["template"]["spec"]
+    [container] = pod["containers"]
+    # the runtime's container: image, command, keys
+    runtime = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())["spec"]["containers"][0]
+    assert container["image"] == runtime["image"] and container["args"] == runtime["args"]
+    assert container["env"] == runtime["env"]
+    parsed = check_serve_command(container["args"], "deployment.yaml args")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert sorted(ports.values()) == sorted(PORTS.values())
+    assert parsed.frontend_port == PORTS["frontend"]
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert probe_target(container[kind], ports) == (PORTS["frontend"], "/health"), kind
+    # SIGTERM: tritonserver drains 30 s, mstriton.serve kills it 15 s later; a preStop pause comes first
+    pause = int(container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["", "0"])[-1])
+    assert pod["terminationGracePeriodSeconds"] >= 30 + 15 + pause
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(PORTS["frontend"]) and annotations["prometheus.io/path"] == "/metrics"
+    check_resources(container["resources"], "deployment.yaml")
+    shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert shm and volumes[shm[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    uid = int(next(rest for k, rest in final_stage(instructions(DOCKERFILES["cpu"])) if k == "USER").split(":")[0])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == uid
+
+    service = gateway["Service"]
+    assert service["apiVersion"] == "v1" and service["spec"]["selector"].items() <= labels.items()
+    assert {p["port"] for p in service["spec"]["ports"]} == set(PORTS.values())
+    assert all(p["targetPort"] in ports for p in service["spec"]["ports"])
+
+
+def test_inference_pool_selects_the_pods_on_the_frontends_port(gateway):
+    pool = gateway["InferencePool"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    spec = pool["spec"]
+    assert set(spec) == {"selector", "targetPorts", "endpointPickerRef"}, sorted(spec)
+    selector = spec["selector"]
+    assert set(selector) == {"matchLabels"}, "the v1 pool selects by matchLabels only"
+    pod_labels = gateway["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert selector["matchLabels"] and selector["matchLabels"].items() <= pod_labels.items()
+    assert spec["targetPorts"] == [{"number": PORTS["frontend"]}], "one target port: the frontend's"
+    picker = spec["endpointPickerRef"]
+    assert picker["name"] and picker.get("kind", "Service") == "Service" and picker.get("group", "") == ""
+    assert isinstance(picker["port"]["number"], int), "a Service endpoint picker needs its port"
+    assert picker.get("failureMode", "FailClose") in ("FailOpen", "FailClose")
+
+
+def test_http_route_sends_to_the_inference_pool(gateway):
+    route = gateway["HTTPRoute"]
+    assert route["apiVersion"] == "gateway.networking.k8s.io/v1"
+    assert route["spec"]["parentRefs"] and all(p["name"] for p in route["spec"]["parentRefs"])
+    refs = [ref for rule in route["spec"]["rules"] for ref in rule["backendRefs"]]
+    assert refs == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                     "name": gateway["InferencePool"]["metadata"]["name"]}], refs
+
+
+def test_keda_scales_the_deployment_on_requests_waiting(gateway):
+    scaled = gateway["ScaledObject"]
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    target = spec["scaleTargetRef"]
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment"), target["name"]) == \
+        ("apps/v1", "Deployment", gateway["Deployment"]["metadata"]["name"])
+    assert 1 <= spec["minReplicaCount"] < spec["maxReplicaCount"], "never to zero: a replica loads for minutes"
+    [trigger] = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    meta = trigger["metadata"]
+    assert re.match(r"https?://", meta["serverAddress"])
+    query = meta["query"]
+    assert re.fullmatch(r"sum\(vllm:num_requests_waiting\{.*\}\)", query), query
+    # the pod totals only: the per-model series beside them would count each request twice
+    assert 'model_name=""' in query
+    assert isinstance(meta["threshold"], str) and float(meta["threshold"]) > 0, "KEDA's metadata values are strings"
+    assert meta.get("metricType", "AverageValue") == "AverageValue"
+    # the gauge's name is the one the frontend's /metrics gives
+    source = (ROOT / "mstriton" / "frontend" / "gateway_metrics.py").read_text()
+    assert '"vllm:num_requests_waiting"' in source
 
 
 def test_clients_call_the_models_the_image_serves():
@@ -313,8 +452,24 @@ def test_clients_call_the_models_the_image_serves():
         source = (ROOT / "client_examples" / example).read_text()
         assert re.search(rf'"--model", default="{default}"', source), f"{example}: default model {default}"
     test_script = (ROOT / "tools" / "docker_test.sh").read_text()
-    for example in ("grpc_stream.py", "kserve_infer.py", "kserve_v2_on_kserve.py"):
+    for example in ("grpc_stream.py", "kserve_infer.py", "kserve_v2_on_kserve.py", "openai_client.py"):
         assert f"client_examples/{example}" in test_script, f"make docker-test does not run {example}"
+
+
+def test_image_test_checks_an_openai_chat_answer_from_the_frontend():
+    test_script = (ROOT / "tools" / "docker_test.sh").read_text()
+    default = re.search(r'FRONTEND_PORT="\$\{FRONTEND_PORT:-(\d+)\}"', test_script)
+    assert default and int(default.group(1)) not in PORTS.values()
+    assert '--frontend-port "$FRONTEND_PORT"' in test_script
+    # ready as the image's HEALTHCHECK sees it, then a chat answer with content, plain and through the SDK
+    assert 'http_get "http://127.0.0.1:$FRONTEND_PORT/health"' in test_script
+    assert '"http://127.0.0.1:$FRONTEND_PORT/v1/chat/completions"' in test_script
+    assert 'assert content and content.strip()' in test_script
+    assert re.search(r'openai_client\.py --url "http://127\.0\.0\.1:\$FRONTEND_PORT" --chat', test_script)
+    # the chat model is one the image converts, with a chat template (SmolLM2-Instruct)
+    chat_model = re.search(r'CHAT_MODEL="\$\{CHAT_MODEL:-([^}]+)\}"', test_script).group(1)
+    assert chat_model == "smollm2" and "make smollm2" in (DOCKER / "Dockerfile").read_text()
+    assert "vllm:num_requests_waiting" in test_script
 
 
 def test_docker_readme_commands_match():
@@ -325,10 +480,15 @@ def test_docker_readme_commands_match():
                    "/dev/davinci_manager", "/dev/devmm_svm", "/dev/hisi_hdc", "/usr/local/Ascend/driver",
                    "--shm-size", "kubectl apply -f docker/kserve/", serve.ADMIN_KEY_VARIABLE, serve.ADMIN_HEADER,
                    serve.GRPC_ADMIN_HEADER, "--open-api", f"create secret generic {secret.group(1)}",
-                   f"--from-literal={secret.group(2)}="):
+                   f"--from-literal={secret.group(2)}=", "--expose-triton", "/health", "docker/gateway/",
+                   "../docs/replicas.md", serve.API_KEY_VARIABLE, "/v1/chat/completions"):
         assert needed in readme, f"docker/README.md does not mention {needed}"
     for port in PORTS.values():
         assert f"{port}:{port}" in readme, f"docker/README.md: no -p {port}:{port}"
+    replicas = (ROOT / "docs" / "replicas.md").read_text()
+    for needed in ("../benchmarks/gateway_burst.md", "InferencePool", "ScaledObject", "vllm:num_requests_waiting",
+                   "not run", "../docker/gateway/"):
+        assert needed in replicas, f"docs/replicas.md does not mention {needed}"
 
 
 def test_image_test_closes_the_admin_apis_with_a_key_of_its_own():

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Build the CPU image (docker/Dockerfile), serve the demo model from the image's own filesystem, and call it
-# from outside: a gRPC token stream (client_examples/grpc_stream.py) and KServe v2 inference
-# (client_examples/kserve_infer.py, client_examples/kserve_v2_on_kserve.py). `make docker-test` runs it.
+# Build the CPU image (docker/Dockerfile), serve its models from the image's own filesystem with the image's command
+# (the HTTP frontend beside tritonserver), and call them from outside: an OpenAI chat answer from the frontend
+# (plain HTTP, then the openai SDK: client_examples/openai_client.py), a gRPC token stream
+# (client_examples/grpc_stream.py) and KServe v2 inference (client_examples/kserve_infer.py,
+# client_examples/kserve_v2_on_kserve.py) on tritonserver's ports. `make docker-test` runs it.
 #
 # Made for hosts where images build but containers cannot run (no registry, `podman run` refused by the
 # sandbox): the base image is made with debootstrap, the image is built with podman, and its command runs
@@ -18,7 +20,8 @@
 # made with debootstrap when absent), DEBIAN_MIRROR (default: the Debian mirror of this host's apt sources, in
 # either format: sources.list / *.list lines or deb822 *.sources stanzas; else deb.debian.org),
 # PIP_CA (CA bundle handed to the build as the secret pip-ca; default /etc/ssl/certs/ca-certificates.crt,
-# for hosts behind a TLS-intercepting proxy), HTTP_PORT/GRPC_PORT/METRICS_PORT (default 18000/18001/18002),
+# for hosts behind a TLS-intercepting proxy), FRONTEND_PORT (default 19000), HTTP_PORT/GRPC_PORT/METRICS_PORT
+# (tritonserver's, default 18000/18001/18002),
 # READY_TIMEOUT (seconds, default 600), VENV (the host environment the clients run from, default .venv).
 set -Eeuo pipefail
 
@@ -97,12 +100,15 @@ BASE_IMAGE="${BASE_IMAGE:-localhost/debian:bookworm-minbase}"
 HTTP_PORT="${HTTP_PORT:-18000}"
 GRPC_PORT="${GRPC_PORT:-18001}"
 METRICS_PORT="${METRICS_PORT:-18002}"
+FRONTEND_PORT="${FRONTEND_PORT:-19000}"
 READY_TIMEOUT="${READY_TIMEOUT:-600}"
 VENV="${VENV:-.venv}"
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac
 PY="$VENV/bin/python"
 PIP_CA="${PIP_CA:-/etc/ssl/certs/ca-certificates.crt}"
 PROMPT="Triton is an inference server."
+CHAT_MODEL="${CHAT_MODEL:-smollm2}"  # the image's model with a chat template (SmolLM2-135M-Instruct)
+CHAT_PROMPT="What is the capital of France?"
 
 FROM_CLONE=0
 KEEP_IMAGE=1
@@ -204,8 +210,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 say "$(podman --version)"
-for port in "$HTTP_PORT" "$GRPC_PORT" "$METRICS_PORT"; do
-  port_free "$port" || die "port $port is in use: choose others with HTTP_PORT, GRPC_PORT, METRICS_PORT"
+for port in "$FRONTEND_PORT" "$HTTP_PORT" "$GRPC_PORT" "$METRICS_PORT"; do
+  port_free "$port" || die "port $port is in use: choose others with FRONTEND_PORT, HTTP_PORT, GRPC_PORT, METRICS_PORT"
 done
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,7 +306,7 @@ home="$(awk -F: -v u="$uid" '$3 == u {print $6}' "$MNT/etc/passwd")"
 say "running as uid $uid gid $gid (home ${home:-none})"
 
 # ---------------------------------------------------------------------------------------------------------
-step "starting the image's command in it (chroot), HTTP $HTTP_PORT, gRPC $GRPC_PORT, metrics $METRICS_PORT"
+step "starting the image's command in it (chroot): frontend $FRONTEND_PORT; tritonserver HTTP $HTTP_PORT, gRPC $GRPC_PORT, metrics $METRICS_PORT"
 # The admin key, as a deployment gives it (MSTRITON_ADMIN_KEY): the image's command closes tritonserver's admin
 # APIs behind it, which the step after readiness checks.
 ADMIN_KEY="$("$PY" -c 'import secrets; print(secrets.token_urlsafe(24))')"
@@ -308,11 +314,12 @@ env_args=("${IMG_ENV[@]}" "MSTRITON_ADMIN_KEY=$ADMIN_KEY")
 [ -n "$home" ] && env_args=("HOME=$home" "${env_args[@]}")
 t0=$SECONDS
 chroot --userspec="$uid:$gid" "$MNT" /usr/bin/env -i -C "$IMG_WORKDIR" "${env_args[@]}" "${IMG_CMD[@]}" \
-  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
+  --frontend-port "$FRONTEND_PORT" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" \
   > "$LOGS/server.log" 2>&1 &
 SERVER_PID=$!
-say "server pid $SERVER_PID; waiting for /v2/health/ready (log: $LOGS/server.log)"
-while ! http_get "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; do
+# Ready as the image's HEALTHCHECK and the probes see it: the frontend's /health (tritonserver ready, an LLM served).
+say "server pid $SERVER_PID; waiting for the frontend's /health (log: $LOGS/server.log)"
+while ! http_get "http://127.0.0.1:$FRONTEND_PORT/health"; do
   if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     grep -E '^E[0-9]|rror' "$LOGS/server.log" | cut -c1-400 | head -n 20 >&2 || true  # no such line: die says why
     die "the server exited before it was ready (whole log: $LOGS/server.log)"
@@ -325,6 +332,8 @@ while ! http_get "http://127.0.0.1:$HTTP_PORT/v2/health/ready"; do
 done
 READY_SECONDS=$((SECONDS - t0))
 say "ready after ${READY_SECONDS}s"
+http_get "http://127.0.0.1:$HTTP_PORT/v2/health/ready" \
+  || die "the frontend's /health answers 200 but tritonserver's /v2/health/ready on $HTTP_PORT does not (--expose-triton?)"
 grep -E '^\| (demo[a-z_]*) +\| 1 +\| READY' "$LOGS/server.log" | sed 's/^/    /' || true
 rss_kb=0; nproc_chroot=0
 for pid in $(chrooted_pids); do
@@ -344,6 +353,31 @@ say "POST /v2/repository/index: $without without the key, $with with it"
 ! grep -qF -- "$ADMIN_KEY" "$LOGS/server.log" || die "the server log shows the admin key it was given"
 
 # ---------------------------------------------------------------------------------------------------------
+step "OpenAI chat answer from outside (the frontend, plain HTTP): POST /v1/chat/completions, model $CHAT_MODEL"
+if ! "$PY" - "http://127.0.0.1:$FRONTEND_PORT/v1/chat/completions" "$CHAT_MODEL" "$CHAT_PROMPT" <<'PY' | sed 's/^/    /'
+import json, sys, urllib.request
+url, model, prompt = sys.argv[1:4]
+body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 24, "temperature": 0}
+request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(request, timeout=120) as response:
+    answer = json.load(response)
+choice = answer["choices"][0]
+content = choice["message"]["content"]
+assert answer["object"] == "chat.completion" and choice["message"]["role"] == "assistant", answer
+assert content and content.strip(), f"an empty answer: {answer}"
+assert choice["finish_reason"] in ("stop", "length"), answer
+print(f"{model}: {content!r} (finish_reason {choice['finish_reason']}, usage {answer['usage']})")
+PY
+then
+  die "the OpenAI chat request to the frontend failed"
+fi
+
+step "OpenAI chat, streamed through the openai SDK: client_examples/openai_client.py --chat"
+if ! "$PY" client_examples/openai_client.py --url "http://127.0.0.1:$FRONTEND_PORT" --chat --model "$CHAT_MODEL" \
+  --max-tokens 24 --temperature 0 "$CHAT_PROMPT" 2>&1 | sed 's/^/    /'; then
+  die "the OpenAI SDK's chat stream failed"
+fi
+
 step "gRPC token stream from outside: client_examples/grpc_stream.py"
 if ! "$PY" client_examples/grpc_stream.py --url "127.0.0.1:$GRPC_PORT" --max-tokens 24 "$PROMPT" 2>&1 | sed 's/^/    /'; then
   die "the gRPC stream failed"
@@ -360,13 +394,20 @@ if ! "$PY" client_examples/kserve_v2_on_kserve.py --url "http://127.0.0.1:$HTTP_
   die "the KServe example failed"
 fi
 
-step "metrics on $METRICS_PORT"
-"$PY" - "http://127.0.0.1:$METRICS_PORT/metrics" <<'PY' | sed 's/^/    /'
+step "metrics: tritonserver's on $METRICS_PORT, the frontend's (vLLM's gauges for the gateway and KEDA) on $FRONTEND_PORT"
+if ! "$PY" - "http://127.0.0.1:$METRICS_PORT/metrics" "http://127.0.0.1:$FRONTEND_PORT/metrics" <<'PY' | sed 's/^/    /'
 import sys, urllib.request
 text = urllib.request.urlopen(sys.argv[1], timeout=5).read().decode()
 lines = [l for l in text.splitlines() if l.startswith(("mstriton_requests_finished_total", "mstriton_generation_tokens_total"))]
 print("\n".join(lines) or "no mstriton_ metrics")
+text = urllib.request.urlopen(sys.argv[2], timeout=5).read().decode()
+gauges = [l for l in text.splitlines() if l.startswith(("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"))]
+assert any(l.startswith("vllm:num_requests_waiting ") for l in gauges), "no vllm:num_requests_waiting on /metrics"
+print("\n".join(gauges))
 PY
+then
+  die "the metrics are not as expected"
+fi
 
 # ---------------------------------------------------------------------------------------------------------
 step "stopping the server (SIGTERM)"
@@ -386,4 +427,4 @@ kill_chrooted KILL
 
 printf '\nSummary: image %s (%s) built in %ds from %s; served the demo model from its own filesystem as uid %s,\n' \
   "$IMAGE" "$IMAGE_SIZE" "$BUILD_SECONDS" "$([ $FROM_CLONE = 1 ] && echo "a fresh clone" || echo "the working tree")" "$uid"
-printf 'ready in %ds; gRPC stream and KServe v2 inference answered.\n' "$READY_SECONDS"
+printf 'ready in %ds; the OpenAI chat (HTTP and SDK), the gRPC stream and KServe v2 inference answered.\n' "$READY_SECONDS"
