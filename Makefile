@@ -22,6 +22,8 @@
 #                       cost per token, grammar compile times (benchmarks/structured.md)
 #   make bench-speculative n-gram speculation on and off on SmolLM2: rewriting a text (c = 1) and free chat
 #                       (c = 1, 4, 16), beside llama-server's own (benchmarks/speculative.md)
+#   make bench-gateway  the gateway's gauges on the frontend's /metrics while a burst queues and drains
+#                       (benchmarks/gateway_burst.md)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Call the demo model deployed on KServe (docker/kserve/inferenceservice.yaml) with the KServe v2 protocol.
+"""Call the demo model deployed on KServe (docker/kserve/inferenceservice-v2.yaml) with the KServe v2 protocol.
 
     # the InferenceService's host and the cluster's ingress address
-    HOST=$(kubectl get inferenceservice mstriton-demo -o jsonpath='{.status.url}' | cut -d/ -f3)
+    HOST=$(kubectl get inferenceservice mstriton-demo-v2 -o jsonpath='{.status.url}' | cut -d/ -f3)
     python client_examples/kserve_v2_on_kserve.py --url http://$INGRESS_HOST:$INGRESS_PORT --host $HOST \
         "Triton is an inference server."
 
