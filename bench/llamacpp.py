@@ -306,39 +306,10 @@ def build_perplexity(cache_dir: Path = DEFAULT_CACHE_DIR, progress: Progress = p
     binary or building it), then the build folder configured again with the same arguments (cheap when it is
     already, and it brings back a build folder deleted since) and only the llama-perplexity target compiled
     (the libraries are the server's). Cached as cache_dir/bin/llama-perplexity-<version> with the same
-    <binary>.build.json record as the server's; reused on the same terms. Raises PeerUnavailable as
+    <binary>.build.json record as the server's; reused on the same terms (_build_tool). Raises PeerUnavailable as
     build_server does."""
-    cache_dir = Path(cache_dir)
-    server = build_server(cache_dir, progress, version)
-    record_text = server.with_name(server.name + ".build.json").read_text()
-    binary = cache_dir / "bin" / f"llama-perplexity-{version}"
-    record_path = binary.with_name(binary.name + ".build.json")
-    with contextlib.suppress(OSError):
-        if record_path.read_text() == record_text and _binary_works(binary):
-            progress(f"llama.cpp: using the cached {binary}")
-            return binary
-    tree = cache_dir / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
-    build = cache_dir / f"build-{version}"
-    if fetch_source(cache_dir, progress, version) != tree or not (tree / "tools" / "perplexity").is_dir():
-        raise PeerUnavailable(f"the llama.cpp vendored in llama-cpp-python {version} has no tools/perplexity")
-    record_path.unlink(missing_ok=True)
-    began = time.monotonic()
-    _run_build_steps([("configuring", configure_arguments(tree, build, cpu_flags())),
-                      ("compiling llama-perplexity", _compile_command(build, "llama-perplexity"))],
-                     cache_dir / f"build-{version}.log", progress, mode="a")
-    built = build / "bin" / "llama-perplexity"
-    if not built.is_file():
-        raise PeerUnavailable(f"llama.cpp build finished without {built}")
-    shutil.copy2(built, binary)
-    if not _binary_works(binary):
-        raise PeerUnavailable(f"the built {binary} does not run `--version`")
-    record_path.write_text(record_text)
-    progress(f"llama.cpp: built {binary} in {time.monotonic() - began:.0f} s")
-    return binary
+    return _build_tool("llama-perplexity", "perplexity", cache_dir, progress, version)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Weights
 
 def convert_to_gguf(hf_dir: Path, out: Path, dtype: str, cache_dir: Path = DEFAULT_CACHE_DIR,
                     progress: Progress = _quiet) -> Path:
