@@ -18,7 +18,7 @@ from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .kernels.activations import MODES as ACTIVATION_MODES, served_default
-from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
+from .repository import SHAPES, VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
@@ -57,7 +57,7 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
 def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
-            activations: str | None = None, speculative: str = "off",
+            activations: str | None = None, speculative: str = "off", shape: str = "disaggregated",
             progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
     `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights))."""
@@ -79,6 +79,8 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
         raise ValueError("--speculative ngram needs the CPU kernels' decode steps: give --weights one of bfloat16, "
                          "int8, Q8_0, Q4_0, Q4_1 (float32 weights decode with MindSpore's ops, which cannot verify "
                          "drafted tokens)")
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
     checkpoint, repository = Path(checkpoint), Path(repository)
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
@@ -115,7 +117,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                          "tool_format": tool_format_of(source.chat_template)}
         configs = model_configs(name, max_batch_size=max_batch_size, device=device, device_id=device_id,
                                 engine_params=engine_params,
-                                kernel_activations=activations, speculative=speculative)
+                                kernel_activations=activations, speculative=speculative, shape=shape)
         for component, model_config in configs.items():
             folder = models / model_name(name, component)
             write_config(folder, model_config)

@@ -7,11 +7,18 @@ Layout for a model called NAME (every Python model's 1/model.py re-exports its a
     NAME/              the front model clients call (decoupled): validation, streaming, cancellation,
                        detokenization; 1/ the tokenizer files
     NAME_unary/        one response per request, for KServe v2 /infer and /generate
-    NAME_pipeline/     the ensemble: tokenizer -> decode (token ids out)
+    NAME_pipeline/     the ensemble: tokenizer -> prefill -> sampler -> decode (token ids out); in the colocated
+                       shape tokenizer -> decode
     NAME_tokenizer/    1/ the tokenizer files (tokenizer.model, or tokenizer.json), tokenizer_config.json, and
                        chat_template.jinja when the model has a chat template
-    NAME_decode/       the generation engine (decoupled): paged KV cache, prefill, sampling, continuous decode;
-                       1/engine/{manifest.json, weights.ckpt, prefill.mindir, prefill_chunk.mindir, decode_b*_s*.mindir}
+    NAME_prefill/      prompts of many requests in one prefill call (dynamic batcher), into a KV block pool in
+                       shared memory with its own prefix cache; hands each prompt's blocks to decode by lease
+                       (engine/shared_kv.py). It runs the decode model's engine folder.
+    NAME_sampler/      each prompt's first token, with the request's own settings (dynamic batcher)
+    NAME_decode/       the generation engine (decoupled): paged KV cache, continuous decode; it adopts the handed-over
+                       prompts and computes the others itself (the colocated shape: every prompt, in chunks between
+                       decode steps); 1/engine/{manifest.json, weights.ckpt, prefill.mindir, prefill_chunk.mindir,
+                       decode_b*_s*.mindir}
 (tokenizer files are each one file on disk, hard-linked where they appear twice).
 """
 
@@ -26,12 +33,14 @@ from .params import DEFAULT_PREFILL_BUDGET, PARAMETERS
 from .serving.speculation import Speculation
 
 VERSION = "1"
-COMPONENTS = ("", "unary", "pipeline", "tokenizer", "decode")
+COMPONENTS = ("", "unary", "pipeline", "tokenizer", "prefill", "sampler", "decode")
 # Components earlier versions wrote: a re-conversion removes them too. (The detokenizer step moved into the
-# front model: a step after decode inside the ensemble kept tritonserver 2.51 from exiting on SIGTERM. Prefill and
-# the first token's sampling moved into the decode model, which owns the paged KV cache: a prompt's cache no
-# longer travels between processes as tensors, and prefill chunks interleave with decode steps.)
-RETIRED_COMPONENTS = ("detokenizer", "prefill", "sampler")
+# front model: a step after decode inside the ensemble kept tritonserver 2.51 from exiting on SIGTERM.)
+RETIRED_COMPONENTS = ("detokenizer",)
+# The two shapes of the pipeline: prefill and first-token sampling in models of their own under the dynamic batcher,
+# the KV handed to decode in shared memory (disaggregated), or both inside the decode model between its steps
+# (colocated). benchmarks/shapes.md measures which serves better where.
+SHAPES = ("disaggregated", "colocated")
 
 
 def model_name(name: str, component: str) -> str:
@@ -98,10 +107,14 @@ def add_tensors(message, specs, optional: bool = False) -> None:
 
 
 def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int, engine_params: dict,
-                  kernel_activations: str = "float32", speculative: str = "off") -> dict:
+                  kernel_activations: str = "float32", speculative: str = "off",
+                  shape: str = "disaggregated") -> dict:
     """Every model of the LLM `name`: component -> ModelConfig ("" is the front model NAME itself).
     `engine_params` (tokenizer, max_seq_len, vocab_size, end_ids, template) go to the tokenizer; its
-    `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too."""
+    `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too.
+    `shape`: one of SHAPES."""
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
     dev = {"device": device, "device_id": str(device_id)}
     configs = {}
 
@@ -147,12 +160,40 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     add_tensors(decode.output, STEP_OUTPUTS)
     configs["decode"] = decode
 
-    configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in)
+    if shape == "disaggregated":
+        decode.parameters["shape"].string_value = shape
+        add_tensors(decode.input, HANDOVER_TENSORS, optional=True)
+        prefill = python_model(model_name(name, "prefill"), max_batch_size=max_batch_size, dynamic_batching=True,
+                               device=device, parameters={
+                                   "llm_name": name,
+                                   # the decode model's engine folder, from this model's version folder
+                                   "engine": f"../../{model_name(name, 'decode')}/{VERSION}/engine",
+                                   "kv_cache_bytes": "", "enable_prefix_caching": "true",
+                                   "kv_cache_prefault": "true", "kernel_activations": kernel_activations, **dev})
+        add_tensors(prefill.input, [("input_ids", pb.TYPE_INT32, [-1]), ("params_json", pb.TYPE_STRING, [1])])
+        add_tensors(prefill.output, [("kv_handover", pb.TYPE_INT32, [-1]), ("logits", pb.TYPE_FP32, [-1])])
+        configs["prefill"] = prefill
+        sampler = python_model(model_name(name, "sampler"), max_batch_size=max_batch_size, dynamic_batching=True,
+                               parameters={"llm_name": name})
+        add_tensors(sampler.input, [("logits", pb.TYPE_FP32, [-1]), ("params_json", pb.TYPE_STRING, [1]),
+                                    ("word_ids", pb.TYPE_STRING, [1]), ("input_ids", pb.TYPE_INT32, [-1])])
+        add_tensors(sampler.output, HANDOVER_TENSORS[1:])
+        configs["sampler"] = sampler
+
+    configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in, shape)
     return configs
 
 
-def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelConfig:
-    """tokenizer -> decode (decoupled), as a Triton ensemble.
+# What the prefill and sampler models hand the decode model: the lease on the prompt's blocks in the shared pool
+# (engine/shared_kv.py), the first token (serving/first_token.py), and for a grammar's request the logits it is
+# chosen from.
+HANDOVER_TENSORS = [("kv_handover", pb.TYPE_INT32, [-1]), ("first_json", pb.TYPE_STRING, [1]),
+                    ("first_logits", pb.TYPE_FP32, [-1])]
+
+
+def pipeline_ensemble(name: str, max_batch_size: int, request_in, shape: str = "disaggregated") -> pb.ModelConfig:
+    """tokenizer -> prefill -> sampler -> decode (decoupled), or tokenizer -> decode (colocated), as a Triton
+    ensemble.
 
     Decode is the last step on purpose: its token responses leave the ensemble without another internal
     request. On SIGTERM tritonserver 2.51 stops every model's scheduler at once; an ensemble whose next step is
@@ -171,8 +212,15 @@ def pipeline_ensemble(name: str, max_batch_size: int, request_in) -> pb.ModelCon
 
     step("tokenizer", {"text_input": "text_input", "params_json": "params_json"},
          {"input_ids": "_ids", "params_json": "_params", "word_ids": "_words"})
+    handover = {}
+    if shape == "disaggregated":
+        step("prefill", {"input_ids": "_ids", "params_json": "_params"},
+             {"kv_handover": "_handover", "logits": "_logits"})
+        step("sampler", {"logits": "_logits", "params_json": "_params", "word_ids": "_words", "input_ids": "_ids"},
+             {"first_json": "_first", "first_logits": "_first_logits"})
+        handover = {"kv_handover": "_handover", "first_json": "_first", "first_logits": "_first_logits"}
     step("decode", {"input_ids": "_ids", "params_json": "_params", "word_ids": "_words",
-                    "request_key": "request_key"},
+                    "request_key": "request_key", **handover},
          {o[0]: o[0] for o in STEP_OUTPUTS})
     return config
 

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from .serve import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE, restricted_api_args
-from .supervisor import SHM, SHM_PATTERN, remove_unmapped_regions, shared_memory_regions  # noqa: F401 (SHM*: API)
+from .supervisor import SHM, SHM_PATTERNS, remove_unmapped_regions, shared_memory_regions  # noqa: F401 (SHM*: API)
 
 
 def free_port() -> int:

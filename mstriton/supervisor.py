@@ -13,8 +13,8 @@ zombie, or tritonserver itself exits, while nobody asked it to stop, it:
 2. kills tritonserver's whole process group at once (SIGKILL: a SIGTERM would wait for the hung requests until
    the exit timeout). Clients' connections close, so their streams end with an error instead of hanging, and
    until the new tritonserver listens they get "connection refused": readiness is false;
-3. removes the shared-memory regions (/dev/shm/triton_python_backend_shm_region_*, 64 MiB each) made since
-   that tritonserver started that no live process maps any more: a killed tritonserver cannot remove them;
+3. removes the shared-memory regions (/dev/shm/triton_python_backend_shm_region_*, 64 MiB each, and the prefill
+   model's KV pool, mstriton-kv-*) made since that tritonserver started that no live process maps any more: a killed tritonserver cannot remove them;
 4. starts tritonserver again with the same command, unless that is more than `max_restarts` restarts within
    `window` seconds (a crash loop: a model that cannot load, a machine out of memory): then it stops and exits
    1, so that the container runtime (Docker's restart policy, Kubernetes) restarts the container.
@@ -39,7 +39,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-SHM, SHM_PATTERN = Path("/dev/shm"), "triton_python_backend_shm_region_*"
+SHM = Path("/dev/shm")
+# the python backend's regions, and the prefill model's shared KV pools (engine/shared_kv.py)
+SHM_PATTERNS = ("triton_python_backend_shm_region_*", "mstriton-kv-*")
 STUB = b"triton_python_backend_stub"
 POLL_SECONDS = 0.5
 # tritonserver's own default for --exit-timeout-secs, and the seconds we give it beyond that to exit by itself.
@@ -118,7 +120,7 @@ def mapped_shared_memory() -> set[str]:
 
 
 def shared_memory_regions() -> set[Path]:
-    return set(SHM.glob(SHM_PATTERN))
+    return {path for pattern in SHM_PATTERNS for path in SHM.glob(pattern)}
 
 
 def remove_unmapped_regions(regions) -> list[Path]:

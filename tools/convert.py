@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="ngram: the decode model drafts tokens by n-gram lookup in each sequence's prompt and "
                              "output and verifies several per step (packed weight formats only; the output is the "
                              "same). The decode model's parameters tune it (docs/speculative.md)")
+    parser.add_argument("--shape", choices=["disaggregated", "colocated"], default="disaggregated",
+                        help="disaggregated (default): prefill and the first token's sampling run in models of their "
+                             "own under Triton's dynamic batcher, the prompt's KV handed to the decode model in "
+                             "shared memory; colocated: the decode model prefills prompts in chunks between its "
+                             "steps (benchmarks/shapes.md compares them)")
     parser.add_argument("--activations", choices=["float32", "int8"], default=None,
                         help="the served model's kernel products: int8 (activations quantized per block of 32, as "
                              "llama.cpp does; the default for Q8_0/Q4_0/Q4_1) or float32 (exact parity with "
@@ -74,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 template=args.template, prefill_chunk=args.prefill_chunk, weights=args.weights,
-                activations=args.activations, speculative=args.speculative, progress=progress)
+                activations=args.activations, speculative=args.speculative, shape=args.shape,
+                progress=progress)
     except (ConfigError, WeightError, TokenizerError, ValueError, FileNotFoundError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2

@@ -91,19 +91,20 @@ def pool_blocks(graphs: EngineGraphs, kv_cache_bytes: int | None, max_slots: int
 
 class Engine:
     def __init__(self, graphs: EngineGraphs, max_slots: int | None = None, kv_cache_bytes: int | None = None,
-                 enable_prefix_caching: bool = True, prefault_kv_cache: bool = False):
+                 enable_prefix_caching: bool = True, prefault_kv_cache: bool = False, pool: KVPool | None = None):
         """`max_slots`: sequences decoding at once (at most the exported max_batch_size); `kv_cache_bytes`: the
-        pool's size; `prefault_kv_cache`: make the pool resident now (see kv_pool.py)."""
+        pool's size; `prefault_kv_cache`: make the pool resident now (see kv_pool.py); `pool`: a pool made
+        elsewhere (the prefill model's, in shared memory), in place of one of `kv_cache_bytes`."""
         self.graphs = graphs
         c = graphs.config
         self.max_slots = max_slots or graphs.max_batch_size
         if self.max_slots > graphs.max_batch_size:
             raise ValueError(f"max_slots {self.max_slots} exceeds the exported max_batch_size "
                              f"{graphs.max_batch_size}")
-        num_blocks = pool_blocks(graphs, kv_cache_bytes, self.max_slots)
+        num_blocks = pool.num_blocks if pool is not None else pool_blocks(graphs, kv_cache_bytes, self.max_slots)
         self.blocks = BlockManager(num_blocks, graphs.block_size, enable_prefix_caching)
-        self.pool = KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks, graphs.block_size,
-                           graphs.np_dtype, prefault=prefault_kv_cache)
+        self.pool = pool or KVPool(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks,
+                                   graphs.block_size, graphs.np_dtype, prefault=prefault_kv_cache)
         self.batch_rows = smallest_fitting(graphs.batch_buckets, self.max_slots)
         # Where the padding rows of a decode batch bucket write: the CPU kernels (packed weight formats) skip rows
         # at position -1 altogether; MindSpore's ops (float32) compute them at position 0 of the scratch block.
@@ -178,6 +179,19 @@ class Engine:
             if sequence.to_compute == 0:
                 done[sequence] = logits
         return done
+
+    def adopt(self, sequence: Sequence, source: KVPool, source_blocks: list[int]) -> None:
+        """Take a prompt computed elsewhere (the prefill model's pool, blocks `source_blocks` in position order):
+        copy the blocks this sequence did not find in its own prefix cache; then every token is computed."""
+        block_size = self.blocks.block_size
+        first = sequence.computed // block_size  # the prefix cache's hits are whole blocks
+        count = self.blocks.blocks_for(len(sequence.tokens)) - first
+        if len(source_blocks) < first + count:
+            raise ValueError(f"the handover names {len(source_blocks)} blocks; the prompt of "
+                             f"{len(sequence.tokens)} tokens fills {first + count}")
+        self.pool.copy_blocks(source, source_blocks[first:first + count], sequence.blocks[first:first + count])
+        sequence.computed = len(sequence.tokens)
+        self._register_full_blocks(sequence)
 
     def _prefill_piece(self, sequence: Sequence, count: int) -> np.ndarray:
         """The next `count` tokens: from the start as a whole prompt (up to chunk_length), after it through the

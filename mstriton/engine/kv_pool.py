@@ -45,12 +45,16 @@ def default_pool_bytes(need_bytes: int | None = None) -> int:
 
 class KVPool:
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int,
-                 block_size: int = DEFAULT_BLOCK_SIZE, dtype=np.float32, prefault: bool = False):
+                 block_size: int = DEFAULT_BLOCK_SIZE, dtype=np.float32, prefault: bool = False,
+                 arrays: tuple[np.ndarray, np.ndarray] | None = None):
+        """`arrays`: the K^T and V arrays, when the pool lives in memory of another's making (shared_kv.py)."""
         self.n_layers, self.n_kv_heads, self.head_dim = n_layers, n_kv_heads, head_dim
         self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, np.dtype(dtype)
         rows = n_layers * num_blocks
-        self.keys = aligned_zeros((rows, n_kv_heads, head_dim, block_size), self.dtype, prefault)
-        self.values = aligned_zeros((rows, n_kv_heads, block_size, head_dim), self.dtype, prefault)
+        if arrays is None:
+            arrays = (aligned_zeros((rows, n_kv_heads, head_dim, block_size), self.dtype, prefault),
+                      aligned_zeros((rows, n_kv_heads, block_size, head_dim), self.dtype, prefault))
+        self.keys, self.values = arrays
         self.layer_offsets = (np.arange(n_layers, dtype=np.int32) * num_blocks).reshape(-1, 1, 1)
 
     @staticmethod
@@ -92,6 +96,19 @@ class KVPool:
             layer_rows = rows + layer * self.num_blocks
             self.keys[layer_rows, :, :, offsets] = keys[layer][:n]
             self.values[layer_rows, :, offsets] = values[layer][:n]
+
+    def copy_blocks(self, source: "KVPool", source_blocks: list[int], blocks: list[int]) -> None:
+        """Copy whole blocks of `source` (a pool of the same shape) into this pool's `blocks`, every layer."""
+        if (source.n_layers, source.n_kv_heads, source.head_dim, source.block_size, source.dtype) != \
+                (self.n_layers, self.n_kv_heads, self.head_dim, self.block_size, self.dtype):
+            raise ValueError("the two KV pools differ in layers, heads, head_dim, block size or dtype")
+        if not blocks:
+            return
+        rows = (np.arange(self.n_layers)[:, None] * self.num_blocks + np.asarray(blocks)[None]).reshape(-1)
+        source_rows = (np.arange(source.n_layers)[:, None] * source.num_blocks
+                       + np.asarray(source_blocks)[None]).reshape(-1)
+        self.keys[rows] = source.keys[source_rows]
+        self.values[rows] = source.values[source_rows]
 
     def gather(self, blocks: list[int], length: int, width: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """The first `length` positions of a sequence as contiguous per-layer K^T [1, Hkv, D, width] and V

@@ -118,3 +118,40 @@ class RequestMetrics:
         self.prompt_tokens.increment(prompt)
         self.generated_tokens.increment(generated)
         self.requests.get(reason, self.requests["error"]).increment(1)
+
+
+class PrefillMetrics:
+    """The prefill model's pool (disaggregated shape): leases out to the decode model, blocks held, and its
+    prefix cache. Set by one thread only (its reaper), see DecodeMetrics' lock for why that matters."""
+
+    def __init__(self, pb_utils, model: str):
+        labels = {"model": model}
+        gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
+        self.families = []
+        self.counted: dict[str, int] = {}
+
+        def family(name, description, kind=gauge):
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels)
+
+        self.leases = family("mstriton_prefill_kv_leases", "Prompts whose blocks are leased to the decode model")
+        self.blocks_used = family("mstriton_prefill_kv_blocks_used",
+                                  "Blocks of the prefill model's shared pool held by leased prompts")
+        self.blocks_total = family("mstriton_prefill_kv_blocks_total", "Blocks of the prefill model's shared pool")
+        self.expired = family("mstriton_prefill_kv_leases_expired_total",
+                              "Leases taken back unclaimed after their deadline", counter)
+        self.prefix_queries = family("mstriton_prefill_prefix_cache_queries_total",
+                                     "Prompt tokens looked up in the prefill model's prefix cache", counter)
+        self.prefix_hits = family("mstriton_prefill_prefix_cache_hits_total",
+                                  "Prompt tokens found in the prefill model's prefix cache", counter)
+
+    def update(self, stats: dict[str, int]) -> None:
+        self.leases.set(stats["leases"])
+        self.blocks_used.set(stats["kv_blocks_used"])
+        self.blocks_total.set(stats["kv_blocks_total"])
+        for counter, key in ((self.expired, "leases_expired"), (self.prefix_queries, "prefix_cache_queries"),
+                             (self.prefix_hits, "prefix_cache_hits")):
+            added = stats[key] - self.counted.get(key, 0)
+            if added:
+                counter.increment(added)
+                self.counted[key] = stats[key]

@@ -34,6 +34,8 @@ from typing import Callable
 import numpy as np
 
 from ..engine.engine import Engine, PromptTooLong, Sequence
+from ..engine.shared_kv import Handover
+from .first_token import FirstToken
 from ..engine.ngram import NgramDrafter
 from .speculation import Speculation
 from ..engine.sampling import SamplingState, choose_tokens
@@ -75,6 +77,10 @@ class DecodeRequest:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     # its grammar's matcher, being compiled (structured_output.GrammarCompiler); None: no grammar
     grammar: concurrent.futures.Future | None = None
+    # its prompt computed by the prefill model (the disaggregated shape): the lease on its blocks in the shared
+    # pool, and the first token the sampler chose. None: this loop computes the prompt (the colocated shape).
+    handover: Handover | None = None
+    first: FirstToken | None = None
 
     @property
     def ready(self) -> bool:
@@ -287,7 +293,35 @@ class Scheduler:
             if self.speculation and request.params.speculative:
                 drafter = NgramDrafter(request.prompt_ids, self.speculation.ngram_max, self.speculation.ngram_min,
                                        capacity=self.engine.max_len)
-            self.running.append(Running(request=request, sequence=sequence, sampling=sampling, drafter=drafter))
+            item = Running(request=request, sequence=sequence, sampling=sampling, drafter=drafter)
+            self.running.append(item)
+            if request.handover is not None:
+                self._adopt(item)
+
+    def _adopt(self, item: Running) -> None:
+        """A prompt the prefill model computed: copy its blocks from the shared pool (those the prefix cache here
+        does not hold), emit the sampler's first token, and join the decode batch. A lease that ran out, or a
+        handover that does not fit, leaves the prompt to _prefill, as if no handover had come."""
+        request = item.request
+        try:
+            if request.first is None or not request.handover.claim():
+                return
+            try:
+                self.engine.adopt(item.sequence, request.handover.region.pool, request.handover.blocks)
+            except ValueError:
+                logging.getLogger(__name__).exception("a handover did not fit; computing the prompt here")
+                return
+        finally:
+            request.handover.give_back()
+        first = request.first
+        if first.chosen:
+            token, logprob, top = first.token, first.logprob, first.top
+            if first.sampled:  # the sampler drew it from the request's seed: this generator goes on after that draw
+                item.sampling.rng.random()
+        else:  # left to this model (a grammar's request): chosen from the prefill's logits
+            [token], [logprob], [top] = choose_tokens(first.logits[None], [item.sampling])
+        self.engine.start_decoding(item.sequence)
+        self._emit(item, int(token), float(logprob), top)
 
     def _prefill(self) -> None:
         prefilling = [r for r in self.running if r.sequence.slot < 0]
@@ -423,6 +457,8 @@ class Scheduler:
                 self.cancelled_keys |= {k for k in keys if any(_request(e).key == k for e in self.waiting)}
 
     def _end_waiting(self, entry, reason: str, error: str | None = None) -> None:
+        if isinstance(entry, DecodeRequest) and entry.handover is not None:
+            entry.handover.give_back()  # its blocks in the prefill model's pool were never needed
         if isinstance(entry, Running):
             entry.request.emit(final_event(entry.request, reason, error=error, cum_logprob=entry.cum_logprob,
                                            output_ids=entry.sampling.generated))

@@ -1,6 +1,9 @@
-"""NAME_decode (decoupled): the generation engine. It owns the paged KV cache (with its prefix cache), prefills
-prompts between decode steps, chooses the first token, batches decoding continuously; one response per generated
-token, or per `stream_interval` tokens.
+"""NAME_decode (decoupled): the generation engine. It owns the paged KV cache (with its prefix cache) and batches
+decoding continuously; one response per generated token, or per `stream_interval` tokens. In the disaggregated
+shape a request comes with its prompt computed by NAME_prefill (a lease on blocks of the shared pool, whose
+uncached blocks it copies into its own) and its first token chosen by NAME_sampler; otherwise (the colocated
+shape, or a prompt the prefill model could not take) it prefills the prompt between decode steps and chooses the
+first token itself.
 
 A request carries its prompt's token ids and settings (from the tokenizer); it is admitted when its blocks are
 free and streams until it finishes. A request holding only `stop_key` cancels the running request of that key (the
@@ -17,11 +20,13 @@ import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, warm_up, warm_up_prefill
 from ..engine.graphs import EngineGraphs
+from ..engine.shared_kv import Handover, RegionOpener, decode_handover, region_path
 from ..engine.structured_output import GrammarCompiler, grammar_of
 from ..kernels import activations
 from ..params import DEFAULT_PREFILL_BUDGET, MAX_STREAM_INTERVAL, GenerationParams
 from ..repository import model_name
 from ..serving.cancel_poll import CancelPoll
+from ..serving.first_token import FirstToken
 from ..serving.metrics import DecodeMetrics
 from ..serving.scheduler import DecodeRequest, Scheduler, TokenEvent
 from ..serving.speculation import Speculation
@@ -100,6 +105,9 @@ class TritonPythonModel:
         self.grammars = GrammarCompiler.for_tokenizer_model(
             common.version_dir(args).parent.parent / model_name(args["model_name"].removesuffix("_decode"),
                                                                 "tokenizer"))
+        # the disaggregated shape: prompts computed by NAME_prefill arrive as leases on its shared pool
+        self.region = RegionOpener(region_path(args["model_name"].removesuffix("_decode"))) \
+            if common.parameter(config, "shape") == "disaggregated" else None
         common.freeze_loaded_objects()
         self.scheduler.start()
         self.on_queue(self.scheduler)  # the pool's gauges from the start, before any request (gateway_metrics.py)
@@ -148,14 +156,17 @@ class TritonPythonModel:
                     num_input_tokens=0, num_output_tokens=0, final=found, logprobs=[], cum_logprob=0.0,
                     finish_reason="")), flags=FINAL)
                 continue
+            handover = decode_handover(self.region.get() if self.region else None, common.get(request, "kv_handover"))
             try:
-                self.scheduler.submit(self.decode_request(request, sender))
+                self.scheduler.submit(self.decode_request(request, sender, handover))
             except Exception as exc:  # noqa: BLE001 - ServerBusy, a refusal, or a malformed step input
+                if handover is not None:
+                    handover.give_back()
                 sender.send(error_as_data(str(exc)), flags=FINAL)
             self.on_queue(self.scheduler)
         return None
 
-    def decode_request(self, request, sender) -> DecodeRequest:
+    def decode_request(self, request, sender, handover: Handover | None = None) -> DecodeRequest:
         fields = common.json_input(request, "params_json")
         if common.REFUSAL in fields:  # refused by the tokenizer step: answered as data by execute()
             raise common.StepRefused(fields[common.REFUSAL])
@@ -212,7 +223,10 @@ class TritonPythonModel:
             prompt_ids=prompt_ids,
             params=params,
             emit=emit, end_ids=tuple(words["end_ids"]), stop_words=words["stop"], bad_words=words["bad"],
-            grammar=grammar)
+            grammar=grammar, handover=handover,
+            first=FirstToken.from_tensors(
+                common.text(request, "first_json") if common.get(request, "first_json") is not None else None,
+                common.get(request, "first_logits")) if handover is not None else None)
 
     def finalize(self):
         exit_watchdog(self.name)  # first: finalize() itself may be what never ends
