@@ -169,19 +169,30 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
                                    # the decode model's engine folder, from this model's version folder
                                    "engine": f"../../{model_name(name, 'decode')}/{VERSION}/engine",
                                    "kv_cache_bytes": "", "enable_prefix_caching": "true",
-                                   "kv_cache_prefault": "true", "kernel_activations": kernel_activations, **dev})
+                                   "kv_cache_prefault": "true", **dev})
         add_tensors(prefill.input, [("input_ids", pb.TYPE_INT32, [-1]), ("params_json", pb.TYPE_STRING, [1])])
         add_tensors(prefill.output, [("kv_handover", pb.TYPE_INT32, [-1]), ("logits", pb.TYPE_FP32, [-1])])
+        ragged(prefill, "input_ids")
         configs["prefill"] = prefill
         sampler = python_model(model_name(name, "sampler"), max_batch_size=max_batch_size, dynamic_batching=True,
                                parameters={"llm_name": name})
         add_tensors(sampler.input, [("logits", pb.TYPE_FP32, [-1]), ("params_json", pb.TYPE_STRING, [1]),
                                     ("word_ids", pb.TYPE_STRING, [1]), ("input_ids", pb.TYPE_INT32, [-1])])
         add_tensors(sampler.output, HANDOVER_TENSORS[1:])
+        ragged(sampler, "input_ids", "logits")
         configs["sampler"] = sampler
 
     configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in, shape)
     return configs
+
+
+def ragged(config: pb.ModelConfig, *names: str) -> None:
+    """Let the dynamic batcher merge requests whose `names` inputs differ in length (prompts do; an empty logits row
+    too): without it, it merges only requests of equal shapes. The Python backend hands each request over as it
+    came, so nothing is padded."""
+    for t in config.input:
+        if t.name in names:
+            t.allow_ragged_batch = True
 
 
 # What the prefill and sampler models hand the decode model: the lease on the prompt's blocks in the shared pool

@@ -76,7 +76,7 @@ class TritonServer:
         binary = Path(sys.prefix) / "bin" / "tritonserver"
         if not binary.exists():
             raise RuntimeError(f"{binary} is missing: run `make install`")
-        self.log = log
+        self.log, self.repository = log, repository
         self.admin_key = admin_key
         self.shm_before = shared_memory_regions()
         self.process = subprocess.Popen(

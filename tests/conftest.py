@@ -233,11 +233,14 @@ def cache_hit_errors(engine, shared: list[int], tails: tuple[list[int], list[int
 @contextlib.contextmanager
 def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
                                  decode_parameters: dict[str, dict[str, str]] | None = None,
-                                 kv_cache_blocks: dict[str, int] | None = None):
+                                 kv_cache_blocks: dict[str, int] | None = None, shapes: dict[str, str] | None = None,
+                                 edits: dict | None = None):
     """The real tritonserver serving the streaming test checkpoint, converted once per name in
     `max_batch_sizes` (128 tokens per sequence); `server.checkpoint` is the checkpoint folder.
     `decode_parameters` {name: {key: value}} edits a decode model's config.pbtxt parameters, as a user would;
-    `kv_cache_blocks` {name: blocks} sizes a decode model's KV pool (its kv_cache_bytes) in blocks."""
+    `kv_cache_blocks` {name: blocks} sizes a decode model's KV pool (its kv_cache_bytes) in blocks; `shapes`
+    {name: shape} converts a name in another shape than the default (repository.SHAPES); `edits` {model folder:
+    function(ModelConfig)} changes any model's config.pbtxt."""
     from mstriton.convert import convert
     from mstriton.repository import read_config, write_config
     from mstriton.server_process import running_server
@@ -246,7 +249,7 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
     repository = root / "repo"
     for name, max_batch_size in max_batch_sizes.items():
         convert(checkpoint, name, repository, max_batch_size=max_batch_size, max_seq_len=128,
-                progress=lambda _: None)
+                shape=(shapes or {}).get(name, "disaggregated"), progress=lambda _: None)
     decode_parameters = {name: dict(p) for name, p in (decode_parameters or {}).items()}
     for name, blocks in (kv_cache_blocks or {}).items():
         decode_parameters.setdefault(name, {})["kv_cache_bytes"] = str(pool_bytes_for(repository, name, blocks))
@@ -256,6 +259,10 @@ def serving_streaming_checkpoint(root: Path, max_batch_sizes: dict[str, int],
         for key, value in parameters.items():
             config.parameters[key].string_value = value
         write_config(folder, config)
+    for folder, edit in (edits or {}).items():
+        config = read_config(repository / folder)
+        edit(config)
+        write_config(repository / folder, config)
     with running_server(repository, root / "server.log") as server:
         server.checkpoint = checkpoint
         yield server

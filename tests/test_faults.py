@@ -1,6 +1,6 @@
 """A model process that dies (issue 15): `python -m mstriton.serve` (tritonserver under mstriton.supervisor, the HTTP
 frontend beside it) on a tiny converted model, with real clients. For each model process in turn (front, unary,
-tokenizer, decode) and for tritonserver itself: a request in flight is killed with `kill -9` of that process; the
+tokenizer, prefill, sampler, decode) and for tritonserver itself: a request in flight is killed with `kill -9` of that process; the
 request must end with an error within seconds (never hang), readiness (tritonserver's and the frontend's) must turn
 false and new requests get 503 or "connection refused" (never tritonserver's 400 "Stub process ... is not
 healthy"), the server must be back within 60 s with the same greedy text as before, and the killed server's
@@ -314,14 +314,22 @@ def assert_same_text_and_no_shm(served: Served, greedy: str, regions: set[Path])
     assert regions and not [r for r in regions if r.exists()], "the killed server's shared memory is left"
 
 
+def kv_regions(served: Served) -> set[Path]:
+    """The prefill model's shared KV pool of the running tritonserver (engine/shared_kv.py)."""
+    regions = set(supervisor.SHM.glob(f"mstriton-kv-{served.triton_pid()}-*"))
+    assert regions, "no shared KV pool: the test model is not in the disaggregated shape"
+    return regions
+
+
 def started(*requests) -> None:
     for request in requests:
         assert request.first.wait(30), "the stream did not start"
 
 
-@pytest.mark.parametrize("model", [MODEL, f"{MODEL}_tokenizer", f"{MODEL}_decode"])
+@pytest.mark.parametrize("model", [MODEL, f"{MODEL}_tokenizer", f"{MODEL}_prefill", f"{MODEL}_sampler",
+                                   f"{MODEL}_decode"])
 def test_a_killed_model_process_ends_the_stream_and_the_server_comes_back(served, greedy, model):
-    regions = served.shm_regions()
+    regions = served.shm_regions() | kv_regions(served)
     stream = GrpcStream(served.grpc, LONG)
     sse = SseStream(served.ports["frontend"], LONG) if model.endswith("_decode") else None
     started(stream, *([sse] if sse else []))

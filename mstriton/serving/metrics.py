@@ -46,6 +46,8 @@ class DecodeMetrics:
                                   counter).Metric(labels)
         self.spec_accepted = family("vllm:spec_decode_num_accepted_tokens_total", "Drafted tokens accepted",
                                     counter).Metric(labels)
+        self.adopted = family("mstriton_prompts_adopted_total", "Prompts computed by the prefill model and adopted "
+                              "from its shared pool (disaggregated shape)", counter).Metric(labels)
         self.counted: dict[str, int] = {}  # counter -> the total already added
         self.batch = family("mstriton_decode_batch_size", "Sequences in the last decode step").Metric(labels)
         self.step_time = family("mstriton_decode_step_seconds", "Duration of decode steps",
@@ -63,7 +65,7 @@ class DecodeMetrics:
         self._set(self.usage, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
         for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
                              (self.preemptions, "preemptions"), (self.spec_drafts, "spec_draft_tokens"),
-                             (self.spec_accepted, "spec_accepted_tokens")):
+                             (self.spec_accepted, "spec_accepted_tokens"), (self.adopted, "prompts_adopted")):
             added = stats[key] - self.counted.get(key, 0)
             if added:
                 counter.increment(added)

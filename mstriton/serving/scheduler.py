@@ -117,6 +117,7 @@ class Scheduler:
         self.speculation = speculation
         self.drafted_tokens = 0   # drafted tokens verified so far, and those of them accepted (vLLM's counters)
         self.accepted_tokens = 0
+        self.adopted_prompts = 0  # prompts the prefill model computed (disaggregated shape), adopted here
         self.max_waiting = max_waiting
         self.prefill_budget = prefill_budget  # tokens per step beside decode; 0: auto (PREFILL_TIME_SHARE)
         self.decode_seconds: float | None = None         # running average of a decode step
@@ -172,6 +173,7 @@ class Scheduler:
                     "kv_block_size": blocks.block_size,
                     "kv_tokens_used": sum(r.sequence.computed for r in self.running),
                     "spec_draft_tokens": self.drafted_tokens, "spec_accepted_tokens": self.accepted_tokens,
+                    "prompts_adopted": self.adopted_prompts,
                     "prefix_cache_queries": blocks.prefix_queries,
                     "prefix_cache_hits": blocks.prefix_hits,
                     "preemptions": blocks.preemptions}
@@ -320,6 +322,7 @@ class Scheduler:
                 item.sampling.rng.random()
         else:  # left to this model (a grammar's request): chosen from the prefill's logits
             [token], [logprob], [top] = choose_tokens(first.logits[None], [item.sampling])
+        self.adopted_prompts += 1
         self.engine.start_decoding(item.sequence)
         self._emit(item, int(token), float(logprob), top)
 

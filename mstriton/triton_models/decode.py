@@ -82,7 +82,9 @@ class TritonPythonModel:
             f"{args['model_name']}: KV cache of {engine.blocks.usable_blocks} blocks of {engine.blocks.block_size} "
             f"tokens ({engine.pool.nbytes / 2**20:.0f} MiB), prefix caching "
             f"{'on' if engine.blocks.enable_prefix_caching else 'off'}, {engine.max_slots} decode slots")
-        warm_up_prefill(engine)
+        disaggregated = common.parameter(config, "shape") == "disaggregated"
+        if not disaggregated:  # else prompts come computed: this model's prefill graphs compile at first use
+            warm_up_prefill(engine)
         warm_up(engine)
         # execute() and the decode loop both update the gauges and counters: one thread at a time. tritonserver
         # 2.51's stub is not safe for two threads updating one Metric: increment() and observe() let go of the GIL
@@ -106,8 +108,7 @@ class TritonPythonModel:
             common.version_dir(args).parent.parent / model_name(args["model_name"].removesuffix("_decode"),
                                                                 "tokenizer"))
         # the disaggregated shape: prompts computed by NAME_prefill arrive as leases on its shared pool
-        self.region = RegionOpener(region_path(args["model_name"].removesuffix("_decode"))) \
-            if common.parameter(config, "shape") == "disaggregated" else None
+        self.region = RegionOpener(region_path(args["model_name"].removesuffix("_decode"))) if disaggregated else None
         common.freeze_loaded_objects()
         self.scheduler.start()
         self.on_queue(self.scheduler)  # the pool's gauges from the start, before any request (gateway_metrics.py)

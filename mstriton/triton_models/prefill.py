@@ -15,6 +15,7 @@ from ..engine.engine import Engine, pool_blocks, warm_up_prefill
 from ..engine.graphs import EngineGraphs
 from ..engine.shared_kv import SharedKV, region_path
 from ..kernels import activations
+from ..repository import read_config
 from ..serving.metrics import PrefillMetrics
 from ..serving.prefill_stage import PrefillStage
 from ..serving.shutdown import stacks_on_request
@@ -28,8 +29,12 @@ class TritonPythonModel:
         stacks_on_request()  # kill -USR1: every thread's stack in the log
         config = common.model_config(args)
         name = args["model_name"]
-        mode, source = activations.apply_configured(common.parameter(config, "kernel_activations"))
-        graphs = EngineGraphs(common.version_dir(args) / common.parameter(config, "engine"),
+        engine_dir = common.version_dir(args) / common.parameter(config, "engine")
+        # the decode model's engine, run with the decode model's kernel settings: one place to change them
+        decode_config = read_config(engine_dir.parent.parent)
+        mode, source = activations.apply_configured(decode_config.parameters["kernel_activations"].string_value
+                                                    if "kernel_activations" in decode_config.parameters else None)
+        graphs = EngineGraphs(engine_dir,
                               device=common.parameter(config, "device"),
                               device_id=int(common.parameter(config, "device_id", "0")))
         c = graphs.config
