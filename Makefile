@@ -24,6 +24,9 @@
 #                       (c = 1, 4, 16), beside llama-server's own (benchmarks/speculative.md)
 #   make bench-gateway  the gateway's gauges on the frontend's /metrics while a burst queues and drains
 #                       (benchmarks/gateway_burst.md)
+#   make bench-shapes   the pipeline's two shapes (disaggregated: prefill and sampler models, KV in shared memory;
+#                       colocated: prefill inside decode) on SmolLM2 at c = 1, 4, 16, 64 and beside long prompts
+#                       (benchmarks/shapes.md)
 #   make soak           serve SmolLM2 (make smollm2 first) and drive every door for 20 minutes of mixed load
 #                       (SOAK_ARGS="--minutes 5"); report in benchmarks/soak.md (not part of make test)
 #   make clean          remove build outputs, the demo model and caches (keeps .venv)
@@ -38,7 +41,7 @@ METRICS_PORT ?= 8002
 FRONTEND_PORT ?= 9000
 export VENV
 
-.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured bench-speculative bench-gateway soak clean docker-lint docker-test
+.PHONY: all install test test-fast demo smollm2 run bench bench-efficiency bench-kv-cache bench-frontend bench-engine bench-peers bench-peers-1b bench-structured bench-speculative bench-gateway bench-shapes soak clean docker-lint docker-test
 
 all: install
 
@@ -157,6 +160,9 @@ bench-speculative: install
 
 bench-gateway: install
 	$(PY) tools/bench_gateway_burst.py $(BENCH_GATEWAY_ARGS)
+
+bench-shapes: install
+	$(PY) tools/bench_shapes.py $(BENCH_SHAPES_ARGS)
 
 soak: install
 	$(PY) tools/soak.py $(SOAK_ARGS)

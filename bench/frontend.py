@@ -130,13 +130,15 @@ def llamacpp_gguf(hf_dir: Path, dtype: str) -> Path:
 
 
 def model_repository(gguf: Path, slots: int, max_seq_len: int, weights: str | None = None,
-                     repository: Path | None = None, name: str = MODEL, activations: str | None = None) -> Path:
+                     repository: Path | None = None, name: str = MODEL, activations: str | None = None,
+                     shape: str | None = None) -> Path:
     """A model repository of its own holding `name` (default `smollm2`; default BUILD/repo), converted once for
     this file, these limits (and this converter), by tools/convert.py in a process of its own (see run_quietly);
     `weights`: its --weights (the converter's default, float32, when None), e.g. Q4_1 to keep the file's own blocks
     for the CPU kernels; `activations`: its --activations (the converter's default when None: int8 for the block
     formats, which also interleaves their matrices). The stamp holds the file, the limits, the converter's code,
-    `weights`, `activations` and, for a name other than the default, the name."""
+    `weights`, `activations`, `shape` (the converter's --shape; its default when None) and, for a name other than the
+    default, the name."""
     repository = repository or BUILD / "repo"
     code_files = CONVERTER_CODE + (KERNEL_CODE if weights else [])
     code = hashlib.sha256(b"".join((ROOT / "mstriton" / f).read_bytes() for f in code_files)).hexdigest()[:16]
@@ -144,6 +146,7 @@ def model_repository(gguf: Path, slots: int, max_seq_len: int, weights: str | No
     wanted += f" {weights}" if weights else ""
     wanted += f" {name}" if name != MODEL else ""  # the default's stamps, written before the name was, stay valid
     wanted += f" activations={activations}" if activations else ""
+    wanted += f" shape={shape}" if shape else ""
     if _stamp_ok(repository / "bench_stamp.txt", wanted):
         return repository
     say(f"converting {gguf.name} into {repository} as '{name}' ({slots} slots, {max_seq_len} tokens each"
@@ -152,7 +155,8 @@ def model_repository(gguf: Path, slots: int, max_seq_len: int, weights: str | No
     run_quietly([sys.executable, str(ROOT / "tools" / "convert.py"), "--checkpoint", str(gguf), "--name", name,
                  "--model-repository", str(repository), "--max-batch-size", str(slots),
                  "--max-seq-len", str(max_seq_len)] + (["--weights", weights] if weights else [])
-                + (["--activations", activations] if activations else []), "convert")
+                + (["--activations", activations] if activations else [])
+                + (["--shape", shape] if shape else []), "convert")
     (repository / "bench_stamp.txt").write_text(wanted)
     return repository
 

@@ -249,6 +249,35 @@ def pool_size(repository: Path, model: str) -> tuple[int, int]:
     return parameter("max_slots", config.max_batch_size), parameter("max_waiting", 64)
 
 
+# What must be back at zero once the load has ended: (metric, model suffix). The prefill model's rows exist in the
+# disaggregated shape only (absent: read as 0).
+HELD_AT_END = (("mstriton_requests_running", "_decode"), ("mstriton_requests_waiting", "_decode"),
+               ("mstriton_kv_cache_blocks_used", "_decode"), ("mstriton_prefill_kv_leases", "_prefill"),
+               ("mstriton_prefill_kv_blocks_used", "_prefill"))
+HELD_WAIT_SECONDS = 30  # for the last cancelled requests to leave and the prefill model to reap their leases
+
+
+def held_at_end(metrics_port: int, model: str) -> dict[str, float]:
+    """HELD_AT_END's values once they are all zero, or as they are after HELD_WAIT_SECONDS; with the leases the
+    prefill model took back unclaimed (their requests were lost between the steps)."""
+    from mstriton.server_process import metric_value
+
+    deadline = time.monotonic() + HELD_WAIT_SECONDS
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+        try:
+            connection.request("GET", "/metrics")
+            text = connection.getresponse().read().decode()
+        finally:
+            connection.close()
+        held = {name: metric_value(text, name, model=model + suffix) for name, suffix in HELD_AT_END}
+        if not any(held.values()) or time.monotonic() > deadline:
+            held["leases_expired"] = metric_value(text, "mstriton_prefill_kv_leases_expired_total",
+                                                  model=model + "_prefill")
+            return held
+        time.sleep(0.5)
+
+
 def _percentiles(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -329,6 +358,9 @@ def markdown(report: dict) -> str:
               "|---|" + "---:|" * len(columns)]
     for name, m in report["memory"].items():
         lines.append(f"| {name} | " + " | ".join(f(m.get(key)) for _, key in columns) + " |")
+    if "held_at_end" in report:
+        lines += ["", "Held once the load had ended (all must be 0; the prefill model's rows in the disaggregated shape "
+                  "only): " + ", ".join(f"{name} {value:.0f}" for name, value in report["held_at_end"].items()) + "."]
     if report["greedy"]["mismatches"]:
         lines += ["", "Greedy answers that differ from their solo run:", ""]
         lines += [f"- {m['door']}: {m['text']!r}" for m in report["greedy"]["mismatches"]]
@@ -424,7 +456,8 @@ def progress(load: Load, stop: threading.Event, serve_pid: int) -> None:
 
 def run(args) -> int:
     """tools/soak.py's options (repository, model, minutes, max_tokens, timeout, out): serve, drive, report to
-    OUT.md and OUT.json; 1 if any request went unanswered or any greedy answer differed from its solo run."""
+    OUT.md and OUT.json; 1 if any request went unanswered, any greedy answer differed from its solo run, or any
+    request, KV block or lease was still held once the load had ended."""
     slots, waiting = pool_size(args.repository, args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     log = Path("build") / f"{args.out.name}.server.log"  # beside the other build outputs, not the report
@@ -463,6 +496,7 @@ def run(args) -> int:
             burst(load, ports, args, slots + waiting + 2 * slots)
         time.sleep(5)  # let cancelled and disconnected requests leave their slots
         memory_end = rss_mib_by_process(process.pid)
+        held = held_at_end(ports.metrics, args.model)
     finally:
         stop.set()
         code = served.stop()
@@ -471,10 +505,12 @@ def run(args) -> int:
                      dict(model=args.model, repository=str(args.repository), minutes=args.minutes, slots=slots,
                           queue=waiting, max_tokens=args.max_tokens, timeout_s=args.timeout, server_exit=code),
                      load.memory)
+    report["held_at_end"] = held
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     text = markdown(report)
     args.out.with_suffix(".md").write_text(text)
     print(text, flush=True)
-    failed = report["unanswered"] or report["greedy"]["mismatched"]
+    failed = report["unanswered"] or report["greedy"]["mismatched"] or any(
+        value for name, value in held.items() if name != "leases_expired")
     return 1 if failed else 0
 

@@ -28,7 +28,7 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert result.returncode == 0, result.stderr
     assert "exported decode graph 4/4" in result.stdout and "converted tiny" in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "tiny", "tiny_decode", "tiny_pipeline", "tiny_tokenizer", "tiny_unary"]
+        "tiny", "tiny_decode", "tiny_pipeline", "tiny_prefill", "tiny_sampler", "tiny_tokenizer", "tiny_unary"]
     for folder in tmp_path.iterdir():
         config = read_config(folder)
         assert config.name == folder.name
@@ -37,6 +37,12 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert read_config(tmp_path / "tiny_pipeline").platform == "ensemble"
     assert read_config(tmp_path / "tiny_decode").model_transaction_policy.decoupled
     assert read_config(tmp_path / "tiny").model_transaction_policy.decoupled
+    # the prefill model runs the decode model's engine folder (no second copy of the weights)
+    prefill = read_config(tmp_path / "tiny_prefill")
+    assert (tmp_path / "tiny_prefill/1" / prefill.parameters["engine"].string_value).resolve() == \
+        (tmp_path / "tiny_decode/1/engine").resolve()
+    assert prefill.dynamic_batching.max_queue_delay_microseconds > 0
+    assert [i.allow_ragged_batch for i in prefill.input] == [True, False]  # input_ids, params_json
     decode_engine = tmp_path / "tiny_decode/1/engine"  # the decode model runs every graph
     assert sorted(p.name for p in decode_engine.glob("decode_*.mindir")) == [
         "decode_b1_s128.mindir", "decode_b1_s64.mindir", "decode_b2_s128.mindir", "decode_b2_s64.mindir"]
@@ -61,17 +67,19 @@ def test_rerun_replaces_the_model_and_a_failed_run_leaves_it_untouched(tmp_path,
     convert(checkpoint, "m", tmp_path, max_batch_size=1, max_seq_len=64, **QUIET)
     (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").write_text("from the previous conversion")
     (tmp_path / "other_model").mkdir()
-    for retired in ("m_detokenizer", "m_prefill", "m_sampler"):  # steps earlier versions wrote
-        (tmp_path / retired / "1").mkdir(parents=True, exist_ok=True)
-    convert(checkpoint, "m", tmp_path, max_batch_size=2, max_seq_len=64, **QUIET)
+    (tmp_path / "m_detokenizer" / "1").mkdir(parents=True)  # a step earlier versions wrote
+    assert (tmp_path / "m_prefill").exists() and (tmp_path / "m_sampler").exists()  # the default shape's
+    convert(checkpoint, "m", tmp_path, max_batch_size=2, max_seq_len=64, shape="colocated", **QUIET)
     assert not (tmp_path / "m_decode" / "1" / "engine" / "stale.txt").exists()
-    assert not any((tmp_path / retired).exists() for retired in ("m_detokenizer", "m_prefill", "m_sampler"))
+    assert not any((tmp_path / gone).exists() for gone in ("m_detokenizer", "m_prefill", "m_sampler"))
     assert json.loads((tmp_path / "m_decode/1/engine/manifest.json").read_text())["max_batch_size"] == 2
     assert (tmp_path / "other_model").exists()
 
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         convert(checkpoint, "m", tmp_path, max_batch_size=0, max_seq_len=64, **QUIET)
+    with pytest.raises(ValueError, match=r"--shape must be one of \['disaggregated', 'colocated'\], got 'split'"):
+        convert(checkpoint, "m", tmp_path, max_batch_size=1, max_seq_len=64, shape="split", **QUIET)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 

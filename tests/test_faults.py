@@ -54,7 +54,9 @@ class Served:
         env = {**os.environ, serve.ADMIN_KEY_VARIABLE: KEY}  # keys never on a command line (serve refuses them)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mstriton.serve", "--model-repository", str(repository),
-             *(f"--{kind}-port={port}" for kind, port in self.ports.items())],
+             *(f"--{kind}-port={port}" for kind, port in self.ports.items()),
+             # every kill below is a restart within minutes: more than the default crash-loop limit (5 in 600 s)
+             "--max-restarts", "20"],
             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     @property

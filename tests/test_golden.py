@@ -97,6 +97,13 @@ def test_mixed_length_batch_equals_single_runs(case):
     engine.blocks.check()
 
 
+def test_the_disaggregated_shape_generates_what_the_colocated_one_does(case, tmp_path):
+    from test_handover import colocated, disaggregated
+
+    engine, _ = case
+    assert disaggregated(engine.graphs, tmp_path, PROMPTS, 16) == colocated(engine.graphs, PROMPTS, 16)
+
+
 def test_a_prefix_cache_hit_gives_the_logits_of_a_cold_run(case):
     engine, _ = case
     shared = [1] + list(range(10, 50))  # 41 tokens: two full blocks of 16 come from the cache

@@ -74,8 +74,29 @@ def tokens(events):
     return [e.token for e in events if e.token >= 0]
 
 
+def disaggregated(graphs, folder, prompts, max_tokens=12, **params) -> list[list[int]]:
+    """Each prompt's tokens when the prefill stage computes it into a fresh shared pool (in `folder`) and the decode
+    loop adopts it: what the disaggregated shape serves. Checks that every prompt was adopted."""
+    c = graphs.config
+    region = SharedKV.create(folder / "kv", c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                             pool_blocks(graphs, None, graphs.max_batch_size), graphs.block_size, graphs.np_dtype)
+    try:
+        stage = stage_of(graphs, region)
+        scheduler = Scheduler(Engine(graphs, max_slots=min(4, graphs.max_batch_size)))
+        events = {}
+        sampling = {"temperature": 0.0, **params}
+        for i, (handover, first) in enumerate(handed_over(stage, region, prompts, sampling)):
+            scheduler.submit(request(f"r{i}", prompts[i], events, handover, first, max_tokens=max_tokens, **params))
+        run(scheduler)
+        assert scheduler.adopted_prompts == len(prompts)
+        return [tokens(events[f"r{i}"]) for i in range(len(prompts))]
+    finally:
+        region.close()
+        region.unlink()
+
+
 def colocated(graphs, prompts, max_tokens=12, **params):
-    scheduler = Scheduler(Engine(graphs, max_slots=4))
+    scheduler = Scheduler(Engine(graphs, max_slots=min(4, graphs.max_batch_size)))
     events = {}
     for i, prompt in enumerate(prompts):
         scheduler.submit(request(f"r{i}", prompt, events, max_tokens=max_tokens, **params))
@@ -110,17 +131,23 @@ def test_adopted_prompts_generate_exactly_what_the_colocated_loop_does(graphs, r
     stage.engine.blocks.check()
 
 
-def test_sampled_first_tokens_leave_the_seeded_stream_unchanged(graphs, region):
+def test_sampled_first_tokens_leave_the_seeded_stream_unchanged(graphs, tmp_path):
     params = {"temperature": 0.9, "top_k": 20, "seed": 11}
-    expected = colocated(graphs, PROMPTS[:2], **params)
-    stage = stage_of(graphs, region)
-    scheduler = Scheduler(Engine(graphs, max_slots=4))
-    events = {}
-    for i, (handover, first) in enumerate(handed_over(stage, region, PROMPTS[:2], params)):
-        assert first.sampled
-        scheduler.submit(request(f"r{i}", PROMPTS[i], events, handover, first, max_tokens=12, **params))
-    run(scheduler)
-    assert [tokens(events[f"r{i}"]) for i in range(2)] == expected
+    assert disaggregated(graphs, tmp_path, PROMPTS[:2], **params) == colocated(graphs, PROMPTS[:2], **params)
+
+
+def test_smollm2_adopted_prompts_generate_what_the_colocated_loop_does(smollm2_repository, tmp_path):
+    """The real model, with the activations it is served with (int8): bit for bit the same tokens."""
+    from mstriton.kernels import activations
+
+    graphs = EngineGraphs(smollm2_repository / "smollm2_decode/1/engine")
+    prompts = [[1, 504, 3458, 282, 4649, 314], list(range(200, 260)), [1] + list(range(300, 341))]
+    before = activations.activations()
+    activations.set_activations("int8")
+    try:
+        assert disaggregated(graphs, tmp_path, prompts, 24) == colocated(graphs, prompts, 24)
+    finally:
+        activations.set_activations(before)
 
 
 def test_decode_copies_only_the_blocks_its_own_prefix_cache_lacks(graphs, region):
