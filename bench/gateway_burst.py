@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .harness.loops import run_clients
-from .harness.servers import ServeProcess
+from .harness.servers import ServeProcess, metrics_text
 from .report import run_results, save_figure, save_run
 from .soak import pool_size
 
@@ -30,13 +30,8 @@ def read_gauges(port: int) -> dict[str, float]:
     """The pod's series (no label) of GAUGES from the frontend's /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
     found = {}
+    text = metrics_text(port)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             for key, name in GAUGES.items():

@@ -253,6 +253,21 @@ def floors(gguf: Path) -> dict:
     return found
 
 
+def smollm2_run(build: Path, progress, command: str, **fields) -> tuple[Path, dict]:
+    """How each SmolLM2 benchmark of ours begins: its build folder made, its progress lines also for the shared
+    steps (conversion), the GGUF file, and the run's results with the machine's floors, measured now, before any
+    server starts."""
+    from mstriton.pretrained import smollm2_gguf
+
+    build.mkdir(parents=True, exist_ok=True)
+    frontend.say = progress
+    gguf = smollm2_gguf()
+    results = report.run_results(command, **fields)
+    progress("measuring the floors")
+    results["floors"] = floors(gguf)
+    return gguf, results
+
+
 # ---- the report -----------------------------------------------------------------------------------------------
 
 def ok(results: dict, system: str, concurrency) -> dict | None:

@@ -114,7 +114,7 @@ def markdown(results: dict) -> str:
              f"request in {LONG_EVERY} carries a prompt of about {LONG_TOKENS} tokens; its gap columns are every gap "
              "between two tokens of the short requests. Means of the rounds; the ratio is disaggregated / colocated "
              "(above 1: the disaggregated shape is faster for throughput, slower for latencies).", "",
-             f"Server ready after (s): " + "; ".join(f"{s} {v}" for s, v in results["ready_seconds"].items()), "",
+             "Server ready after (s): " + "; ".join(f"{s} {v}" for s, v in results["ready_seconds"].items()), "",
              "| point | shape | output tok/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | gap p99 ms | gap max ms |",
              "|---|---|---|---|---|---|---|---|"]
     fields = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "gap_p99_ms", "gap_max_ms")
@@ -159,15 +159,7 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def run(args, command: str) -> int:
-    from mstriton.pretrained import smollm2_gguf
-
-    BUILD.mkdir(parents=True, exist_ok=True)
-    frontend.say = say
-    gguf = smollm2_gguf()
-    results = report.run_results(command, commands={}, versions={})
-    results["ready_seconds"] = {}
-    say("measuring the floors")
-    results["floors"] = peers.floors(gguf)
+    gguf, results = peers.smollm2_run(BUILD, say, command, ready_seconds={})
     repositories = {shape: frontend.model_repository(gguf, args.slots, args.max_seq_len, weights="Q4_1",
                                                      repository=BUILD / f"repo-{shape}", shape=shape)
                     for shape in SHAPES}

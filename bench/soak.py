@@ -34,7 +34,7 @@ from mstriton.repository import read_config
 
 from .harness.loops import run_clients
 from .harness.processes import rss_mib_by_process
-from .harness.servers import ServeProcess
+from .harness.servers import ServeProcess, metrics_text
 from .harness.streams import GrpcStream, StreamTimeout, scalar
 from .scenarios import word_stream
 from .timing import RequestTiming, summarize
@@ -264,12 +264,7 @@ def held_at_end(metrics_port: int, model: str) -> dict[str, float]:
 
     deadline = time.monotonic() + HELD_WAIT_SECONDS
     while True:
-        connection = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
-        try:
-            connection.request("GET", "/metrics")
-            text = connection.getresponse().read().decode()
-        finally:
-            connection.close()
+        text = metrics_text(metrics_port)
         held = {name: metric_value(text, name, model=model + suffix) for name, suffix in HELD_AT_END}
         if not any(held.values()) or time.monotonic() > deadline:
             held["leases_expired"] = metric_value(text, "mstriton_prefill_kv_leases_expired_total",

@@ -249,14 +249,7 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def run(args, command: str) -> int:
-    from mstriton.pretrained import smollm2_gguf
-
-    BUILD.mkdir(parents=True, exist_ok=True)
-    frontend.say = say
-    gguf = smollm2_gguf()
-    results = report.run_results(command, commands={}, versions={})
-    say("measuring the floors")
-    results["floors"] = peers.floors(gguf)
+    gguf, results = peers.smollm2_run(BUILD, say, command, commands={}, versions={})
     slots = max(16, max(args.concurrency))
     repository = frontend.model_repository(gguf, slots, args.max_seq_len, weights="Q4_1",
                                            repository=BUILD / "repo")

@@ -200,15 +200,9 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def run(args, command: str) -> int:
-    from mstriton.pretrained import smollm2_gguf
     from mstriton.repository import read_config
 
-    BUILD.mkdir(parents=True, exist_ok=True)
-    frontend.say = say
-    gguf = smollm2_gguf()
-    results = report.run_results(command)
-    say("measuring the floors")
-    results["floors"] = peers.floors(gguf)
+    gguf, results = peers.smollm2_run(BUILD, say, command)
     slots = max(16, max(args.concurrency))
     repository = frontend.model_repository(gguf, slots, 512, weights="Q4_1", repository=BUILD / "repo")
     # every request computes its prompt: with the prefix cache, whichever kind ran second found the prompts cached

@@ -9,6 +9,7 @@ this module is the benchmarks' one door to it."""
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import secrets
 import subprocess
 import sys
@@ -18,6 +19,17 @@ from mstriton.serve import ADMIN_KEY_VARIABLE
 from mstriton.server_process import (MINDSPORE_C_VARIABLES, FrontendServer, TritonServer, free_port,  # noqa: F401
                                      metric_value, python_environment, running_frontend, running_server, terminate,
                                      wait_until_healthy)
+
+
+def metrics_text(port: int) -> str:
+    """The Prometheus text a server answers on http://127.0.0.1:PORT/metrics (tritonserver's metrics port, or the
+    frontend's), in a connection of its own, closed at once."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        return connection.getresponse().read().decode()
+    finally:
+        connection.close()
 
 
 def frontend_running(frontend: FrontendServer, triton: TritonServer, log: Path,
