@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from .serve import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE, restricted_api_args
-from .supervisor import SHM, SHM_PATTERNS, remove_unmapped_regions, shared_memory_regions  # noqa: F401 (SHM*: API)
+from .supervisor import SHM, SHM_PATTERNS, remove_unmapped_regions, shared_memory_regions, wait_group_gone  # noqa: F401 (SHM*: API)
 
 
 def free_port() -> int:
@@ -114,6 +114,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        wait_group_gone(self.process.pid)  # its model processes map their regions until they are gone
         self.remove_orphaned_shared_memory()
         return self.process.returncode
 

@@ -123,6 +123,16 @@ def shared_memory_regions() -> set[Path]:
     return {path for pattern in SHM_PATTERNS for path in SHM.glob(pattern)}
 
 
+def wait_group_gone(pgid: int, timeout: float = KILL_WAIT_SECONDS) -> None:
+    """Until no live process is left in the process group `pgid` (tritonserver's: its model processes outlive it by
+    a moment after an exit timeout): their mappings of shared memory go only when they do."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(p.pgid == pgid and p.state != "Z" for p in processes()):
+            return
+        time.sleep(0.05)
+
+
 def remove_unmapped_regions(regions) -> list[Path]:
     """Removes those of `regions` that no live process maps: a killed tritonserver's, once it and its model
     processes are gone. Regions of a server still running are mapped by it and stay. Returns the removed ones."""
@@ -256,13 +266,7 @@ class SupervisedTriton:
             self.log(f"removed {len(removed)} shared-memory region(s) tritonserver left in {SHM}")
 
     def _wait_group_gone(self) -> None:
-        """Until no live process is left in tritonserver's group: their mappings go only when they do."""
-        deadline = time.monotonic() + KILL_WAIT_SECONDS
-        pgid = self.process.pid
-        while time.monotonic() < deadline:
-            if not any(p.pgid == pgid and p.state != "Z" for p in processes()):
-                return
-            time.sleep(0.05)
+        wait_group_gone(self.process.pid)
 
 
 def dying_with(parent: int) -> Callable[[], None]:
