@@ -18,7 +18,9 @@ from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .kernels.activations import MODES as ACTIVATION_MODES, served_default
-from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
+from .repository import (VERSION, checked_methods, method_configs, model_configs, model_name, model_py,
+                         owned_model_dirs, write_config)
+from .serving.methods import METHOD_FILE
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
@@ -58,9 +60,12 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
             activations: str | None = None, speculative: str = "off",
+            methods: dict[str, str | Path] | None = None,
             progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
-    `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights))."""
+    `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights)).
+    `methods`: METHOD -> a Python file with preprocess and postprocess (serving/methods.py), each served as
+    NAME_METHOD and NAME_METHOD_unary."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     if device not in DEVICES:
@@ -80,6 +85,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
                          "int8, Q8_0, Q4_0, Q4_1 (float32 weights decode with MindSpore's ops, which cannot verify "
                          "drafted tokens)")
     checkpoint, repository = Path(checkpoint), Path(repository)
+    method_files = checked_methods(methods, name, repository)  # before the long work: a wrong file fails at once
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
     source = read_source(checkpoint, template, progress=progress)
@@ -122,6 +128,15 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
             (folder / VERSION).mkdir(exist_ok=True)
             if model_config.backend == "python":
                 (folder / VERSION / "model.py").write_text(model_py(component))
+        for method, content in method_files.items():  # each method: a front model and a unary entry of its own
+            for model, (component, model_config) in method_configs(name, method, configs).items():
+                write_config(models / model, model_config)
+                (models / model / VERSION).mkdir(exist_ok=True)
+                (models / model / VERSION / "model.py").write_text(model_py(component))
+            method_dir = models / model_name(name, method) / VERSION
+            (method_dir / METHOD_FILE).write_bytes(content)  # the file as it was checked
+            for file_name in source.tokenizer_files:  # its front model detokenizes
+                _link_or_copy(front_dir / file_name, method_dir / file_name)
 
         progress("moving the new model folders into the repository")
         written = _swap_in(models, repository, name, staging / "replaced")
