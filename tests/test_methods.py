@@ -295,7 +295,8 @@ def test_method_configs_and_owned_folders(tmp_path):
         assert config.input[-1].optional
     assert "method" not in configs[""].parameters  # the plain models are untouched
 
-    for name, config in [*((k, c) for k, (_, c) in models.items()), ("m", configs[""]), ("m_decode", configs["decode"])]:
+    written = {**{k: c for k, (_, c) in models.items()}, "m": configs[""], "m_decode": configs["decode"]}
+    for name, config in written.items():
         write_config(tmp_path / name, config)
     other = method_configs("m_x", "y", model_configs("m_x", max_batch_size=1, device="CPU", device_id=0,
                                                      engine_params=engine_params))
