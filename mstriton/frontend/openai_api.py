@@ -103,11 +103,11 @@ async def request_settings(body: Fields, triton, model: str) -> dict:
     if spec is not None:
         settings["structured_outputs"] = json.dumps(spec)
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"), low=1)
-    if max_tokens is None:  # as vLLM: up to the end of the context
+    if max_tokens is not None:
+        settings["max_tokens"] = max_tokens
+    elif not triton.is_method(model):  # as vLLM: up to the end of the context (a method's preprocess chooses its own)
         settings["max_tokens"] = (await triton.info(model)).max_seq_len
         settings["fit_max_tokens"] = True
-    else:
-        settings["max_tokens"] = max_tokens
     return settings
 
 
