@@ -2,8 +2,8 @@
 """Call a method (docs/methods.md): `smollm2_summarize`, the example method client_examples/methods/summarize.py
 that `make smollm2` registers, streamed over gRPC and then in one response over KServe v2 /infer.
 
-    python client_examples/method_client.py "Triton Inference Server runs models from many frameworks ..."
-    python client_examples/method_client.py --max-words 8 --model smollm2_summarize "$(cat README.md | head -20)"
+    python client_examples/method_client.py                   # summarizes DEFAULT_TEXT in at most 12 words
+    python client_examples/method_client.py --max-words 20 "The Eiffel Tower is a wrought-iron lattice tower ..."
 
 The client names the model and the method (NAME_METHOD), sends the text as `text_input` and the method's own field
 `max_words`: over gRPC inside the JSON object `method_fields` (an input tensor), over KServe v2 as a request
@@ -26,6 +26,10 @@ import urllib.request
 
 import numpy as np
 import tritonclient.grpc as grpcclient
+
+DEFAULT_TEXT = ("Triton Inference Server is open-source software that standardizes AI model deployment and execution "
+                "across every workload. It supports models from many frameworks, runs on CPUs and GPUs, batches "
+                "requests dynamically, and reports metrics for monitoring.")
 
 
 def tensor(name: str, datatype: str, value) -> grpcclient.InferInput:
@@ -88,7 +92,8 @@ def kserve_infer(url: str, model: str, text: str, max_words: int, max_tokens: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("text", help="the text to summarize")
+    parser.add_argument("text", nargs="?", default=DEFAULT_TEXT, help="the text to summarize (default: a paragraph "
+                                                                      "about Triton)")
     parser.add_argument("--model", default="smollm2_summarize", help="the method's model, NAME_METHOD "
                                                                      "(default %(default)s)")
     parser.add_argument("--max-words", type=int, default=12, help="the method's own field (default %(default)s)")

@@ -255,12 +255,14 @@ def test_calls_run_in_the_methods_thread_and_a_method_that_did_not_load_answers_
 def test_the_example_summarizes_in_at_most_max_words():
     method = m.load_method(EXAMPLE, "summarize")
     parsed = m.preprocessed(method, {"text_input": "  Triton serves\nmodels.  ", "max_words": 5, "temperature": 0.0})
-    assert parsed.text == "Summarize the following text in at most 5 words.\n\nText: Triton serves models.\n\nSummary:"
+    assert parsed.text == "" and parsed.messages == [
+        {"role": "system", "content": "You are a helpful assistant that writes short summaries."},
+        {"role": "user", "content": "Summarize this text in one sentence of at most 5 words:\n\nTriton serves models."}]
     assert parsed.params.max_tokens == 18 and parsed.params.temperature == 0.0
     chat = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "Chat text."}]}
-    assert "Text: Chat text." in m.preprocessed(method, chat).text and \
-        "at most 30 words" in m.preprocessed(method, chat).text
-    assert m.preprocessed(method, {"text_input": "t", "max_words": "7"}).text.count("at most 7 words") == 1
+    assert m.preprocessed(method, chat).messages[1]["content"] == \
+        "Summarize this text in one sentence of at most 30 words:\n\nChat text."
+    assert "at most 7 words" in m.preprocessed(method, {"text_input": "t", "max_words": "7"}).messages[1]["content"]
     assert m.preprocessed(method, {"text_input": "t", "max_tokens": 3}).params.max_tokens == 3
 
     text, output = m.postprocessed(method, " one  two\nthree four ", {"max_words": 3})

@@ -1,6 +1,7 @@
 """Methods (docs/methods.md) against the real tritonserver 2.51 and the HTTP frontend, on the tiny streaming test
-model converted once by tools/convert.py with two methods: the example client_examples/methods/summarize.py and a
-`broken` one whose functions fail on request. Through every door that names a model:
+model converted once by tools/convert.py (with the ChatML template: the example asks for a chat) with two methods:
+the example client_examples/methods/summarize.py and a `broken` one whose functions fail on request. Through every
+door that names a model:
 
 - tritonclient's gRPC stream on NAME_METHOD: the raw pieces are the LLM's own greedy text for the prompt
   preprocess made, and the last response carries postprocess's dict (method_output); not streamed, text_output is
@@ -30,7 +31,7 @@ from conftest import REPO_ROOT, save_streaming_checkpoint
 MODEL = "tiny"
 SUMMARIZE, BROKEN = f"{MODEL}_summarize", f"{MODEL}_broken"
 EXAMPLE = REPO_ROOT / "client_examples" / "methods" / "summarize.py"
-TEXT = "Streaming keeps every space, and every word arrives whole. Numbers 3.14159 and symbols stay put."
+TEXT = "Streaming keeps every space, and every word arrives whole."
 MAX_TOKENS, MAX_WORDS = 24, 1
 
 BROKEN_SOURCE = '''
@@ -63,8 +64,8 @@ def server(tmp_path_factory):
     broken.write_text(BROKEN_SOURCE)
     result = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "convert.py"), "--checkpoint", str(checkpoint),
                              "--name", MODEL, "--model-repository", str(root / "repo"), "--max-batch-size", "2",
-                             "--max-seq-len", "128", "--method", f"summarize={EXAMPLE}", "--method",
-                             f"broken={broken}"], capture_output=True, text=True, timeout=600,
+                             "--max-seq-len", "256", "--template", "chatml", "--method", f"summarize={EXAMPLE}",
+                             "--method", f"broken={broken}"], capture_output=True, text=True, timeout=600,
                             env=python_environment())
     assert result.returncode == 0, result.stdout + result.stderr
     assert (root / "repo" / SUMMARIZE / "1" / "method.py").read_bytes() == EXAMPLE.read_bytes()
@@ -97,11 +98,11 @@ def example():
 
 @pytest.fixture(scope="module")
 def expected(server, example):
-    """What the summarize method must answer for TEXT: the LLM's own greedy text for the prompt its preprocess
+    """What the summarize method must answer for TEXT: the LLM's own greedy text for the chat its preprocess
     makes (streamed from the plain model), and its postprocess's dict for that text."""
     request = {"text_input": TEXT, "max_words": MAX_WORDS, "max_tokens": MAX_TOKENS}
-    prompt = example.preprocess(dict(request))["text_input"]
-    pieces, _, error = grpc_stream(server, MODEL, {"text_input": prompt, "max_tokens": MAX_TOKENS})
+    chat = example.preprocess(dict(request))["messages"]
+    pieces, _, error = grpc_stream(server, MODEL, {"messages": json.dumps(chat), "max_tokens": MAX_TOKENS})
     assert error is None, error
     raw = "".join(pieces)
     assert len(raw.split()) > MAX_WORDS, raw  # postprocess has something to cut
@@ -216,6 +217,10 @@ def test_openai_completions_and_chat_with_model_name_method(openai_client, expec
     assert reply.choices[0].text == summary["text_output"]
     assert reply.choices[0].model_extra["method_output"] == summary
     assert reply.usage.completion_tokens == MAX_TOKENS
+    # without max_tokens, the method's own default (2 * max_words + 8), not the door's (the whole context)
+    reply = openai_client.completions.create(model=SUMMARIZE, prompt=TEXT, extra_body={"max_words": MAX_WORDS})
+    assert reply.usage.completion_tokens == 2 * MAX_WORDS + 8 or reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens <= 2 * MAX_WORDS + 8
 
     chunks = list(openai_client.completions.create(model=SUMMARIZE, prompt=TEXT, max_tokens=MAX_TOKENS,
                                                    stream=True, extra_body={"max_words": MAX_WORDS}))
@@ -223,7 +228,7 @@ def test_openai_completions_and_chat_with_model_name_method(openai_client, expec
     last = [c.choices[0] for c in chunks if c.choices[0].finish_reason]
     assert len(last) == 1 and last[0].model_extra["method_output"] == summary
 
-    # a chat: the example summarizes the last user message, which is the same prompt here
+    # a chat: the example summarizes the last user message, which is the same text here
     chat = openai_client.chat.completions.create(model=SUMMARIZE, max_tokens=MAX_TOKENS,
                                                  messages=[{"role": "user", "content": TEXT}],
                                                  extra_body={"max_words": MAX_WORDS})
@@ -243,6 +248,21 @@ def test_openai_completions_and_chat_with_model_name_method(openai_client, expec
     with pytest.raises(openai.BadRequestError, match="'stop' is not supported by the method") as raised:
         openai_client.completions.create(model=SUMMARIZE, prompt=TEXT, max_tokens=4, stop=["."])
     assert raised.value.param == "stop"
+
+
+def test_mindspore_serving_door_reaches_a_method_by_name(server, frontend):
+    """MindSpore Serving's body has no field of the method's own: the method's default max_words (30) applies, as
+    on KServe v2 /infer without it."""
+    status, answer = post(f"http://{server.http}/v2/models/{SUMMARIZE}_unary/infer", {"inputs": [
+        {"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": [TEXT]},
+        {"name": "max_tokens", "datatype": "INT32", "shape": [1, 1], "data": [MAX_TOKENS]}]})
+    assert status == 200, answer
+    outputs = {o["name"]: o["data"][0] for o in answer["outputs"]}
+    assert json.loads(outputs["method_output"])["summary_words"] <= 30
+    request = urllib.request.Request(f"{frontend.url}/models/{SUMMARIZE}/generate", method="POST", data=json.dumps(
+        {"inputs": TEXT, "parameters": {"max_new_tokens": MAX_TOKENS}}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert json.loads(response.read()) == {"generated_text": outputs["text_output"]}
 
 
 # ---- a failing method --------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""An example method (docs/methods.md): summarize a text in at most `max_words` words.
+"""An example method (docs/methods.md): summarize a text in one sentence of at most `max_words` words.
 
 Registered at conversion and served as the models NAME_summarize (streamed) and NAME_summarize_unary (one
 response), beside the LLM NAME; `make smollm2` registers it for SmolLM2:
@@ -9,7 +9,9 @@ response), beside the LLM NAME; `make smollm2` registers it for SmolLM2:
 and client_examples/method_client.py calls it. The client names the model and the method (`smollm2_summarize`)
 and sends the text to summarize as `text_input` (or as a chat whose last user message is the text), plus a field
 of this method's own, `max_words` (default 30): as a request parameter, or inside the JSON object `method_fields`,
-or, through the HTTP frontend's OpenAI doors, as a field of the body.
+or, through the HTTP frontend's OpenAI doors, as a field of the body. The request to generate is a chat, so the
+model needs a chat template (its own, or the converter's --template); the client's settings (max_tokens,
+temperature, ...) pass through, and max_tokens defaults to 2 * max_words + 8.
 
 The contract every method file keeps:
 
@@ -34,6 +36,7 @@ that request's internal error (HTTP 500). Other requests carry on.
 
 DEFAULT_WORDS = 30
 MAX_WORDS = 200
+SYSTEM = "You are a helpful assistant that writes short summaries."
 
 
 def _max_words(request: dict) -> int:
@@ -57,9 +60,9 @@ def _document(request: dict) -> str:
 
 def preprocess(request: dict) -> dict:
     words = _max_words(request)
-    prompt = f"Summarize the following text in at most {words} words.\n\nText: {_document(request)}\n\nSummary:"
-    generate = {key: value for key, value in request.items() if key != "messages"}  # the client's settings
-    generate["text_input"] = prompt
+    ask = f"Summarize this text in one sentence of at most {words} words:\n\n{_document(request)}"
+    generate = {key: value for key, value in request.items() if key not in ("text_input", "messages")}
+    generate["messages"] = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": ask}]
     generate.setdefault("max_tokens", 2 * words + 8)  # words are a token or two each
     return generate
 
