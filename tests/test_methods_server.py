@@ -208,7 +208,7 @@ def test_v1_models_lists_the_methods_with_their_llm(openai_client, frontend):
     assert "parent" not in openai_client.models.retrieve(MODEL).model_extra
 
 
-def test_openai_completions_and_chat_with_model_name_method(openai_client, expected):
+def test_openai_completions_and_chat_with_model_name_method(openai_client, frontend, expected):
     import openai
 
     raw, summary = expected
@@ -248,6 +248,12 @@ def test_openai_completions_and_chat_with_model_name_method(openai_client, expec
     with pytest.raises(openai.BadRequestError, match="'stop' is not supported by the method") as raised:
         openai_client.completions.create(model=SUMMARIZE, prompt=TEXT, max_tokens=4, stop=["."])
     assert raised.value.param == "stop"
+
+    # the frontend's vLLM metrics count a method's requests under its LLM
+    with urllib.request.urlopen(f"{frontend.url}/metrics", timeout=30) as response:
+        metrics = response.read().decode()
+    assert f'model_name="{SUMMARIZE}"' not in metrics
+    assert f'vllm:e2e_request_latency_seconds_count{{model_name="{MODEL}"}}' in metrics
 
 
 def test_mindspore_serving_door_reaches_a_method_by_name(server, frontend):

@@ -90,7 +90,8 @@ async def stream(triton: Triton, generation: Generation, joined: bool = False) -
     elif method and joined:
         inputs["stream"] = False  # one response, its text postprocess's
     responses = triton.generate(generation.model, inputs, generation.names)
-    timer = triton.timings.start(generation.model) if triton.timings is not None else None
+    # a method's requests are its LLM's in vLLM's metrics: they wait in the same queue, for the same slots
+    timer = triton.timings.start(triton.llm_of(generation.model)) if triton.timings is not None else None
     async with contextlib.aclosing(responses), _closing_timer(timer):
         async for out in responses:
             reason = out.get("finish_reason") or None

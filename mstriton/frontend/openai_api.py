@@ -21,9 +21,9 @@ from . import generation as gen
 from . import structured
 from .errors import ApiError, invalid
 from .fields import Fields, check_prompt, door_settings, json_body, limits
-from .triton import not_found
 from .native_tools import in_format, with_template_calls
 from .tools import ToolRequest, with_generic_calls
+from .triton import not_found
 
 router = APIRouter()
 

@@ -130,6 +130,10 @@ class Triton:
         """Whether `model` is a method (as served at the last look: `require` looks)."""
         return model in self._methods
 
+    def llm_of(self, model: str) -> str:
+        """The LLM `model` runs on: a method's, or `model` itself."""
+        return self._methods.get(model, model)
+
     async def info(self, llm: str) -> LlmInfo:
         """Limits of `llm` from its models' configs (cached: they change only with a reload). A method's are its
         LLM's."""
