@@ -18,12 +18,13 @@ from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .kernels.activations import MODES as ACTIVATION_MODES, served_default
-from .repository import (VERSION, checked_methods, method_configs, model_configs, model_name, model_py,
-                         owned_model_dirs, write_config)
-from .serving.methods import METHOD_FILE
+from .repository import VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
+# methods (docs/methods.md): checked before anything is converted; two models each, the file in the first
+from .repository import checked_methods, method_configs
+from .serving.methods import METHOD_FILE
 
 STAGING_PREFIX = ".staging-"
 
@@ -56,11 +57,11 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
     return moved_in
 
 
-def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
+def convert(checkpoint: str | Path, name: str, repository: str | Path, *, methods: dict[str, str | Path] | None = None,
+            device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
             activations: str | None = None, speculative: str = "off",
-            methods: dict[str, str | Path] | None = None,
             progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
     `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights)).

@@ -12,11 +12,12 @@ Layout for a model called NAME (every Python model's 1/model.py re-exports its a
                        chat_template.jinja when the model has a chat template
     NAME_decode/       the generation engine (decoupled): paged KV cache, prefill, sampling, continuous decode;
                        1/engine/{manifest.json, weights.ckpt, prefill.mindir, prefill_chunk.mindir, decode_b*_s*.mindir}
-and for each method METHOD registered at conversion (serving/methods.py):
+(tokenizer files are each one file on disk, hard-linked where they appear twice).
+
+And for each method METHOD registered at conversion (serving/methods.py):
     NAME_METHOD/       the front model with the method's pre- and postprocessing: 1/method.py (the user's file),
                        the tokenizer files
     NAME_METHOD_unary/ one response per request, through NAME_METHOD
-(tokenizer files are each one file on disk, hard-linked where they appear twice).
 """
 
 from __future__ import annotations

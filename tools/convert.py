@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[convert {args.name} {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
     try:
-        convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
+        convert(args.checkpoint, args.name, args.model_repository, methods=methods, device=args.device,
+                device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 template=args.template, prefill_chunk=args.prefill_chunk, weights=args.weights,
-                activations=args.activations, speculative=args.speculative, methods=methods, progress=progress)
+                activations=args.activations, speculative=args.speculative, progress=progress)
     except (ConfigError, WeightError, TokenizerError, ValueError, FileNotFoundError) as exc:
         print(f"convert: error: {exc}", file=sys.stderr)
         return 2
