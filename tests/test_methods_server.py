@@ -56,6 +56,7 @@ def postprocess(text, request):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The tiny model converted by the command line with two methods (the flag given twice), and served."""
+    from mstriton.repository import COMPONENTS, model_name
     from mstriton.server_process import python_environment, running_server
 
     root = tmp_path_factory.mktemp("methods")
@@ -70,8 +71,7 @@ def server(tmp_path_factory):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (root / "repo" / SUMMARIZE / "1" / "method.py").read_bytes() == EXAMPLE.read_bytes()
     assert sorted(p.name for p in (root / "repo").iterdir()) == sorted(
-        [MODEL, f"{MODEL}_decode", f"{MODEL}_pipeline", f"{MODEL}_tokenizer", f"{MODEL}_unary", SUMMARIZE,
-         f"{SUMMARIZE}_unary", BROKEN, f"{BROKEN}_unary"])
+        [model_name(MODEL, c) for c in COMPONENTS] + [SUMMARIZE, f"{SUMMARIZE}_unary", BROKEN, f"{BROKEN}_unary"])
     with running_server(root / "repo", root / "server.log") as triton:
         yield triton
 
