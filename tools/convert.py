@@ -4,12 +4,12 @@
     python tools/convert.py --checkpoint DIR|FILE.gguf --name NAME --model-repository DIR \
         [--device CPU|Ascend|GPU] [--max-batch-size N] [--max-seq-len N] [--dtype float32|float16|bfloat16]
         [--template none|chatml|llama2|internlm|FILE.jinja] [--prefill-chunk N]
-        [--weights float32|bfloat16|int8|Q8_0|Q4_0|Q4_1]
+        [--weights float32|bfloat16|int8|Q8_0|Q4_0|Q4_1] [--method METHOD=FILE.py ...]
 
 DIR holds config.json, a tokenizer (tokenizer.json, or sentencepiece's tokenizer.model) and either
 *.safetensors (Hugging Face, sharded or not) or one MindSpore *.ckpt. A .gguf file holds all three (tensors
-F32, F16, BF16, Q8_0, Q4_0, Q4_1). Running it again replaces the model; a failed run leaves the repository as
-it was.
+F32, F16, BF16, Q8_0, Q4_0, Q4_1). Running it again replaces the model (and its methods); a failed run leaves the
+repository as it was. Each --method is served as NAME_METHOD and NAME_METHOD_unary (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -63,7 +63,28 @@ def main(argv: list[str] | None = None) -> int:
                              "llama.cpp does; the default for Q8_0/Q4_0/Q4_1) or float32 (exact parity with "
                              "transformers; the default for the other formats). MSTRITON_KERNEL_ACTIVATIONS in the "
                              "server's environment overrides it")
+    parser.add_argument("--method", action="append", default=[], metavar="METHOD=FILE",
+                        help="serve the method METHOD (letters, digits, '_') as the models NAME_METHOD and "
+                             "NAME_METHOD_unary: FILE is a Python file with preprocess(request) -> dict and "
+                             "postprocess(text, request) -> dict, copied into the repository (docs/methods.md); "
+                             "may be given several times")
     args = parser.parse_args(argv)
+    from mstriton.serving.methods import MethodFileError, load_method, parse_method_flag
+
+    methods = {}
+    try:  # checked before the converter's imports (MindSpore): a wrong method file fails at once
+        for flag in args.method:
+            method, path = parse_method_flag(flag)
+            if method in methods:
+                raise MethodFileError(f"--method {flag}: the method {method} is given twice")
+            try:
+                load_method(path, method)
+            except MethodFileError as exc:
+                raise MethodFileError(f"--method {flag}: {exc}") from None
+            methods[method] = path
+    except MethodFileError as exc:
+        print(f"convert: error: {exc}", file=sys.stderr)
+        return 2
 
     from mstriton.config import ConfigError
     from mstriton.convert import convert
@@ -76,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[convert {args.name} {time.monotonic() - started:6.1f}s] {message}", flush=True)
 
     try:
-        convert(args.checkpoint, args.name, args.model_repository, device=args.device, device_id=args.device_id,
+        convert(args.checkpoint, args.name, args.model_repository, methods=methods, device=args.device,
+                device_id=args.device_id,
                 max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, dtype=args.dtype,
                 template=args.template, prefill_chunk=args.prefill_chunk, weights=args.weights,
                 activations=args.activations, speculative=args.speculative, shape=args.shape,

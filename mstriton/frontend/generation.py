@@ -6,6 +6,10 @@ chunks in its own format. Leaving a stream early (a client that went away, a sto
 stream, which cancels the generation in the server. A door waits for a whole answer (or for a stream's first
 chunk) through `unless_disconnected`, so that a client that hangs up before its answer is ready cancels it too:
 Starlette tells a request handler nothing of a hang-up until it starts writing the response.
+
+A method (serving/methods.py) runs its postprocess on the whole text in the server: a whole answer is asked of it in
+one response (whose text postprocess's text_output replaced), a stream's last chunk carries postprocess's dict, and
+stop strings, which would end its generation here before postprocess runs, are refused.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import json
 from typing import AsyncIterator, Awaitable, TypeVar
 
+from .errors import invalid
 from .stops import StopStrings
 from .triton import Triton
 
@@ -42,6 +47,7 @@ class Chunk:
     reason: str | None        # set on the last chunk: end_id, stop, length, or stop_string
     prompt_tokens: int
     completion_tokens: int
+    method_output: dict | None = None  # a method's postprocess result, on the last chunk
 
     @property
     def finish_reason(self) -> str | None:
@@ -55,6 +61,7 @@ class Result:
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    method_output: dict | None = None  # a method's postprocess result
 
     @property
     def finish_reason(self) -> str:
@@ -68,14 +75,23 @@ def _inputs(generation: Generation) -> dict:
     return inputs
 
 
-async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]:
-    """The chunks of one generation, the last with its reason set."""
+async def stream(triton: Triton, generation: Generation, joined: bool = False) -> AsyncIterator[Chunk]:
+    """The chunks of one generation, the last with its reason set. `joined`: only the whole text is wanted (a
+    method then answers in one chunk, its text postprocessed)."""
     stops = StopStrings(generation.stop)
     inputs = _inputs(generation)
+    method = triton.is_method(generation.model)
+    if method and generation.stop:
+        raise invalid("stop", f"'stop' is not supported by the method {generation.model}: its postprocess runs on "
+                              "the whole generated text, which a stop string would cut short here; a method's "
+                              "preprocess may set stop_words")
     if generation.stop:
         inputs["stream"] = True  # stop strings are watched on the streamed text, and end the generation early
+    elif method and joined:
+        inputs["stream"] = False  # one response, its text postprocess's
     responses = triton.generate(generation.model, inputs, generation.names)
-    timer = triton.timings.start(generation.model) if triton.timings is not None else None
+    # a method's requests are its LLM's in vLLM's metrics: they wait in the same queue, for the same slots
+    timer = triton.timings.start(triton.llm_of(generation.model)) if triton.timings is not None else None
     async with contextlib.aclosing(responses), _closing_timer(timer):
         async for out in responses:
             reason = out.get("finish_reason") or None
@@ -84,7 +100,8 @@ async def stream(triton: Triton, generation: Generation) -> AsyncIterator[Chunk]
                 reason = "stop_string"
             tokens = json.loads(out["tokens_json"]) if out.get("tokens_json") else []
             chunk = Chunk(text=text, tokens=tokens, reason=reason, prompt_tokens=int(out.get("num_input_tokens", 0)),
-                          completion_tokens=int(out.get("num_output_tokens", 0)))
+                          completion_tokens=int(out.get("num_output_tokens", 0)),
+                          method_output=json.loads(out["method_output"]) if out.get("method_output") else None)
             if timer is not None:
                 timer.chunk(chunk.completion_tokens)
                 if reason is not None:
@@ -107,14 +124,15 @@ async def _closing_timer(timer):
 async def complete(triton: Triton, generation: Generation) -> Result:
     """One generation, joined."""
     texts, tokens, last = [], [], None
-    async with contextlib.aclosing(stream(triton, generation)) as chunks:
+    async with contextlib.aclosing(stream(triton, generation, joined=True)) as chunks:
         async for chunk in chunks:
             texts.append(chunk.text)
             tokens += chunk.tokens
             last = chunk
     return Result(text="".join(texts), tokens=tokens, reason=last.reason if last else "length",
                   prompt_tokens=last.prompt_tokens if last else 0,
-                  completion_tokens=last.completion_tokens if last else 0)
+                  completion_tokens=last.completion_tokens if last else 0,
+                  method_output=last.method_output if last else None)
 
 
 async def complete_all(triton: Triton, generations: list[Generation]) -> list[Result]:

@@ -44,8 +44,9 @@ async def _read(request: Request, model: str) -> tuple[gen.Generation, Fields, b
         for name in SAMPLING:
             del settings[name]
     max_new = settings.get("max_tokens")
-    settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
-                    fit_max_tokens=max_new is None)
+    if max_new is not None or not triton.is_method(model):  # a method's preprocess chooses its own
+        settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
+                        fit_max_tokens=max_new is None)
     p.text("return_protocol")
     p.boolean("return_full_text")  # used by the streamed formats only, checked for every route
     names = {**{k: f"parameters.{k}" for k in PARAMETERS}, **{k: f"parameters.{v}" for k, v in FIELDS.items()},

@@ -1,7 +1,10 @@
 """OpenAI's API: /v1/models, /v1/completions and /v1/chat/completions, streamed (SSE, then `data: [DONE]`) or
 not, with vLLM's extensions for the same settings (top_k, min_p, repetition_penalty, min_tokens, stop_token_ids,
 structured_outputs and guided_*). Structured output (response_format) and tools (tools.py) are held by a grammar.
-A parameter this server does not implement is refused with 400 naming it, never ignored."""
+A parameter this server does not implement is refused with 400 naming it, never ignored.
+
+A method (model NAME_METHOD, docs/methods.md) takes the body's fields this door does not read as its own (they go to
+its preprocess in `method_fields`); its postprocess's dict comes back as each choice's `method_output`."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from .errors import ApiError, invalid
 from .fields import Fields, check_prompt, door_settings, json_body, limits
 from .native_tools import in_format, with_template_calls
 from .tools import ToolRequest, with_generic_calls
+from .triton import not_found
 
 router = APIRouter()
 
@@ -53,20 +57,34 @@ def _refuse_unimplemented(body: Fields) -> None:
 
 async def read_body(request: Request, known: set[str], refuse_unimplemented=_refuse_unimplemented
                     ) -> tuple[Fields, str]:
-    """The body (unknown fields and what we do not implement refused) and its served model (404 otherwise)."""
+    """The body (unknown fields and what we do not implement refused) and its served model (404 otherwise). For a
+    method, the unknown fields are its own: they leave the body for `method_settings`."""
     body = Fields(await json_body(request))
+    model = body.values.get("model")
+    served = await request.app.state.triton.served() if isinstance(model, str) and model else {}
+    body.method_fields = {}
+    if isinstance(model, str) and served.get(model, model) != model:  # a method's
+        body.method_fields = {key: body.values.pop(key) for key in sorted(set(body.values) - known)}
     body.refuse_unknown(known)
     refuse_unimplemented(body)
     model = body.text("model")
     if not model:
         raise invalid("model", "'model' is required: one of the names GET /v1/models lists")
-    await request.app.state.triton.require(model)
+    if model not in served:
+        raise not_found(model, served)
     return body, model
+
+
+def method_settings(body: Fields) -> dict:
+    """A method's own fields of the body (read_body), as its front model's input."""
+    fields = getattr(body, "method_fields", None)
+    return {"method_fields": json.dumps(fields, ensure_ascii=False)} if fields else {}
 
 
 async def _read(request: Request, known: set[str]) -> tuple[Fields, dict, str]:
     body, model = await read_body(request, known)
-    return body, await request_settings(body, request.app.state.triton, model), model
+    settings = await request_settings(body, request.app.state.triton, model)
+    return body, {**settings, **method_settings(body)}, model
 
 
 async def request_settings(body: Fields, triton, model: str) -> dict:
@@ -85,11 +103,11 @@ async def request_settings(body: Fields, triton, model: str) -> dict:
     if spec is not None:
         settings["structured_outputs"] = json.dumps(spec)
     max_tokens = body.integer("max_completion_tokens", body.integer("max_tokens"), low=1)
-    if max_tokens is None:  # as vLLM: up to the end of the context
+    if max_tokens is not None:
+        settings["max_tokens"] = max_tokens
+    elif not triton.is_method(model):  # as vLLM: up to the end of the context (a method's preprocess chooses its own)
         settings["max_tokens"] = (await triton.info(model)).max_seq_len
         settings["fit_max_tokens"] = True
-    else:
-        settings["max_tokens"] = max_tokens
     return settings
 
 
@@ -132,6 +150,11 @@ def _stream_options(body: Fields) -> bool:
         raise invalid("stream_options", "'stream_options' is only allowed with 'stream': true")
     options.refuse_unknown({"include_usage", "continuous_usage_stats"})
     return bool(options.boolean("include_usage", False))
+
+
+def _method_output(output: dict | None) -> dict:
+    """A method's postprocess result, as a choice's `method_output` (nothing for other models)."""
+    return {"method_output": output} if output is not None else {}
 
 
 def _usage(results) -> dict:
@@ -181,21 +204,24 @@ def _chunk(head: dict, choices: list, include_usage: bool, usage: dict | None = 
 
 # ---- /v1/models ------------------------------------------------------------------------------------------
 
-def _model_card(name: str, info) -> dict:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "mstriton", "max_model_len": info.max_seq_len}
+def _model_card(name: str, info, llm: str) -> dict:
+    """`llm`: the LLM the model runs on (itself, or a method's: its `parent`, as vLLM names a LoRA adapter's base)."""
+    card = {"id": name, "object": "model", "created": 0, "owned_by": "mstriton", "max_model_len": info.max_seq_len}
+    return card if llm == name else {**card, "parent": llm}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
     triton = request.app.state.triton
-    return {"object": "list", "data": [_model_card(n, await triton.info(n)) for n in await triton.llms()]}
+    served = await triton.served()
+    return {"object": "list", "data": [_model_card(n, await triton.info(n), served[n]) for n in sorted(served)]}
 
 
 @router.get("/v1/models/{model}")
 async def get_model(request: Request, model: str):
     triton = request.app.state.triton
-    await triton.require(model)
-    return _model_card(model, await triton.info(model))
+    llm = await triton.require(model)
+    return _model_card(model, await triton.info(model), llm)
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------------
@@ -240,15 +266,17 @@ async def completions(request: Request):
     triton = request.app.state.triton
     created, rid = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
 
-    def choice(index, text, tokens, finish, offset=0):
+    def choice(index, text, tokens, finish, offset=0, method_output=None):
         return {"index": index, "text": text, "finish_reason": finish,
-                "logprobs": _completion_logprobs(tokens, offset) if logprobs is not None else None}
+                "logprobs": _completion_logprobs(tokens, offset) if logprobs is not None else None,
+                **_method_output(method_output)}
 
     include_usage = _stream_options(body)  # checked before anything runs, streamed or not
     if not body.boolean("stream", False):
         results = await gen.unless_disconnected(request.receive, gen.complete_all(triton, generations))
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
-                "choices": [choice(i, r.text, r.tokens, r.finish_reason) for i, r in enumerate(results)],
+                "choices": [choice(i, r.text, r.tokens, r.finish_reason, 0, r.method_output)
+                            for i, r in enumerate(results)],
                 "usage": _usage(results)}
     chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.merged(triton, generations)))
     head = {"id": rid, "object": "text_completion", "created": created, "model": model}
@@ -256,8 +284,8 @@ async def completions(request: Request):
     async def payloads():
         offsets, finals = [0] * len(generations), {}
         async for index, chunk in chunks:
-            yield _chunk(head, [choice(index, chunk.text, chunk.tokens, chunk.finish_reason, offsets[index])],
-                         include_usage)
+            yield _chunk(head, [choice(index, chunk.text, chunk.tokens, chunk.finish_reason, offsets[index],
+                                       chunk.method_output)], include_usage)
             offsets[index] += len(chunk.text)
             if chunk.reason:
                 finals[index] = chunk
@@ -355,7 +383,7 @@ async def chat_completions(request: Request):
         for i, r in enumerate(results):
             answer, finish = message(r)
             choices.append({"index": i, "message": answer, "logprobs": _chat_logprobs(r.tokens) if logprobs else None,
-                            "finish_reason": finish})
+                            "finish_reason": finish, **_method_output(r.method_output)})
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": choices,
                 "usage": _usage(results)}
     chunks = await gen.unless_disconnected(request.receive, gen.primed(gen.merged(triton, generations)))
@@ -365,9 +393,9 @@ async def chat_completions(request: Request):
         finals = {}
         streams = [tools.stream() if tools else None for _ in generations]
 
-        def choice(index, delta, chunk_logprobs=None, finish=None):
+        def choice(index, delta, chunk_logprobs=None, finish=None, method_output=None):
             return _chunk(head, [{"index": index, "delta": delta, "logprobs": chunk_logprobs,
-                                  "finish_reason": finish}], include_usage)
+                                  "finish_reason": finish, **_method_output(method_output)}], include_usage)
 
         # the assistant's role first, as OpenAI streams it
         for index in range(len(generations)):
@@ -393,7 +421,7 @@ async def chat_completions(request: Request):
                 finals[index] = chunk
                 called = tool_stream is not None and tool_stream.calls and chunk.finish_reason == "stop"
                 finish = "tool_calls" if called else chunk.finish_reason
-                yield choice(index, {}, None, finish)
+                yield choice(index, {}, None, finish, chunk.method_output)
         if include_usage:
             yield _chunk(head, [], include_usage, _usage(finals.values()))
     return event_stream(payloads())

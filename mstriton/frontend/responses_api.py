@@ -152,7 +152,7 @@ async def responses(request: Request):
     triton = request.app.state.triton
     try:
         chat = Fields(chat_body(body))
-        settings = await openai_api.request_settings(chat, triton, model)
+        settings = {**await openai_api.request_settings(chat, triton, model), **openai_api.method_settings(body)}
         tools, messages = await openai_api.chat_request(request, chat, settings, model)
     except ApiError as exc:
         raise _in_responses_terms(exc) from None

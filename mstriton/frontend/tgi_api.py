@@ -44,8 +44,10 @@ async def read_generation(request: Request, model: str) -> tuple[gen.Generation,
     if spec is not None:
         settings["structured_outputs"] = json.dumps(spec)
     max_new = settings.get("max_tokens")
-    settings.update(return_tokens=True, max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
-                    fit_max_tokens=max_new is None)
+    settings["return_tokens"] = True
+    if max_new is not None or not request.app.state.triton.is_method(model):  # a method's preprocess chooses its own
+        settings.update(max_tokens=max_new if max_new is not None else DEFAULT_MAX_NEW_TOKENS,
+                        fit_max_tokens=max_new is None)
     names = {**{k: f"parameters.{k}" for k in PARAMETERS}, **{k: f"parameters.{v}" for k, v in FIELDS.items()},
              "text_input": "inputs", "structured_outputs": "parameters.grammar"}
     generation = gen.Generation(model=model, prompt=inputs, settings=settings,

@@ -1,5 +1,6 @@
 """The frontend's one way to tritonserver: gRPC streams to the front model (tritonclient's asyncio client), the
-repository index for the models it serves, and the decode models' running / waiting gauges from the metrics port.
+repository index for the models it serves (the LLMs, and their methods: serving/methods.py), and the decode models'
+running / waiting gauges from the metrics port.
 
 One bidirectional gRPC stream per generation: closing it early (the HTTP client went away, a stop string
 matched) cancels the request, which the front model sees and stops the sequence's decoding at once.
@@ -20,14 +21,16 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions, model_config_pb2 as pb
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from ..repository import CLIENT_INPUTS, CLIENT_OUTPUTS, model_name
+from ..repository import (CLIENT_INPUTS, CLIENT_OUTPUTS, COMPONENTS, METHOD_INPUTS, METHOD_OUTPUTS,
+                          RETIRED_COMPONENTS, model_name)
 from ..serve import grpc_admin_headers, grpc_inference_headers
 from .errors import ApiError, busy, from_triton, invalid
 
 # The front model's inputs -> their wire datatypes (a config's TYPE_STRING is BYTES on the wire)
 INPUT_TYPES = {name: pb.DataType.Name(dtype).removeprefix("TYPE_").replace("STRING", "BYTES")
-               for name, dtype, _ in CLIENT_INPUTS}
+               for name, dtype, _ in CLIENT_INPUTS + METHOD_INPUTS}
 OUTPUT_NAMES = [name for name, _, _ in CLIENT_OUTPUTS]
+METHOD_OUTPUT_NAMES = [name for name, _, _ in METHOD_OUTPUTS]
 _KEEPALIVE = KeepAliveOptions()
 # tritonclient's own channel options (it drops them all when given any), plus a reconnect backoff of at most 1 s
 # instead of gRPC's 120 s: when tritonserver restarts (mstriton.supervisor), /health and the doors are back within
@@ -65,6 +68,9 @@ class Triton:
         self.metrics_url = metrics_url or f"http://{host}:8002/metrics"
         self._client: grpcclient.InferenceServerClient | None = None
         self._info: dict[str, LlmInfo] = {}
+        # model -> the LLM whose method it is ("": not a method), read once from its config
+        self._method_owner: dict[str, str] = {}
+        self._methods: dict[str, str] = {}  # the methods served at the last look: NAME_METHOD -> NAME
         # vLLM's request histograms (gateway_metrics.RequestTimings), observed by the shared request path; the app
         # sets them (None: not measured)
         self.timings = None
@@ -88,15 +94,51 @@ class Triton:
 
     async def llms(self) -> list[str]:
         """The LLMs the server serves now: front models whose pipeline and decode models are loaded."""
+        return sorted(n for n, llm in (await self.served()).items() if n == llm)
+
+    async def served(self) -> dict[str, str]:
+        """Every model a client may name, with the LLM it runs on: the LLMs (themselves), and their methods
+        (NAME_METHOD: a front model whose config names a `method`, of an LLM that is served)."""
         try:
             index = await self.client.get_model_repository_index(headers=self._admin_headers, as_json=True)
         except InferenceServerException as exc:
             raise busy(f"tritonserver at {self.grpc_url} did not answer: {exc.message()}") from None
         ready = {m["name"] for m in index.get("models", []) if m.get("state") == "READY"}
-        return sorted(n for n in ready if model_name(n, "pipeline") in ready and model_name(n, "decode") in ready)
+        llms = {n for n in ready if model_name(n, "pipeline") in ready and model_name(n, "decode") in ready}
+        served = {n: n for n in llms}
+        own = {model_name(llm, c) for llm in llms for c in COMPONENTS + RETIRED_COMPONENTS}
+        for name in sorted(ready - own):
+            llm = await self._owner(name)
+            if llm in llms:
+                served[name] = llm
+        self._methods = {n: llm for n, llm in served.items() if n != llm}
+        return served
+
+    async def _owner(self, name: str) -> str:
+        """The LLM whose method `name` is, from its config (cached); "" for any other model."""
+        if name not in self._method_owner:
+            try:
+                config = await self._config(name)
+            except ApiError:
+                return ""  # asked again next time
+            parameters = config.get("parameters", {})
+            method = parameters.get("method", {}).get("string_value")
+            self._method_owner[name] = parameters.get("llm_name", {}).get("string_value", "") if method else ""
+        return self._method_owner[name]
+
+    def is_method(self, model: str) -> bool:
+        """Whether `model` is a method (as served at the last look: `require` looks)."""
+        return model in self._methods
+
+    def llm_of(self, model: str) -> str:
+        """The LLM `model` runs on: a method's, or `model` itself."""
+        return self._methods.get(model, model)
 
     async def info(self, llm: str) -> LlmInfo:
-        """Limits of `llm` from its models' configs (cached: they change only with a reload)."""
+        """Limits of `llm` from its models' configs (cached: they change only with a reload). A method's are its
+        LLM's."""
+        if llm in self._methods:
+            return dataclasses.replace(await self.info(self._methods[llm]), name=llm)
         if llm not in self._info:
             tokenizer = await self._config(model_name(llm, "tokenizer"))
             decode = await self._config(model_name(llm, "decode"))
@@ -118,12 +160,12 @@ class Triton:
         except InferenceServerException as exc:
             raise from_triton(exc.message() or str(exc)) from None
 
-    async def require(self, llm: str) -> None:
-        """404 unless `llm` is served."""
-        served = await self.llms()
+    async def require(self, llm: str) -> str:
+        """404 unless `llm` (an LLM or a method) is served; the LLM it runs on."""
+        served = await self.served()
         if llm not in served:
-            raise ApiError(404, f"The model '{llm}' does not exist; this server serves: "
-                                f"{', '.join(served) or 'nothing yet'}", param="model", code="model_not_found")
+            raise not_found(llm, served)
+        return served[llm]
 
     async def generate(self, llm: str, inputs: dict, names: dict[str, str] | None = None) -> AsyncIterator[dict]:
         """Stream `llm`'s responses to `inputs` (front-model input name -> Python value), as dicts of output
@@ -132,6 +174,8 @@ class Triton:
         tensors = [_tensor(name, value, (names or {}).get(name, name)) for name, value in inputs.items()]
         # tokens_json only when asked for: the front model sends it only then
         wanted = [n for n in OUTPUT_NAMES if n != "tokens_json" or inputs.get("return_tokens")]
+        if self.is_method(llm):  # postprocess's dict, with the last response
+            wanted += METHOD_OUTPUT_NAMES
         outputs = [grpcclient.InferRequestedOutput(name) for name in wanted]
 
         async def requests():
@@ -177,6 +221,11 @@ class Triton:
             if match:
                 values[match.group(1)][match.group(2)] = float(match.group(3))
         return values
+
+
+def not_found(model: str, served) -> ApiError:
+    return ApiError(404, f"The model '{model}' does not exist; this server serves: "
+                         f"{', '.join(sorted(served)) or 'nothing yet'}", param="model", code="model_not_found")
 
 
 # Seconds to wait for a finished request's gRPC call to end. tritonserver ends it as soon as it has sent the final

@@ -7,3 +7,4 @@ unary models give the code back by them, and the HTTP frontend chooses its statu
 
 INVALID_REQUEST = "invalid request: "   # the client's request is wrong: INVALID_ARG, HTTP 400
 SERVER_BUSY = "server busy: "           # every slot and queue place is taken: UNAVAILABLE, HTTP 503, retry later
+INTERNAL_ERROR = "internal error: "     # a method's user function failed (serving/methods.py): INTERNAL, HTTP 500

@@ -15,8 +15,9 @@ import triton_python_backend_utils as pb_utils
 from ..params import ParameterError
 # INVALID_REQUEST marks a refused request's message: KServe /infer would otherwise answer HTTP 500. The front and
 # unary models give the code back by it (`with_code_restored`).
-from ..serving.error_marks import INVALID_REQUEST, SERVER_BUSY
+from ..serving.error_marks import INTERNAL_ERROR, INVALID_REQUEST, SERVER_BUSY
 from ..serving.finished_streams import FINISHED_STREAMS
+from ..serving.methods import MethodFailed
 
 
 def freeze_loaded_objects() -> None:
@@ -162,16 +163,21 @@ def error_response(exc: Exception) -> "pb_utils.InferenceResponse":
 
 
 def error_message(exc: Exception) -> str:
-    """`exc`'s message, marked INVALID_REQUEST when it refuses the request (so the code can be restored by it)."""
-    return INVALID_REQUEST + str(exc) if isinstance(exc, (ParameterError, ValueError)) else str(exc)
+    """`exc`'s message, marked INVALID_REQUEST when it refuses the request, INTERNAL_ERROR when a method's function
+    failed (so the code can be restored by it: a BLS call's error arrives without its code)."""
+    if isinstance(exc, (ParameterError, ValueError)):
+        return INVALID_REQUEST + str(exc)
+    return INTERNAL_ERROR + str(exc) if isinstance(exc, MethodFailed) else str(exc)
 
 
 def with_code_restored(error: "pb_utils.TritonError") -> "pb_utils.TritonError":
     """The error of a BLS call, with its code back by the mark its message carries: INVALID_ARG for a refused
-    request (HTTP 400), UNAVAILABLE for "server busy" (HTTP 503: KServe /infer answered it with 500)."""
+    request (HTTP 400), UNAVAILABLE for "server busy" (HTTP 503: KServe /infer answered it with 500), INTERNAL for a
+    method's failed function (HTTP 500: arriving without a code, HTTP answered it with 400)."""
     message = error.message()
     for mark, code in ((INVALID_REQUEST, pb_utils.TritonError.INVALID_ARG),
-                       (SERVER_BUSY, pb_utils.TritonError.UNAVAILABLE)):
+                       (SERVER_BUSY, pb_utils.TritonError.UNAVAILABLE),
+                       (INTERNAL_ERROR, pb_utils.TritonError.INTERNAL)):
         if mark in message and error.code() != code:
             return pb_utils.TritonError(message, code)
     return error

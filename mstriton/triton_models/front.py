@@ -14,6 +14,9 @@ Why detokenization is here and not a step after decode in the ensemble: on SIGTE
 the schedulers of all models at once; an ensemble whose next step is then refused never completes, so the
 server waited out its exit timeout and was killed. With decode as the last step, running streams finish.
 It also saves every token one trip through a Triton model.
+
+A method's front model (NAME_METHOD, its config's `method` parameter set; serving/methods.py) is this model with
+the user's preprocess before the pipeline call and postprocess on the joined text before the last response.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..serving.cancel_poll import CancelPoll
+from ..serving.methods import METHOD_FILE, OUTPUT as METHOD_OUTPUT, MethodCalls, request_fields, wants_stop
 from ..serving.metrics import RequestMetrics
 from ..serving.requests import parse_request
 from ..serving.shutdown import exit_watchdog, stacks_on_request
@@ -51,21 +55,43 @@ class TritonPythonModel:
         self.metrics_lock = threading.Lock()  # finalize() lets go of the metrics (common.drop_metrics)
         self.active: dict[str, str] = {}  # client request id -> key of its running generation
         self.tasks = common.RequestTasks()  # running streams
+        method = common.parameter(config, "method")
+        # a method's file that fails to load fails every request of the method with the reason, never the server
+        self.method = MethodCalls.load(common.version_dir(args) / METHOD_FILE, method) if method else None
+        self.input_names = [i["name"] for i in config["input"]]
         common.freeze_loaded_objects()
 
     async def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            get = lambda name, request=request: common.get(request, name)  # noqa: E731
             try:
-                parsed = parse_request(lambda name: common.get(request, name), common.request_parameters(request))
+                if self.method is None:
+                    parsed, fields = parse_request(get, common.request_parameters(request)), None
+                    stop = parsed.stop
+                else:  # the client's fields, read now; the method's preprocess makes the request in its task
+                    parsed = None
+                    fields = request_fields(get, self.input_names, common.request_parameters(request))
+                    stop = wants_stop(fields)
             except Exception as exc:  # noqa: BLE001 - every request gets an answer (error_response picks the code)
                 sender.send(common.error_response(exc), flags=FINAL)
                 continue
-            if parsed.stop:
+            if stop:
                 await self.explicit_stop(request, sender)
                 continue
-            self.tasks.start(self.generate(request, sender, parsed))
+            self.tasks.start(self.generate(request, sender, parsed) if fields is None
+                             else self.generate_method(request, sender, fields))
         return None
+
+    async def generate_method(self, request, sender, fields: dict) -> None:
+        """A method's request: its preprocess makes the request to generate (a failure is this request's error)."""
+        try:
+            parsed = await self.method.preprocess(fields)
+        except Exception as exc:  # noqa: BLE001 - the user's function: this request's error, never the model's
+            pb_utils.Logger.log_warn(f"{self.method.name}: {exc}")
+            sender.send(common.error_response(exc), flags=FINAL)
+            return
+        await self.generate(request, sender, parsed, fields)
 
     async def explicit_stop(self, request, sender) -> None:
         key = self.active.get(request.request_id())
@@ -82,7 +108,8 @@ class TritonPythonModel:
         async for _ in common.stream_responses(stop):
             pass
 
-    async def generate(self, request, sender, parsed) -> None:
+    async def generate(self, request, sender, parsed, fields: dict | None = None) -> None:
+        """`fields`: a method's request fields (postprocess gets them with the joined text)."""
         arrival, first, last = time.monotonic(), None, None
         client_id = request.request_id()
         key = f"{client_id or 'request'}-{uuid.uuid4().hex[:12]}"
@@ -145,8 +172,9 @@ class TritonPythonModel:
                 prompt_tokens, generated = step["num_input_tokens"], step["num_output_tokens"]
                 if prefix:
                     piece, prefix = prefix + piece, ""
-                if not params.stream:
+                if not params.stream or fields is not None:  # a method's postprocess gets the whole text
                     pieces.append(piece)
+                if not params.stream:
                     logprobs += token_logprobs
                     tokens += entries or []
                 if not final:
@@ -154,11 +182,22 @@ class TritonPythonModel:
                         sender.send(client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated,
                                                     entries))
                     continue
+                text, method_output = "".join(pieces), None
+                if fields is not None:
+                    try:
+                        replaced, method_output = await self.method.postprocess(text, fields)
+                    except Exception as exc:  # noqa: BLE001 - the user's function: this request's error
+                        pb_utils.Logger.log_warn(f"{self.method.name}: {exc}")
+                        ending = common.error_response(exc)
+                        continue
+                    # not streamed, its text_output replaces the text; streamed, the pieces are sent already
+                    text = text if replaced is None else replaced
                 if params.stream:
-                    ending = client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated, entries)
+                    ending = client_response([piece], token_logprobs, cum, finish, prompt_tokens, generated, entries,
+                                             method_output)
                 else:
-                    ending = client_response(["".join(pieces)], logprobs, cum, finish, prompt_tokens, generated,
-                                             tokens if params.return_tokens else None)
+                    ending = client_response([text], logprobs, cum, finish, prompt_tokens, generated,
+                                             tokens if params.return_tokens else None, method_output)
                 reason = finish or "length"
             if ending is None and cancelled:
                 ending = common.failed_response("request cancelled", pb_utils.TritonError.CANCELLED)
@@ -186,6 +225,8 @@ class TritonPythonModel:
     def finalize(self):
         exit_watchdog(self.llm)  # first: finalize() itself may be what never ends
         common.drop_metrics(self)
+        if self.method is not None:
+            self.method.close()
         running = self.tasks.running()
         if running:  # a stream still waiting for the pipeline keeps a worker thread, and the process, alive
             pb_utils.Logger.log_warn(f"{self.llm}: {len(running)} streams still running at unload; their "
@@ -194,9 +235,12 @@ class TritonPythonModel:
 
 
 def client_response(pieces, logprobs, cum, finish, prompt_tokens, generated,
-                    tokens: list[dict] | None = None) -> "pb_utils.InferenceResponse":
-    """`tokens`: return_tokens' entries (serving/token_details.py), sent as tokens_json only when asked for."""
+                    tokens: list[dict] | None = None, method_output: str | None = None) -> "pb_utils.InferenceResponse":
+    """`tokens`: return_tokens' entries (serving/token_details.py), sent as tokens_json only when asked for;
+    `method_output`: a method's postprocess result (JSON), on its last response."""
     extra = [common.bytes_tensor("tokens_json", [json.dumps(tokens)])] if tokens is not None else []
+    if method_output is not None:
+        extra.append(common.bytes_tensor(METHOD_OUTPUT, [method_output]))
     return pb_utils.InferenceResponse(output_tensors=extra + [
         common.bytes_tensor("text_output", pieces),
         pb_utils.Tensor("output_log_probs", np.array([logprobs], np.float32)),

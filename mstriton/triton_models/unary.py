@@ -17,6 +17,9 @@ gives no sign: tritonserver 2.51 cancels an HTTP request when it finds the conne
 reading a connection while its request runs (libevhtp's request pause), so it finds out only when it writes the
 answer (tests/test_unary.py shows both). Behind the frontend, whose doors cancel their gRPC streams on a hang-up,
 tritonserver's HTTP port is not the public door.
+
+A method's unary entry (NAME_METHOD_unary) is this model calling the method's front model (its `front_model`
+parameter) instead of NAME.
 """
 
 from __future__ import annotations
@@ -28,14 +31,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..repository import CLIENT_OUTPUTS
 from ..serving.cancel_poll import CANCEL_CHECK_SECONDS
 from ..serving.cancel_watch import CancelWatch
 from ..serving.requests import parse_request
 from ..serving.shutdown import exit_watchdog, stacks_on_request
 from . import common
 
-OUTPUTS = [name for name, _, _ in CLIENT_OUTPUTS]
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 # The backend's async_exec() runs its blocking call in the event loop's default executor, and a decoupled call
 # returns only with its first response: for NAME with stream=false, at the end of the generation. The default
@@ -51,7 +52,10 @@ class TritonPythonModel:
         config = common.model_config(args)
         self.llm = common.parameter(config, "llm_name")
         self.name = args["model_name"]
+        # the front model it runs: NAME, or a method's NAME_METHOD (whose preprocess makes the request)
+        self.front = common.parameter(config, "front_model") or self.llm
         self.input_names = [i["name"] for i in config["input"]]
+        self.output_names = [o["name"] for o in config["output"]]
         # seconds between two is_cancelled() of a generation (each a round trip to the server); 0: never asked
         self.cancel_check = float(common.parameter(config, "cancel_check_seconds", str(CANCEL_CHECK_SECONDS)))
         self.watch = CancelWatch(self.cancel_check, self.client_cancelled, ask=common.FINISHED_STREAMS.is_cancelled) \
@@ -81,14 +85,17 @@ class TritonPythonModel:
         """The request to NAME, built now: a request's tensors are freed when execute() returns."""
         parameters = common.request_parameters(request)
         # The front model checks the same; checked here too, a refused request (a 10 MB prompt) is answered
-        # before its inputs are copied into a BLS request and through tritonserver again.
-        parse_request(lambda name: common.get(request, name), parameters)
+        # before its inputs are copied into a BLS request and through tritonserver again. (A method's request is
+        # made by its preprocess, in the front model.)
+        if self.front == self.llm:
+            parse_request(lambda name: common.get(request, name), parameters)
         inputs = [pb_utils.Tensor(name, np.array(value, copy=True)) for name in self.input_names
                   if name != "stream" and (value := common.get(request, name)) is not None]
         inputs.append(pb_utils.Tensor("stream", np.array([[False]])))
         # An id of our own: NAME's explicit stop finds the generation by it (a client's id need not be unique).
-        return pb_utils.InferenceRequest(model_name=self.llm, requested_output_names=OUTPUTS, inputs=inputs,
-                                         parameters=parameters, request_id=f"{self.name}-{uuid.uuid4().hex}")
+        return pb_utils.InferenceRequest(model_name=self.front, requested_output_names=self.output_names,
+                                         inputs=inputs, parameters=parameters,
+                                         request_id=f"{self.name}-{uuid.uuid4().hex}")
 
     async def complete(self, call, sender) -> None:
         key = call.request_id()
@@ -137,7 +144,7 @@ class TritonPythonModel:
         """NAME's explicit stop of the generation `key`, sent again every cancel_check seconds until NAME has found
         it (it may not have started it yet) or the generation has ended."""
         while key in self.running:
-            call = pb_utils.InferenceRequest(model_name=self.llm, requested_output_names=["finish_reason"],
+            call = pb_utils.InferenceRequest(model_name=self.front, requested_output_names=["finish_reason"],
                                              inputs=[pb_utils.Tensor("stop", np.array([[True]]))], request_id=key)
             found = False
             try:
