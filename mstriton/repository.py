@@ -182,6 +182,10 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
         add_tensors(prefill.input, [("input_ids", pb.TYPE_INT32, [-1]), ("params_json", pb.TYPE_STRING, [1])])
         add_tensors(prefill.output, [("kv_handover", pb.TYPE_INT32, [-1]), ("logits", pb.TYPE_FP32, [-1])])
         ragged(prefill, "input_ids")
+        # A request's answer waits for its whole batch: batches of what one prefill graph call takes (the engine's
+        # PREFILL_SCORE_BUDGET holds 8 prompts of 128 tokens), not of every queued prompt, so that under a burst the
+        # first prompts reach the decode model while later ones are computed.
+        prefill.dynamic_batching.preferred_batch_size.append(min(PREFILL_BATCH, max_batch_size))
         configs["prefill"] = prefill
         sampler = python_model(model_name(name, "sampler"), max_batch_size=max_batch_size, dynamic_batching=True,
                                parameters={"llm_name": name})
@@ -193,6 +197,9 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
 
     configs["pipeline"] = pipeline_ensemble(name, max_batch_size, request_in, shape)
     return configs
+
+
+PREFILL_BATCH = 8
 
 
 def ragged(config: pb.ModelConfig, *names: str) -> None:

@@ -42,6 +42,7 @@ def test_cli_converts_with_progress_and_writes_loadable_configs(tmp_path, hf_che
     assert (tmp_path / "tiny_prefill/1" / prefill.parameters["engine"].string_value).resolve() == \
         (tmp_path / "tiny_decode/1/engine").resolve()
     assert prefill.dynamic_batching.max_queue_delay_microseconds > 0
+    assert list(prefill.dynamic_batching.preferred_batch_size) == [2]  # min(8 prompts a call, max_batch_size)
     assert [i.allow_ragged_batch for i in prefill.input] == [True, False]  # input_ids, params_json
     decode_engine = tmp_path / "tiny_decode/1/engine"  # the decode model runs every graph
     assert sorted(p.name for p in decode_engine.glob("decode_*.mindir")) == [
