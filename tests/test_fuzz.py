@@ -821,7 +821,8 @@ def test_malformed_requests_through_every_door_are_refused_and_harm_nothing(limi
                                                    "max_tokens": _array(BESIDE_TOKENS, "INT32")})
     assert error is None and solo
     processes = process_tree(server.process.pid)
-    assert len(processes) == 5, processes  # tritonserver, and the stubs of front, unary, tokenizer, decode
+    # tritonserver, and the stubs of front, unary, tokenizer, prefill, sampler, decode
+    assert len(processes) == 7, processes
     frontend_pid = frontend.process.pid
     logs = {path: path.stat().st_size for path in (server.log, frontend.log)}
 
