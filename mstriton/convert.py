@@ -18,7 +18,7 @@ from .engine.buckets import DEFAULT_PREFILL_CHUNK
 from .engine.graphs import DEVICES, DTYPES, export_engine
 from .engine.weight_formats import check_weights
 from .kernels.activations import MODES as ACTIVATION_MODES, served_default
-from .repository import SHAPES, VERSION, model_configs, model_name, model_py, owned_model_dirs, write_config
+from .repository import VERSION, check_shape, model_configs, model_name, model_py, owned_model_dirs, write_config
 from .sources import TEMPLATE_CHOICES, read_source
 from .tokenizer.chat import tool_format_of
 from .tokenizer.hf_tokenizer import CHAT_TEMPLATE_FILE
@@ -85,8 +85,7 @@ def convert(checkpoint: str | Path, name: str, repository: str | Path, *, method
         raise ValueError("--speculative ngram needs the CPU kernels' decode steps: give --weights one of bfloat16, "
                          "int8, Q8_0, Q4_0, Q4_1 (float32 weights decode with MindSpore's ops, which cannot verify "
                          "drafted tokens)")
-    if shape not in SHAPES:
-        raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
+    check_shape(shape)  # before the long work, as every argument
     checkpoint, repository = Path(checkpoint), Path(repository)
     method_files = checked_methods(methods, name, repository)  # before the long work: a wrong file fails at once
     started = time.monotonic()

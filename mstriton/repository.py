@@ -50,6 +50,11 @@ RETIRED_COMPONENTS = ("detokenizer",)
 SHAPES = ("disaggregated", "colocated")
 
 
+def check_shape(shape: str) -> None:
+    if shape not in SHAPES:
+        raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
+
+
 def model_name(name: str, component: str) -> str:
     return f"{name}_{component}" if component else name
 
@@ -122,8 +127,7 @@ def model_configs(name: str, *, max_batch_size: int, device: str, device_id: int
     `engine_params` (tokenizer, max_seq_len, vocab_size, end_ids, template) go to the tokenizer; its
     `tokenizer` (the file the tokenizer loads: tokenizer.model or tokenizer.json) to the front model too.
     `shape`: one of SHAPES."""
-    if shape not in SHAPES:
-        raise ValueError(f"--shape must be one of {list(SHAPES)}, got {shape!r}")
+    check_shape(shape)
     dev = {"device": device, "device_id": str(device_id)}
     configs = {}
 

@@ -14,7 +14,8 @@ import urllib.request
 from pathlib import Path
 
 from .serve import ADMIN_KEY_VARIABLE, API_KEY_VARIABLE, restricted_api_args
-from .supervisor import SHM, SHM_PATTERNS, remove_unmapped_regions, shared_memory_regions, wait_group_gone  # noqa: F401 (SHM*: API)
+from .supervisor import (SHM, SHM_PATTERNS, remove_unmapped_regions, shared_memory_regions,  # noqa: F401 (SHM*: API)
+                         wait_group_gone)
 
 
 def free_port() -> int:

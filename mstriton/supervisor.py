@@ -14,7 +14,8 @@ zombie, or tritonserver itself exits, while nobody asked it to stop, it:
    the exit timeout). Clients' connections close, so their streams end with an error instead of hanging, and
    until the new tritonserver listens they get "connection refused": readiness is false;
 3. removes the shared-memory regions (/dev/shm/triton_python_backend_shm_region_*, 64 MiB each, and the prefill
-   model's KV pool, mstriton-kv-*) made since that tritonserver started that no live process maps any more: a killed tritonserver cannot remove them;
+   model's KV pool, mstriton-kv-*) made since that tritonserver started that no live process maps any more: a
+   killed tritonserver cannot remove them;
 4. starts tritonserver again with the same command, unless that is more than `max_restarts` restarts within
    `window` seconds (a crash loop: a model that cannot load, a machine out of memory): then it stops and exits
    1, so that the container runtime (Docker's restart policy, Kubernetes) restarts the container.

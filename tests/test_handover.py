@@ -35,9 +35,7 @@ def graphs(hf_checkpoint_factory, tmp_path_factory):
 
 @pytest.fixture
 def region(graphs, tmp_path):
-    c = graphs.config
-    made = SharedKV.create(tmp_path / "kv", c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                           pool_blocks(graphs, None, 4), graphs.block_size, graphs.np_dtype)
+    made = SharedKV.for_graphs(tmp_path / "kv", graphs, pool_blocks(graphs, None, 4))
     yield made
     made.close()
 
@@ -77,9 +75,7 @@ def tokens(events):
 def disaggregated(graphs, folder, prompts, max_tokens=12, **params) -> list[list[int]]:
     """Each prompt's tokens when the prefill stage computes it into a fresh shared pool (in `folder`) and the decode
     loop adopts it: what the disaggregated shape serves. Checks that every prompt was adopted."""
-    c = graphs.config
-    region = SharedKV.create(folder / "kv", c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                             pool_blocks(graphs, None, graphs.max_batch_size), graphs.block_size, graphs.np_dtype)
+    region = SharedKV.for_graphs(folder / "kv", graphs, pool_blocks(graphs, None, graphs.max_batch_size))
     try:
         stage = stage_of(graphs, region)
         scheduler = Scheduler(Engine(graphs, max_slots=min(4, graphs.max_batch_size)))
@@ -200,9 +196,7 @@ def test_an_unclaimed_lease_runs_out_and_decode_then_computes_the_prompt(graphs,
 
 
 def test_a_prompt_the_prefill_stage_cannot_take_gets_no_handover(graphs, tmp_path):
-    c = graphs.config
-    tiny = SharedKV.create(tmp_path / "small", c.num_hidden_layers, c.num_key_value_heads, c.head_dim, 4,
-                           graphs.block_size, graphs.np_dtype)  # 3 usable blocks: 48 positions
+    tiny = SharedKV.for_graphs(tmp_path / "small", graphs, 4)  # 3 usable blocks: 48 positions
     stage = stage_of(graphs, tiny)
     results = stage.run([PROMPTS[0], None, list(range(1, 60)), PROMPTS[1]])
     assert [r.handover.size > 0 for r in results] == [True, False, False, True]

@@ -79,13 +79,20 @@ class SharedKV:
         """A new region at `path` (one left by an earlier process of the same name is replaced)."""
         dtype = np.dtype(dtype)
         code = next(c for c, d in DTYPES.items() if d == dtype)
+        fields = [MAGIC, n_layers, n_kv_heads, head_dim, num_blocks, block_size, code]
         _, _, size = _layout(n_layers, n_kv_heads, head_dim, num_blocks, block_size, dtype)
         path.unlink(missing_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(fd, size)
-        region = cls._map(path, fd, [MAGIC, n_layers, n_kv_heads, head_dim, num_blocks, block_size, code],
-                          prefault)
-        return region
+        os.pwrite(fd, np.array(fields, np.int64).tobytes(), 0)  # the header an opener reads
+        return cls._map(path, fd, fields, prefault)
+
+    @classmethod
+    def for_graphs(cls, path: Path, graphs, num_blocks: int, prefault: bool = False) -> "SharedKV":
+        """A new region whose pool has `num_blocks` blocks of the shape the engine `graphs` compute."""
+        c = graphs.config
+        return cls.create(path, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_blocks,
+                          graphs.block_size, graphs.np_dtype, prefault=prefault)
 
     @classmethod
     def open(cls, path: Path) -> "SharedKV":
@@ -104,8 +111,6 @@ class SharedKV:
         keys_at, values_at, size = _layout(n_layers, n_kv_heads, head_dim, num_blocks, block_size, dtype)
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         raw = np.frombuffer(mapping, np.uint8)
-        header = raw[:HEADER_WORDS * 8].view(np.int64)
-        header[:7] = fields  # the creator writes it; an opener writes the same values back
         leases = raw[HEADER_WORDS * 8:HEADER_WORDS * 8 + LEASE_SLOTS * 16].view(np.int64).reshape(LEASE_SLOTS, 2)
         rows = n_layers * num_blocks
         keys = raw[keys_at:values_at].view(dtype).reshape(rows, n_kv_heads, head_dim, block_size)

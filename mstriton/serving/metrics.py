@@ -7,15 +7,39 @@ from __future__ import annotations
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
 
-class DecodeMetrics:
+class StatsMetrics:
+    """Metrics that mirror a stats() dict of counts now and running totals: gauges set only when their value
+    changed, counters advanced by what a total grew since the last update."""
+
+    def __init__(self):
+        self.families = []  # a MetricFamily must outlive its metrics
+        self.last: dict[int, float] = {}  # id(gauge) -> the value last set
+        self.counted: dict[str, int] = {}  # stats key -> the total already added to its counter
+
+    def _set(self, gauge, value) -> None:
+        # Every set is a message to the server process, and this runs often (after every decode step): a gauge is set
+        # only when its value changed (it still changes at once, e.g. when a cancel frees a slot).
+        if self.last.get(id(gauge)) != value:
+            self.last[id(gauge)] = value
+            gauge.set(value)
+
+    def _add_totals(self, counters, stats: dict) -> None:
+        """`counters`: (counter, stats key of its running total) pairs."""
+        for counter, key in counters:
+            added = stats[key] - self.counted.get(key, 0)
+            if added:
+                counter.increment(added)
+                self.counted[key] = stats[key]
+
+
+class DecodeMetrics(StatsMetrics):
     """What MindSpore Serving's get_bs / get_request_numbers answered: running and waiting requests and
     KV-cache use, as gauges, plus the decode step's batch size and duration."""
 
     def __init__(self, pb_utils, model: str):
+        super().__init__()
         labels = {"model": model}
         gauge = pb_utils.MetricFamily.GAUGE
-        self.families = []  # a MetricFamily must outlive its metrics
-        self.last: dict[int, float] = {}  # id(gauge) -> the value last set
 
         def family(name, description, kind=gauge):
             self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
@@ -48,7 +72,6 @@ class DecodeMetrics:
                                     counter).Metric(labels)
         self.adopted = family("mstriton_prompts_adopted_total", "Prompts computed by the prefill model and adopted "
                               "from its shared pool (disaggregated shape)", counter).Metric(labels)
-        self.counted: dict[str, int] = {}  # counter -> the total already added
         self.batch = family("mstriton_decode_batch_size", "Sequences in the last decode step").Metric(labels)
         self.step_time = family("mstriton_decode_step_seconds", "Duration of decode steps",
                                 pb_utils.MetricFamily.HISTOGRAM).Metric(labels, buckets=LATENCY_BUCKETS)
@@ -63,24 +86,13 @@ class DecodeMetrics:
         self._set(self.block_size, stats["kv_block_size"])
         self._set(self.tokens_used, stats["kv_tokens_used"])
         self._set(self.usage, stats["kv_blocks_used"] / max(stats["kv_blocks_total"], 1))
-        for counter, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
-                             (self.preemptions, "preemptions"), (self.spec_drafts, "spec_draft_tokens"),
-                             (self.spec_accepted, "spec_accepted_tokens"), (self.adopted, "prompts_adopted")):
-            added = stats[key] - self.counted.get(key, 0)
-            if added:
-                counter.increment(added)
-                self.counted[key] = stats[key]
+        self._add_totals(((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits"),
+                          (self.preemptions, "preemptions"), (self.spec_drafts, "spec_draft_tokens"),
+                          (self.spec_accepted, "spec_accepted_tokens"), (self.adopted, "prompts_adopted")), stats)
 
     def on_step(self, scheduler, batch: int, seconds: float) -> None:
         self._set(self.batch, batch)
         self.step_time.observe(seconds)
-
-    def _set(self, gauge, value) -> None:
-        # Every set is a message to the server process, and this runs after every decode step: a gauge is set
-        # only when its value changed (it still changes at once, e.g. when a cancel frees a slot).
-        if self.last.get(id(gauge)) != value:
-            self.last[id(gauge)] = value
-            gauge.set(value)
 
 
 class RequestMetrics:
@@ -122,15 +134,14 @@ class RequestMetrics:
         self.requests.get(reason, self.requests["error"]).increment(1)
 
 
-class PrefillMetrics:
+class PrefillMetrics(StatsMetrics):
     """The prefill model's pool (disaggregated shape): leases out to the decode model, blocks held, and its
     prefix cache. Set by one thread only (its reaper), see DecodeMetrics' lock for why that matters."""
 
     def __init__(self, pb_utils, model: str):
+        super().__init__()
         labels = {"model": model}
         gauge, counter = pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER
-        self.families = []
-        self.counted: dict[str, int] = {}
 
         def family(name, description, kind=gauge):
             self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
@@ -148,12 +159,8 @@ class PrefillMetrics:
                                   "Prompt tokens found in the prefill model's prefix cache", counter)
 
     def update(self, stats: dict[str, int]) -> None:
-        self.leases.set(stats["leases"])
-        self.blocks_used.set(stats["kv_blocks_used"])
-        self.blocks_total.set(stats["kv_blocks_total"])
-        for counter, key in ((self.expired, "leases_expired"), (self.prefix_queries, "prefix_cache_queries"),
-                             (self.prefix_hits, "prefix_cache_hits")):
-            added = stats[key] - self.counted.get(key, 0)
-            if added:
-                counter.increment(added)
-                self.counted[key] = stats[key]
+        self._set(self.leases, stats["leases"])
+        self._set(self.blocks_used, stats["kv_blocks_used"])
+        self._set(self.blocks_total, stats["kv_blocks_total"])
+        self._add_totals(((self.expired, "leases_expired"), (self.prefix_queries, "prefix_cache_queries"),
+                          (self.prefix_hits, "prefix_cache_hits")), stats)

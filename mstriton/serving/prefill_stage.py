@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from ..engine.engine import Engine, PromptTooLong
-from ..engine.shared_kv import LeaseBook, SharedKV, encode_handover
+from ..engine.shared_kv import LEASE_SECONDS, LeaseBook, SharedKV, encode_handover
 
 NO_HANDOVER = np.zeros(0, np.int32)
 NO_LOGITS = np.zeros(0, np.float32)
@@ -31,12 +31,11 @@ class Prefilled:
 
 
 class PrefillStage:
-    def __init__(self, engine: Engine, region: SharedKV, lease_seconds: float | None = None):
+    def __init__(self, engine: Engine, region: SharedKV, lease_seconds: float = LEASE_SECONDS):
         if engine.pool is not region.pool:
             raise ValueError("the prefill engine must compute into the shared region's pool")
         self.engine, self.region = engine, region
-        self.book = LeaseBook(region, engine.release, **({} if lease_seconds is None
-                                                          else {"lease_seconds": lease_seconds}))
+        self.book = LeaseBook(region, engine.release, lease_seconds)
         self.lock = threading.Lock()  # run() and the reaper thread's reap() share the engine
 
     def run(self, prompts: list[list[int] | None]) -> list[Prefilled]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..engine.engine import Engine, pool_blocks, warm_up_prefill
@@ -37,13 +36,10 @@ class TritonPythonModel:
         graphs = EngineGraphs(engine_dir,
                               device=common.parameter(config, "device"),
                               device_id=int(common.parameter(config, "device_id", "0")))
-        c = graphs.config
         pool_bytes = common.parameter(config, "kv_cache_bytes", "")
         num_blocks = pool_blocks(graphs, int(pool_bytes) if pool_bytes else None, graphs.max_batch_size)
-        self.region = SharedKV.create(region_path(common.parameter(config, "llm_name")), c.num_hidden_layers,
-                                      c.num_key_value_heads, c.head_dim, num_blocks, graphs.block_size,
-                                      graphs.np_dtype,
-                                      prefault=common.parameter(config, "kv_cache_prefault", "true") == "true")
+        self.region = SharedKV.for_graphs(region_path(common.parameter(config, "llm_name")), graphs, num_blocks,
+                                          prefault=common.parameter(config, "kv_cache_prefault", "true") == "true")
         engine = Engine(graphs, enable_prefix_caching=common.parameter(config, "enable_prefix_caching",
                                                                        "true") == "true", pool=self.region.pool)
         pb_utils.Logger.log_info(
